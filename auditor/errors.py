@@ -1,0 +1,77 @@
+"""Error hierarchy and exit codes.
+
+The library raises :class:`AuditorError` subclasses; only the CLI maps them to
+one line on stderr and exit code 2 (see DESIGN.md, "Exit codes").
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "ExitCode",
+    "AuditorError",
+    "UsageError",
+    "InputError",
+    "CheckpointError",
+    "ArchitectureError",
+    "DataError",
+    "StoreError",
+]
+
+
+class ExitCode(IntEnum):
+    """Process exit codes (contract)."""
+
+    OK = 0
+    RULE_FAILED = 1
+    ERROR = 2
+    INTERRUPTED = 130
+
+
+class AuditorError(Exception):
+    """Base class of every error resdyn reports to a user.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, in one line.
+    hint : str, optional
+        What to do next; printed after the message.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and hint on a single line."""
+        text = " ".join(self.message.split())
+        if self.hint:
+            text += " Hint: " + " ".join(self.hint.split())
+        return text
+
+
+class UsageError(AuditorError):
+    """A malformed option, rule or combination of options."""
+
+
+class InputError(AuditorError):
+    """A path that is missing or unreadable, or a value out of range."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read safely or does not match the model."""
+
+
+class ArchitectureError(InputError):
+    """An architecture that is unknown, cannot be inferred or cannot take the input."""
+
+
+class DataError(InputError):
+    """An image folder or sample selection that cannot be used."""
+
+
+class StoreError(InputError):
+    """An HDF5 activation store that is not valid, complete or compatible."""
