@@ -1,0 +1,1 @@
+"""Input and output: checkpoints, image folders, the HDF5 activation store."""

@@ -1,0 +1,1 @@
+"""Architectures: the registry, inference from checkpoints, and anatomy."""

@@ -1,0 +1,177 @@
+"""Architecture registry: names -> builders, with helpful errors.
+
+Names: every torchvision ResNet (``resnet18`` ... ``resnext101_64x4d``) and
+the CIFAR ResNets ``resnet8`` ... ``resnet1202``, each with the paper's
+variants as suffixes: ``_nobn`` (no BatchNorm), ``_plain`` (no shortcuts),
+``_plain_nobn``; CIFAR names also take ``_optb`` (projection shortcuts).
+``path/to/file.py:factory`` builds a user's own model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ArchitectureError
+
+__all__ = ["ArchSpec", "register_model", "list_models", "get_arch", "build_model"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A registered architecture.
+
+    Attributes
+    ----------
+    name : str
+        Registry name.
+    family : str
+        ``"torchvision"``, ``"cifar"`` or ``"custom"``.
+    input_size : int
+        Default square input size.
+    batchnorm, residual : bool
+        Which variant this is.
+    builder : callable
+        ``builder(num_classes) -> nn.Module``.
+    """
+
+    name: str
+    family: str
+    input_size: int
+    batchnorm: bool
+    residual: bool
+    builder: Callable[[int], nn.Module]
+    default_classes: int = 10
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110, 1202)
+
+
+def register_model(spec: ArchSpec) -> ArchSpec:
+    """Add ``spec`` to the registry (names are unique)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"architecture {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Registered architecture names, sorted, optionally of one family."""
+    return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
+
+
+def get_arch(name: str) -> ArchSpec:
+    """Look up a registered name; the error lists the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = [n for n in list_models() if n.split("_")[0] == name.split("_")[0]]
+        known = ", ".join(close or [n for n in list_models() if "_" not in n])
+        raise ArchitectureError(
+            f"unknown architecture {name!r} (known: {known}, and variants with "
+            "_nobn, _plain, _plain_nobn, _optb)",
+            hint="run 'resdyn inspect --list-archs' or pass --arch path/to/model.py:factory",
+        ) from None
+
+
+def _variant_suffix(batchnorm: bool, residual: bool) -> str:
+    return ("" if residual else "_plain") + ("" if batchnorm else "_nobn")
+
+
+def _register_builtin() -> None:
+    from .cifar_resnet import cifar_resnet
+    from .torchvision_resnet import TORCHVISION_CONFIGS, torchvision_resnet
+
+    for bn in (True, False):
+        for res in (True, False):
+            suffix = _variant_suffix(bn, res)
+            for tv_name in TORCHVISION_CONFIGS:
+                register_model(
+                    ArchSpec(
+                        tv_name + suffix, "torchvision", 224, bn, res,
+                        lambda k, n=tv_name, b=bn, r=res: torchvision_resnet(
+                            n, num_classes=k, batchnorm=b, residual=r
+                        ),
+                        default_classes=1000,
+                    )
+                )
+            for depth in CIFAR_DEPTHS:
+                shortcuts = ("A", "B") if res else ("A",)
+                for sc in shortcuts:
+                    opt = "_optb" if sc == "B" else ""
+                    register_model(
+                        ArchSpec(
+                            f"resnet{depth}{opt}{suffix}", "cifar", 32, bn, res,
+                            lambda k, d=depth, s=sc, b=bn, r=res: cifar_resnet(
+                                d, num_classes=k, shortcut=s, batchnorm=b, residual=r
+                            ),
+                        )
+                    )
+
+
+_register_builtin()
+
+
+def _load_factory(reference: str) -> Callable[..., nn.Module]:
+    file_part, _, factory_name = reference.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise ArchitectureError(
+            f"model file {str(path)!r} does not exist",
+            hint="--arch takes a registered name or path/to/model.py:factory",
+        )
+    module_name = f"_resdyn_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ArchitectureError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: report, do not crash
+        raise ArchitectureError(
+            f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ArchitectureError(
+            f"{str(path)!r} has no callable {factory_name!r}",
+            hint="--arch path/to/model.py:factory names a function returning an nn.Module",
+        )
+    return factory
+
+
+def is_factory_reference(name: str) -> bool:
+    """True for ``path/to/file.py:factory`` references."""
+    return ".py:" in name
+
+
+def build_model(name: str, num_classes: int | None = None) -> tuple[nn.Module, ArchSpec]:
+    """Build an architecture by registry name or ``file.py:factory``.
+
+    Returns
+    -------
+    model : nn.Module
+        Freshly initialised, in eval mode.
+    spec : ArchSpec
+        What was built (family ``"custom"`` for user factories).
+    """
+    if is_factory_reference(name):
+        factory = _load_factory(name)
+        try:
+            model = factory()
+        except Exception as exc:
+            raise ArchitectureError(f"calling {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise ArchitectureError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
+        spec = ArchSpec(name, "custom", 32, True, True, lambda k: factory())
+        return model.eval(), spec
+    spec = get_arch(name)
+    return spec.builder(num_classes or spec.default_classes).eval(), spec
