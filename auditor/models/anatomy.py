@@ -472,6 +472,7 @@ def _stages(
         (name, shapes[name][1])
         for name, _ in model.named_children()
         if name in shapes and shapes[name][1] is not None and len(shapes[name][1]) == 3
+        and shapes[name][1][1:] != (1, 1)  # globally pooled features are not a stage
     ]
     stages = []
     for (name, shape), (_, following) in zip(outputs, outputs[1:] + [(None, (0, 0, 0))]):

@@ -41,7 +41,7 @@ def _blocks_per_stage(keys: list[str]) -> dict[int, int]:
 def _fail(found: str) -> ArchitectureError:
     return ArchitectureError(
         f"cannot infer the architecture: {found}",
-        hint="pass --arch NAME (see 'resdyn inspect --list-archs') or --arch path/to/model.py:factory",
+        hint="pass --arch NAME (see 'resdyn archs') or --arch path/to/model.py:factory",
     )
 
 

@@ -77,7 +77,7 @@ def get_arch(name: str) -> ArchSpec:
         raise ArchitectureError(
             f"unknown architecture {name!r} (known: {known}, and variants with "
             "_nobn, _plain, _plain_nobn, _optb)",
-            hint="run 'resdyn inspect --list-archs' or pass --arch path/to/model.py:factory",
+            hint="run 'resdyn archs' or pass --arch path/to/model.py:factory",
         ) from None
 
 

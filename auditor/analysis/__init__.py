@@ -1,0 +1,1 @@
+"""Analyses: arrays in, frozen dataclasses out; no printing, no file formats."""

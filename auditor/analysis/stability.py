@@ -1,0 +1,944 @@
+"""Stability of residual blocks under small perturbations (the paper's Lemmas 2 and 3).
+
+At real data points x_l (a block's input for real images) a perturbation d with
+``||d|| / ||x_l|| = eps`` is added, the real block f (ReLU, BatchNorm in eval mode)
+is run on ``x_l`` and ``x_l + d``, and the amplification
+
+    r = (||f(x_l + d) - f(x_l)|| / ||f(x_l)||) / (||d|| / ||x_l||)
+
+is measured. Lemma 2 predicts ``1/kappa <= r <= kappa``. Besides seeded random
+directions, a few power iterations on ``J^T J`` (J the block's Jacobian at x_l,
+through ``torch.func.jvp`` / ``torch.func.vjp``) find the worst direction. Lemma 3
+(BatchNorm) is checked per BatchNorm layer by comparing the relative perturbation
+at its input and at its output. Finally one input perturbation per run is followed
+through the whole network: the relative error after every block (the trajectory of
+the dynamical system) and at the logits.
+
+Everything runs on a private copy of the model in float64 by default: ``eps`` is a
+relative change of 1e-3, and float32 would leave only about four correct digits
+in ``r`` after the subtraction ``f(x_l + d) - f(x_l)``.
+
+Random streams (so that anyone can rebuild the perturbations)
+--------------------------------------------------------------
+With ``N`` samples, ``K`` directions and blocks numbered ``l = 0, 1, ...`` in
+``anatomy.blocks`` order:
+
+* block ``l``: ``g = torch.Generator().manual_seed(seed + l)``; then
+  ``d = torch.randn((N * K, C, H, W), generator=g, dtype=dtype)`` (run ``j = i * K + k``
+  is sample ``i``, direction ``k``), each row rescaled to ``eps * ||x_l[i]|| / ||d[j]||``;
+  then from the same generator ``v0 = torch.randn((N, C, H, W), generator=g,
+  dtype=dtype)``, the start of the power iteration;
+* trajectory: ``g = torch.Generator().manual_seed(seed + len(anatomy.blocks))``; then
+  ``torch.randn((N * K, *input_shape), generator=g, dtype=dtype)`` rescaled per row to
+  ``eps * ||x[i]||``.
+
+Norms are Euclidean, per sample, over all of (C, H, W). Medians are
+``numpy.median`` (the mean of the two middle values for an even count).
+
+References
+----------
+.. [1] "Understanding ResNet from a Discrete Dynamical System Perspective", ICLR 2022
+   submission: Lemma 2 (stability of a residual block), Lemma 3 (BatchNorm).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError, UsageError
+from ..models.anatomy import Anatomy, BlockInfo
+
+__all__ = [
+    "BlockStability",
+    "BatchNormStability",
+    "TrajectoryPoint",
+    "Trajectory",
+    "StabilityReport",
+    "measure_stability",
+]
+
+# A block output with ||f(x)|| <= _DEAD * ||x|| counts as dead: r is undefined there.
+_DEAD = 1e-12
+# Elements per batched tensor (one chunk of block runs); power iterations use a quarter.
+_CHUNK_ELEMENTS = 1 << 22
+# Elements of captured block inputs held at once; more blocks need more forward passes.
+_CAPTURE_ELEMENTS = 1 << 26
+
+Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None, tuples become lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+def _fields_dict(obj: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
+    return {
+        name: _clean(getattr(obj, name))
+        for name in obj.__dataclass_fields__
+        if name not in skip
+    }
+
+
+@dataclass(frozen=True)
+class BlockStability:
+    """Amplification of small perturbations by one block (Lemma 2).
+
+    Attributes
+    ----------
+    name, stage, shortcut : str
+        From the anatomy.
+    n : int
+        Runs (sample x direction) with a defined ``r``.
+    excluded : int
+        Runs without one (zero input or dead output); ``notes`` says why.
+    r_min, r_median, r_max : float or None
+        Over the ``n`` runs; None when ``n == 0``.
+    share_in_paper_bounds, share_in_linear_bounds : float or None
+        Share of the ``n`` runs with ``1/kappa <= r <= kappa`` for the paper's kappa
+        (Eq. 2) and the exact linearized one; None without bounds.
+    worst_gain : float or None
+        Largest ``sigma_max(J)`` found over samples (power iteration: a lower bound
+        that converges from below).
+    worst_r : float or None
+        Largest ``sigma_max(J_i) ||x_i|| / ||f(x_i)||`` over samples: the first-order
+        ``r`` of the worst direction.
+    worst_r_median : float or None
+        Median of the same over samples.
+    worst_share_in_paper_bounds, worst_share_in_linear_bounds : float or None
+        Share of samples whose worst-direction ``r`` lies inside the bounds.
+    inactive_share : float or None
+        Mean over samples of the share of output units exactly zero at ``x_l``. When
+        it is positive and the block ends in a ReLU, ``J`` is rank deficient, so the
+        smallest gain (and the lower bound of Lemma 1/2 in the linearization) is 0.
+    ratios : tuple of (float or None)
+        ``r`` of every run in run order (``j = i * K + k``), None where excluded. Not
+        in :meth:`to_dict` unless asked for.
+    notes : tuple of str
+        Why a field is None.
+    """
+
+    name: str
+    stage: str
+    shortcut: str
+    n: int
+    excluded: int
+    r_min: float | None
+    r_median: float | None
+    r_max: float | None
+    share_in_paper_bounds: float | None
+    share_in_linear_bounds: float | None
+    worst_gain: float | None
+    worst_r: float | None
+    worst_r_median: float | None
+    worst_share_in_paper_bounds: float | None
+    worst_share_in_linear_bounds: float | None
+    inactive_share: float | None
+    ratios: tuple[float | None, ...] = field(default=(), repr=False)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self, *, include_ratios: bool = False) -> dict[str, Any]:
+        """JSON-safe dict (floats or None, never NaN/inf)."""
+        return _fields_dict(self, () if include_ratios else ("ratios",))
+
+
+@dataclass(frozen=True)
+class BatchNormStability:
+    """Relative perturbation before and after one BatchNorm layer (Lemma 3).
+
+    Attributes
+    ----------
+    name : str
+        Module path of the BatchNorm.
+    block : str or None
+        The block whose local perturbation runs observed it; None when it lies outside
+        every block (the stem) and was observed in the trajectory runs.
+    n, excluded : int
+        Runs used, and runs without a defined ratio (zero activation, or the
+        perturbation did not reach the layer).
+    before_median, after_median : float or None
+        Median of ``||d_in|| / ||in||`` and of ``||d_out|| / ||out||``.
+    ratio_min, ratio_median, ratio_max : float or None
+        Of ``(||d_out|| / ||out||) / (||d_in|| / ||in||)`` per run.
+    notes : tuple of str
+    """
+
+    name: str
+    block: str | None
+    n: int
+    excluded: int
+    before_median: float | None
+    after_median: float | None
+    ratio_min: float | None
+    ratio_median: float | None
+    ratio_max: float | None
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return _fields_dict(self)
+
+
+@dataclass(frozen=True)
+class TrajectoryPoint:
+    """Relative error ``||Δh|| / ||h||`` at one point of the network, over runs."""
+
+    name: str
+    median: float | None
+    min: float | None
+    max: float | None
+    n: int
+    excluded: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return _fields_dict(self)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One input perturbation followed through the whole network.
+
+    Attributes
+    ----------
+    points : tuple of TrajectoryPoint
+        After every block, in ``anatomy.blocks`` order (named by block).
+    stem : TrajectoryPoint or None
+        At the input of the first block (after the stem); None without blocks.
+    logits : TrajectoryPoint or None
+        At the model output; None when the output is not a tensor of shape (N, classes).
+    flips : int
+        Runs whose predicted class (argmax of the logits) changed.
+    runs : int
+        ``N * K``.
+    """
+
+    points: tuple[TrajectoryPoint, ...]
+    stem: TrajectoryPoint | None
+    logits: TrajectoryPoint | None
+    flips: int
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return _fields_dict(self)
+
+
+@dataclass(frozen=True)
+class StabilityReport:
+    """Everything :func:`measure_stability` found.
+
+    Attributes
+    ----------
+    eps : float
+        Relative size of every perturbation.
+    directions : int
+        Random directions per sample (``K``).
+    samples : int
+        Images (``N``).
+    seed : int
+    power_iterations : int
+    dtype : str
+        ``"float64"`` or ``"float32"``.
+    blocks : tuple of BlockStability
+    batchnorm : tuple of BatchNormStability
+    trajectory : Trajectory
+    notes : tuple of str
+    """
+
+    eps: float
+    directions: int
+    samples: int
+    seed: int
+    power_iterations: int
+    dtype: str
+    blocks: tuple[BlockStability, ...]
+    batchnorm: tuple[BatchNormStability, ...]
+    trajectory: Trajectory
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (per-run ratios left out)."""
+        return _fields_dict(self)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _row_norms(t: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each row (first axis) over all other axes."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+
+
+def _stats(values: np.ndarray) -> tuple[float | None, float | None, float | None]:
+    """(min, median, max) of finite ``values``; Nones when empty."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None, None, None
+    return float(values.min()), float(np.median(values)), float(values.max())
+
+
+def _share(values: np.ndarray, kappa: float | None) -> float | None:
+    """Share of ``values`` inside ``[1/kappa, kappa]``."""
+    if kappa is None or values.size == 0:
+        return None
+    inside = (values >= 1.0 / kappa) & (values <= kappa)
+    return float(inside.mean())
+
+
+def _rows_per_chunk(*shapes: Sequence[int], budget: int | None = None) -> int:
+    budget = _CHUNK_ELEMENTS if budget is None else budget
+    per_row = max(int(np.prod(s)) for s in shapes)
+    return max(1, budget // max(per_row, 1))
+
+
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _scaled_directions(
+    generator: torch.Generator, rows: int, shape: Sequence[int], reference_norms: torch.Tensor,
+    eps: float, dtype: torch.dtype,
+) -> torch.Tensor:
+    """Gaussian rows rescaled to ``eps * reference_norms`` (rows with a zero reference stay 0)."""
+    d = torch.randn((rows, *shape), generator=generator, dtype=dtype)
+    scale = eps * reference_norms / _row_norms(d)
+    return d * scale.reshape(-1, *([1] * len(shape)))
+
+
+def _bn_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def _inside(name: str, block: str) -> bool:
+    return name.startswith(block + ".")
+
+
+class _Taps:
+    """Hooks on module inputs / outputs.
+
+    In *reference* mode they keep a copy of every tapped tensor; in *compare* mode
+    they record, per row, ``||t - ref[index]||`` and ``||ref[index]||``. Only the
+    first call of a module per forward pass counts. Copies guard against in-place
+    operations after the tap.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], points: Sequence[tuple[str, str]]) -> None:
+        self._modules = modules
+        self.points = list(points)
+        self.mode = "off"
+        self.index: torch.Tensor | None = None
+        self.refs: dict[tuple[str, str], Any] = {}
+        self.delta: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in self.points}
+        self.norm: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in self.points}
+        self._seen: set[tuple[str, str]] = set()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Taps:
+        for name, where in self.points:
+            module = self._modules[name]
+            if where == "in":
+                handle = module.register_forward_pre_hook(self._pre_hook(name))
+            else:
+                handle = module.register_forward_hook(self._hook(name))
+            self._handles.append(handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, name: str) -> Callable[..., None]:
+        def pre(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                self._record((name, "in"), args[0])
+
+        return pre
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def post(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                self._record((name, "out"), output)
+
+        return post
+
+    def start(self, mode: str, index: torch.Tensor | None = None) -> None:
+        """Prepare one forward pass in ``mode`` ("reference" or "compare")."""
+        self.mode, self.index = mode, index
+        self._seen.clear()
+        if mode == "reference":
+            for point in self.points:
+                if not isinstance(self.refs.get(point), list):
+                    self.refs[point] = []
+
+    def freeze_reference(self) -> None:
+        """Concatenate the reference chunks."""
+        self.refs = {k: torch.cat(v) if v else None for k, v in self.refs.items()}
+        self.mode = "off"
+
+    def reset(self) -> None:
+        """Forget references and comparisons."""
+        self.refs = {}
+        self.delta = {p: [] for p in self.points}
+        self.norm = {p: [] for p in self.points}
+
+    def _record(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
+        if self.mode == "off" or key in self._seen:
+            return
+        self._seen.add(key)
+        if self.mode == "reference":
+            self.refs[key].append(tensor.detach().clone())
+            return
+        ref = self.refs.get(key)
+        if ref is None or self.index is None:
+            return
+        ref = ref[self.index]
+        if ref.shape != tensor.shape:
+            return
+        self.delta[key].append(_row_norms(tensor.detach() - ref))
+        self.norm[key].append(_row_norms(ref))
+
+    def relative(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+        """(||Δ||, ||ref||) per compared row, as float64 arrays."""
+        if not self.delta[key]:
+            return np.zeros(0), np.zeros(0)
+        return (
+            torch.cat(self.delta[key]).double().cpu().numpy(),
+            torch.cat(self.norm[key]).double().cpu().numpy(),
+        )
+
+
+def _ratio(delta: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """``delta / norm`` with NaN where ``norm`` is zero (callers drop NaN)."""
+    out = np.full(delta.shape, np.nan)
+    ok = norm > 0
+    out[ok] = delta[ok] / norm[ok]
+    return out
+
+
+def _batchnorm_result(
+    name: str, block: str | None, taps: _Taps, context: str
+) -> BatchNormStability:
+    before = _ratio(*taps.relative((name, "in")))
+    after = _ratio(*taps.relative((name, "out")))
+    if before.size != after.size:  # one side never ran: nothing comparable
+        before = after = np.zeros(0)
+    ok = np.isfinite(before) & np.isfinite(after) & (before > 0)
+    ratio = np.where(ok, after / np.where(ok, before, 1.0), np.nan)
+    excluded = int(before.size - ok.sum())
+    notes = []
+    if before.size == 0:
+        notes.append(f"the layer was not reached by the {context} runs")
+    elif excluded:
+        notes.append(
+            f"{excluded} of {before.size} runs excluded: zero activation or the "
+            "perturbation did not reach the layer"
+        )
+    lo, mid, hi = _stats(ratio[ok])
+    return BatchNormStability(
+        name, block, int(ok.sum()), excluded,
+        _stats(before[ok])[1], _stats(after[ok])[1], lo, mid, hi, tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_images(images: Any, anatomy: Anatomy) -> torch.Tensor:
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"images must be a tensor of shape (N, C, H, W), got {type(images).__name__}")
+    expected = tuple(anatomy.input_shape)
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] < 1:
+        raise InputError(
+            f"images must have shape (N, {', '.join(map(str, expected))}) with N >= 1, "
+            f"got {tuple(images.shape)}",
+            hint="pass preprocessed images at the input size the anatomy was built for",
+        )
+    if not images.is_floating_point():
+        raise InputError(
+            f"images must be preprocessed floating-point tensors, got dtype {images.dtype}",
+            hint="scale pixels to [0, 1] and normalize as in training",
+        )
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise InputError(f"images contain {bad} non-finite values (NaN or inf)")
+    return images
+
+
+def _check_options(eps: Any, directions: Any, seed: Any, power_iterations: Any, dtype: Any) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < float(eps) < 1.0):
+        raise InputError(f"eps must be a number in (0, 1), got {eps!r}", hint="the default is 1e-3")
+    if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+        raise InputError(f"directions must be an integer >= 1, got {directions!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+        raise InputError(f"seed must be a non-negative integer below 2**62, got {seed!r}")
+    if (
+        isinstance(power_iterations, bool)
+        or not isinstance(power_iterations, int)
+        or power_iterations < 0
+    ):
+        raise InputError(f"power_iterations must be an integer >= 0, got {power_iterations!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise UsageError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def _check_bounds(
+    bounds: Mapping[str, tuple[float | None, float | None]] | None, anatomy: Anatomy
+) -> dict[str, tuple[float | None, float | None]]:
+    if bounds is None:
+        return {}
+    names = [b.name for b in anatomy.blocks]
+    checked: dict[str, tuple[float | None, float | None]] = {}
+    for name, pair in bounds.items():
+        if name not in names:
+            shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+            raise InputError(f"bounds name an unknown block {name!r} (blocks: {shown})")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InputError(f"bounds[{name!r}] must be (kappa_paper, kappa_linear), got {pair!r}")
+        values: list[float | None] = []
+        for kappa in pair:
+            if kappa is None:
+                values.append(None)
+                continue
+            kappa = float(kappa)
+            if math.isnan(kappa) or kappa < 1.0 - 1e-9:
+                raise InputError(f"bounds[{name!r}] holds {kappa!r}; a condition number is >= 1")
+            values.append(max(kappa, 1.0))
+        checked[name] = (values[0], values[1])
+    return checked
+
+
+def _device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"unknown device {device!r}", hint="pass 'cpu' or 'cuda'") from exc
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _capture(
+    model: nn.Module, modules: Mapping[str, nn.Module], images: torch.Tensor, names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Input of each named block for all images (one forward pass in chunks)."""
+    taps = _Taps(modules, [(n, "in") for n in names])
+    size = _rows_per_chunk(images.shape[1:])
+    with taps, torch.no_grad():
+        for rows in _chunks(images.shape[0], size):
+            taps.start("reference")
+            model(images[rows])
+        taps.freeze_reference()
+    missing = [n for n in names if taps.refs.get((n, "in")) is None]
+    if missing:
+        raise InputError(
+            f"block(s) {', '.join(missing)} never received a tensor input in a forward pass",
+            hint="the anatomy does not match this model",
+        )
+    return {n: taps.refs[(n, "in")] for n in names}
+
+
+def _power_iteration(
+    block: nn.Module, x: torch.Tensor, v: torch.Tensor, iterations: int
+) -> torch.Tensor:
+    """Estimate ``sigma_max(J_i)`` of ``block`` at every row ``x_i``.
+
+    Parameters
+    ----------
+    x, v : Tensor of shape (n, C, H, W)
+        Points and start vectors. Eval-mode blocks act on each row separately, so
+        one batched Jacobian product is ``n`` independent ones.
+
+    Returns
+    -------
+    Tensor of shape (n,)
+        ``||J_i v_i||`` for the final unit vector ``v_i`` (a lower bound of sigma_max).
+    """
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return block(t.clone())
+
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    with torch.enable_grad():
+        _, vjp_fn = torch.func.vjp(fn, x)
+        v = v / _row_norms(v).clamp_min(torch.finfo(v.dtype).tiny).reshape(shape)
+        for _ in range(iterations):
+            # 1. u = J v (forward mode); 2. w = J^T u (reverse mode); 3. v = w / ||w||.
+            _, u = torch.func.jvp(fn, (x,), (v,))
+            (w,) = vjp_fn(u)
+            norms = _row_norms(w).reshape(shape)
+            v = torch.where(norms > 0, w / norms.clamp_min(torch.finfo(w.dtype).tiny), v)
+        _, u = torch.func.jvp(fn, (x,), (v,))
+    return _row_norms(u).detach()
+
+
+def _measure_block(
+    index: int,
+    info: BlockInfo,
+    block: nn.Module,
+    modules: Mapping[str, nn.Module],
+    bn_names: Sequence[str],
+    x: torch.Tensor,
+    *,
+    eps: float,
+    directions: int,
+    seed: int,
+    power_iterations: int,
+    bounds: tuple[float | None, float | None],
+    dtype: torch.dtype,
+) -> tuple[BlockStability, list[BatchNormStability]]:
+    n_samples, k = x.shape[0], directions
+    device = x.device
+    runs = n_samples * k
+    # 1. Seeded directions and the power-iteration start (module docstring).
+    x_norms = _row_norms(x)
+    generator = torch.Generator().manual_seed(seed + index)
+    d = _scaled_directions(
+        generator, runs, x.shape[1:], x_norms.cpu().repeat_interleave(k), eps, dtype
+    ).to(device)
+    v0 = torch.randn(tuple(x.shape), generator=generator, dtype=dtype).to(device)
+
+    taps = _Taps(modules, [(b, w) for b in bn_names for w in ("in", "out")])
+    size = _rows_per_chunk(info.input_shape, info.output_shape)
+    with taps, torch.no_grad():
+        # 2. Clean outputs f(x_l), with BatchNorm references.
+        clean = []
+        for rows in _chunks(n_samples, size):
+            taps.start("reference")
+            clean.append(block(x[rows].clone()))
+        taps.freeze_reference()
+        fx = torch.cat(clean)
+        f_norms = _row_norms(fx)
+        # 3. Perturbed outputs f(x_l + d), run j = i * K + k.
+        deltas = []
+        for rows in _chunks(runs, size):
+            sample = torch.arange(rows.start, rows.stop, device=device) // k
+            taps.start("compare", sample)
+            out = block(x[sample] + d[rows])
+            deltas.append(_row_norms(out - fx[sample]))
+        da = torch.cat(deltas)
+
+    # 4. r per run; zero inputs and dead outputs have none.
+    xn = x_norms.double().cpu().numpy()
+    fn_ = f_norms.double().cpu().numpy()
+    sample_of_run = np.arange(runs) // k
+    zero_input = xn <= 0
+    dead = (~zero_input) & (fn_ <= _DEAD * xn)
+    valid_sample = ~(zero_input | dead)
+    dn = _row_norms(d).double().cpu().numpy()
+    r = np.full(runs, np.nan)
+    ok = valid_sample[sample_of_run]
+    r[ok] = (da.double().cpu().numpy()[ok] / fn_[sample_of_run[ok]]) / (
+        dn[ok] / xn[sample_of_run[ok]]
+    )
+    ok &= np.isfinite(r)
+    notes = []
+    if zero_input.any():
+        notes.append(f"{int(zero_input.sum())} sample(s) with a zero block input: r undefined")
+    if dead.any():
+        notes.append(f"{int(dead.sum())} sample(s) with a dead (zero) block output: r undefined")
+    valid_r = r[ok]
+    r_min, r_median, r_max = _stats(valid_r)
+    kappa_paper, kappa_linear = bounds
+    if kappa_paper is None and kappa_linear is None:
+        notes.append("no kappa bounds given: shares are null")
+
+    # 5. Worst direction: power iteration on J^T J at every valid sample.
+    worst_gain = worst_r = worst_median = worst_share_paper = worst_share_linear = None
+    if power_iterations == 0:
+        notes.append("power_iterations = 0: worst direction not searched")
+    elif valid_sample.any():
+        gains = []
+        for rows in _chunks(n_samples, max(1, size // 4)):
+            gains.append(_power_iteration(block, x[rows], v0[rows], power_iterations))
+        gain = torch.cat(gains).double().cpu().numpy()
+        worst = gain[valid_sample] * xn[valid_sample] / fn_[valid_sample]
+        worst_gain = float(gain[valid_sample].max())
+        worst_r = float(worst.max())
+        worst_median = float(np.median(worst))
+        worst_share_paper = _share(worst, kappa_paper)
+        worst_share_linear = _share(worst, kappa_linear)
+
+    inactive = (fx == 0).reshape(n_samples, -1).double().mean(dim=1).cpu().numpy()
+    result = BlockStability(
+        name=info.name,
+        stage=info.stage,
+        shortcut=info.shortcut,
+        n=int(ok.sum()),
+        excluded=int(runs - ok.sum()),
+        r_min=r_min,
+        r_median=r_median,
+        r_max=r_max,
+        share_in_paper_bounds=_share(valid_r, kappa_paper),
+        share_in_linear_bounds=_share(valid_r, kappa_linear),
+        worst_gain=worst_gain,
+        worst_r=worst_r,
+        worst_r_median=worst_median,
+        worst_share_in_paper_bounds=worst_share_paper,
+        worst_share_in_linear_bounds=worst_share_linear,
+        inactive_share=float(inactive[valid_sample].mean()) if valid_sample.any() else None,
+        ratios=tuple(float(v) if good else None for v, good in zip(r, ok)),
+        notes=tuple(notes),
+    )
+    bns = [_batchnorm_result(name, info.name, taps, "block-local") for name in bn_names]
+    return result, bns
+
+
+def _trajectory(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    anatomy: Anatomy,
+    images: torch.Tensor,
+    outer_bns: Sequence[str],
+    *,
+    eps: float,
+    directions: int,
+    seed: int,
+    dtype: torch.dtype,
+) -> tuple[Trajectory, list[BatchNormStability]]:
+    n_samples, k = images.shape[0], directions
+    runs = n_samples * k
+    device = images.device
+    blocks = [b.name for b in anatomy.blocks]
+    # 1. Input perturbations (module docstring: stream seed + number of blocks).
+    x_norms = _row_norms(images)
+    generator = torch.Generator().manual_seed(seed + len(blocks))
+    d = _scaled_directions(
+        generator, runs, images.shape[1:], x_norms.cpu().repeat_interleave(k), eps, dtype
+    ).to(device)
+
+    points = [(b, "out") for b in blocks] + ([(blocks[0], "in")] if blocks else [])
+    points += [(b, w) for b in outer_bns for w in ("in", "out")]
+    taps = _Taps(modules, points)
+    biggest = max(
+        [tuple(anatomy.input_shape)] + [b.input_shape for b in anatomy.blocks]
+        + [b.output_shape for b in anatomy.blocks]
+    , key=lambda s: int(np.prod(s)))
+    # Clean references of a group of samples are held for every tapped point.
+    step = _rows_per_chunk(biggest)
+    group = max(1, step // (len(points) // 4 + 1) // k)
+    logit_delta, logit_norm, flips = [], [], 0
+    logits_ok = True
+    with taps, torch.no_grad():
+        for samples in _chunks(n_samples, group):
+            # 2. Clean pass of the group, keeping every tapped activation.
+            taps.refs = {}
+            taps.start("reference")
+            clean = model(images[samples])
+            taps.freeze_reference()
+            # 3. Perturbed passes of the group's runs.
+            group_runs = slice(samples.start * k, samples.stop * k)
+            sample = torch.arange(group_runs.start, group_runs.stop, device=device) // k
+            for rows in _chunks(group_runs.stop - group_runs.start, step):
+                local = sample[rows] - samples.start
+                taps.start("compare", local)
+                out = model(images[sample[rows]] + d[group_runs][rows])
+                if (
+                    isinstance(clean, torch.Tensor) and clean.dim() == 2
+                    and isinstance(out, torch.Tensor) and out.shape[0] == local.shape[0]
+                ):
+                    ref = clean[local]
+                    logit_delta.append(_row_norms(out - ref))
+                    logit_norm.append(_row_norms(ref))
+                    flips += int((out.argmax(dim=1) != ref.argmax(dim=1)).sum())
+                else:
+                    logits_ok = False
+
+    def point(name: str, key: tuple[str, str]) -> TrajectoryPoint:
+        rel = _ratio(*taps.relative(key))
+        good = np.isfinite(rel)
+        lo, mid, hi = _stats(rel[good])
+        return TrajectoryPoint(name, mid, lo, hi, int(good.sum()), int(rel.size - good.sum()))
+
+    logits = None
+    if logits_ok and logit_delta:
+        rel = _ratio(torch.cat(logit_delta).double().cpu().numpy(), torch.cat(logit_norm).double().cpu().numpy())
+        good = np.isfinite(rel)
+        lo, mid, hi = _stats(rel[good])
+        logits = TrajectoryPoint("logits", mid, lo, hi, int(good.sum()), int(rel.size - good.sum()))
+    trajectory = Trajectory(
+        points=tuple(point(b, (b, "out")) for b in blocks),
+        stem=point("stem", (blocks[0], "in")) if blocks else None,
+        logits=logits,
+        flips=flips if logits is not None else 0,
+        runs=runs,
+    )
+    bns = [_batchnorm_result(name, None, taps, "trajectory") for name in outer_bns]
+    return trajectory, bns
+
+
+def _capture_groups(anatomy: Anatomy, samples: int) -> list[list[int]]:
+    """Block indices whose inputs are captured together within ``_CAPTURE_ELEMENTS``."""
+    groups: list[list[int]] = []
+    used = 0
+    for index, block in enumerate(anatomy.blocks):
+        size = samples * int(np.prod(block.input_shape))
+        if groups and used + size <= _CAPTURE_ELEMENTS:
+            groups[-1].append(index)
+            used += size
+        else:
+            groups.append([index])
+            used = size
+    return groups
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def measure_stability(
+    model: nn.Module,
+    anatomy: Anatomy,
+    images: torch.Tensor,
+    *,
+    eps: float = 1e-3,
+    directions: int = 4,
+    seed: int = 0,
+    power_iterations: int = 8,
+    bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+    progress: Progress | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> StabilityReport:
+    """Measure how blocks amplify small perturbations of real activations.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; it is copied (eval mode, ``dtype``, ``device``), never changed.
+    anatomy : Anatomy
+        From :func:`auditor.models.anatomy.analyze_anatomy` for ``model``.
+    images : Tensor of shape (N, C, H, W)
+        Preprocessed real images; ``(C, H, W)`` must equal ``anatomy.input_shape``.
+    eps : float
+        Relative perturbation size ``||d|| / ||x||``, in (0, 1).
+    directions : int
+        Random directions ``K`` per sample (``N * K`` runs per block).
+    seed : int
+        Seeds every random stream (see the module docstring for the recipe).
+    power_iterations : int
+        Iterations on ``J^T J`` per block for the worst direction; 0 skips it.
+    bounds : mapping of str to (float or None, float or None), optional
+        Block name -> (kappa_paper, kappa_linear): the paper's (residual, or plain for
+        plain blocks) and the exact linearized condition number.
+    progress : callable (done, total), optional
+        Called with ``(done, total)`` after each block and after the trajectory
+        (``total = len(anatomy.blocks) + 1``).
+    device : str or torch.device
+    dtype : torch.dtype
+        ``torch.float64`` (default) or ``torch.float32``.
+
+    Returns
+    -------
+    StabilityReport
+
+    Raises
+    ------
+    InputError
+        ``eps`` outside (0, 1), ``directions < 1``, images of the wrong shape or with
+        non-finite values, bounds naming unknown blocks or below 1.
+    UsageError
+        Unknown device or dtype.
+
+    References
+    ----------
+    .. [1] "Understanding ResNet from a Discrete Dynamical System Perspective",
+       ICLR 2022 submission, Lemma 2 (``1/kappa <= r <= kappa``) and Lemma 3 (BatchNorm).
+    """
+    # 1. Validate.
+    _check_options(eps, directions, seed, power_iterations, dtype)
+    images = _check_images(images, anatomy)
+    checked_bounds = _check_bounds(bounds, anatomy)
+    target = _device(device)
+    eps = float(eps)
+
+    # 2. A private copy in eval mode and the working precision.
+    work = copy.deepcopy(model).eval().to(device=target, dtype=dtype)
+    for parameter in work.parameters():
+        parameter.requires_grad_(False)
+    modules = dict(work.named_modules())
+    missing = [b.name for b in anatomy.blocks if b.name not in modules]
+    if missing:
+        raise InputError(
+            f"the anatomy names block(s) not in the model: {', '.join(missing[:5])}",
+            hint="build the anatomy from the same model",
+        )
+    x = images.to(device=target, dtype=dtype)
+    bns = _bn_modules(work)
+    block_names = [b.name for b in anatomy.blocks]
+    inner = {b: [n for n in bns if _inside(n, b)] for b in block_names}
+    outer = [n for n in bns if not any(_inside(n, b) for b in block_names)]
+
+    total = len(anatomy.blocks) + 1
+    done = 0
+    block_results: list[BlockStability] = []
+    bn_results: list[BatchNormStability] = []
+    # 3. Block by block, capturing inputs in groups that fit in memory.
+    for group in _capture_groups(anatomy, x.shape[0]):
+        inputs = _capture(work, modules, x, [anatomy.blocks[i].name for i in group])
+        for index in group:
+            info = anatomy.blocks[index]
+            result, bn = _measure_block(
+                index, info, modules[info.name], modules, inner[info.name], inputs.pop(info.name),
+                eps=eps, directions=directions, seed=seed,
+                power_iterations=power_iterations,
+                bounds=checked_bounds.get(info.name, (None, None)), dtype=dtype,
+            )
+            block_results.append(result)
+            bn_results.extend(bn)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+    # 4. The trajectory of one input perturbation through the whole network.
+    trajectory, outer_results = _trajectory(
+        work, modules, anatomy, x, outer, eps=eps, directions=directions, seed=seed, dtype=dtype
+    )
+    done += 1
+    if progress is not None:
+        progress(done, total)
+
+    notes = []
+    if not anatomy.blocks:
+        notes.append("no blocks found: only the trajectory's logits were measured")
+    if bounds is None:
+        notes.append("no kappa bounds given: shares inside the bounds are null")
+    return StabilityReport(
+        eps=eps,
+        directions=directions,
+        samples=int(x.shape[0]),
+        seed=seed,
+        power_iterations=power_iterations,
+        dtype=str(dtype).removeprefix("torch."),
+        blocks=tuple(block_results),
+        batchnorm=tuple(outer_results + bn_results),
+        trajectory=trajectory,
+        notes=tuple(notes),
+    )

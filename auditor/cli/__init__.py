@@ -1,0 +1,104 @@
+"""The ``resdyn`` command line: a thin Typer layer (options in, renderer out, no math)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from ..errors import AuditorError, ExitCode
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="resdyn",
+    help="Audit trained ResNets as discrete dynamical systems: conditioning, stability, "
+    "class geometry.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from .inspect import archs_command, inspect_command
+
+    app.command("inspect")(inspect_command)
+    app.command("archs")(archs_command)
+    for module_name in ("condition", "extract", "angles", "trajectory", "stability", "audit", "compare"):
+        try:
+            module = __import__(f"{__name__}.{module_name}", fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{module_name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from .._version import __version__
+
+        print(f"resdyn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Audit trained ResNets as discrete dynamical systems."""
+
+
+def _fail(message: str) -> int:
+    print(f"resdyn: error: {message}", file=sys.stderr)
+    return int(ExitCode.ERROR)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return the exit code (errors mapped to one line and code 2)."""
+    from typer import exceptions as typer_exceptions
+    from typer._click import exceptions as click_exceptions
+
+    command = typer.main.get_command(app)
+    debug = bool(os.environ.get("RESDYN_DEBUG"))
+    try:
+        result = command.main(args=argv, prog_name="resdyn", standalone_mode=False)
+    except AuditorError as exc:
+        if debug:
+            raise
+        return _fail(exc.one_line())
+    except typer_exceptions.Exit as exc:
+        return int(getattr(exc, 'exit_code', 0) or 0)
+    except typer_exceptions.Abort:
+        return int(ExitCode.INTERRUPTED)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        print(exc.format_message(), file=sys.stderr)
+        return int(ExitCode.ERROR)
+    except click_exceptions.ClickException as exc:
+        if debug:
+            raise
+        context = getattr(exc, "ctx", None)
+        where = f" (see '{context.command_path} --help')" if context is not None else ""
+        return _fail(" ".join(exc.format_message().split()) + where)
+    except KeyboardInterrupt:
+        print("resdyn: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        return int(ExitCode.OK)
+    except Exception as exc:  # an internal error: still one line and exit 2
+        if debug:
+            raise
+        return _fail(f"internal error: {type(exc).__name__}: {exc}. Set RESDYN_DEBUG=1 for the traceback.")
+    return int(result) if isinstance(result, int) else int(ExitCode.OK)
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run(sys.argv[1:]))

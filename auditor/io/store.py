@@ -1,0 +1,709 @@
+"""The HDF5 activation store (DESIGN.md, "HDF5 activation store (contract)").
+
+Layout of a store::
+
+    /                    attrs: format, format_version, tool_version, checkpoint_sha256,
+                                arch, data_root, preset, preprocessing (JSON), seed,
+                                per_class (-1: every image), shard (JSON [rank, world]),
+                                dtype, compression, samples_sha256, num_selected,
+                                stages (JSON list of names, in order), written,
+                                skipped (JSON list of {path, reason}), complete, created
+    /classes             utf-8 strings, by label
+    /samples/path        utf-8 strings (N,), relative to data_root
+    /samples/label       int64 (N,)
+    /stages/<name>       (N, *shape), chunks (1, *shape); attrs module_path
+                         ("module:input" or "module:output"), shape, encoding
+
+``encoding`` is ``float32``, ``float16`` or ``bfloat16``. HDF5 has no
+bfloat16 type: those stages hold the raw bits as ``uint16`` and the reader
+decodes them to float32 (exactly: a bfloat16 is the top half of a float32).
+
+Writing (:class:`StoreWriter`) goes to ``<name>.partial`` beside the final
+path, under an exclusive lock on ``<name>.lock``. After every batch the rows,
+the ``written`` counter and the ``skipped`` list are flushed together, so a
+killed run leaves a prefix that the next run with the same provenance resumes
+from. Only a finished store is renamed (atomically) to the final name.
+Everything but the ``created`` attribute is identical whether or not a run
+was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..errors import StoreError
+from ..models.anatomy import StageSpec
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "DTYPES",
+    "COMPRESSIONS",
+    "StoreHeader",
+    "StoreWriter",
+    "ActivationStore",
+    "open_store",
+]
+
+FORMAT = "resdyn-activations"
+FORMAT_VERSION = "1.0"
+DTYPES = ("float32", "float16", "bfloat16")
+COMPRESSIONS = ("none", "lzf", "gzip")
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+_BFLOAT16_MAX = float(torch.finfo(torch.bfloat16).max)
+_STORED_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+# Attributes that must match for a partial file to be resumed.
+_PROVENANCE_KEYS = (
+    "format_version", "tool_version", "checkpoint_sha256", "arch", "data_root", "preset",
+    "preprocessing", "seed", "per_class", "shard", "dtype", "compression", "samples_sha256",
+    "num_selected", "stages",
+)
+_LIBVER = ("v108", "v110")  # 1.8 format: attributes above 64 KiB (a long skipped list) fit
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    """What a store is made of: provenance, samples and stages.
+
+    Attributes
+    ----------
+    checkpoint_sha256, arch : str
+        The checkpoint's digest and architecture name.
+    data_root : str
+        Absolute path of the image folder.
+    preset : str
+        Preset name the preprocessing came from.
+    preprocessing : str
+        JSON (:meth:`Preprocessing.to_json`).
+    seed : int
+    per_class : int or None
+    shard : (int, int)
+    classes : tuple of str
+    samples : tuple of (str, int)
+        Every selected sample (relative path, label), in processing order.
+    stages : tuple of StageSpec
+    dtype : str
+        ``float32``, ``float16`` or ``bfloat16``.
+    compression : str
+        ``none``, ``lzf`` or ``gzip``.
+    """
+
+    checkpoint_sha256: str
+    arch: str
+    data_root: str
+    preset: str
+    preprocessing: str
+    seed: int
+    per_class: int | None
+    shard: tuple[int, int]
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]
+    stages: tuple[StageSpec, ...]
+    dtype: str = "float32"
+    compression: str = "none"
+
+    def samples_sha256(self) -> str:
+        """sha256 of the sample list (paths and labels)."""
+        digest = hashlib.sha256()
+        for rel, label in self.samples:
+            digest.update(f"{label}\t{rel}\n".encode())
+        return digest.hexdigest()
+
+    def provenance(self) -> dict[str, Any]:
+        """The root attributes that identify the store's content."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "arch": self.arch,
+            "data_root": self.data_root,
+            "preset": self.preset,
+            "preprocessing": self.preprocessing,
+            "seed": int(self.seed),
+            "per_class": -1 if self.per_class is None else int(self.per_class),
+            "shard": json.dumps(list(self.shard)),
+            "dtype": self.dtype,
+            "compression": self.compression,
+            "samples_sha256": self.samples_sha256(),
+            "num_selected": len(self.samples),
+            "stages": json.dumps(
+                [[s.name, s.location, list(s.shape)] for s in self.stages]
+            ),
+        }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OS" else value.tolist()
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _plain(a) == _plain(b)
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _Lock:
+    """An exclusive, non-blocking ``flock`` on ``<name>.lock``, removed on release."""
+
+    def __init__(self, path: Path, target: Path) -> None:
+        self.path = path
+        self.target = target
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise StoreError(
+                        f"another resdyn process is writing {self.target}",
+                        hint=f"wait for it to finish; if none runs, delete {self.path}",
+                    ) from None
+                raise StoreError(f"{self.path}: cannot lock ({exc.strerror})") from None
+            # The holder before us may have removed the file after we opened it.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)
+        raise StoreError(f"{self.path}: cannot take the lock (it keeps being replaced)")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class StoreWriter:
+    """Writes a store batch by batch, resumably (see the module docstring).
+
+    Use as a context manager; call :meth:`finish` when every sample has been
+    consumed. Leaving the block without :meth:`finish` (an error, Ctrl-C)
+    keeps the ``.partial`` file for the next run to resume.
+
+    Parameters
+    ----------
+    path : str or Path
+        Final file name (``.h5``).
+    header : StoreHeader
+    overwrite : bool
+        Replace an existing final file (at the end, atomically) and discard
+        any partial file instead of resuming it.
+
+    Attributes
+    ----------
+    written : int
+        Rows stored.
+    consumed : int
+        Samples handled (stored or skipped); the next batch starts here.
+    skipped : list of dict
+        ``{"path", "reason"}`` of the unreadable images met so far.
+    resumed_from : int
+        Samples already consumed when the writer opened (0: fresh start).
+
+    Raises
+    ------
+    StoreError
+        The final file exists (without ``overwrite``); another process holds
+        the lock; a partial file with other provenance or that cannot be read.
+    """
+
+    def __init__(self, path: str | Path, header: StoreHeader, *, overwrite: bool = False) -> None:
+        if header.dtype not in DTYPES:
+            raise StoreError(f"unknown dtype {header.dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
+        if header.compression not in COMPRESSIONS:
+            raise StoreError(
+                f"unknown compression {header.compression!r}",
+                hint=f"choose one of {', '.join(COMPRESSIONS)}",
+            )
+        self.path = Path(path)
+        self.header = header
+        self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.written = 0
+        self.skipped: list[dict[str, str]] = []
+        self.resumed_from = 0
+        self._file: h5py.File | None = None
+        self._lock = _Lock(self.path.with_name(self.path.name + ".lock"), self.path)
+        if not self.path.parent.is_dir():
+            raise StoreError(
+                f"{self.path}: the folder {self.path.parent} does not exist",
+                hint="create it or choose another output path",
+            )
+        self._lock.acquire()
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening
+
+    @property
+    def consumed(self) -> int:
+        """Samples handled so far (stored or skipped)."""
+        return self.written + len(self.skipped)
+
+    def _open(self, overwrite: bool) -> None:
+        if self.path.exists() and not overwrite:
+            raise StoreError(
+                f"{self.path} already exists",
+                hint="pass --overwrite to replace it, or choose another output path",
+            )
+        if self.partial_path.exists() and not overwrite:
+            self._resume()
+        else:
+            self._create()
+
+    def _create(self) -> None:
+        h = self.header
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.partial_path)
+        try:
+            f = h5py.File(self.partial_path, "w", libver=_LIBVER, track_order=True)
+        except OSError as exc:
+            raise StoreError(f"{self.partial_path}: cannot create ({exc})") from None
+        self._file = f
+        attrs = f.attrs
+        attrs["format"] = FORMAT
+        for key, value in h.provenance().items():
+            attrs[key] = value
+        attrs["written"] = 0
+        attrs["skipped"] = "[]"
+        attrs["complete"] = False
+        attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        text = h5py.string_dtype("utf-8")
+        f.create_dataset("classes", data=np.array(h.classes, dtype=object), dtype=text)
+        samples = f.create_group("samples")
+        chunk = (max(1, min(4096, len(h.samples))),)
+        samples.create_dataset("path", shape=(0,), maxshape=(None,), chunks=chunk, dtype=text)
+        samples.create_dataset("label", shape=(0,), maxshape=(None,), chunks=chunk, dtype=np.int64)
+        stages = f.create_group("stages", track_order=True)
+        kwargs: dict[str, Any] = {}
+        if h.compression != "none":
+            kwargs["compression"] = h.compression
+        for spec in h.stages:
+            shape = tuple(int(s) for s in spec.shape)
+            ds = stages.create_dataset(
+                spec.name, shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape),
+                dtype=_STORED_DTYPE[h.dtype], **kwargs,
+            )
+            ds.attrs["module_path"] = spec.location
+            ds.attrs["shape"] = np.array(shape, dtype=np.int64)
+            ds.attrs["encoding"] = h.dtype
+        f.flush()
+
+    def _resume(self) -> None:
+        try:
+            f = h5py.File(self.partial_path, "r+", libver=_LIBVER)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.partial_path}: cannot resume, the unfinished file is unreadable ({exc})",
+                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+            ) from None
+        self._file = f
+        expected = self.header.provenance()
+        differs = [
+            k for k in ("format", *_PROVENANCE_KEYS)
+            if not _same(f.attrs.get(k), FORMAT if k == "format" else expected[k])
+        ]
+        if differs:
+            raise StoreError(
+                f"{self.partial_path}: an unfinished extraction with other settings "
+                f"({', '.join(differs)} differ) is in the way",
+                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+            )
+        try:
+            written = int(f.attrs["written"])
+            skipped = json.loads(_plain(f.attrs["skipped"]))
+            datasets = [f["samples/path"], f["samples/label"]]
+            datasets += [f[f"stages/{s.name}"] for s in self.header.stages]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StoreError(
+                f"{self.partial_path}: cannot resume, the unfinished file is damaged ({exc})",
+                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+            ) from None
+        if written < 0 or any(d.shape[0] < written for d in datasets):
+            raise StoreError(
+                f"{self.partial_path}: cannot resume, 'written' = {written} does not match the data",
+                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+            )
+        # Rows past the counter belong to a batch whose flush did not finish: drop them.
+        for d in datasets:
+            if d.shape[0] != written:
+                d.resize(written, axis=0)
+        self.written = written
+        self.skipped = list(skipped)
+        self.resumed_from = self.consumed
+        f.flush()
+
+    # -- writing
+
+    def _encode(self, spec: StageSpec, rows: np.ndarray) -> np.ndarray:
+        """Check that ``rows`` are finite and fit the dtype; return what to store."""
+        dtype = self.header.dtype
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.size == 0:
+            return rows.astype(_STORED_DTYPE[dtype])
+        low, high = float(rows.min()), float(rows.max())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int(np.count_nonzero(~np.isfinite(rows)))
+            raise StoreError(
+                f"stage {spec.name!r} ({spec.location}): {bad} activations are NaN or inf",
+                hint="the network overflows on these inputs; check the checkpoint and the "
+                "preprocessing (--preset, --mean, --std)",
+            )
+        largest = max(-low, high)
+        if dtype == "float32":
+            return rows
+        tensor = torch.from_numpy(rows)
+        if dtype == "float16":
+            cast = tensor.to(torch.float16)
+            if largest >= _FLOAT16_MAX and torch.isinf(cast).any():
+                raise StoreError(
+                    f"stage {spec.name!r} ({spec.location}): activations reach "
+                    f"|x| = {largest:.4g}, beyond float16's range ({_FLOAT16_MAX:.0f})",
+                    hint="use --dtype float32 or bfloat16",
+                )
+            return cast.numpy()
+        cast = tensor.to(torch.bfloat16)
+        if largest >= _BFLOAT16_MAX and torch.isinf(cast).any():
+            raise StoreError(
+                f"stage {spec.name!r} ({spec.location}): activations reach |x| = {largest:.4g}, "
+                "beyond bfloat16's range",
+                hint="use --dtype float32",
+            )
+        return cast.view(torch.int16).numpy().view(np.uint16)
+
+    def append(
+        self,
+        rows: Mapping[str, np.ndarray],
+        positions: Sequence[int],
+        failures: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        """Store one batch and flush.
+
+        Parameters
+        ----------
+        rows : mapping of stage name to ndarray of shape (n, *shape)
+            float32 activations of the good images, in ``positions`` order.
+        positions : sequence of int
+            Their positions in ``header.samples``.
+        failures : sequence of (int, str)
+            Positions and reasons of images skipped in this batch.
+            ``positions`` and ``failures`` together must be the next
+            consecutive positions starting at :attr:`consumed`.
+
+        Raises
+        ------
+        StoreError
+            Non-finite activations, or a value out of the dtype's range.
+        """
+        f = self._require_open()
+        positions = [int(p) for p in positions]
+        handled = sorted(positions + [int(p) for p, _ in failures])
+        if handled != list(range(self.consumed, self.consumed + len(handled))):
+            raise ValueError(
+                f"batch positions {handled[:3]}... do not continue at {self.consumed}"
+            )
+        encoded = {}
+        for spec in self.header.stages:
+            data = rows[spec.name]
+            if data.shape != (len(positions), *spec.shape):
+                raise StoreError(
+                    f"stage {spec.name!r}: got activations of shape {tuple(data.shape)}, "
+                    f"expected {(len(positions), *spec.shape)}",
+                )
+            encoded[spec.name] = self._encode(spec, data)
+        start, stop = self.written, self.written + len(positions)
+        samples = self.header.samples
+        if positions:
+            paths, labels = f["samples/path"], f["samples/label"]
+            paths.resize(stop, axis=0)
+            paths[start:stop] = np.array([samples[p][0] for p in positions], dtype=object)
+            labels.resize(stop, axis=0)
+            labels[start:stop] = np.array([samples[p][1] for p in positions], dtype=np.int64)
+            for name, data in encoded.items():
+                ds = f["stages"][name]
+                ds.resize(stop, axis=0)
+                ds[start:stop] = data
+        for position, reason in sorted(failures):
+            self.skipped.append({"path": samples[position][0], "reason": str(reason)})
+        self.written = stop
+        f.attrs["written"] = stop
+        if failures:
+            f.attrs["skipped"] = json.dumps(self.skipped)
+        f.flush()
+
+    def finish(self) -> Path:
+        """Mark the store complete and move it to its final name.
+
+        Raises
+        ------
+        StoreError
+            Samples are still missing, or no image could be stored.
+        """
+        f = self._require_open()
+        total = len(self.header.samples)
+        if self.consumed != total:
+            raise StoreError(f"{self.path}: only {self.consumed} of {total} samples were handled")
+        if self.written == 0:
+            raise StoreError(
+                f"{self.path}: none of the {total} images could be read, nothing to store",
+                hint="check the image folder",
+            )
+        f.attrs["complete"] = True
+        f.flush()
+        f.close()
+        self._file = None
+        _fsync(self.partial_path)
+        os.replace(self.partial_path, self.path)
+        self._lock.release()
+        return self.path
+
+    def close(self) -> None:
+        """Close without finishing (the partial file stays for a resume); idempotent."""
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+        self._lock.release()
+
+    def _require_open(self) -> h5py.File:
+        if self._file is None:
+            raise StoreError(f"{self.path}: the writer is closed")
+        return self._file
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class _BFloat16Stage:
+    """A bfloat16 stage: slices of the uint16 dataset, decoded to float32 on read."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self._dataset = dataset
+        self.attrs = dataset.attrs
+        self.shape = dataset.shape
+        self.chunks = dataset.chunks
+        self.dtype = np.dtype(np.float32)
+        self.name = dataset.name
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        raw = np.asarray(self._dataset[key], dtype=np.uint16)
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[()]
+        return data if dtype is None else data.astype(dtype)
+
+
+class ActivationStore:
+    """A finished activation store, open for reading (see :func:`open_store`).
+
+    Attributes
+    ----------
+    path : Path
+    attrs : dict
+        Root attributes as plain Python values.
+    classes : list of str
+        By label.
+    labels : ndarray of shape (n_samples,), int64
+    paths : list of str
+        Relative to ``attrs["data_root"]``.
+    stage_names : list of str
+        In network order (``penultimate`` last).
+    """
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self._file = file
+        self.attrs = {k: _plain(v) for k, v in file.attrs.items()}
+        self.classes = [_plain(c) for c in file["classes"][()]]
+        self.labels = np.asarray(file["samples/label"][()], dtype=np.int64)
+        self.paths = [_plain(p) for p in file["samples/path"][()]]
+        order = self.attrs.get("stages")
+        names = list(file["stages"].keys())
+        try:
+            listed = [entry[0] for entry in json.loads(order)] if order else []
+        except (ValueError, TypeError, IndexError):
+            listed = []
+        self.stage_names = [n for n in listed if n in names] + [n for n in names if n not in listed]
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """``{"path", "reason"}`` of the images left out."""
+        return json.loads(self.attrs.get("skipped") or "[]")
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing used (``size``, ``resize``, ``mean``, ``std``)."""
+        return json.loads(self.attrs.get("preprocessing") or "{}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def stage(self, name: str) -> h5py.Dataset | _BFloat16Stage:
+        """The activations of stage ``name``, shape (n_samples, *shape), read lazily.
+
+        float32 and float16 stages are the h5py datasets themselves; bfloat16
+        stages are wrapped so that slicing returns float32.
+
+        Raises
+        ------
+        StoreError
+            Unknown stage.
+        """
+        if name not in self.stage_names:
+            raise StoreError(
+                f"{self.path}: no stage {name!r} (key stages/{name})",
+                hint=f"stages in the file: {', '.join(self.stage_names)}",
+            )
+        dataset = self._file["stages"][name]
+        if _plain(dataset.attrs.get("encoding")) == "bfloat16":
+            return _BFloat16Stage(dataset)
+        return dataset
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _refuse(path: Path, key: str, problem: str, hint: str | None = None) -> StoreError:
+    return StoreError(f"{path}: {problem} (key {key!r})", hint=hint)
+
+
+def open_store(path: str | Path) -> ActivationStore:
+    """Open a finished activation store for reading.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    ActivationStore
+        A context manager; closing it closes the file.
+
+    Raises
+    ------
+    StoreError
+        Missing file, not HDF5, not a resdyn store (no ``format``), an
+        unknown major ``format_version``, an incomplete store, or a missing
+        dataset. Every message names the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        partial = path.with_name(path.name + ".partial")
+        hint = (
+            "an unfinished extraction exists; rerun the same extract command to resume it"
+            if partial.exists() else "run 'resdyn extract' first"
+        )
+        raise StoreError(f"{path}: no such file", hint=hint)
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError:
+        is_hdf5 = False
+    if not is_hdf5:
+        raise StoreError(f"{path}: not an HDF5 file", hint="pass a store written by 'resdyn extract'")
+    try:
+        file = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open as HDF5 ({exc})") from None
+    try:
+        attrs = file.attrs
+        if _plain(attrs.get("format")) != FORMAT:
+            raise _refuse(
+                path, "format", f"not a resdyn activation store (format={_plain(attrs.get('format'))!r})",
+                "pass a store written by 'resdyn extract'",
+            )
+        version = str(_plain(attrs.get("format_version", "")))
+        major = version.split(".")[0]
+        if major != FORMAT_VERSION.split(".")[0]:
+            raise _refuse(
+                path, "format_version", f"unsupported store version {version!r} "
+                f"(this resdyn reads {FORMAT_VERSION.split('.')[0]}.x)",
+                "upgrade resdyn or extract the activations again",
+            )
+        if not bool(_plain(attrs.get("complete", False))):
+            raise _refuse(
+                path, "complete", "the store is incomplete",
+                "rerun the extract command to finish it",
+            )
+        for key in ("classes", "samples/path", "samples/label", "stages"):
+            if key not in file:
+                raise _refuse(path, key, "a required dataset is missing")
+        store = ActivationStore(path, file)
+        if len(store.paths) != len(store.labels):
+            raise _refuse(path, "samples/path", "paths and labels differ in length")
+        for name in store.stage_names:
+            if file["stages"][name].shape[0] != len(store.labels):
+                raise _refuse(path, f"stages/{name}", "row count differs from samples/label")
+        return store
+    except BaseException:
+        file.close()
+        raise

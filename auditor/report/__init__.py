@@ -1,0 +1,1 @@
+"""Reports: JSON-safe documents, renderers (rich tables, Markdown, PNG plots) and verdicts."""

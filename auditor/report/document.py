@@ -1,0 +1,90 @@
+"""The JSON document: schema version, JSON-safe numbers, atomic writes.
+
+Non-finite numbers never reach JSON: :func:`json_safe` turns them into
+``null`` (callers that know *why* a value is missing add a ``*_reason`` field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+
+__all__ = ["SCHEMA_VERSION", "tool_info", "json_safe", "dumps", "write_atomic", "validate"]
+
+SCHEMA_VERSION = "1"
+
+
+def tool_info() -> dict[str, str]:
+    """The ``tool`` object of every report."""
+    return {"name": "resdyn", "version": __version__}
+
+
+def json_safe(value: Any) -> Any:
+    """Convert dataclasses, numpy scalars/arrays, tuples and paths to JSON values.
+
+    NaN and infinities become ``None``.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if hasattr(value, "to_dict"):
+            return json_safe(value.to_dict())
+        return {f.name: json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [json_safe(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def dumps(document: Mapping[str, Any]) -> str:
+    """Serialise a report: JSON-safe, stable key order as built, no NaN allowed."""
+    return json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n"
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(text.encode() if isinstance(text, str) else text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema shipped with the package."""
+    from importlib.resources import files
+
+    return json.loads(files("auditor.report").joinpath("schema.json").read_text())
+
+
+def validate(document: Mapping[str, Any]) -> None:
+    """Validate a report against the shipped JSON Schema (raises ``jsonschema.ValidationError``)."""
+    import jsonschema
+
+    jsonschema.validate(json_safe(document), schema())

@@ -1,0 +1,80 @@
+"""Anatomy sections of the JSON report: ``layers``, ``blocks``, ``stages``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models.anatomy import Anatomy, BlockInfo, ConvInfo, LayerInfo, StageSpec
+
+__all__ = ["layer_entry", "block_entry", "stage_entry", "anatomy_sections"]
+
+
+def layer_entry(layer: LayerInfo) -> dict[str, Any]:
+    """One ``layers`` entry (shapes without the batch axis)."""
+    return {
+        "name": layer.name,
+        "kind": layer.kind,
+        "in_channels": layer.in_channels,
+        "out_channels": layer.out_channels,
+        "kernel": list(layer.kernel),
+        "stride": list(layer.stride),
+        "padding": list(layer.padding),
+        "groups": layer.groups,
+        "bias": layer.bias,
+        "input_shape": list(layer.input_shape),
+        "output_shape": list(layer.output_shape),
+    }
+
+
+def _conv_entry(conv: ConvInfo) -> dict[str, Any]:
+    return {
+        "name": conv.name,
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel": list(conv.kernel),
+        "stride": list(conv.stride),
+        "padding": list(conv.padding),
+        "groups": conv.groups,
+        "batchnorm": conv.bn,
+        "input_shape": list(conv.input_shape),
+    }
+
+
+def block_entry(block: BlockInfo) -> dict[str, Any]:
+    """One ``blocks`` entry of the anatomy."""
+    entry: dict[str, Any] = {
+        "name": block.name,
+        "stage": block.stage,
+        "shortcut": block.shortcut,
+        "batchnorm": block.batchnorm,
+        "input_shape": list(block.input_shape),
+        "output_shape": list(block.output_shape),
+        "convs": [_conv_entry(c) for c in block.convs],
+    }
+    if block.shortcut_convs:
+        entry["shortcut_convs"] = [_conv_entry(c) for c in block.shortcut_convs]
+    if block.option_a is not None:
+        entry["option_a"] = {
+            "stride": block.option_a.stride,
+            "pad_before": block.option_a.pad_before,
+            "out_channels": block.option_a.out_channels,
+        }
+    return entry
+
+
+def stage_entry(stage: StageSpec) -> dict[str, Any]:
+    """One ``stages`` entry of the anatomy."""
+    return {"name": stage.name, "module_path": stage.location, "shape": list(stage.shape)}
+
+
+def anatomy_sections(anatomy: Anatomy) -> dict[str, Any]:
+    """``input_shape``, ``layers``, ``blocks``, ``stages`` (+ ``penultimate``)."""
+    stages = [stage_entry(s) for s in anatomy.stages]
+    return {
+        "input_shape": list(anatomy.input_shape),
+        "layers": [layer_entry(layer) for layer in anatomy.layers],
+        "blocks": [block_entry(b) for b in anatomy.blocks],
+        "stages": stages,
+        "penultimate": stage_entry(anatomy.penultimate) if anatomy.penultimate else None,
+        "notes": list(anatomy.notes),
+    }

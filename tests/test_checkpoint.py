@@ -1,0 +1,166 @@
+"""Checkpoint formats, unwrapping, hashing and every refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from auditor.errors import CheckpointError
+from auditor.io.checkpoint import load_checkpoint
+from auditor.models.registry import build_model
+
+from conftest import CHECKPOINTS, needs_shared, save_safetensors
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model, _ = build_model("resnet8", 10)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".th", ".bin"])
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "dataparallel"])
+def test_torch_formats_and_wrappers(tmp_path: Path, state, suffix: str, wrap: str) -> None:
+    payload: object = state
+    if wrap == "state_dict":
+        payload = {"state_dict": state, "epoch": 3, "best_prec1": 91.5}
+    elif wrap == "model":
+        payload = {"model": state, "optimizer_name": "sgd"}
+    elif wrap == "dataparallel":
+        payload = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
+    path = tmp_path / f"ckpt{suffix}"
+    torch.save(payload, path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.format == "torch"
+    assert set(checkpoint.state_dict) == set(state)
+    for key, tensor in state.items():
+        assert torch.equal(checkpoint.state_dict[key], tensor)
+    assert checkpoint.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    if wrap == "state_dict":
+        assert checkpoint.metadata["epoch"] == "3"
+    if wrap == "dataparallel":
+        assert any("module." in note for note in checkpoint.notes)
+
+
+def test_safetensors_metadata(tmp_path: Path) -> None:
+    model, _ = build_model("resnet8", 10)
+    path = save_safetensors(model, tmp_path / "m.safetensors", arch="resnet8", epoch="4")
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.format == "safetensors"
+    assert checkpoint.metadata == {"arch": "resnet8", "epoch": "4"}
+    assert len(checkpoint.state_dict) == len(model.state_dict())
+
+
+def test_unknown_suffix_is_sniffed(tmp_path: Path, state) -> None:
+    path = tmp_path / "weights.model"
+    torch.save(state, path)
+    assert load_checkpoint(path).format == "torch"
+
+
+def test_missing_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello, I am not a network\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(path)
+    fake = tmp_path / "fake.pth"
+    fake.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_checkpoint(fake)
+
+
+def test_truncated_and_corrupted_safetensors(tmp_path: Path) -> None:
+    model, _ = build_model("resnet8", 10)
+    good = save_safetensors(model, tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(truncated)
+    corrupted = tmp_path / "corrupted.safetensors"
+    corrupted.write_bytes(data[:8] + b"#" * 40 + data[48:])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(corrupted)
+
+
+def test_truncated_torch_zip(tmp_path: Path, state) -> None:
+    path = tmp_path / "full.pt"
+    torch.save(state, path)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_checkpoint(cut)
+
+
+class _Payload:
+    """Unpickling this object would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_malicious_pickle_is_never_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": {"w": _Payload(marker)}}, handle)
+    # Sanity: a plain unpickle would run it (proves the test can fail).
+    probe = tmp_path / "probe-ran"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # The same through torch.save's zip format.
+    zipped = tmp_path / "evil_zip.pt"
+    torch.save({"state_dict": {"w": _Payload(marker)}}, zipped)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(zipped)
+    assert not marker.exists()
+
+
+def test_non_finite_weights_refused(tmp_path: Path, state) -> None:
+    broken = dict(state)
+    broken["conv1.weight"] = broken["conv1.weight"].clone()
+    broken["conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(broken, path)
+    with pytest.raises(CheckpointError, match="conv1.weight.*NaN"):
+        load_checkpoint(path)
+
+
+def test_no_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_checkpoint(path)
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    "name, count",
+    [
+        ("cifar10-resnet20-akamaster.th", 97),
+        ("cifar10-resnet20-akamaster.safetensors", 97),
+        ("cifar10-resnet56-akamaster.th", 277),
+        ("cifar10-resnet4b-nobn-abcrown.pth", 26),
+    ],
+)
+def test_real_checkpoints_load(name: str, count: int) -> None:
+    checkpoint = load_checkpoint(CHECKPOINTS / name)
+    assert len(checkpoint.state_dict) == count
+    assert not any(k.startswith("module.") for k in checkpoint.state_dict)
