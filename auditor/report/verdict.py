@@ -1,0 +1,200 @@
+"""``--fail-on`` rules: parse ``METRIC OP NUMBER``, evaluate against a report.
+
+A rule *fails* when its comparison holds (``max_kappa_linear_residual>1e4``
+fails when some block's exact condition number exceeds 1e4). A metric whose
+value is missing (a singular block, a section that did not run) cannot be
+shown to be safe, so its rule fails too, with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = ["Rule", "METRICS", "parse_rule", "evaluate", "rules_from_config"]
+
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_RULE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|==|!=|>|<)\s*([-+0-9.eE]+|inf|-inf)\s*$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parsed rule."""
+
+    metric: str
+    op: str
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class _Metric:
+    section: str
+    help: str
+    compute: Callable[[Mapping[str, Any]], float | None]
+
+
+def _values(items: Iterable[Mapping[str, Any]], key: str) -> list[float | None]:
+    return [item.get(key) for item in items]
+
+
+def _agg(section: str, key: str, how: Callable[[list[float]], float]) -> Callable[[Mapping[str, Any]], float | None]:
+    def compute(doc: Mapping[str, Any]) -> float | None:
+        entries = doc.get(section) or []
+        if isinstance(entries, Mapping):
+            entries = entries.get("blocks", [])
+        values = _values(entries, key)
+        if not values or any(v is None for v in values):
+            return None  # a singular block or a missing value: not provably safe
+        return float(how([float(v) for v in values]))
+
+    return compute
+
+
+def _count(section: str, key: str, bad: Any) -> Callable[[Mapping[str, Any]], float | None]:
+    def compute(doc: Mapping[str, Any]) -> float | None:
+        entries = doc.get(section) or []
+        return float(sum(1 for e in entries if e.get(key) is bad))
+
+    return compute
+
+
+def _stage_agg(key: str, how: Callable[[list[float]], float]) -> Callable[[Mapping[str, Any]], float | None]:
+    def compute(doc: Mapping[str, Any]) -> float | None:
+        values = [s.get(key) for s in doc.get("stages") or [] if "intra" in s]
+        if not values or any(v is None for v in values):
+            return None
+        return float(how([float(v) for v in values]))
+
+    return compute
+
+
+def _last_stage(key: str) -> Callable[[Mapping[str, Any]], float | None]:
+    def compute(doc: Mapping[str, Any]) -> float | None:
+        stages = [s for s in doc.get("stages") or [] if "intra" in s]
+        return None if not stages else stages[-1].get(key)
+
+    return compute
+
+
+def _trajectory_final(doc: Mapping[str, Any]) -> float | None:
+    trajectory = (doc.get("stability") or {}).get("trajectory") or {}
+    return trajectory.get("logits_median")
+
+
+def _flips(doc: Mapping[str, Any]) -> float | None:
+    trajectory = (doc.get("stability") or {}).get("trajectory") or {}
+    value = trajectory.get("flips")
+    return None if value is None else float(value)
+
+
+_median = statistics.median
+
+METRICS: dict[str, _Metric] = {
+    "max_kappa_linear_residual": _Metric("blocks", "largest exact condition number of a linearized residual block", _agg("blocks", "kappa_linear_residual", max)),
+    "median_kappa_linear_residual": _Metric("blocks", "median exact condition number over blocks", _agg("blocks", "kappa_linear_residual", _median)),
+    "max_kappa_linear_plain": _Metric("blocks", "largest exact condition number of a block without its shortcut", _agg("blocks", "kappa_linear_plain", max)),
+    "max_kappa_paper_residual": _Metric("blocks", "largest (prod M + 1)/(prod m + 1), the paper's Eq. 2", _agg("blocks", "kappa_paper_residual", max)),
+    "max_kappa_paper_plain": _Metric("blocks", "largest prod M / prod m", _agg("blocks", "kappa_paper_plain", max)),
+    "lemma1_lower_violations": _Metric("blocks", "blocks whose smallest singular value is below prod m + 1", _count("blocks", "lemma1_lower_holds", False)),
+    "lemma1_upper_violations": _Metric("blocks", "blocks whose largest singular value exceeds prod M + 1", _count("blocks", "lemma1_upper_holds", False)),
+    "max_sigma": _Metric("layers", "largest singular value of any conv or linear layer", _agg("layers", "sigma_max", max)),
+    "min_sigma": _Metric("layers", "smallest singular value of any conv or linear layer", _agg("layers", "sigma_min", min)),
+    "max_amplification": _Metric("stability", "largest measured perturbation amplification r of a block", _agg("stability", "r_max", max)),
+    "median_amplification": _Metric("stability", "median over blocks of the median amplification r", _agg("stability", "r_median", _median)),
+    "max_worst_gain": _Metric("stability", "largest local gain of a block (power iteration on its Jacobian)", _agg("stability", "worst_gain", max)),
+    "end_to_end_error": _Metric("stability", "median relative error of the logits for a relative input perturbation eps", _trajectory_final),
+    "prediction_flips": _Metric("stability", "samples whose predicted class changed under the input perturbation", _flips),
+    "min_separation_deg": _Metric("stages", "smallest (min inter - max intra) angle over stages, degrees", _stage_agg("separation", min)),
+    "final_separation_deg": _Metric("stages", "separation at the last stage, degrees", _last_stage("separation")),
+}
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse ``METRIC OP NUMBER``; unknown metrics and malformed rules are usage errors."""
+    match = _RULE.match(text)
+    if not match:
+        raise UsageError(
+            f"malformed rule {text!r}",
+            hint="write METRIC OP NUMBER, e.g. 'max_kappa_linear_residual>1e4' (ops: > >= < <= == !=)",
+        )
+    metric, op, number = match.groups()
+    if metric not in METRICS:
+        raise UsageError(
+            f"unknown metric {metric!r} in rule {text!r}",
+            hint="known metrics: " + ", ".join(sorted(METRICS)),
+        )
+    try:
+        threshold = float(number)
+    except ValueError:
+        raise UsageError(f"rule {text!r}: {number!r} is not a number") from None
+    return Rule(metric, op, threshold)
+
+
+def evaluate(rules: Iterable[Rule], document: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``verdict`` section: every rule with its measured value and pass/fail."""
+    results = []
+    for rule in rules:
+        metric = METRICS[rule.metric]
+        value = metric.compute(document) if document.get(metric.section) else None
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            reason = (
+                f"section '{metric.section}' did not run"
+                if not document.get(metric.section)
+                else "value undefined (a singular operator or no valid samples)"
+            )
+            results.append({"rule": str(rule), "metric": rule.metric, "value": None, "passed": False, "reason": reason})
+            continue
+        failed = _OPERATORS[rule.op](value, rule.threshold)
+        results.append({"rule": str(rule), "metric": rule.metric, "value": value, "passed": not failed})
+    return {"passed": all(r["passed"] for r in results), "rules": results}
+
+
+def rules_from_config(path: Path | None, start: Path | None = None) -> tuple[list[str], Path | None]:
+    """``fail-on`` rules from ``resdyn.toml`` or ``[tool.resdyn]`` in ``pyproject.toml``.
+
+    With ``path`` given it must exist; otherwise the current directory is
+    searched (``resdyn.toml`` first).
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    candidates = [path] if path else [(start or Path.cwd()) / "resdyn.toml", (start or Path.cwd()) / "pyproject.toml"]
+    for candidate in candidates:
+        if candidate is None or not candidate.is_file():
+            if path is not None:
+                raise UsageError(f"config file {str(path)!r} does not exist")
+            continue
+        try:
+            data = tomllib.loads(candidate.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{candidate}: not valid TOML ({exc})") from None
+        section = data.get("tool", {}).get("resdyn") if candidate.name == "pyproject.toml" else data.get("tool", {}).get("resdyn", data)
+        if section is None:
+            continue
+        rules = section.get("fail-on", section.get("fail_on", []))
+        if isinstance(rules, str):
+            rules = [rules]
+        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+            raise UsageError(f"{candidate}: 'fail-on' must be a list of rule strings")
+        return list(rules), candidate
+    return [], None
