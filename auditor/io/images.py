@@ -506,10 +506,11 @@ class ImageDataset(Dataset):
     def __init__(self, selection: ImageSelection, preprocessing: Preprocessing) -> None:
         self.selection = selection
         self.preprocessing = preprocessing
-        self._mean = self._std = None
+        self._mean: np.ndarray | None = None
+        self._std: np.ndarray | None = None
         if preprocessing.mean is not None and preprocessing.std is not None:
-            self._mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
-            self._std = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
+            self._mean = np.asarray(preprocessing.mean, dtype=np.float32)
+            self._std = np.asarray(preprocessing.std, dtype=np.float32)
         if preprocessing.size is not None:
             self._hw = (preprocessing.size, preprocessing.size)
         else:
@@ -572,12 +573,12 @@ class ImageDataset(Dataset):
                     "(use a preset that resizes, or a smaller --size)"
                 )
             image = TF.center_crop(image, [height, width])
-        array = np.asarray(image, dtype=np.uint8)
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-        tensor = tensor.to(torch.float32).div_(255.0)
+        # True IEEE division (torch turns division by a scalar into a multiplication
+        # by its reciprocal, which rounds differently): x / 255, then (x - mean) / std.
+        array = np.asarray(image, dtype=np.float32) / np.float32(255.0)
         if self._mean is not None:
-            tensor.sub_(self._mean).div_(self._std)
-        return tensor
+            array = (array - self._mean) / self._std
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | ImageFailure, int]:
         try:
