@@ -35,7 +35,7 @@ _LAZY = {
     "load_model": "auditor.models.load",
     "analyze_anatomy": "auditor.models.anatomy",
     "open_subject": "auditor.subject",
-    "condition": "auditor.conditioning_report",
+    "condition": "auditor.condition",
     "median_angles": "auditor.analysis.angles",
     "measure_stability": "auditor.analysis.stability",
     "extract_activations": "auditor.extract",

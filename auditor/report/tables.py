@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["inspect_tables", "fmt_shape", "fmt_num"]
+__all__ = ["inspect_tables", "header_text", "fmt_shape", "fmt_num"]
 
 
 def fmt_shape(shape: Any) -> str:
@@ -28,7 +28,7 @@ def fmt_num(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _header(doc: Mapping[str, Any]) -> Text:
+def header_text(doc: Mapping[str, Any]) -> Text:
     ck = doc["checkpoint"]
     text = Text()
     text.append(f"{ck['path']}", style="bold")
@@ -55,7 +55,7 @@ def _conv_summary(conv: Mapping[str, Any]) -> str:
 
 def inspect_tables(doc: Mapping[str, Any]) -> list[Any]:
     """Header, blocks table, stages table, layers table."""
-    out: list[Any] = [_header(doc)]
+    out: list[Any] = [header_text(doc)]
     blocks = Table(title="Residual blocks", title_justify="left")
     for column in ("block", "stage", "convolutions", "BN", "shortcut", "input", "output"):
         blocks.add_column(column)

@@ -1,0 +1,135 @@
+"""``resdyn condition``: exact operator spectra and block condition numbers."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..report.condition_view import condition_markdown, condition_tables
+from ..report.document import SCHEMA_VERSION, tool_info
+from ..subject import Subject, open_subject, parse_input_size
+from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._output import emit, progress_bar
+
+__all__ = ["register", "condition_document", "resolve_device"]
+
+
+class Boundary(str, Enum):
+    """Boundary model of the convolution operator."""
+
+    circular = "circular"
+    zero = "zero"
+
+
+NoFoldOpt = Annotated[
+    bool, typer.Option("--no-fold-bn", help="Use the raw convolution weights (do not fold eval-mode BatchNorm).")
+]
+BoundaryOpt = Annotated[
+    Boundary,
+    typer.Option(
+        "--boundary",
+        help="circular: all singular values, exact by FFT; zero: exact extremes of the zero-padded "
+        "operator by an iterative method (CIFAR-sized inputs).",
+    ),
+]
+SaveSpectraOpt = Annotated[
+    Optional[Path],
+    typer.Option("--save-spectra", help="Write every layer's full singular values to this HDF5 file.", dir_okay=False),
+]
+
+
+def resolve_device(device: Device) -> str:
+    """``auto`` -> cuda when available; ``cuda`` without a GPU is an input error."""
+    import torch
+
+    from ..errors import UsageError
+
+    if device is Device.auto:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
+    return device.value
+
+
+def condition_document(subject: Subject, report: Any) -> dict[str, Any]:
+    """The ``condition`` report document."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": tool_info(),
+        "command": "condition",
+        "checkpoint": subject.checkpoint_section(),
+        "input_shape": list(subject.anatomy.input_shape),
+        "config": {"boundary": report.boundary, "fold_bn": report.fold_bn},
+        "layers": [layer.to_dict() for layer in report.layers],
+        "blocks": report.block_entries(),
+        "summary": report.summary(),
+    }
+
+
+def save_spectra(path: Path, subject: Subject, report: Any) -> None:
+    """Every layer's singular values into HDF5 (atomically: temp file, then rename)."""
+    import os
+    import tempfile
+
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        with h5py.File(temporary, "w") as h5:
+            h5.attrs["format"] = "resdyn-spectra"
+            h5.attrs["format_version"] = "1.0"
+            h5.attrs["checkpoint_sha256"] = subject.checkpoint.sha256
+            h5.attrs["arch"] = subject.loaded.arch
+            h5.attrs["boundary"] = report.boundary
+            h5.attrs["fold_bn"] = report.fold_bn
+            group = h5.create_group("layers")
+            for layer in report.layers:
+                if layer.singular_values is None:
+                    continue
+                data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip")
+                data.attrs["input_shape"] = list(layer.input_shape)
+                data.attrs["method"] = layer.method
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def condition_command(
+    checkpoint: CheckpointArg,
+    arch: ArchOpt = None,
+    input_size: InputSizeOpt = None,
+    no_fold_bn: NoFoldOpt = False,
+    boundary: BoundaryOpt = Boundary.circular,
+    save: SaveSpectraOpt = None,
+    device: DeviceOpt = Device.cpu,
+    fmt: FormatOpt = Format.table,
+    output: OutputOpt = None,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Singular values of every convolution as an operator, and block condition numbers with Lemma 1 checks."""
+    from ..condition import condition
+    from ..errors import UsageError
+
+    if save is not None and boundary is Boundary.zero:
+        raise UsageError("--save-spectra needs --boundary circular (zero gives only the extremes)")
+    subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
+    with progress_bar("spectra", enabled=not no_progress and fmt is not Format.json, unit="ops") as update:
+        report = condition(
+            subject, fold_bn=not no_fold_bn, boundary=boundary.value, device=resolve_device(device),
+            keep_spectra=save is not None, progress=update,
+        )
+    document = condition_document(subject, report)
+    if save is not None:
+        save_spectra(save, subject, report)
+    emit(document, fmt, output, table=condition_tables, markdown=condition_markdown)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("condition")(condition_command)

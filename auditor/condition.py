@@ -1,0 +1,270 @@
+"""Conditioning of a whole network: every layer's spectrum, every block's kappas.
+
+Builds the operator descriptions of :mod:`auditor.analysis.spectra` from the
+model's modules (folding eval-mode BatchNorm as a per-channel scale unless
+``fold_bn=False``) and hands them to the pure math.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analysis.conditioning import BlockConditioning, condition_block
+from .analysis.spectra import (
+    ConvOperator,
+    IdentityShortcut,
+    OptionAShortcut,
+    conv_extreme_singular_values,
+    conv_singular_values,
+    linear_operator,
+)
+from .errors import UsageError
+from .models.anatomy import BlockInfo, LayerInfo
+from .subject import Subject
+
+__all__ = ["LayerSpectrum", "ConditionReport", "condition", "BOUNDARIES"]
+
+BOUNDARIES = ("circular", "zero")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """Extreme singular values of one conv or linear layer as an operator."""
+
+    name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    sigma_max: float | None
+    sigma_min: float | None
+    kappa: float | None
+    method: str
+    batchnorm_folded: str | None = None
+    converged: bool = True
+    kappa_reason: str | None = None
+    singular_values: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe entry of the ``layers`` section."""
+        entry = {
+            "name": self.name,
+            "kind": self.kind,
+            "input_shape": list(self.input_shape),
+            "sigma_max": self.sigma_max,
+            "sigma_min": self.sigma_min,
+            "kappa": self.kappa,
+            "method": self.method,
+            "batchnorm_folded": self.batchnorm_folded,
+            "converged": self.converged,
+        }
+        if self.kappa_reason:
+            entry["kappa_reason"] = self.kappa_reason
+        return entry
+
+
+@dataclass(frozen=True)
+class ConditionReport:
+    """Per-layer spectra and per-block condition numbers of a network."""
+
+    boundary: str
+    fold_bn: bool
+    layers: tuple[LayerSpectrum, ...]
+    blocks: tuple[BlockConditioning, ...]
+    block_info: tuple[BlockInfo, ...]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts of Lemma 1 violations and the largest / median kappas."""
+        residual = [b.kappa_linear_residual for b in self.blocks]
+        finite = [k for k in residual if k is not None]
+        paper = [b.kappa_paper_residual for b in self.blocks if b.kappa_paper_residual is not None]
+        worst = None
+        if finite:
+            worst = self.blocks[residual.index(max(finite))].name
+        return {
+            "blocks": len(self.blocks),
+            "lemma1_lower_violations": sum(b.lemma1_lower_holds is False for b in self.blocks),
+            "lemma1_upper_violations": sum(b.lemma1_upper_holds is False for b in self.blocks),
+            "singular_blocks": sum(k is None for k in residual),
+            "max_kappa_linear_residual": max(finite) if finite else None,
+            "median_kappa_linear_residual": statistics.median(finite) if finite else None,
+            "max_kappa_paper_residual": max(paper) if paper else None,
+            "median_kappa_paper_residual": statistics.median(paper) if paper else None,
+            "worst_block": worst,
+        }
+
+    def block_entries(self) -> list[dict[str, Any]]:
+        """``blocks`` entries: the anatomy's fields plus the conditioning fields."""
+        entries = []
+        for info, cond in zip(self.block_info, self.blocks):
+            entry = {"name": info.name, "stage": info.stage, "shortcut": info.shortcut}
+            entry.update({k: v for k, v in cond.to_dict().items() if k not in ("name", "stage")})
+            entries.append(entry)
+        return entries
+
+    def bounds(self) -> dict[str, tuple[float | None, float | None]]:
+        """Block name -> (paper kappa, exact linear kappa), for the stability check."""
+        out = {}
+        for info, cond in zip(self.block_info, self.blocks):
+            if info.shortcut == "none":
+                out[info.name] = (cond.kappa_paper_plain, cond.kappa_linear_plain)
+            else:
+                out[info.name] = (cond.kappa_paper_residual, cond.kappa_linear_residual)
+        return out
+
+
+# ---------------------------------------------------------------- operators
+
+
+def _batchnorm_pairs(model: nn.Module) -> dict[str, str]:
+    """Conv module path -> the BatchNorm applied directly to its output (torch.fx)."""
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception:
+        return {}
+    modules = dict(graph_module.named_modules())
+    pairs = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d):
+            for user in node.users:
+                if user.op == "call_module" and isinstance(modules.get(user.target), nn.BatchNorm2d):
+                    pairs[str(node.target)] = str(user.target)
+    return pairs
+
+
+def _bn_scale(bn: nn.Module) -> torch.Tensor:
+    """Eval-mode BatchNorm as a per-channel factor gamma / sqrt(var + eps)."""
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bn.running_var, dtype=torch.float64)
+    return gamma / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _conv_operator(
+    modules: dict[str, nn.Module], name: str, input_shape: tuple[int, ...], bn: str | None, fold_bn: bool, device: torch.device
+) -> ConvOperator:
+    conv = modules[name]
+    scale = _bn_scale(modules[bn]).to(device) if (bn and fold_bn) else None
+    return ConvOperator(
+        weight=conv.weight.detach().to(device=device, dtype=torch.float64),
+        input_shape=tuple(int(s) for s in input_shape),
+        stride=_pair(conv.stride),
+        padding=_pair(conv.padding),
+        groups=conv.groups,
+        out_scale=scale,
+        name=name,
+    )
+
+
+def _shortcut_operator(
+    modules: dict[str, nn.Module], block: BlockInfo, fold_bn: bool, device: torch.device
+) -> Any:
+    if block.shortcut == "identity":
+        return IdentityShortcut(block.input_shape)
+    if block.shortcut == "option_a" and block.option_a is not None:
+        return OptionAShortcut(block.input_shape, block.option_a.out_channels, block.option_a.stride, block.option_a.pad_before)
+    if block.shortcut == "projection" and len(block.shortcut_convs) == 1:
+        conv = block.shortcut_convs[0]
+        return _conv_operator(modules, conv.name, conv.input_shape, conv.bn, fold_bn, device)
+    return None  # "none" (plain) or a shortcut we cannot express as an operator
+
+
+def _layer_spectrum(
+    op: ConvOperator, layer: LayerInfo, boundary: str, bn: str | None, keep: bool
+) -> LayerSpectrum:
+    if boundary == "circular" or layer.kind == "linear":
+        values = conv_singular_values(op)
+        sigma_max, sigma_min = float(values[0]), float(values[-1])
+        method = "fft-circular" if layer.kind == "conv" else "svd"
+        converged = True
+    else:
+        extremes = conv_extreme_singular_values(op, boundary="zero")
+        sigma_max, sigma_min = extremes.sigma_max, extremes.sigma_min
+        method, converged, values = extremes.method, extremes.converged, None
+    kappa, reason = None, None
+    if sigma_min is None or sigma_max is None:
+        reason = "did not converge"
+    elif sigma_min <= sigma_max * 1e-12 or sigma_min == 0:
+        reason = "singular operator (smallest singular value is zero to working precision)"
+    else:
+        kappa = sigma_max / sigma_min
+    if kappa is not None and not math.isfinite(kappa):
+        kappa, reason = None, "not finite"
+    return LayerSpectrum(
+        layer.name, layer.kind, layer.input_shape, sigma_max, sigma_min, kappa, method, bn,
+        converged, reason, values if keep else None,
+    )
+
+
+def condition(
+    subject: Subject,
+    *,
+    fold_bn: bool = True,
+    boundary: str = "circular",
+    device: str = "cpu",
+    keep_spectra: bool = False,
+    progress: Progress | None = None,
+) -> ConditionReport:
+    """Spectra of every conv / linear layer and condition numbers of every block.
+
+    Parameters
+    ----------
+    subject : Subject
+        The loaded network (see :func:`auditor.subject.open_subject`).
+    fold_bn : bool
+        Fold eval-mode BatchNorm into the preceding convolution.
+    boundary : {"circular", "zero"}
+        ``circular``: all singular values, exact, by FFT (Sedghi et al. 2019);
+        ``zero``: exact extremes of the zero-padded operator (iterative).
+        Block condition numbers always use the circular model.
+    device : str
+        ``cpu`` or ``cuda``.
+    keep_spectra : bool
+        Keep every layer's full list of singular values (for ``--save-spectra``).
+    progress : callable, optional
+        ``progress(done, total)``.
+    """
+    if boundary not in BOUNDARIES:
+        raise UsageError(f"--boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
+    target = torch.device(device)
+    model = subject.loaded.model
+    modules = dict(model.named_modules())
+    pairs = _batchnorm_pairs(model)
+    for block in subject.anatomy.blocks:
+        for conv in (*block.convs, *block.shortcut_convs):
+            if conv.bn:
+                pairs.setdefault(conv.name, conv.bn)
+    layers = subject.anatomy.layers
+    total = len(layers) + len(subject.anatomy.blocks)
+    spectra = []
+    for index, layer in enumerate(layers):
+        bn = pairs.get(layer.name) if fold_bn else None
+        if layer.kind == "conv":
+            op = _conv_operator(modules, layer.name, layer.input_shape, bn, fold_bn, target)
+        else:
+            op = linear_operator(modules[layer.name].weight.detach().to(target, torch.float64), name=layer.name)
+        spectra.append(_layer_spectrum(op, layer, boundary, bn, keep_spectra))
+        if progress:
+            progress(index + 1, total)
+    blocks = []
+    for index, block in enumerate(subject.anatomy.blocks):
+        convs = [
+            _conv_operator(modules, c.name, c.input_shape, c.bn, fold_bn, target) for c in block.convs
+        ]
+        shortcut = _shortcut_operator(modules, block, fold_bn, target)
+        blocks.append(condition_block(convs, shortcut, name=block.name, stage=block.stage))
+        if progress:
+            progress(len(layers) + index + 1, total)
+    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks)
+
+

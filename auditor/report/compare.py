@@ -1,0 +1,76 @@
+"""Compare two JSON reports: every metric side by side, and rules on the change."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .document import SCHEMA_VERSION
+from .verdict import METRICS, Rule, _OPERATORS
+
+__all__ = ["load_report", "compare_reports", "evaluate_changes"]
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """Read a resdyn JSON report, refusing anything else with a one-line reason."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a JSON document ({exc})", hint="pass reports written with --format json") from None
+    if not isinstance(document, dict) or document.get("tool", {}).get("name") != "resdyn":
+        raise InputError(f"{path}: not a resdyn report", hint="pass reports written with --format json")
+    version = str(document.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION:
+        raise InputError(f"{path}: schema_version {version!r} is not supported (this resdyn reads {SCHEMA_VERSION})")
+    return document
+
+
+def _value(metric: str, document: Mapping[str, Any]) -> float | None:
+    spec = METRICS[metric]
+    return spec.compute(document) if document.get(spec.section) else None
+
+
+def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics of both reports and their change, plus matching blocks and stages."""
+    metrics = []
+    for name in METRICS:
+        va, vb = _value(name, a), _value(name, b)
+        if va is None and vb is None:
+            continue
+        change = None if va is None or vb is None else vb - va
+        metrics.append({"metric": name, "a": va, "b": vb, "change": change, "help": METRICS[name].help})
+    blocks_a = {x["name"]: x for x in a.get("blocks") or []}
+    blocks = [
+        {
+            "name": x["name"],
+            "a": blocks_a[x["name"]].get("kappa_linear_residual"),
+            "b": x.get("kappa_linear_residual"),
+        }
+        for x in b.get("blocks") or [] if x["name"] in blocks_a
+    ]
+    stages_a = {s["name"]: s for s in a.get("stages") or [] if "separation" in s}
+    stages = [
+        {"name": s["name"], "a": stages_a[s["name"]].get("separation"), "b": s.get("separation")}
+        for s in b.get("stages") or [] if s["name"] in stages_a and "separation" in s
+    ]
+    return {"metrics": metrics, "blocks": blocks, "stages": stages}
+
+
+def evaluate_changes(rules: Iterable[Rule], comparison: Mapping[str, Any]) -> dict[str, Any]:
+    """Rules on the change B - A: ``max_kappa_linear_residual>0`` fails when it grew."""
+    by_metric = {m["metric"]: m for m in comparison["metrics"]}
+    results = []
+    for rule in rules:
+        change = by_metric.get(rule.metric, {}).get("change")
+        if change is None:
+            results.append({"rule": str(rule), "metric": rule.metric, "value": None, "passed": False,
+                            "reason": "metric missing from one of the reports"})
+            continue
+        failed = _OPERATORS[rule.op](change, rule.threshold)
+        results.append({"rule": str(rule), "metric": rule.metric, "value": change, "passed": not failed})
+    return {"passed": all(r["passed"] for r in results), "rules": results}

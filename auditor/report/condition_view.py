@@ -1,0 +1,113 @@
+"""Table and Markdown views of the conditioning sections (``layers``, ``blocks``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from .markdown import checkpoint_markdown, md_table
+from .tables import fmt_num
+
+__all__ = ["blocks_table", "summary_text", "condition_tables", "condition_markdown", "blocks_markdown"]
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
+def _sigmas(block: Mapping[str, Any]) -> str:
+    return " ".join(f"{fmt_num(s['max'], 3)}/{fmt_num(s['min'], 3)}" for s in block.get("sigma", []))
+
+
+def blocks_table(doc: Mapping[str, Any]) -> Table:
+    """Blocks in order, stages as groups, the worst block highlighted."""
+    summary = doc.get("summary", {})
+    worst = summary.get("worst_block")
+    table = Table(title="Block conditioning (circular boundary, linearized: ReLU as identity)", title_justify="left")
+    for column, justify in [
+        ("block", "left"), ("shortcut", "left"), ("sigma max/min per conv", "left"),
+        ("kappa paper res", "right"), ("kappa paper plain", "right"), ("kappa exact res", "right"),
+        ("kappa exact plain", "right"), ("L1 upper", "center"), ("L1 lower", "center"),
+    ]:
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    previous_stage = None
+    for block in doc["blocks"]:
+        if block["stage"] != previous_stage:
+            if previous_stage is not None:
+                table.add_section()
+            table.add_row(Text(block["stage"], style="bold cyan"))
+            previous_stage = block["stage"]
+        style = "bold red" if block["name"] == worst else None
+        table.add_row(
+            "  " + block["name"], block["shortcut"], _sigmas(block),
+            fmt_num(block.get("kappa_paper_residual")), fmt_num(block.get("kappa_paper_plain")),
+            fmt_num(block.get("kappa_linear_residual")), fmt_num(block.get("kappa_linear_plain")),
+            _yes_no(block.get("lemma1_upper_holds")), _yes_no(block.get("lemma1_lower_holds")),
+            style=style,
+        )
+    return table
+
+
+def summary_text(doc: Mapping[str, Any]) -> Text:
+    """One summary line: Lemma 1 violations, largest and median kappas."""
+    s = doc.get("summary", {})
+    text = Text()
+    violations = s.get("lemma1_lower_violations", 0)
+    text.append(
+        f"{violations} of {s.get('blocks', 0)} blocks violate Lemma 1's lower bound",
+        style="bold red" if violations else "bold green",
+    )
+    text.append(
+        f"; exact kappa max {fmt_num(s.get('max_kappa_linear_residual'))} "
+        f"({s.get('worst_block') or '-'}), median {fmt_num(s.get('median_kappa_linear_residual'))}; "
+        f"paper kappa max {fmt_num(s.get('max_kappa_paper_residual'))}, "
+        f"median {fmt_num(s.get('median_kappa_paper_residual'))}"
+    )
+    if s.get("singular_blocks"):
+        text.append(f"; {s['singular_blocks']} singular block(s) (kappa null)", style="yellow")
+    return text
+
+
+def _layers_table(doc: Mapping[str, Any]) -> Table:
+    table = Table(title="Layers as operators", title_justify="left")
+    for column in ("layer", "input", "sigma max", "sigma min", "kappa", "BN folded", "method"):
+        table.add_column(column)
+    for layer in doc["layers"]:
+        table.add_row(
+            layer["name"], "x".join(map(str, layer["input_shape"])), fmt_num(layer["sigma_max"]),
+            fmt_num(layer["sigma_min"]), fmt_num(layer["kappa"]), layer.get("batchnorm_folded") or "-",
+            layer["method"] + ("" if layer.get("converged", True) else " (NOT converged)"),
+        )
+    return table
+
+
+def condition_tables(doc: Mapping[str, Any]) -> list[Any]:
+    """Renderables of ``resdyn condition``."""
+    from .tables import header_text
+
+    return [header_text(doc), _layers_table(doc), blocks_table(doc), summary_text(doc)]
+
+
+def blocks_markdown(doc: Mapping[str, Any]) -> str:
+    """The blocks table as Markdown (worst block in bold)."""
+    worst = doc.get("summary", {}).get("worst_block")
+    rows = []
+    for b in doc["blocks"]:
+        name = f"**{b['name']}**" if b["name"] == worst else b["name"]
+        rows.append([
+            name, b["stage"], b["shortcut"], fmt_num(b.get("kappa_paper_residual")),
+            fmt_num(b.get("kappa_linear_residual")), fmt_num(b.get("kappa_linear_plain")),
+            _yes_no(b.get("lemma1_upper_holds")), _yes_no(b.get("lemma1_lower_holds")),
+        ])
+    return md_table(
+        ["block", "stage", "shortcut", "kappa paper", "kappa exact", "kappa exact plain", "Lemma 1 upper", "Lemma 1 lower"],
+        rows,
+    ) + "\n" + summary_text(doc).plain + "\n"
+
+
+def condition_markdown(doc: Mapping[str, Any]) -> str:
+    """The ``condition`` report as Markdown."""
+    return "## resdyn condition\n\n" + checkpoint_markdown(doc) + "\n### Blocks\n\n" + blocks_markdown(doc)
