@@ -1,0 +1,93 @@
+"""``resdyn angles``: median principal angles per stage from an activation store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.text import Text
+
+from ..report.angles_view import angles_markdown_table, angles_table
+from ..report.document import SCHEMA_VERSION, tool_info
+from ._options import Format, FormatOpt, NoProgressOpt, OutputOpt
+from ._output import emit, progress_bar
+
+__all__ = ["register", "split_list", "StagesOpt", "ClassesOpt", "CenterOpt", "SubspaceOpt", "MaxPairsOpt", "SeedOpt"]
+
+StoreArg = Annotated[Path, typer.Argument(help="Activation store written by 'resdyn extract'.", exists=True, dir_okay=False)]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stage names (default: all).")]
+ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to keep, in this order (default: all).")]
+CenterOpt = Annotated[bool, typer.Option("--center", help="Subtract the stage mean first (the paper does not).")]
+SubspaceOpt = Annotated[
+    Optional[int],
+    typer.Option("--subspace", min=1, help="Also report principal angles between class subspaces of dimension K."),
+]
+MaxPairsOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-pairs", min=1, help="Sample at most this many pairs per class / class pair (seeded); default exact."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Draw angle against stage into this PNG file.", dir_okay=False)]
+
+
+def split_list(text: str | None) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; None stays None."""
+    if text is None:
+        return None
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    return items or None
+
+
+def _tables(doc: dict[str, Any]) -> list[Any]:
+    head = Text(f"{doc['store']['path']}  ({doc['store']['arch']}, {doc['store']['samples']} samples)")
+    note = "options: " + ", ".join(f"{k}={v}" for k, v in doc["config"].items())
+    return [head, *angles_table(doc["stages"], note=note)]
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    return f"## resdyn angles\n\nStore `{doc['store']['path']}` ({doc['store']['arch']})\n\n" + angles_markdown_table(doc["stages"])
+
+
+def angles_command(
+    store_path: StoreArg,
+    stages: StagesOpt = None,
+    classes: ClassesOpt = None,
+    center: CenterOpt = False,
+    subspace: SubspaceOpt = None,
+    max_pairs: MaxPairsOpt = None,
+    seed: SeedOpt = 0,
+    plot: PlotOpt = None,
+    fmt: FormatOpt = Format.table,
+    output: OutputOpt = None,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Median principal angles within and between classes at every stage (the paper's Definition 1)."""
+    from ..geometry import store_angles
+    from ..io.store import open_store
+
+    with open_store(store_path) as store:
+        with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:
+            entries = store_angles(
+                store, stages=split_list(stages), classes=split_list(classes), center=center,
+                max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
+            )
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": tool_info(),
+            "command": "angles",
+            "store": {"path": str(store_path), "arch": store.attrs.get("arch"),
+                      "checkpoint_sha256": store.attrs.get("checkpoint_sha256"), "samples": len(store)},
+            "config": {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace},
+            "stages": entries,
+        }
+    if plot is not None:
+        from ..report.plots import plot_angles_by_stage
+
+        plot_angles_by_stage(entries, plot, title=f"Median principal angles, {document['store']['arch']}")
+    emit(document, fmt, output, table=_tables, markdown=_markdown)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("angles")(angles_command)
