@@ -96,7 +96,7 @@ def _last_stage(key: str) -> Callable[[Mapping[str, Any]], float | None]:
 
 def _trajectory_final(doc: Mapping[str, Any]) -> float | None:
     trajectory = (doc.get("stability") or {}).get("trajectory") or {}
-    return trajectory.get("logits_median")
+    return (trajectory.get("logits") or {}).get("median")
 
 
 def _flips(doc: Mapping[str, Any]) -> float | None:

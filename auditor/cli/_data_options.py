@@ -1,0 +1,45 @@
+"""Options shared by the commands that read images (extract, stability, trajectory, audit)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UsageError
+
+__all__ = ["Preset", "PresetOpt", "SizeOpt", "MeanOpt", "StdOpt", "ClassesOpt", "PerClassOpt", "SeedOpt", "parse_triple"]
+
+
+class Preset(str, Enum):
+    """Preprocessing presets."""
+
+    imagenet = "imagenet"
+    cifar10 = "cifar10"
+    none = "none"
+
+
+PresetOpt = Annotated[
+    Optional[Preset],
+    typer.Option("--preset", help="Resize / crop / normalization preset. Default: checkpoint metadata, else by input size."),
+]
+SizeOpt = Annotated[Optional[int], typer.Option("--size", min=1, help="Final image size (square crop).")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalization mean, three numbers a,b,c.")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalization std, three positive numbers a,b,c.")]
+ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to use, in this order.")]
+PerClassOpt = Annotated[Optional[int], typer.Option("--per-class", min=1, help="Images per class, sampled with --seed (default: all).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+
+
+def parse_triple(text: str | None, option: str) -> tuple[float, float, float] | None:
+    """``"0.5,0.5,0.5"`` -> (0.5, 0.5, 0.5)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UsageError(f"{option} {text!r} is not three numbers", hint=f"e.g. {option} 0.485,0.456,0.406")
+    return values  # type: ignore[return-value]

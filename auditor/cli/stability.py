@@ -1,0 +1,110 @@
+"""``resdyn stability``: how small perturbations grow or shrink through the blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..report.document import SCHEMA_VERSION, tool_info
+from ..report.markdown import checkpoint_markdown
+from ..report.stability_view import stability_markdown, stability_tables
+from ..report.tables import header_text
+from ..subject import open_subject, parse_input_size
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
+from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._output import emit, progress_bar
+
+__all__ = ["register", "EpsOpt", "DirectionsOpt", "SamplesOpt", "PowerOpt"]
+
+EpsOpt = Annotated[float, typer.Option("--eps", help="Relative perturbation size ||d|| / ||x||, in (0, 1).")]
+DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded random directions per sample.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
+PowerOpt = Annotated[
+    int, typer.Option("--power-iterations", min=0, help="Power iterations on each block's Jacobian for the worst direction (0: skip).")
+]
+PlotOpt = Annotated[
+    Optional[Path], typer.Option("--plot", help="Draw the end-to-end error trajectory into this PNG file.", dir_okay=False)
+]
+
+
+def stability_section(report: Any) -> dict[str, Any]:
+    """The ``stability`` section (JSON-safe) of a StabilityReport."""
+    return report.to_dict()
+
+
+def _tables(doc: dict[str, Any]) -> list[Any]:
+    return [header_text(doc), *stability_tables(doc["stability"])]
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    return "## resdyn stability\n\n" + checkpoint_markdown(doc) + "\n" + stability_markdown(doc["stability"])
+
+
+def stability_command(
+    checkpoint: CheckpointArg,
+    data: DataOpt,
+    arch: ArchOpt = None,
+    input_size: InputSizeOpt = None,
+    eps: EpsOpt = 1e-3,
+    directions: DirectionsOpt = 4,
+    samples: SamplesOpt = 32,
+    power_iterations: PowerOpt = 8,
+    seed: SeedOpt = 0,
+    preset: PresetOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    classes: ClassesOpt = None,
+    per_class: PerClassOpt = None,
+    plot: PlotOpt = None,
+    device: DeviceOpt = Device.cpu,
+    fmt: FormatOpt = Format.table,
+    output: OutputOpt = None,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Perturbation amplification per block at real inputs, BatchNorm's effect, and the end-to-end error (Lemmas 2, 3)."""
+    from ..analysis.stability import measure_stability
+    from ..condition import condition
+    from ..dataset import open_images, sample_images
+    from .angles import split_list
+    from .condition import resolve_device
+
+    target = resolve_device(device)
+    subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
+    images = open_images(
+        data, subject, preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
+        std=parse_triple(std, "--std"), classes=split_list(classes), per_class=per_class, seed=seed,
+    )
+    batch, _ = sample_images(images, samples, seed)
+    show = not no_progress and fmt is not Format.json
+    with progress_bar("conditioning", enabled=show) as update:
+        bounds = condition(subject, device=target, progress=update).bounds()
+    with progress_bar("stability", enabled=show, unit="blocks") as update:
+        report = measure_stability(
+            subject.loaded.model, subject.anatomy, batch, eps=eps, directions=directions, seed=seed,
+            power_iterations=power_iterations, bounds=bounds, progress=update, device=target,
+        )
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": tool_info(),
+        "command": "stability",
+        "checkpoint": subject.checkpoint_section(),
+        "input_shape": list(subject.anatomy.input_shape),
+        "data": images.section(),
+        "config": {"eps": eps, "directions": directions, "samples": samples, "seed": seed,
+                   "power_iterations": power_iterations},
+        "stability": stability_section(report),
+    }
+    if plot is not None:
+        from ..report.plots import plot_error_trajectory
+
+        plot_error_trajectory(document["stability"]["trajectory"]["points"], eps, plot,
+                              title=f"Perturbation through {subject.loaded.arch} (eps={eps:g})")
+    emit(document, fmt, output, table=_tables, markdown=_markdown)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("stability")(stability_command)

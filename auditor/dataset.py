@@ -1,0 +1,115 @@
+"""Open a labeled image folder for a subject: preprocessing, selection, dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .io.images import ImageDataset, Preprocessing, resolve_preprocessing, scan_image_folder, select_samples
+from .subject import Subject
+
+__all__ = ["ImageData", "open_images", "sample_images"]
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A dataset ready for the subject, and how it was prepared."""
+
+    dataset: ImageDataset
+    preprocessing: Preprocessing
+    preset: str | None
+
+    def section(self) -> dict[str, Any]:
+        """The ``data`` object of the JSON report."""
+        counts: dict[str, int] = {name: 0 for name in self.dataset.classes}
+        for _, label in self.dataset.samples:
+            counts[self.dataset.classes[label]] += 1
+        return {
+            "root": str(self.dataset.root),
+            "classes": list(self.dataset.classes),
+            "samples_per_class": counts,
+            "preset": self.preset,
+            "preprocessing": self.preprocessing.to_dict(),
+            "input_shape": list(self.dataset.input_shape),
+        }
+
+
+def _default_preset(subject: Subject) -> str:
+    return "cifar10" if subject.anatomy.input_shape[1] <= 64 else "imagenet"
+
+
+def open_images(
+    root: str | Path,
+    subject: Subject,
+    *,
+    preset: str | None = None,
+    size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    classes: Sequence[str] | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+) -> ImageData:
+    """Scan ``root``, pick samples, and build the dataset with the right preprocessing.
+
+    Preprocessing: explicit flags win, then the checkpoint's ``preprocessing``
+    metadata, then ``preset`` (default ``cifar10`` for inputs up to 64 px, else
+    ``imagenet``).
+
+    Raises
+    ------
+    DataError
+        A folder without classes, an empty class, an unknown class, too few images,
+        or images whose size does not match the network's input.
+    """
+    has_meta = bool(subject.checkpoint.metadata.get("preprocessing"))
+    preprocessing = resolve_preprocessing(
+        preset, size, mean, std, subject.checkpoint.metadata, default_preset=_default_preset(subject)
+    )
+    index = scan_image_folder(root, classes)
+    selection = select_samples(index, per_class, seed)
+    dataset = ImageDataset(selection, preprocessing)
+    if tuple(dataset.input_shape) != tuple(subject.anatomy.input_shape):
+        raise DataError(
+            f"images become {'x'.join(map(str, dataset.input_shape))} after preprocessing but the network "
+            f"was set up for {'x'.join(map(str, subject.anatomy.input_shape))}",
+            hint="pass --size (preprocessing) or --input-size (network) so that they agree",
+        )
+    used = preset or ("checkpoint metadata" if has_meta and size is None and mean is None else _default_preset(subject))
+    return ImageData(dataset, preprocessing, used)
+
+
+def sample_images(data: ImageData, count: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Up to ``count`` preprocessed images spread over the classes (seeded), and their labels.
+
+    Unreadable images are skipped; the result is deterministic for a seed.
+    """
+    samples = data.dataset.samples
+    by_class: dict[int, list[int]] = {}
+    for position, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(position)
+    rng = np.random.default_rng(seed)
+    queues = {label: list(rng.permutation(positions)) for label, positions in sorted(by_class.items())}
+    order: list[int] = []
+    while len(order) < len(samples) and any(queues.values()):
+        for label in sorted(queues):
+            if queues[label]:
+                order.append(int(queues[label].pop(0)))
+    tensors, labels = [], []
+    for position in order:
+        if len(tensors) == count:
+            break
+        try:
+            tensors.append(data.dataset.load(position))
+        except Exception:
+            continue
+        labels.append(samples[position][1])
+    if not tensors:
+        raise DataError(f"{data.dataset.root}: no readable image to measure stability on")
+    return torch.stack(tensors), np.asarray(labels)
