@@ -59,7 +59,8 @@ def emit(
     else:
         renderables = table(document)
         if output is None:
-            console = Console(highlight=False)
+            # Piped output keeps every column readable instead of rich's 80-column default.
+            console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
             for renderable in renderables:
                 console.print(renderable)
             return
