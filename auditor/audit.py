@@ -1,0 +1,190 @@
+"""The one-shot audit: inspect, condition, extract + angles, stability, verdict.
+
+``from auditor import audit`` gives notebooks the same report the CLI prints::
+
+    report = audit("model.safetensors", data="images/", rules=["lemma1_lower_violations>0"])
+    report.to_dict()["blocks"][0]["kappa_linear_residual"]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .report.document import SCHEMA_VERSION, tool_info
+from .report.verdict import METRICS, Rule, evaluate, parse_rule
+
+__all__ = ["AuditOptions", "AuditReport", "audit"]
+
+_DATA_SECTIONS = ("stages", "stability")
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """Every knob of an audit (the ``config`` section of the report)."""
+
+    arch: str | None = None
+    input_size: tuple[int, int] | None = None
+    fold_bn: bool = True
+    boundary: str = "circular"
+    preset: str | None = None
+    size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    classes: tuple[str, ...] | None = None
+    per_class: int | None = None
+    seed: int = 0
+    stages: tuple[str, ...] | None = None
+    center: bool = False
+    max_pairs: int | None = None
+    subspace: int | None = None
+    eps: float = 1e-3
+    directions: int = 4
+    samples: int = 32
+    power_iterations: int = 8
+    batch_size: int = 32
+    workers: int = 0
+    device: str = "cpu"
+    cache: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe copy (paths as strings)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["cache"] = str(self.cache) if self.cache else None
+        for key in ("input_size", "mean", "std", "classes", "stages"):
+            out[key] = list(out[key]) if out[key] is not None else None
+        return out
+
+
+@dataclass
+class AuditReport:
+    """The audit's JSON document plus timings; ``to_dict()`` is the JSON contract."""
+
+    document: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True when every rule held (or there were none)."""
+        return bool(self.document.get("verdict", {}).get("passed", True))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-safe values."""
+        from .report.document import json_safe
+
+        return json_safe(self.document)
+
+
+def _rules(rules: Sequence[str | Rule], with_data: bool) -> list[Rule]:
+    parsed = [r if isinstance(r, Rule) else parse_rule(r) for r in rules]
+    if not with_data:
+        needing = [str(r) for r in parsed if METRICS[r.metric].section in _DATA_SECTIONS]
+        if needing:
+            raise UsageError(
+                f"rule {needing[0]!r} needs measurements on images, but no --data was given",
+                hint="pass --data DIR (a class-per-folder image directory) or drop the rule",
+            )
+    return parsed
+
+
+def audit(
+    checkpoint: str | Path,
+    *,
+    data: str | Path | None = None,
+    rules: Sequence[str | Rule] = (),
+    options: AuditOptions | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    **overrides: Any,
+) -> AuditReport:
+    """Audit a checkpoint: conditioning, and with ``data`` class geometry and stability.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+    data : str or Path, optional
+        Class-per-folder image directory; without it only the data-free parts run.
+    rules : sequence of str or Rule
+        ``METRIC OP NUMBER`` rules; the report's ``verdict`` evaluates them.
+    options : AuditOptions, optional
+        Defaults as in :class:`AuditOptions`; keyword ``overrides`` replace fields.
+    progress : callable, optional
+        ``progress(phase, done, total)``.
+
+    Returns
+    -------
+    AuditReport
+
+    Raises
+    ------
+    AuditorError
+        Any input the parts refuse; a rule that needs data when none is given.
+    """
+    from dataclasses import replace
+
+    from .condition import condition
+    from .report.sections import anatomy_sections
+    from .subject import open_subject
+
+    opts = replace(options or AuditOptions(), **overrides)
+    parsed = _rules(rules, data is not None)
+
+    def phase(name: str) -> Callable[[int, int], None]:
+        return (lambda done, total: progress(name, done, total)) if progress else (lambda done, total: None)
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    subject = open_subject(checkpoint, arch=opts.arch, input_size=opts.input_size)
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    conditioning = condition(subject, fold_bn=opts.fold_bn, boundary=opts.boundary, device=opts.device,
+                             progress=phase("conditioning"))
+    timings["condition"] = time.perf_counter() - start
+    anatomy = anatomy_sections(subject.anatomy)
+    document: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": tool_info(),
+        "command": "audit",
+        "checkpoint": subject.checkpoint_section(),
+        "input_shape": anatomy["input_shape"],
+        "config": opts.to_dict(),
+        "layers": [layer.to_dict() for layer in conditioning.layers],
+        "blocks": conditioning.block_entries(),
+        "summary": conditioning.summary(),
+        "anatomy": {"stages": anatomy["stages"], "penultimate": anatomy["penultimate"]},
+    }
+    if data is None:
+        document["notes"] = ["no --data given: class geometry and stability were not measured"]
+    else:
+        from .analysis.stability import measure_stability
+        from .dataset import open_images, sample_images
+        from .pipeline import stage_geometry
+
+        images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
+                             classes=opts.classes, per_class=opts.per_class, seed=opts.seed)
+        document["data"] = images.section()
+        start = time.perf_counter()
+        geometry = stage_geometry(
+            subject, images, cache=opts.cache, stages=opts.stages, center=opts.center, max_pairs=opts.max_pairs,
+            seed=opts.seed, subspace_k=opts.subspace, batch_size=opts.batch_size, workers=opts.workers,
+            device=opts.device, extract_progress=phase("extract"), angles_progress=phase("angles"),
+        )
+        timings["extract+angles"] = time.perf_counter() - start
+        document["stages"] = geometry.stages
+        if geometry.skipped:
+            document["data"]["skipped"] = list(geometry.skipped)
+        start = time.perf_counter()
+        batch, _ = sample_images(images, opts.samples, opts.seed)
+        stability = measure_stability(
+            subject.loaded.model, subject.anatomy, batch, eps=opts.eps, directions=opts.directions,
+            seed=opts.seed, power_iterations=opts.power_iterations, bounds=conditioning.bounds(),
+            progress=phase("stability"), device=opts.device,
+        )
+        timings["stability"] = time.perf_counter() - start
+        document["stability"] = stability.to_dict()
+    document["verdict"] = evaluate(parsed, document)
+    return AuditReport(document, timings)

@@ -1,0 +1,120 @@
+"""``resdyn audit``: the one-shot report for people and CI pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import ExitCode
+from ..report.audit_view import audit_markdown, audit_tables
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
+from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._output import emit, progress_bar, stderr
+from .angles import CenterOpt, MaxPairsOpt, SubspaceOpt, split_list
+from .condition import Boundary, BoundaryOpt, NoFoldOpt, resolve_device
+from .stability import DirectionsOpt, EpsOpt, PowerOpt, SamplesOpt
+
+__all__ = ["register"]
+
+OptionalDataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="Labeled image folder (class per sub-folder). Without it only the data-free parts run.",
+                 exists=True, file_okay=False),
+]
+FailOnOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--fail-on", help="Rule METRIC OP NUMBER, e.g. 'max_kappa_linear_residual>1e4' (repeatable); "
+                 "exit 1 when one holds. Metrics: see README."),
+]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", help="TOML file with fail-on rules (default: ./resdyn.toml, else [tool.resdyn] in ./pyproject.toml).",
+                 exists=True, dir_okay=False),
+]
+PlotsOpt = Annotated[Optional[Path], typer.Option("--plots", help="Write PNG figures into this folder.", file_okay=False)]
+CacheOpt = Annotated[
+    Optional[Path], typer.Option("--cache", help="Keep the activation store here and reuse it next time.", file_okay=False)
+]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stages for class geometry (default: all).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+
+
+def _plots(directory: Path, document: dict[str, Any]) -> list[Path]:
+    from ..report.plots import plot_angles_by_stage, plot_conditioning, plot_error_trajectory
+
+    arch = document["checkpoint"]["arch"]
+    written = [plot_conditioning(document["blocks"], directory / "conditioning.png", title=f"Block condition numbers, {arch}")]
+    if document.get("stages"):
+        written.append(plot_angles_by_stage(document["stages"], directory / "angles.png", title=f"Median principal angles, {arch}"))
+    if document.get("stability"):
+        eps = document["stability"]["eps"]
+        written.append(plot_error_trajectory(document["stability"]["trajectory"]["points"], eps,
+                                             directory / "error-trajectory.png", title=f"Perturbation through {arch} (eps={eps:g})"))
+    return written
+
+
+def audit_command(
+    checkpoint: CheckpointArg,
+    data: OptionalDataOpt = None,
+    fail_on: FailOnOpt = None,
+    config: ConfigOpt = None,
+    arch: ArchOpt = None,
+    input_size: InputSizeOpt = None,
+    no_fold_bn: NoFoldOpt = False,
+    boundary: BoundaryOpt = Boundary.circular,
+    preset: PresetOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    classes: ClassesOpt = None,
+    per_class: PerClassOpt = None,
+    seed: SeedOpt = 0,
+    stages: StagesOpt = None,
+    center: CenterOpt = False,
+    max_pairs: MaxPairsOpt = None,
+    subspace: SubspaceOpt = None,
+    eps: EpsOpt = 1e-3,
+    directions: DirectionsOpt = 4,
+    samples: SamplesOpt = 32,
+    power_iterations: PowerOpt = 8,
+    batch_size: BatchOpt = 32,
+    cache: CacheOpt = None,
+    plots: PlotsOpt = None,
+    device: DeviceOpt = Device.cpu,
+    fmt: FormatOpt = Format.table,
+    output: OutputOpt = None,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Conditioning, class geometry and stability in one report, with --fail-on rules for CI."""
+    from ..audit import AuditOptions, audit
+    from ..report.verdict import parse_rule, rules_from_config
+    from ..subject import parse_input_size
+
+    config_rules, _ = rules_from_config(config)
+    rules = [parse_rule(r) for r in [*config_rules, *(fail_on or [])]]  # malformed rules fail before any work
+    options = AuditOptions(
+        arch=arch, input_size=parse_input_size(input_size), fold_bn=not no_fold_bn, boundary=boundary.value,
+        preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
+        std=parse_triple(std, "--std"), classes=tuple(split_list(classes) or ()) or None, per_class=per_class,
+        seed=seed, stages=tuple(split_list(stages) or ()) or None, center=center, max_pairs=max_pairs,
+        subspace=subspace, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
+        batch_size=batch_size, device=resolve_device(device), cache=cache,
+    )
+    with progress_bar("audit", enabled=not no_progress and fmt is not Format.json) as update:
+        def progress(phase: str, done: int, total: int) -> None:
+            update(done, total)
+
+        report = audit(checkpoint, data=data, rules=rules, options=options, progress=progress)
+    if plots is not None:
+        for path in _plots(plots, report.document):
+            stderr.print(f"wrote {path}")
+    emit(report.document, fmt, output, table=audit_tables, markdown=audit_markdown)
+    if not report.passed:
+        raise typer.Exit(int(ExitCode.RULE_FAILED))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("audit")(audit_command)
