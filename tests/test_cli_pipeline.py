@@ -1,0 +1,170 @@
+"""End-to-end CLI runs on the bundled example: audit, extract, angles, trajectory, stability, compare."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, run_cli, run_json
+
+CKPT = FIXTURES / "resnet8-digits.safetensors"
+DIGITS = FIXTURES / "digits"
+EPOCHS = FIXTURES / "checkpoints"
+SMALL = ["--per-class", "4", "--samples", "6", "--directions", "2", "--power-iterations", "2"]
+
+pytestmark = pytest.mark.skipif(not CKPT.exists(), reason="fixtures not built (python fixtures/build.py)")
+
+
+@pytest.fixture(scope="module")
+def audit_doc(tmp_path_factory) -> dict:
+    from auditor.cli import run
+
+    out = tmp_path_factory.mktemp("audit") / "audit.json"
+    code = run(["audit", str(CKPT), "--data", str(DIGITS), *SMALL, "--format", "json", "-o", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_audit_json_has_every_section(audit_doc: dict) -> None:
+    from auditor.report.document import validate
+
+    validate(audit_doc)
+    assert audit_doc["checkpoint"]["arch"] == "resnet8"
+    assert audit_doc["data"]["samples_per_class"] == {str(d): 4 for d in range(10)}
+    assert [b["name"] for b in audit_doc["blocks"]] == ["layer1.0", "layer2.0", "layer3.0"]
+    assert [s["name"] for s in audit_doc["stages"]] == ["stem", "layer1", "layer2", "layer3", "penultimate"]
+    assert len(audit_doc["stability"]["blocks"]) == 3
+    assert audit_doc["verdict"] == {"passed": True, "rules": []}
+    for block in audit_doc["blocks"]:
+        assert block["kappa_paper_residual"] <= block["kappa_paper_plain"]
+
+
+def test_audit_angles_match_a_direct_pairwise_loop(audit_doc: dict, tmp_path: Path, capsys) -> None:
+    """Extract the same images, then recompute one stage's medians with a Python loop."""
+    from auditor.io.store import open_store
+
+    store = tmp_path / "acts.h5"
+    code, _, err = run_cli(["extract", CKPT, "--data", DIGITS, "--per-class", "4", "-o", store, "--no-progress"], capsys)
+    assert code == 0, err
+    with open_store(store) as acts:
+        x = np.asarray(acts.stage("layer2")[:], dtype=np.float64).reshape(len(acts), -1)
+        labels, classes = acts.labels, acts.classes
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def angle(i: int, j: int) -> float:
+        return float(np.degrees(np.arccos(np.clip(unit[i] @ unit[j], -1, 1))))
+
+    stage = next(s for s in audit_doc["stages"] if s["name"] == "layer2")
+    for c, name in enumerate(classes[:3]):
+        rows = np.flatnonzero(labels == c)
+        expected = np.median([angle(i, j) for i, j in itertools.combinations(rows, 2)])
+        assert stage["intra"][name] == pytest.approx(expected, abs=1e-6)
+    a, b = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    expected = np.median([angle(i, j) for i in a for j in b])
+    assert stage["inter"][f"{classes[0]}|{classes[1]}"] == pytest.approx(expected, abs=1e-6)
+    # The angles command on the stored activations gives the same numbers.
+    doc = run_json(["angles", store, "--stages", "layer2"], capsys)
+    assert doc["stages"][0]["intra"] == pytest.approx(stage["intra"])
+
+
+def test_audit_is_reproducible(audit_doc: dict, tmp_path: Path, capsys) -> None:
+    again = run_json(["audit", CKPT, "--data", DIGITS, *SMALL], capsys)
+    assert again == audit_doc
+
+
+def test_fail_on_rules_set_the_exit_code(tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["audit", CKPT, "--format", "json", "--fail-on", "max_kappa_linear_residual>1",
+                              "--fail-on", "lemma1_upper_violations>0"], capsys)
+    assert code == 1, err
+    verdict = json.loads(out)["verdict"]
+    assert verdict["passed"] is False
+    assert [r["passed"] for r in verdict["rules"]] == [False, True]
+    assert json.loads(out)["notes"][0].startswith("no --data")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fail-on", "kappa>3"], "unknown metric 'kappa'"),
+        (["--fail-on", "max_sigma>>3"], "malformed rule"),
+        (["--fail-on", "min_separation_deg<5"], "needs measurements on images"),
+        (["--data", "{missing}"], "does not exist"),
+        (["--data", "{empty}"], "no class folders"),
+        (["--data", str(DIGITS), "--classes", "7,x"], "'x'"),
+        (["--data", str(DIGITS), "--per-class", "1000"], "1000"),
+        (["--data", str(DIGITS), "--eps", "0"], "eps"),
+        (["--data", str(DIGITS), "--mean", "1,2"], "--mean '1,2' is not three numbers"),
+    ],
+)
+def test_audit_bad_input_is_one_line_exit_2(args, message, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.format(missing=tmp_path / "nope", empty=empty) for a in args]
+    target = tmp_path / "report.json"
+    code, out, err = run_cli(["audit", CKPT, *args, "-o", target], capsys)
+    assert code == 2, err
+    assert out == "" and not target.exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_markdown_and_plots(tmp_path: Path, capsys) -> None:
+    plots = tmp_path / "plots"
+    code, out, err = run_cli(["audit", CKPT, "--data", DIGITS, *SMALL, "--format", "markdown", "--plots", plots], capsys)
+    assert code == 0, err
+    assert out.startswith("## resdyn audit: passed")
+    assert "### Class geometry" in out and "| block |" in out
+    for name in ("conditioning.png", "angles.png", "error-trajectory.png"):
+        data = (plots / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_table_output_mentions_lemma1(capsys) -> None:
+    code, out, _ = run_cli(["audit", CKPT], capsys)
+    assert code == 0
+    assert "violate Lemma 1's lower bound" in out and "layer2.0" in out
+
+
+def test_compare_bn_and_nobn(tmp_path: Path, capsys) -> None:
+    bn = EPOCHS / "resnet8" / sorted(p.name for p in (EPOCHS / "resnet8").iterdir())[-1]
+    nobn = EPOCHS / "resnet8_nobn" / sorted(p.name for p in (EPOCHS / "resnet8_nobn").iterdir())[-1]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert run_cli(["condition", bn, "--format", "json", "-o", a], capsys)[0] == 0
+    assert run_cli(["condition", nobn, "--format", "json", "-o", b], capsys)[0] == 0
+    doc = run_json(["compare", a, b], capsys)
+    metrics = {m["metric"]: m for m in doc["comparison"]["metrics"]}
+    ka = json.loads(a.read_text())["summary"]["max_kappa_linear_residual"]
+    assert metrics["max_kappa_linear_residual"]["a"] == pytest.approx(ka)
+    change = metrics["max_kappa_linear_residual"]["change"]
+    code, out, _ = run_cli(["compare", a, b, "--format", "json", "--fail-on",
+                            f"max_kappa_linear_residual>{'-' if change > 0 else ''}1e9"], capsys)
+    assert code == (1 if change > 0 else 0)
+    code, _, err = run_cli(["compare", a, CKPT], capsys)
+    assert code == 2 and "not a JSON document" in err
+
+
+def test_trajectory_orders_by_epoch_and_reuses_stores(tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache"
+    plot = tmp_path / "traj.png"
+    args = ["trajectory", EPOCHS / "resnet8", "--data", DIGITS, "--per-class", "3", "--stages", "stem,layer3",
+            "--cache", cache]
+    doc = run_json([*args, "--plot", plot], capsys)
+    epochs = [p["epoch"] for p in doc["series"]]
+    assert epochs == sorted(epochs) and len(epochs) >= 6
+    assert all(not p["reused_store"] for p in doc["series"])
+    assert [s["name"] for s in doc["series"][0]["stages"]] == ["stem", "layer3"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    again = run_json(args, capsys)
+    assert all(p["reused_store"] for p in again["series"])
+    assert [p["stages"] for p in again["series"]] == [p["stages"] for p in doc["series"]]
+
+
+def test_angles_refuses_files_that_are_not_stores(tmp_path: Path, capsys) -> None:
+    fake = tmp_path / "fake.h5"
+    fake.write_bytes(b"not hdf5 at all")
+    code, out, err = run_cli(["angles", fake], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
