@@ -25,12 +25,16 @@ With ``N`` samples, ``K`` directions and blocks numbered ``l = 0, 1, ...`` in
 
 * block ``l``: ``g = torch.Generator().manual_seed(seed + l)``; then
   ``d = torch.randn((N * K, C, H, W), generator=g, dtype=dtype)`` (run ``j = i * K + k``
-  is sample ``i``, direction ``k``), each row rescaled to ``eps * ||x_l[i]|| / ||d[j]||``;
+  is sample ``i``, direction ``k``), each row multiplied by ``eps * ||x_l[i]|| / ||d[j]||``;
   then from the same generator ``v0 = torch.randn((N, C, H, W), generator=g,
   dtype=dtype)``, the start of the power iteration;
 * trajectory: ``g = torch.Generator().manual_seed(seed + len(anatomy.blocks))``; then
-  ``torch.randn((N * K, *input_shape), generator=g, dtype=dtype)`` rescaled per row to
-  ``eps * ||x[i]||``.
+  ``torch.randn((N * K, *input_shape), generator=g, dtype=dtype)``, row ``j`` multiplied
+  by ``eps * ||x[i]|| / ||d[j]||`` (``x`` the images).
+
+Each stream is drawn in one call, so chunking (memory) never changes the numbers.
+A block output with ``||f(x_l)|| <= 1e-12 ||x_l||`` counts as dead: its runs have no
+``r`` and are counted in ``excluded``, never reported as NaN or inf.
 
 Norms are Euclidean, per sample, over all of (C, H, W). Medians are
 ``numpy.median`` (the mean of the two middle values for an even count).
@@ -45,6 +49,8 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,8 +234,8 @@ class Trajectory:
         At the input of the first block (after the stem); None without blocks.
     logits : TrajectoryPoint or None
         At the model output; None when the output is not a tensor of shape (N, classes).
-    flips : int
-        Runs whose predicted class (argmax of the logits) changed.
+    flips : int or None
+        Runs whose predicted class (argmax of the logits) changed; None without logits.
     runs : int
         ``N * K``.
     """
@@ -237,7 +243,7 @@ class Trajectory:
     points: tuple[TrajectoryPoint, ...]
     stem: TrajectoryPoint | None
     logits: TrajectoryPoint | None
-    flips: int
+    flips: int | None
     runs: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -442,6 +448,13 @@ def _ratio(delta: np.ndarray, norm: np.ndarray) -> np.ndarray:
     return out
 
 
+def _point(name: str, relative: np.ndarray) -> TrajectoryPoint:
+    """Median / min / max of the finite relative errors; the rest counted as excluded."""
+    good = np.isfinite(relative)
+    lo, mid, hi = _stats(relative[good])
+    return TrajectoryPoint(name, mid, lo, hi, int(good.sum()), int(relative.size - good.sum()))
+
+
 def _batchnorm_result(
     name: str, block: str | None, taps: _Taps, context: str
 ) -> BatchNormStability:
@@ -474,7 +487,9 @@ def _check_images(images: Any, anatomy: Anatomy) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
-        raise InputError(f"images must be a tensor of shape (N, C, H, W), got {type(images).__name__}")
+        raise InputError(
+            f"images must be a tensor of shape (N, C, H, W), got {type(images).__name__}"
+        )
     expected = tuple(anatomy.input_shape)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] < 1:
         raise InputError(
@@ -494,15 +509,19 @@ def _check_images(images: Any, anatomy: Anatomy) -> torch.Tensor:
 
 
 def _check_options(eps: Any, directions: Any, seed: Any, power_iterations: Any, dtype: Any) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < float(eps) < 1.0):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < float(eps) < 1.0:
         raise InputError(f"eps must be a number in (0, 1), got {eps!r}", hint="the default is 1e-3")
-    if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+    if (
+        isinstance(directions, bool)
+        or not isinstance(directions, numbers.Integral)
+        or directions < 1
+    ):
         raise InputError(f"directions must be an integer >= 1, got {directions!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**62:
         raise InputError(f"seed must be a non-negative integer below 2**62, got {seed!r}")
     if (
         isinstance(power_iterations, bool)
-        or not isinstance(power_iterations, int)
+        or not isinstance(power_iterations, numbers.Integral)
         or power_iterations < 0
     ):
         raise InputError(f"power_iterations must be an integer >= 0, got {power_iterations!r}")
@@ -538,9 +557,14 @@ def _check_bounds(
 
 def _device(device: Any) -> torch.device:
     try:
-        return torch.device(device)
+        target = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise UsageError(f"unknown device {device!r}", hint="pass 'cpu' or 'cuda'") from exc
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"device {device!r} requested but CUDA is not available", hint="pass 'cpu'"
+        )
+    return target
 
 
 # --------------------------------------------------------------------------- steps
@@ -580,24 +604,33 @@ def _power_iteration(
     Returns
     -------
     Tensor of shape (n,)
-        ``||J_i v_i||`` for the final unit vector ``v_i`` (a lower bound of sigma_max).
+        The largest ``||J_i v_i||`` over the unit vectors ``v_i`` visited: a lower
+        bound of ``sigma_max(J_i)`` that power iteration drives up to it.
     """
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         return block(t.clone())
 
     shape = (-1,) + (1,) * (x.dim() - 1)
-    with torch.enable_grad():
+    tiny = torch.finfo(x.dtype).tiny
+    gain = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    with torch.enable_grad(), warnings.catch_warnings():
+        # Forward-mode AD loads decompositions through torch.jit.script once per
+        # process, which warns (FutureWarning); the library prints nothing.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
         _, vjp_fn = torch.func.vjp(fn, x)
-        v = v / _row_norms(v).clamp_min(torch.finfo(v.dtype).tiny).reshape(shape)
-        for _ in range(iterations):
-            # 1. u = J v (forward mode); 2. w = J^T u (reverse mode); 3. v = w / ||w||.
+        v = v / _row_norms(v).clamp_min(tiny).reshape(shape)
+        for step in range(iterations):
+            # 1. u = J v (forward mode); ||u|| is the gain of the unit vector v.
             _, u = torch.func.jvp(fn, (x,), (v,))
+            gain = torch.maximum(gain, _row_norms(u))
+            if step == iterations - 1:
+                break
+            # 2. w = J^T u (reverse mode); 3. v = w / ||w||.
             (w,) = vjp_fn(u)
             norms = _row_norms(w).reshape(shape)
-            v = torch.where(norms > 0, w / norms.clamp_min(torch.finfo(w.dtype).tiny), v)
-        _, u = torch.func.jvp(fn, (x,), (v,))
-    return _row_norms(u).detach()
+            v = torch.where(norms > 0, w / norms.clamp_min(tiny), v)
+    return gain.detach()
 
 
 def _measure_block(
@@ -668,8 +701,9 @@ def _measure_block(
     valid_r = r[ok]
     r_min, r_median, r_max = _stats(valid_r)
     kappa_paper, kappa_linear = bounds
-    if kappa_paper is None and kappa_linear is None:
-        notes.append("no kappa bounds given: shares are null")
+    for kappa, which in ((kappa_paper, "paper"), (kappa_linear, "linear")):
+        if kappa is None:
+            notes.append(f"no kappa_{which} given: shares inside the {which} bounds are null")
 
     # 5. Worst direction: power iteration on J^T J at every valid sample.
     worst_gain = worst_r = worst_median = worst_share_paper = worst_share_linear = None
@@ -738,12 +772,9 @@ def _trajectory(
     points = [(b, "out") for b in blocks] + ([(blocks[0], "in")] if blocks else [])
     points += [(b, w) for b in outer_bns for w in ("in", "out")]
     taps = _Taps(modules, points)
-    biggest = max(
-        [tuple(anatomy.input_shape)] + [b.input_shape for b in anatomy.blocks]
-        + [b.output_shape for b in anatomy.blocks]
-    , key=lambda s: int(np.prod(s)))
+    shapes = [tuple(anatomy.input_shape)] + [b.input_shape for b in anatomy.blocks]
+    step = _rows_per_chunk(*shapes, *(b.output_shape for b in anatomy.blocks))
     # Clean references of a group of samples are held for every tapped point.
-    step = _rows_per_chunk(biggest)
     group = max(1, step // (len(points) // 4 + 1) // k)
     logit_delta, logit_norm, flips = [], [], 0
     logits_ok = True
@@ -773,22 +804,22 @@ def _trajectory(
                     logits_ok = False
 
     def point(name: str, key: tuple[str, str]) -> TrajectoryPoint:
-        rel = _ratio(*taps.relative(key))
-        good = np.isfinite(rel)
-        lo, mid, hi = _stats(rel[good])
-        return TrajectoryPoint(name, mid, lo, hi, int(good.sum()), int(rel.size - good.sum()))
+        return _point(name, _ratio(*taps.relative(key)))
 
     logits = None
     if logits_ok and logit_delta:
-        rel = _ratio(torch.cat(logit_delta).double().cpu().numpy(), torch.cat(logit_norm).double().cpu().numpy())
-        good = np.isfinite(rel)
-        lo, mid, hi = _stats(rel[good])
-        logits = TrajectoryPoint("logits", mid, lo, hi, int(good.sum()), int(rel.size - good.sum()))
+        logits = _point(
+            "logits",
+            _ratio(
+                torch.cat(logit_delta).double().cpu().numpy(),
+                torch.cat(logit_norm).double().cpu().numpy(),
+            ),
+        )
     trajectory = Trajectory(
         points=tuple(point(b, (b, "out")) for b in blocks),
         stem=point("stem", (blocks[0], "in")) if blocks else None,
         logits=logits,
-        flips=flips if logits is not None else 0,
+        flips=flips if logits is not None else None,
         runs=runs,
     )
     bns = [_batchnorm_result(name, None, taps, "trajectory") for name in outer_bns]
@@ -844,7 +875,9 @@ def measure_stability(
     seed : int
         Seeds every random stream (see the module docstring for the recipe).
     power_iterations : int
-        Iterations on ``J^T J`` per block for the worst direction; 0 skips it.
+        Power iterations on ``J^T J`` per block for the worst direction (``P``
+        products ``J v`` and ``P - 1`` products ``J^T u`` per sample); 0 skips it.
+        8 is within a few per cent of the converged gain on CIFAR ResNets.
     bounds : mapping of str to (float or None, float or None), optional
         Block name -> (kappa_paper, kappa_linear): the paper's (residual, or plain for
         plain blocks) and the exact linearized condition number.
@@ -867,6 +900,16 @@ def measure_stability(
     UsageError
         Unknown device or dtype.
 
+    Notes
+    -----
+    Cost per block, in block forward passes of one sample: ``N (1 + K)`` for the
+    random directions and about ``N (6 P)`` for the power iteration (forward-mode
+    products cost several forward passes); the trajectory adds ``N (1 + K)`` whole
+    forward passes. The smallest gain is not searched: a block that ends in a ReLU
+    has ``J = D A`` with ``D`` a 0/1 mask, so ``sigma_min(J) = 0`` whenever any output
+    unit is inactive (``inactive_share > 0``); random directions measure the typical
+    case instead.
+
     References
     ----------
     .. [1] "Understanding ResNet from a Discrete Dynamical System Perspective",
@@ -877,7 +920,8 @@ def measure_stability(
     images = _check_images(images, anatomy)
     checked_bounds = _check_bounds(bounds, anatomy)
     target = _device(device)
-    eps = float(eps)
+    eps, directions, seed = float(eps), int(directions), int(seed)
+    power_iterations = int(power_iterations)
 
     # 2. A private copy in eval mode and the working precision.
     work = copy.deepcopy(model).eval().to(device=target, dtype=dtype)

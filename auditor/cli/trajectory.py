@@ -58,12 +58,13 @@ def collect_checkpoints(items: list[str]) -> list[Path]:
     return found
 
 
-def _epoch(subject: Any) -> float | None:
+def _epoch(subject: Any) -> int | float | None:
     raw = subject.checkpoint.metadata.get("epoch")
     try:
-        return float(raw) if raw is not None else None
+        value = float(raw) if raw is not None else None
     except ValueError:
         return None
+    return int(value) if value is not None and value.is_integer() else value
 
 
 def _mean(values: dict[str, float | None]) -> float | None:

@@ -110,6 +110,9 @@ PRESETS: dict[str, Preprocessing] = {
 
 
 def _triple(value: Any, what: str, positive: bool) -> tuple[float, float, float]:
+    """Three floats from a sequence or a comma-separated string ("0.5,0.5,0.5")."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
     try:
         items = [float(v) for v in value]
     except (TypeError, ValueError):
@@ -132,7 +135,8 @@ def _positive_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def _from_metadata(raw: str) -> Preprocessing:
+def _from_metadata(raw: str, base: Preprocessing) -> Preprocessing:
+    """``base`` with the fields the metadata JSON names replaced."""
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -148,9 +152,7 @@ def _from_metadata(raw: str) -> Preprocessing:
             f"checkpoint metadata 'preprocessing' has unknown keys: {', '.join(unknown)}",
             hint="known keys: size, resize, mean, std",
         )
-    return Preprocessing(
-        data.get("size"), data.get("resize"), data.get("mean"), data.get("std"), "checkpoint"
-    )
+    return replace(base, **data, preset="checkpoint")
 
 
 def _validated(pre: Preprocessing) -> Preprocessing:
@@ -180,8 +182,9 @@ def resolve_preprocessing(
 
     Precedence, per field: explicit ``size`` / ``mean`` / ``std`` win; then
     an explicitly named ``preset``; then the checkpoint metadata
-    (``preprocessing``, a JSON object with ``size``, ``resize``, ``mean``,
-    ``std``; else ``preset``, a preset name); then ``default_preset``.
+    (``preprocessing``, a JSON object with any of ``size``, ``resize``,
+    ``mean``, ``std``, the others taken from ``default_preset``; else
+    ``preset``, a preset name); then ``default_preset``.
 
     Parameters
     ----------
@@ -190,8 +193,9 @@ def resolve_preprocessing(
     size : int, optional
         Final crop size. With a preset that resizes, the resize side is
         scaled in proportion (imagenet: 256/224).
-    mean, std : sequence of 3 floats, optional
-        Normalization; ``std`` must be positive.
+    mean, std : sequence of 3 floats, or str, optional
+        Normalization (a string is comma-separated: ``"0.5,0.5,0.5"``);
+        ``std`` must be positive.
     checkpoint_metadata : mapping of str to str, optional
         :attr:`Checkpoint.metadata`.
     default_preset : str
@@ -216,7 +220,7 @@ def resolve_preprocessing(
     if preset is not None:
         base = PRESETS[preset]
     elif metadata.get("preprocessing"):
-        base = _validated(_from_metadata(metadata["preprocessing"]))
+        base = _validated(_from_metadata(metadata["preprocessing"], PRESETS[default_preset]))
     elif metadata.get("preset") in PRESETS:
         base = PRESETS[metadata["preset"]]
     else:
@@ -264,7 +268,13 @@ def _is_image(name: str) -> bool:
 def _class_files(root: Path, name: str) -> list[str]:
     """Image paths under ``root/name`` (recursively), relative to root, sorted."""
     found = []
+    seen: set[str] = set()
     for directory, subdirs, files in os.walk(root / name, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a symlink loop
+            subdirs[:] = []
+            continue
+        seen.add(real)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         rel = Path(directory).relative_to(root).as_posix()
         found.extend(f"{rel}/{f}" for f in files if _is_image(f))
@@ -477,6 +487,29 @@ def _open_rgb(path: Path) -> Any:
         return image.convert("RGB")
 
 
+def _resize_shorter(image: Any, side: int) -> Any:
+    """Bilinear (antialiased) resize of the shorter side to ``side``.
+
+    The same sizes and pixels as torchvision's ``Resize(side)`` on a PIL image.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == side:
+        return image
+    new_long = int(side * long / short)
+    size = (side, new_long) if width <= height else (new_long, side)
+    return image.resize(size, Image.BILINEAR)
+
+
+def _center_crop(image: Any, height: int, width: int) -> Any:
+    """The central ``height`` x ``width`` window (torchvision's rounding)."""
+    top = int(round((image.height - height) / 2.0))
+    left = int(round((image.width - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
 def _first_line(exc: BaseException) -> str:
     text = (str(exc).splitlines() or [""])[0].strip()
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
@@ -553,13 +586,11 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The preprocessed image ``index``; raises on an unreadable file."""
-        import torchvision.transforms.v2.functional as TF
-
         rel = self.selection.samples[index][0]
         image = _open_rgb(self.selection.root / rel)
         pre = self.preprocessing
         if pre.resize is not None:
-            image = TF.resize(image, [pre.resize], antialias=True)
+            image = _resize_shorter(image, pre.resize)
         height, width = self._hw
         if (image.height, image.width) != (height, width):
             if pre.size is None:
@@ -572,7 +603,7 @@ class ImageDataset(Dataset):
                     f"image is {image.width}x{image.height}, smaller than the {width}x{height} crop "
                     "(use a preset that resizes, or a smaller --size)"
                 )
-            image = TF.center_crop(image, [height, width])
+            image = _center_crop(image, height, width)
         # True IEEE division (torch turns division by a scalar into a multiplication
         # by its reciprocal, which rounds differently): x / 255, then (x - mean) / std.
         array = np.asarray(image, dtype=np.float32) / np.float32(255.0)

@@ -272,6 +272,8 @@ class StoreWriter:
         self.written = 0
         self.skipped: list[dict[str, str]] = []
         self.resumed_from = 0
+        self._fresh = False
+        self._doomed = False
         self._file: h5py.File | None = None
         self._lock = _Lock(self.path.with_name(self.path.name + ".lock"), self.path)
         if not self.path.parent.is_dir():
@@ -313,6 +315,7 @@ class StoreWriter:
         except OSError as exc:
             raise StoreError(f"{self.partial_path}: cannot create ({exc})") from None
         self._file = f
+        self._fresh = True
         attrs = f.attrs
         attrs["format"] = FORMAT
         for key, value in h.provenance().items():
@@ -463,7 +466,13 @@ class StoreWriter:
                     f"stage {spec.name!r}: got activations of shape {tuple(data.shape)}, "
                     f"expected {(len(positions), *spec.shape)}",
                 )
-            encoded[spec.name] = self._encode(spec, data)
+            try:
+                encoded[spec.name] = self._encode(spec, data)
+            except StoreError:
+                # The same settings would fail at the same batch again: the unfinished
+                # file cannot be resumed, so close() removes it.
+                self._doomed = True
+                raise
         start, stop = self.written, self.written + len(positions)
         samples = self.header.samples
         if positions:
@@ -511,11 +520,20 @@ class StoreWriter:
         return self.path
 
     def close(self) -> None:
-        """Close without finishing (the partial file stays for a resume); idempotent."""
+        """Close without finishing; idempotent.
+
+        The partial file stays for a resume, except when it holds nothing
+        (no sample handled since this writer created it) or cannot be resumed
+        (activations that are NaN / inf or out of the dtype's range, which the
+        same settings would meet again): then it is removed.
+        """
         if self._file is not None:
             with contextlib.suppress(Exception):
                 self._file.close()
             self._file = None
+            if self._doomed or (self._fresh and self.consumed == 0):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.partial_path)
         self._lock.release()
 
     def _require_open(self) -> h5py.File:
