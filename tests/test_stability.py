@@ -1,0 +1,438 @@
+"""Tests of auditor.analysis.stability (Lemmas 2, 3 and the trajectory).
+
+Every reference value is recomputed here independently: the perturbations from the
+documented generator recipe, the blocks by explicit code, Jacobians densely.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auditor.analysis import stability
+from auditor.analysis.stability import StabilityReport, measure_stability
+from auditor.errors import InputError, UsageError
+from auditor.models.anatomy import analyze_anatomy
+from auditor.models.registry import build_model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHECKPOINT = DATA / "checkpoints" / "cifar10-resnet20-akamaster.th"
+IMAGES = DATA / "images" / "cifar10-test-200"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).norm(dim=1)
+
+
+def _directions(seed: int, rows: int, shape, reference: torch.Tensor, eps: float) -> torch.Tensor:
+    """The documented recipe: Gaussian rows from ``manual_seed(seed)``, rescaled per row."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn((rows, *shape), generator=g, dtype=torch.float64)
+    k = rows // reference.shape[0]
+    scale = eps * _norms(reference).repeat_interleave(k) / _norms(d)
+    return d * scale.view(-1, *([1] * len(shape)))
+
+
+def _close(actual: float | None, expected: float, rel: float = 1e-6) -> bool:
+    return actual is not None and math.isclose(actual, expected, rel_tol=rel, abs_tol=0.0)
+
+
+@pytest.fixture(scope="module")
+def resnet20() -> nn.Module:
+    """A CIFAR ResNet-20 with random weights and non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    model, _ = build_model("resnet20")
+    g = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.running_mean.copy_(0.3 * torch.randn(c, generator=g))
+            module.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            module.weight.data.copy_(0.5 + torch.rand(c, generator=g))
+            module.bias.data.copy_(0.2 * torch.randn(c, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def anatomy20(resnet20):
+    return analyze_anatomy(resnet20, (3, 32, 32))
+
+
+def _images(n: int, seed: int = 3, shape=(3, 32, 32)) -> torch.Tensor:
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+class LinearBlock(nn.Module):
+    """x -> W2 W1 x + x with no nonlinearity: the block is exactly A = W2 W1 + I."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x)) + x
+
+
+class ReluBlock(nn.Module):
+    """relu(conv2(relu(conv1 x)) + x)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + x)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, block: nn.Module, channels: int = 2, size: int = 3) -> None:
+        super().__init__()
+        self.block = block
+        self.head = nn.Linear(channels * size * size, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x).flatten(1))
+
+
+def _tiny(block_cls, seed: int = 0, channels: int = 2, size: int = 3):
+    torch.manual_seed(seed)
+    net = TinyNet(block_cls(channels), channels, size).eval()
+    return net, analyze_anatomy(net, (channels, size, size))
+
+
+# --------------------------------------------------------------------------- Lemma 2
+
+
+def test_block_ratios_match_a_hand_run_block(resnet20, anatomy20):
+    """r of every run of layer2.0 (option-A shortcut) against explicit code."""
+    n, k, seed, eps = 3, 2, 5, 1e-3
+    x = _images(n)
+    report = measure_stability(
+        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0
+    )
+    index = [b.name for b in anatomy20.blocks].index("layer2.0")
+    assert index == 3
+    m = copy.deepcopy(resnet20).double()
+    with torch.no_grad():
+        h = F.relu(m.bn1(m.conv1(x.double())))
+        for blk in m.layer1:
+            h = blk(h)
+        b = m.layer2[0]
+
+        def block(t: torch.Tensor) -> torch.Tensor:
+            branch = b.bn2(b.conv2(F.relu(b.bn1(b.conv1(t)))))
+            shortcut = F.pad(t[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+            return F.relu(branch + shortcut)
+
+        d = _directions(seed + index, n * k, h.shape[1:], h, eps)
+        xs = h.repeat_interleave(k, 0)
+        fx = block(xs)
+        r = (_norms(block(xs + d) - fx) / _norms(fx)) / (_norms(d) / _norms(xs))
+    result = report.blocks[index]
+    assert result.name == "layer2.0" and result.stage == "layer2"
+    assert result.n == n * k and result.excluded == 0
+    for got, want in zip(result.ratios, r.tolist()):
+        assert _close(got, want), (got, want)
+    assert _close(result.r_min, min(r.tolist()))
+    assert _close(result.r_max, max(r.tolist()))
+    assert _close(result.r_median, float(np.median(r.numpy())))
+
+
+def test_linear_block_matches_closed_form_and_dense_jacobian():
+    net, anatomy = _tiny(LinearBlock)
+    assert [b.name for b in anatomy.blocks] == ["block"]
+    n, k, seed, eps = 4, 3, 7, 1e-3
+    x = _images(n, shape=(2, 3, 3))
+    block = copy.deepcopy(net.block).double()
+    a = torch.autograd.functional.jacobian(block, x[:1].double()).reshape(18, 18)
+    singular = torch.linalg.svdvals(a)
+    kappa = float(singular[0] / singular[-1])
+    report = measure_stability(
+        net, anatomy, x, eps=eps, directions=k, seed=seed, power_iterations=300,
+        bounds={"block": (1.0, kappa)},
+    )
+    result = report.blocks[0]
+    xd = x.double().reshape(n, 18)
+    d = _directions(seed + 0, n * k, (2, 3, 3), x.double(), eps).reshape(n * k, 18)
+    xs = xd.repeat_interleave(k, 0)
+    r = ((d @ a.T).norm(dim=1) / (xs @ a.T).norm(dim=1)) / (d.norm(dim=1) / xs.norm(dim=1))
+    for got, want in zip(result.ratios, r.tolist()):
+        assert _close(got, want, 1e-9)
+    assert _close(result.worst_gain, float(singular[0]), 1e-4)
+    worst = float(singular[0]) * xd.norm(dim=1) / (xd @ a.T).norm(dim=1)
+    assert _close(result.worst_r, float(worst.max()), 1e-4)
+    # Lemma 2 holds exactly for a linear operator with its exact condition number ...
+    assert result.share_in_linear_bounds == 1.0
+    assert result.worst_share_in_linear_bounds == 1.0
+    # ... and no r of a generic direction equals exactly 1.
+    assert result.share_in_paper_bounds == 0.0
+    assert all(1 / kappa <= v <= kappa for v in result.ratios)
+
+
+def test_relu_block_worst_gain_matches_dense_jacobian_per_sample():
+    net, anatomy = _tiny(ReluBlock, seed=2, channels=2, size=4)
+    n = 3
+    x = _images(n, seed=11, shape=(2, 4, 4))
+    report = measure_stability(net, anatomy, x, directions=1, power_iterations=300)
+    block = copy.deepcopy(net.block).double()
+    gains, worst = [], []
+    for i in range(n):
+        xi = x[i : i + 1].double()
+        j = torch.autograd.functional.jacobian(block, xi).reshape(32, 32)
+        sigma = float(torch.linalg.svdvals(j)[0])
+        gains.append(sigma)
+        with torch.no_grad():
+            worst.append(sigma * float(xi.norm() / block(xi).norm()))
+    result = report.blocks[0]
+    assert _close(result.worst_gain, max(gains), 1e-4)
+    assert _close(result.worst_r, max(worst), 1e-4)
+    assert _close(result.worst_r_median, float(np.median(worst)), 1e-4)
+
+
+def test_dead_outputs_are_excluded_not_nan():
+    net, anatomy = _tiny(ReluBlock, channels=2, size=3)
+    with torch.no_grad():
+        for conv in (net.block.conv1, net.block.conv2):
+            conv.weight.zero_()
+            conv.bias.zero_()
+    x = torch.stack([torch.ones(2, 3, 3), -torch.ones(2, 3, 3)])  # second: relu(x) = 0
+    report = measure_stability(net, anatomy, x, directions=3, power_iterations=2)
+    result = report.blocks[0]
+    assert (result.n, result.excluded) == (3, 3)
+    assert result.ratios[3:] == (None, None, None)
+    assert _close(result.r_median, 1.0, 1e-9)  # identity on the positive sample
+    assert any("dead" in note for note in result.notes)
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+# --------------------------------------------------------------------------- Lemma 3
+
+
+def test_batchnorm_ratio_matches_direct_computation(resnet20, anatomy20):
+    n, k, seed, eps = 3, 2, 4, 1e-3
+    x = _images(n, seed=9)
+    report = measure_stability(
+        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0
+    )
+    by_name = {b.name: b for b in report.batchnorm}
+    m = copy.deepcopy(resnet20).double()
+
+    def check(name, inp, inp_perturbed, bn, block):
+        with torch.no_grad():
+            out, out_p = bn(inp), bn(inp_perturbed)
+        before = _norms(inp_perturbed - inp) / _norms(inp)
+        after = _norms(out_p - out) / _norms(out)
+        ratio = (after / before).numpy()
+        got = by_name[name]
+        assert got.block == block and got.n == n * k and got.excluded == 0
+        assert _close(got.ratio_min, float(ratio.min()))
+        assert _close(got.ratio_median, float(np.median(ratio)))
+        assert _close(got.ratio_max, float(ratio.max()))
+        assert _close(got.before_median, float(np.median(before.numpy())))
+        assert _close(got.after_median, float(np.median(after.numpy())))
+
+    with torch.no_grad():
+        # layer1.0.bn1 in its block's local runs (stream seed + 0).
+        xl = F.relu(m.bn1(m.conv1(x.double())))
+        d = _directions(seed + 0, n * k, xl.shape[1:], xl, eps)
+        xs = xl.repeat_interleave(k, 0)
+        conv = m.layer1[0].conv1
+        check("layer1.0.bn1", conv(xs), conv(xs + d), m.layer1[0].bn1, "layer1.0")
+        # The stem's bn1 in the trajectory runs (stream seed + number of blocks).
+        d = _directions(seed + len(anatomy20.blocks), n * k, (3, 32, 32), x.double(), eps)
+        xs = x.double().repeat_interleave(k, 0)
+        check("bn1", m.conv1(xs), m.conv1(xs + d), m.bn1, None)
+    assert {b.name for b in report.batchnorm} == {
+        name for name, mod in resnet20.named_modules() if isinstance(mod, nn.BatchNorm2d)
+    }
+
+
+# --------------------------------------------------------------------------- trajectory
+
+
+def test_trajectory_matches_an_independent_whole_network_run(resnet20, anatomy20):
+    n, k, seed, eps = 3, 2, 8, 1e-3
+    x = _images(n, seed=5)
+    report = measure_stability(
+        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0
+    )
+    m = copy.deepcopy(resnet20).double()
+    xs = x.double().repeat_interleave(k, 0)
+    d = _directions(seed + len(anatomy20.blocks), n * k, (3, 32, 32), x.double(), eps)
+
+    def run(t: torch.Tensor):
+        states = {"stem": F.relu(m.bn1(m.conv1(t)))}
+        h = states["stem"]
+        for stage in (m.layer1, m.layer2, m.layer3):
+            for i, blk in enumerate(stage):
+                h = blk(h)
+                states[f"layer{(m.layer1, m.layer2, m.layer3).index(stage) + 1}.{i}"] = h
+        logits = m.linear(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return states, logits
+
+    with torch.no_grad():
+        clean, logits = run(xs)
+        noisy, logits_p = run(xs + d)
+    trajectory = report.trajectory
+    assert [p.name for p in trajectory.points] == [b.name for b in anatomy20.blocks]
+    for p in (*trajectory.points, trajectory.stem):
+        rel = (_norms(noisy[p.name] - clean[p.name]) / _norms(clean[p.name])).numpy()
+        assert p.n == n * k
+        assert _close(p.median, float(np.median(rel)))
+        assert _close(p.min, float(rel.min())) and _close(p.max, float(rel.max()))
+    rel = (_norms(logits_p - logits) / _norms(logits)).numpy()
+    assert _close(trajectory.logits.median, float(np.median(rel)))
+    assert trajectory.flips == int((logits.argmax(1) != logits_p.argmax(1)).sum())
+    assert trajectory.runs == n * k
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def test_same_seed_same_report_and_other_seed_differs(resnet20, anatomy20):
+    x = _images(2, seed=1)
+    kwargs = dict(directions=2, power_iterations=1)
+    a = measure_stability(resnet20, anatomy20, x, seed=3, **kwargs)
+    b = measure_stability(resnet20, anatomy20, x.clone(), seed=3, **kwargs)
+    c = measure_stability(resnet20, anatomy20, x, seed=4, **kwargs)
+    assert a == b
+    assert a.to_dict() == b.to_dict()
+    assert [blk.ratios for blk in a.blocks] != [blk.ratios for blk in c.blocks]
+
+
+def test_chunked_runs_equal_one_batch(resnet20, anatomy20, monkeypatch):
+    x = _images(2, seed=2)
+    kwargs = dict(directions=3, power_iterations=1, seed=1)
+    whole = measure_stability(resnet20, anatomy20, x, **kwargs)
+    monkeypatch.setattr(stability, "_CHUNK_ELEMENTS", 20_000)
+    monkeypatch.setattr(stability, "_CAPTURE_ELEMENTS", 100_000)
+    chunked = measure_stability(resnet20, anatomy20, x, **kwargs)
+    for u, v in zip(whole.blocks, chunked.blocks):
+        assert np.allclose(u.ratios, v.ratios, rtol=1e-9, atol=0)
+        assert math.isclose(u.worst_gain, v.worst_gain, rel_tol=1e-9)
+    for p, q in zip(whole.trajectory.points, chunked.trajectory.points):
+        assert math.isclose(p.median, q.median, rel_tol=1e-9)
+
+
+def test_progress_json_safety_and_model_untouched(resnet20, anatomy20):
+    before = {k: v.clone() for k, v in resnet20.state_dict().items()}
+    calls = []
+    report = measure_stability(
+        resnet20, anatomy20, _images(2), directions=np.int64(1), power_iterations=1,
+        eps=np.float32(1e-3),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    total = len(anatomy20.blocks) + 1
+    assert calls == [(i, total) for i in range(1, total + 1)]
+    after = resnet20.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert next(resnet20.parameters()).dtype == torch.float32
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in resnet20.modules())
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["samples"] == 2 and data["dtype"] == "float64"
+    assert "ratios" not in data["blocks"][0]
+    assert data["blocks"][0]["share_in_paper_bounds"] is None
+    assert len(report.blocks[0].to_dict(include_ratios=True)["ratios"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (dict(eps=0.0), "eps must be a number in \\(0, 1\\), got 0.0"),
+        (dict(eps=2), "eps must be a number in \\(0, 1\\), got 2"),
+        (dict(eps=float("nan")), "eps .* got nan"),
+        (dict(directions=0), "directions must be an integer >= 1, got 0"),
+        (dict(directions=1.5), "directions .* got 1.5"),
+        (dict(power_iterations=-1), "power_iterations .* got -1"),
+        (dict(seed=-2), "seed .* got -2"),
+        (dict(bounds={"layer9.9": (2.0, 2.0)}), "unknown block 'layer9.9'"),
+        (dict(bounds={"layer1.0": (0.5, None)}), "0.5; a condition number is >= 1"),
+    ],
+)
+def test_bad_options_raise_input_error(resnet20, anatomy20, kwargs, pattern):
+    with pytest.raises(InputError, match=pattern):
+        measure_stability(resnet20, anatomy20, _images(1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("images", "pattern"),
+    [
+        (torch.full((1, 3, 32, 32), float("nan")), "3072 non-finite values"),
+        (torch.zeros(2, 3, 16, 16), r"shape \(N, 3, 32, 32\) .* got \(2, 3, 16, 16\)"),
+        (torch.zeros(3, 32, 32), r"got \(3, 32, 32\)"),
+        (torch.zeros(0, 3, 32, 32), r"got \(0, 3, 32, 32\)"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "dtype torch.uint8"),
+        ([[1.0]], "got list"),
+    ],
+)
+def test_bad_images_raise_input_error(resnet20, anatomy20, images, pattern):
+    with pytest.raises(InputError, match=pattern):
+        measure_stability(resnet20, anatomy20, images)
+
+
+def test_bad_device_raises_usage_error(resnet20, anatomy20):
+    with pytest.raises(UsageError, match="unknown device 'nope'"):
+        measure_stability(resnet20, anatomy20, _images(1), device="nope")
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def _real_images(n: int) -> torch.Tensor:
+    from PIL import Image
+
+    paths = sorted(IMAGES.rglob("*.png"))
+    paths = paths[:: len(paths) // n][:n]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    pixels = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for p in paths]
+    return (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) - mean) / std
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"real checkpoint not found: {CHECKPOINT}")
+def test_real_resnet20(capfd):
+    from auditor.io.checkpoint import load_checkpoint
+    from auditor.models.load import load_model
+
+    model = load_model(load_checkpoint(CHECKPOINT)).model
+    anatomy = analyze_anatomy(model, (3, 32, 32))
+    images = _real_images(16)
+    bounds = {b.name: (2.0, 4.0) for b in anatomy.blocks}
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = measure_stability(
+            model, anatomy, images, directions=2, power_iterations=2, bounds=bounds
+        )
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert isinstance(report, StabilityReport) and len(report.blocks) == 9
+    for block in report.blocks:
+        assert block.n == 32 and block.excluded == 0
+        assert 0 < block.r_min <= block.r_median <= block.r_max < 100
+        assert block.worst_r >= block.r_median * 0.5
+        for share in (
+            block.share_in_paper_bounds, block.share_in_linear_bounds,
+            block.worst_share_in_paper_bounds, block.worst_share_in_linear_bounds,
+            block.inactive_share,
+        ):
+            assert 0.0 <= share <= 1.0
+    for point in (*report.trajectory.points, report.trajectory.logits):
+        assert 0 < point.min <= point.median <= point.max < 1
+    assert 0 <= report.trajectory.flips <= report.trajectory.runs
+    json.dumps(report.to_dict(), allow_nan=False)
