@@ -262,7 +262,7 @@ def condition(
             _conv_operator(modules, c.name, c.input_shape, c.bn, fold_bn, target) for c in block.convs
         ]
         shortcut = _shortcut_operator(modules, block, fold_bn, target)
-        blocks.append(condition_block(convs, shortcut, name=block.name, stage=block.stage))
+        blocks.append(condition_block(convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut))
         if progress:
             progress(len(layers) + index + 1, total)
     return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks)

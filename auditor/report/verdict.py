@@ -60,6 +60,8 @@ def _agg(section: str, key: str, how: Callable[[list[float]], float]) -> Callabl
         entries = doc.get(section) or []
         if isinstance(entries, Mapping):
             entries = entries.get("blocks", [])
+        if key.endswith("_residual"):  # plain blocks have no residual kappa by definition
+            entries = [e for e in entries if e.get("shortcut") != "none"]
         values = _values(entries, key)
         if not values or any(v is None for v in values):
             return None  # a singular block or a missing value: not provably safe
