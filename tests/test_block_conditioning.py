@@ -1,0 +1,157 @@
+"""Block condition numbers against the dense matrix of the whole linearized block."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from auditor.analysis.conditioning import block_singular_values, condition_block
+from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
+from auditor.errors import InputError
+
+D = torch.float64
+
+
+def _circular_conv(x: torch.Tensor, op: ConvOperator) -> torch.Tensor:
+    """Independent circular convolution: y[i] = sum_a K[a] x[(s i + a - p) mod H], by tiling."""
+    ph, pw = op.padding
+    h, w = x.shape[-2:]
+    tiled = x.repeat(1, 1, 3, 3)[..., h - ph :, w - pw :]  # tiled[j] = x[(j - p) mod H]
+    y = F.conv2d(tiled, op.weight.to(D), groups=op.groups)
+    y = y[..., :: op.stride[0], :: op.stride[1]][..., : h // op.stride[0], : w // op.stride[1]]
+    if op.out_scale is not None:
+        y = y * op.out_scale.to(D)[None, :, None, None]
+    return y
+
+
+def _dense(function, shape: tuple[int, int, int]) -> np.ndarray:
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=D).reshape(n, *shape)
+    return function(basis).reshape(n, -1).T.numpy()
+
+
+def _branch(convs):
+    def run(x):
+        for op in convs:
+            x = _circular_conv(x, op)
+        return x
+    return run
+
+
+def _compare(values: np.ndarray, matrix: np.ndarray) -> None:
+    reference = np.sort(np.linalg.svd(matrix, compute_uv=False))[::-1][: min(matrix.shape)]
+    assert values.shape == reference.shape
+    np.testing.assert_allclose(values, reference, rtol=1e-5, atol=1e-9 * reference[0])
+
+
+def _op(c_out, c_in, k, hw, stride=1, padding=None, groups=1, scale=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=D)
+    out_scale = (torch.rand(c_out, generator=g, dtype=D) + 0.3) if scale else None
+    return ConvOperator(weight, (c_in, hw, hw), (stride, stride), ((k - 1) // 2 if padding is None else padding,) * 2,
+                        groups, out_scale, f"conv{seed}")
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("shortcut", ["identity", "none"])
+def test_basic_block_stride1(bn: bool, shortcut: str) -> None:
+    convs = [_op(4, 4, 3, 6, scale=bn, seed=1), _op(4, 4, 3, 6, scale=bn, seed=2)]
+    short = IdentityShortcut((4, 6, 6)) if shortcut == "identity" else None
+    matrix = _dense(lambda x: _branch(convs)(x) + (x if short else 0), (4, 6, 6))
+    _compare(block_singular_values(convs, short), matrix)
+
+
+def test_downsampling_block_with_option_a() -> None:
+    convs = [_op(6, 3, 3, 8, stride=2, scale=True, seed=3), _op(6, 6, 3, 4, seed=4)]
+    short = OptionAShortcut((3, 8, 8), 6, 2, 1)
+    sub = lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 1, 2))  # noqa: E731
+    matrix = _dense(lambda x: _branch(convs)(x) + sub(x), (3, 8, 8))
+    _compare(block_singular_values(convs, short), matrix)
+
+
+def test_downsampling_block_with_projection() -> None:
+    convs = [_op(4, 3, 3, 8, stride=2, seed=5), _op(4, 4, 3, 4, scale=True, seed=6)]
+    projection = _op(4, 3, 1, 8, stride=2, padding=0, scale=True, seed=7)
+    matrix = _dense(lambda x: _branch(convs)(x) + _circular_conv(x, projection), (3, 8, 8))
+    _compare(block_singular_values(convs, projection), matrix)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_bottleneck_block_strided_middle(groups: int) -> None:
+    # torchvision v1.5: 1x1, 3x3 stride 2 (grouped for ResNeXt), 1x1, projection with stride 2.
+    convs = [_op(4, 3, 1, 8, padding=0, scale=True, seed=8), _op(4, 4, 3, 8, stride=2, groups=groups, seed=9),
+             _op(6, 4, 1, 4, padding=0, scale=True, seed=10)]
+    projection = _op(6, 3, 1, 8, stride=2, padding=0, seed=11)
+    matrix = _dense(lambda x: _branch(convs)(x) + _circular_conv(x, projection), (3, 8, 8))
+    _compare(block_singular_values(convs, projection), matrix)
+
+
+def test_large_kernels_and_odd_padding() -> None:
+    convs = [_op(3, 3, 5, 6, padding=2, seed=12), _op(3, 3, 7, 6, padding=3, seed=13)]
+    short = IdentityShortcut((3, 6, 6))
+    matrix = _dense(lambda x: _branch(convs)(x) + x, (3, 6, 6))
+    _compare(block_singular_values(convs, short), matrix)
+
+
+def test_lemma1_counterexample_is_detected() -> None:
+    """W2 W1 = -I/2 gives A = I/2: sigma_min 1/2 < prod m + 1 = 3/2."""
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=D, generator=torch.Generator().manual_seed(0)))
+    w1 = (q / math.sqrt(2)).reshape(4, 4, 1, 1)
+    w2 = (-q.T / math.sqrt(2)).reshape(4, 4, 1, 1)
+    convs = [ConvOperator(w1, (4, 3, 3)), ConvOperator(w2, (4, 3, 3))]
+    result = condition_block(convs, IdentityShortcut((4, 3, 3)), name="counter")
+    assert result.sigma_linear_residual == pytest.approx((0.5, 0.5))
+    assert result.lemma1_upper_holds is True
+    assert result.lemma1_lower_holds is False
+    assert result.kappa_linear_residual == pytest.approx(1.0)
+    assert result.kappa_paper_residual == pytest.approx(1.0)
+
+
+def test_plain_block_has_no_residual_fields_and_says_why() -> None:
+    convs = [_op(3, 3, 3, 4, seed=14), _op(3, 3, 3, 4, seed=15)]
+    result = condition_block(convs, None).to_dict()
+    assert result["shortcut"] == "none"
+    assert result["kappa_linear_residual"] is None and "plain block" in result["kappa_linear_residual_reason"]
+    assert result["kappa_linear_plain"] >= 1
+
+
+def test_singular_block_reports_null_with_reason() -> None:
+    weight = torch.zeros(3, 3, 3, 3, dtype=D)
+    weight[0, 0, 1, 1] = 1.0  # rank one at every frequency
+    convs = [ConvOperator(weight, (3, 4, 4), padding=(1, 1)), ConvOperator(weight.clone(), (3, 4, 4), padding=(1, 1))]
+    result = condition_block(convs, IdentityShortcut((3, 4, 4))).to_dict()
+    assert result["kappa_linear_plain"] is None and "singular" in result["kappa_linear_plain_reason"]
+    assert result["kappa_linear_residual"] is not None  # I + rank-one is invertible here
+
+
+def test_indivisible_grid_is_refused() -> None:
+    convs = [_op(3, 3, 3, 7, stride=2, seed=16)]
+    with pytest.raises(InputError, match="circular model does not apply"):
+        block_singular_values(convs, None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.05, 20.0), channels=st.integers(1, 4))
+def test_properties(seed: int, scale: float, channels: int) -> None:
+    convs = [_op(channels, channels, 3, 4, seed=seed), _op(channels, channels, 3, 4, seed=seed + 1)]
+    result = condition_block(convs, IdentityShortcut((channels, 4, 4)))
+    for kappa in (result.kappa_linear_residual, result.kappa_linear_plain, result.kappa_paper_residual):
+        if kappa is not None:
+            assert kappa >= 1 - 1e-12
+    big_m = math.prod(s[1] for s in result.sigma)
+    small_m = math.prod(s[2] for s in result.sigma)
+    if big_m > small_m * (1 + 1e-9):
+        assert result.kappa_paper_residual < result.kappa_paper_plain
+    # Scaling one convolution by c scales the plain block: its kappa is invariant,
+    # the residual one is not in general (the shortcut is not scaled).
+    scaled = [ConvOperator(convs[0].weight * scale, convs[0].input_shape, padding=convs[0].padding), convs[1]]
+    again = condition_block(scaled, IdentityShortcut((channels, 4, 4)))
+    if result.kappa_linear_plain is not None and again.kappa_linear_plain is not None:
+        assert again.kappa_linear_plain == pytest.approx(result.kappa_linear_plain, rel=1e-6)
+    assert again.kappa_paper_plain == pytest.approx(result.kappa_paper_plain, rel=1e-9)
