@@ -1,0 +1,207 @@
+"""Benchmark: exact operator spectra of every layer of ResNet-50 vs WeightWatcher.
+
+Run by hand (not part of the tests)::
+
+    python bench/bench_spectra.py            # 3 repeats of each side
+    python bench/bench_spectra.py --repeat 1 --no-ww
+
+resdyn side: all singular values (circular boundary, exact, float64) of every
+Conv2d of a randomly initialised torchvision ResNet-50 in eval mode, BatchNorm
+folded, at 224x224, plus the final Linear layer (WeightWatcher analyses it too).
+Input shapes come from forward pre-hooks on a zero input.
+
+Baseline, in the same run: ``weightwatcher.WeightWatcher(model=model).analyze()``
+(per-slice SVDs of every kernel, plus its power-law fits). Without
+weightwatcher installed, the baseline is the work it represents: the SVD of
+every (C_out x C_in) kernel slice and of the Linear weight.
+
+Each side runs in its own subprocess so its peak RSS is its own; wall times
+are the minimum and median over ``--repeat`` runs. Torch uses 2 threads.
+Accuracy: sigma_min and sigma_max of a few layers against an independent
+float64 reference (``fft2`` of the zero-padded kernel, then an SVD of every
+frequency matrix, no Gram matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+THREADS = 2
+CHECK_LAYERS = ("conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.1.conv2", "layer4.0.conv2", "layer4.2.conv2")
+
+
+def _model():
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None).eval()
+
+
+def _operators(model):
+    """ConvOperator of every Conv2d (BN folded) and the final Linear, in order."""
+    import torch
+    import torch.fx as fx
+    from torch import nn
+
+    from auditor.analysis.spectra import ConvOperator, linear_operator
+
+    shapes, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: shapes.__setitem__(name, tuple(args[0].shape[1:]))))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for hook in hooks:
+        hook.remove()
+    traced = fx.symbolic_trace(model)
+    modules = dict(traced.named_modules())
+    bn_of = {}
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            for user in node.users:
+                if user.op == "call_module" and isinstance(modules[user.target], nn.BatchNorm2d):
+                    bn_of[node.target] = modules[user.target]
+    ops = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            bn = bn_of.get(name)
+            scale = None if bn is None else (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+            ops.append(ConvOperator(module.weight.detach().double(), shapes[name], module.stride,
+                                    module.padding, module.groups, scale, name))
+        elif isinstance(module, nn.Linear):
+            ops.append(linear_operator(module.weight.detach().double(), name))
+    return ops
+
+
+def _reference_extremes(op):
+    """Independent float64 reference: fft2 of the padded polyphase kernel, SVD per frequency."""
+    import torch
+
+    from auditor.analysis.spectra import to_polyphase
+
+    coarse = to_polyphase(op, op.stride)
+    _, h, w = coarse.input_shape
+    weight = coarse.scaled_weight().double()
+    kh, kw = weight.shape[2:]
+    ph, pw = coarse.padding
+    padded = weight.new_zeros(*weight.shape[:2], h, w)
+    for a in range(kh):
+        for b in range(kw):
+            padded[:, :, (a - ph) % h, (b - pw) % w] += weight[:, :, a, b]
+    symbol = torch.fft.fft2(padded).permute(2, 3, 0, 1).reshape(h * w, *weight.shape[:2])
+    sigma = torch.linalg.svdvals(symbol)
+    return float(sigma.max()), float(sigma[:, -1].min())
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _part_resdyn() -> dict:
+    import torch
+
+    from auditor.analysis.spectra import conv_singular_values
+
+    torch.set_num_threads(THREADS)
+    ops = _operators(_model())
+    start = time.perf_counter()
+    cpu = time.process_time()
+    spectra = {op.name: conv_singular_values(op) for op in ops}
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    rss = _peak_rss_mib()
+    errors = {}
+    for op in ops:
+        if op.name in CHECK_LAYERS:
+            ref_max, ref_min = _reference_extremes(op)
+            values = spectra[op.name]
+            errors[op.name] = {
+                "sigma_max_rel_err": abs(values[0] - ref_max) / ref_max,
+                "sigma_min_rel_err": abs(values[-1] - ref_min) / ref_min,
+                "kappa": ref_max / ref_min,
+            }
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss, "layers": len(ops),
+            "values": int(sum(v.size for v in spectra.values())), "errors": errors}
+
+
+def _part_ww() -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    model = _model()
+    try:
+        import weightwatcher
+    except ImportError:
+        weightwatcher = None
+    start = time.perf_counter()
+    cpu = time.process_time()
+    if weightwatcher is not None:
+        frame = weightwatcher.WeightWatcher(model=model).analyze()
+        baseline, layers = f"weightwatcher {weightwatcher.__version__} analyze()", len(frame)
+    else:  # the work WeightWatcher represents: an SVD per kernel slice
+        layers = 0
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                weight = module.weight.detach().double()
+                slices = weight.permute(2, 3, 0, 1).reshape(-1, *weight.shape[:2]) if weight.ndim == 4 else weight[None]
+                torch.linalg.svdvals(slices)
+                layers += 1
+        baseline = "per-slice SVDs (weightwatcher not installed)"
+    return {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+            "peak_rss_mib": _peak_rss_mib(), "layers": layers, "baseline": baseline}
+
+
+def _run_part(part: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--part", part], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-ww", action="store_true", help="skip the baseline")
+    parser.add_argument("--part", choices=("resdyn", "ww"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.part:
+        print(json.dumps(_part_resdyn() if args.part == "resdyn" else _part_ww()))
+        return
+    runs = {"resdyn": [], "ww": []}
+    for _ in range(args.repeat):  # interleaved, so both sides see the same machine load
+        runs["resdyn"].append(_run_part("resdyn"))
+        if not args.no_ww:
+            runs["ww"].append(_run_part("ww"))
+    ours = runs["resdyn"]
+    wall = [r["wall_s"] for r in ours]
+    print(f"resdyn : {ours[0]['layers']} layers, {ours[0]['values']:,} singular values (all, exact, float64)")
+    print(f"         wall min {min(wall):.2f} s, median {statistics.median(wall):.2f} s; "
+          f"cpu median {statistics.median(r['cpu_s'] for r in ours):.2f} s; "
+          f"peak RSS {max(r['peak_rss_mib'] for r in ours):.0f} MiB")
+    if runs["ww"]:
+        theirs = runs["ww"]
+        ww_wall = [r["wall_s"] for r in theirs]
+        print(f"baseline: {theirs[0]['baseline']}, {theirs[0]['layers']} layers")
+        print(f"         wall min {min(ww_wall):.2f} s, median {statistics.median(ww_wall):.2f} s; "
+              f"cpu median {statistics.median(r['cpu_s'] for r in theirs):.2f} s; "
+              f"peak RSS {max(r['peak_rss_mib'] for r in theirs):.0f} MiB")
+        print(f"ratio resdyn / baseline (wall): min/min {min(wall) / min(ww_wall):.2f}, "
+              f"median/median {statistics.median(wall) / statistics.median(ww_wall):.2f}")
+    print("accuracy vs independent float64 (fft2 + per-frequency SVD):")
+    for name, err in ours[0]["errors"].items():
+        print(f"  {name:16s} kappa {err['kappa']:10.3g}  sigma_max rel err {err['sigma_max_rel_err']:.1e}  "
+              f"sigma_min rel err {err['sigma_min_rel_err']:.1e}")
+    worst = max(max(e["sigma_min_rel_err"], e["sigma_max_rel_err"]) for e in ours[0]["errors"].values())
+    print(f"  max relative error of sigma_min / sigma_max: {worst:.1e}")
+
+
+if __name__ == "__main__":
+    main()
