@@ -91,6 +91,14 @@ def _rules(rules: Sequence[str | Rule], with_data: bool) -> list[Rule]:
     return parsed
 
 
+def _check_stability_options(opts: AuditOptions) -> None:
+    """Refuse stability options that would only fail at the end of a long run."""
+    if not (0 < opts.eps < 1):
+        raise UsageError(f"--eps {opts.eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
+    if opts.directions < 1 or opts.samples < 1:
+        raise UsageError("--directions and --samples must be at least 1")
+
+
 def audit(
     checkpoint: str | Path,
     *,
@@ -138,6 +146,13 @@ def audit(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     subject = open_subject(checkpoint, arch=opts.arch, input_size=opts.input_size)
+    images = None
+    if data is not None:  # cheap checks of every data input before any heavy work
+        from .dataset import open_images
+
+        _check_stability_options(opts)
+        images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
+                             classes=opts.classes, per_class=opts.per_class, seed=opts.seed)
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -157,15 +172,13 @@ def audit(
         "summary": conditioning.summary(),
         "anatomy": {"stages": anatomy["stages"], "penultimate": anatomy["penultimate"]},
     }
-    if data is None:
+    if images is None:
         document["notes"] = ["no --data given: class geometry and stability were not measured"]
     else:
         from .analysis.stability import measure_stability
-        from .dataset import open_images, sample_images
+        from .dataset import sample_images
         from .pipeline import stage_geometry
 
-        images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
-                             classes=opts.classes, per_class=opts.per_class, seed=opts.seed)
         document["data"] = images.section()
         start = time.perf_counter()
         geometry = stage_geometry(
