@@ -82,20 +82,31 @@ class ConditionReport:
     block_info: tuple[BlockInfo, ...]
 
     def summary(self) -> dict[str, Any]:
-        """Counts of Lemma 1 violations and the largest / median kappas."""
-        residual = [b.kappa_linear_residual for b in self.blocks]
+        """Counts of Lemma 1 violations and the largest / median kappas.
+
+        Plain blocks have no residual kappa; for a plain network the worst
+        block is the one with the largest exact plain kappa.
+        """
+        residual_blocks = [b for b in self.blocks if b.shortcut != "none"]
+        residual = [b.kappa_linear_residual for b in residual_blocks]
         finite = [k for k in residual if k is not None]
-        paper = [b.kappa_paper_residual for b in self.blocks if b.kappa_paper_residual is not None]
+        plain = [b.kappa_linear_plain for b in self.blocks if b.kappa_linear_plain is not None]
+        paper = [b.kappa_paper_residual for b in residual_blocks if b.kappa_paper_residual is not None]
         worst = None
         if finite:
-            worst = self.blocks[residual.index(max(finite))].name
+            worst = residual_blocks[residual.index(max(finite))].name
+        elif plain:
+            worst = next(b.name for b in self.blocks if b.kappa_linear_plain == max(plain))
         return {
             "blocks": len(self.blocks),
+            "residual_blocks": len(residual_blocks),
             "lemma1_lower_violations": sum(b.lemma1_lower_holds is False for b in self.blocks),
             "lemma1_upper_violations": sum(b.lemma1_upper_holds is False for b in self.blocks),
             "singular_blocks": sum(k is None for k in residual),
             "max_kappa_linear_residual": max(finite) if finite else None,
             "median_kappa_linear_residual": statistics.median(finite) if finite else None,
+            "max_kappa_linear_plain": max(plain) if plain else None,
+            "median_kappa_linear_plain": statistics.median(plain) if plain else None,
             "max_kappa_paper_residual": max(paper) if paper else None,
             "median_kappa_paper_residual": statistics.median(paper) if paper else None,
             "worst_block": worst,
