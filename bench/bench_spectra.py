@@ -16,7 +16,11 @@ weightwatcher installed, the baseline is the work it represents: the SVD of
 every (C_out x C_in) kernel slice and of the Linear weight.
 
 Each side runs in its own subprocess so its peak RSS is its own; wall times
-are the minimum and median over ``--repeat`` runs. Torch uses 2 threads.
+are the minimum and median over ``--repeat`` interleaved runs. Torch uses 2
+threads. WeightWatcher is timed twice: as installed (its BLAS picks its own
+thread count) and with BLAS limited to one thread (threadpoolctl), because on a
+machine shared with other jobs a multi-threaded BLAS can run many times slower;
+the load average is printed with the results.
 Accuracy: sigma_min and sigma_max of a few layers against an independent
 float64 reference (``fft2`` of the zero-padded kernel, then an SVD of every
 frequency matrix, no Gram matrix).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -88,6 +93,8 @@ def _reference_extremes(op):
     """Independent float64 reference: fft2 of the padded polyphase kernel, SVD per frequency."""
     import torch
 
+    torch.set_num_threads(1)  # after the timing: many small LAPACK calls
+
     from auditor.analysis.spectra import to_polyphase
 
     coarse = to_polyphase(op, op.stride)
@@ -134,11 +141,18 @@ def _part_resdyn() -> dict:
             "values": int(sum(v.size for v in spectra.values())), "errors": errors}
 
 
-def _part_ww() -> dict:
+def _part_ww(single_blas: bool) -> dict:
+    import contextlib
+
     import torch
 
     torch.set_num_threads(THREADS)
     model = _model()
+    limit = contextlib.nullcontext()
+    if single_blas:
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(limits=1, user_api="blas")
     try:
         import weightwatcher
     except ImportError:
@@ -146,7 +160,8 @@ def _part_ww() -> dict:
     start = time.perf_counter()
     cpu = time.process_time()
     if weightwatcher is not None:
-        frame = weightwatcher.WeightWatcher(model=model).analyze()
+        with limit:
+            frame = weightwatcher.WeightWatcher(model=model).analyze()
         baseline, layers = f"weightwatcher {weightwatcher.__version__} analyze()", len(frame)
     else:  # the work WeightWatcher represents: an SVD per kernel slice
         layers = 0
@@ -157,45 +172,54 @@ def _part_ww() -> dict:
                 torch.linalg.svdvals(slices)
                 layers += 1
         baseline = "per-slice SVDs (weightwatcher not installed)"
+    if single_blas:
+        baseline += ", BLAS on 1 thread"
     return {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
             "peak_rss_mib": _peak_rss_mib(), "layers": layers, "baseline": baseline}
 
 
 def _run_part(part: str) -> dict:
     done = subprocess.run([sys.executable, __file__, "--part", part], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["load"] = os.getloadavg()[0]
+    return result
+
+
+def _summary(label: str, runs: list[dict]) -> None:
+    wall = [r["wall_s"] for r in runs]
+    print(f"{label:9s} wall min {min(wall):6.2f} s, median {statistics.median(wall):6.2f} s; "
+          f"cpu median {statistics.median(r['cpu_s'] for r in runs):6.2f} s; "
+          f"peak RSS {max(r['peak_rss_mib'] for r in runs):5.0f} MiB; "
+          f"load avg {statistics.median(r['load'] for r in runs):.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-ww", action="store_true", help="skip the baseline")
-    parser.add_argument("--part", choices=("resdyn", "ww"), help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("resdyn", "ww", "ww1"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:
-        print(json.dumps(_part_resdyn() if args.part == "resdyn" else _part_ww()))
+        result = _part_resdyn() if args.part == "resdyn" else _part_ww(single_blas=args.part == "ww1")
+        print(json.dumps(result))
         return
-    runs = {"resdyn": [], "ww": []}
-    for _ in range(args.repeat):  # interleaved, so both sides see the same machine load
-        runs["resdyn"].append(_run_part("resdyn"))
-        if not args.no_ww:
-            runs["ww"].append(_run_part("ww"))
+    parts = ["resdyn"] if args.no_ww else ["resdyn", "ww", "ww1"]
+    runs: dict[str, list[dict]] = {part: [] for part in parts}
+    for _ in range(args.repeat):  # interleaved, so every side sees the same machine load
+        for part in parts:
+            runs[part].append(_run_part(part))
     ours = runs["resdyn"]
-    wall = [r["wall_s"] for r in ours]
-    print(f"resdyn : {ours[0]['layers']} layers, {ours[0]['values']:,} singular values (all, exact, float64)")
-    print(f"         wall min {min(wall):.2f} s, median {statistics.median(wall):.2f} s; "
-          f"cpu median {statistics.median(r['cpu_s'] for r in ours):.2f} s; "
-          f"peak RSS {max(r['peak_rss_mib'] for r in ours):.0f} MiB")
-    if runs["ww"]:
-        theirs = runs["ww"]
-        ww_wall = [r["wall_s"] for r in theirs]
-        print(f"baseline: {theirs[0]['baseline']}, {theirs[0]['layers']} layers")
-        print(f"         wall min {min(ww_wall):.2f} s, median {statistics.median(ww_wall):.2f} s; "
-              f"cpu median {statistics.median(r['cpu_s'] for r in theirs):.2f} s; "
-              f"peak RSS {max(r['peak_rss_mib'] for r in theirs):.0f} MiB")
-        print(f"ratio resdyn / baseline (wall): min/min {min(wall) / min(ww_wall):.2f}, "
-              f"median/median {statistics.median(wall) / statistics.median(ww_wall):.2f}")
-    print("accuracy vs independent float64 (fft2 + per-frequency SVD):")
+    print(f"command: python bench/bench_spectra.py --repeat {args.repeat}; torch threads {THREADS}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"resdyn:   {ours[0]['layers']} layers, {ours[0]['values']:,} singular values (all, exact, float64)")
+    _summary("resdyn", ours)
+    for part in parts[1:]:
+        print(f"baseline: {runs[part][0]['baseline']}, {runs[part][0]['layers']} layers")
+        _summary(part, runs[part])
+        wall, base = [r["wall_s"] for r in ours], [r["wall_s"] for r in runs[part]]
+        print(f"          ratio resdyn / {part} (wall): min/min {min(wall) / min(base):.2f}, "
+              f"median/median {statistics.median(wall) / statistics.median(base):.2f}")
+    print("accuracy vs an independent float64 reference (fft2 + SVD of every frequency matrix, no Gram):")
     for name, err in ours[0]["errors"].items():
         print(f"  {name:16s} kappa {err['kappa']:10.3g}  sigma_max rel err {err['sigma_max_rel_err']:.1e}  "
               f"sigma_min rel err {err['sigma_min_rel_err']:.1e}")

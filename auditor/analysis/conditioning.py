@@ -1,20 +1,19 @@
-"""Condition numbers of residual blocks, exact and as the paper defines them.
+"""Condition numbers of residual blocks, from the exact circular operators.
 
-A block with convolutions ``W_1 .. W_k`` (BatchNorm folded into their
-``out_scale``) and shortcut ``S`` is linearized by taking ReLU as the identity:
-``A = W_k ... W_1 + S``. Under circular boundary conditions every operator is
-brought onto the block's coarsest grid by the polyphase rearrangement
-(:func:`auditor.analysis.spectra.to_polyphase`), where all of them are
-block-diagonal over the same spatial frequencies; so the singular values of
-``A`` are exactly the union over frequencies ``f`` of those of the small
-matrices ``P_k(f) ... P_1(f) + S(f)``.
+A block with convolutions ``W_1 .. W_k`` (eval BatchNorm folded in as
+``out_scale``) and shortcut ``S`` is linearized with ReLU taken as the identity:
+``A = W_k ... W_1 + S``. Under circular boundary conditions every factor is
+block-diagonal in the same Fourier basis once all of them are expressed on the
+block's coarsest grid (:func:`auditor.analysis.spectra.to_polyphase`, whose
+channel ordering chains from one layer to the next), so ``A`` is exactly the
+direct sum over frequencies of small matrix products ``P_k(u) ... P_1(u) + S(u)``.
 
 References
 ----------
-.. [1] "Understanding ResNet from a Discrete Dynamical System Perspective",
-   ICLR 2022 submission: Eq. 2 and Lemma 1.
-.. [2] H. Sedghi, V. Gupta, P. M. Long, "The Singular Values of Convolutional
+.. [1] H. Sedghi, V. Gupta, P. M. Long, "The Singular Values of Convolutional
    Layers", ICLR 2019.
+.. [2] "Understanding ResNet from a Discrete Dynamical System Perspective",
+   ICLR 2022 submission (Eq. 2 and Lemma 1).
 """
 
 from __future__ import annotations
@@ -22,21 +21,50 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
 
-from ..errors import InputError
-from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut, conv_singular_values, to_polyphase
+from ..errors import InputError, UsageError
+from .spectra import (
+    ConvOperator,
+    IdentityShortcut,
+    OptionAShortcut,
+    _blas_single_thread,
+    _chunks,
+    _half_plane,
+    _parallel,
+    _sigma_of_matrices,
+    _symbols,
+    conv_singular_values,
+    to_polyphase,
+)
 
-__all__ = ["BlockConditioning", "block_singular_values", "condition_block", "LEMMA_RTOL", "SINGULAR_RTOL"]
+__all__ = [
+    "LEMMA_RTOL",
+    "Shortcut",
+    "LayerSigma",
+    "BlockConditioning",
+    "block_singular_values",
+    "condition_block",
+]
 
 Shortcut = Union[IdentityShortcut, OptionAShortcut, ConvOperator, None]
 
-LEMMA_RTOL = 1e-9  # relative slack of the Lemma 1 checks (float64 round-off)
-SINGULAR_RTOL = 1e-12  # sigma_min below this times sigma_max: singular, kappa undefined
-_FREQ_CHUNK_BYTES = 1 << 27  # complex128 bytes of per-frequency matrices built at once
+# Relative slack of the Lemma 1 checks: both sides are computed in float64 to
+# ~1e-12, so a violation smaller than 1e-9 of the bound is rounding, not a finding.
+LEMMA_RTOL = 1e-9
+
+_KAPPAS = ("kappa_paper_residual", "kappa_paper_plain", "kappa_linear_residual", "kappa_linear_plain")
+
+
+class LayerSigma(NamedTuple):
+    """Largest and smallest singular value of one convolution of a block."""
+
+    layer: str
+    max: float
+    min: float
 
 
 @dataclass(frozen=True)
@@ -45,220 +73,346 @@ class BlockConditioning:
 
     Attributes
     ----------
-    name, stage, shortcut : str
-    sigma : tuple of (layer, max, min)
-        Extreme singular values ``M_i``, ``m_i`` of every convolution as an operator.
+    name, stage : str
+    shortcut : str
+        ``identity``, ``option_a``, ``projection``, ``none`` or the caller's
+        ``shortcut_kind`` (e.g. ``other``).
+    sigma : tuple of LayerSigma
+        ``(layer, M_i, m_i)`` per convolution, BN folded in when given as ``out_scale``.
     kappa_paper_residual : float or None
-        ``(prod M_i + s_max) / (prod m_i + s_min)``: the paper's Eq. 2, with
-        ``s = 1`` for identity and option-A shortcuts and the projection's
-        extreme singular values for projections. None for plain blocks.
+        ``(prod M_i + s_max) / (prod m_i + s_min)``: the paper's Eq. 2 with
+        ``s = 1`` for identity and option A, the projection's extreme singular
+        values otherwise.
     kappa_paper_plain : float or None
         ``prod M_i / prod m_i``.
     kappa_linear_residual, kappa_linear_plain : float or None
-        Exact condition numbers of ``W_k ... W_1 + S`` and ``W_k ... W_1``.
+        Exact condition numbers of ``A = W_k ... W_1 + S`` and ``W_k ... W_1``.
     sigma_linear_residual, sigma_linear_plain : (max, min) or None
+        Their extreme singular values.
     lemma1_upper_holds, lemma1_lower_holds : bool or None
         ``sigma_max(A) <= prod M_i + s_max`` and ``sigma_min(A) >= prod m_i + s_min``
-        (relative tolerance :data:`LEMMA_RTOL`); None for plain blocks.
+        up to :data:`LEMMA_RTOL`; None without a shortcut operator.
+    lemma1_bounds : (lower, upper) or None
+        ``(prod m_i + s_min, prod M_i + s_max)``.
+    shortcut_norms : (s_max, s_min) or None
     reasons : dict of str to str
-        Why a field is None.
+        Why a field is None; also as ``kappa_*_reason`` properties.
     """
 
     name: str
     stage: str
     shortcut: str
-    sigma: tuple[tuple[str, float, float], ...]
+    sigma: tuple[LayerSigma, ...]
     kappa_paper_residual: float | None
     kappa_paper_plain: float | None
     kappa_linear_residual: float | None
     kappa_linear_plain: float | None
     sigma_linear_residual: tuple[float, float] | None
-    sigma_linear_plain: tuple[float, float] | None
+    sigma_linear_plain: tuple[float, float]
     lemma1_upper_holds: bool | None
     lemma1_lower_holds: bool | None
     lemma1_bounds: tuple[float, float] | None
+    shortcut_norms: tuple[float, float] | None = None
     reasons: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def kappa_paper_residual_reason(self) -> str | None:
+        """Why ``kappa_paper_residual`` is None."""
+        return self.reasons.get("kappa_paper_residual")
+
+    @property
+    def kappa_paper_plain_reason(self) -> str | None:
+        """Why ``kappa_paper_plain`` is None."""
+        return self.reasons.get("kappa_paper_plain")
+
+    @property
+    def kappa_linear_residual_reason(self) -> str | None:
+        """Why ``kappa_linear_residual`` is None."""
+        return self.reasons.get("kappa_linear_residual")
+
+    @property
+    def kappa_linear_plain_reason(self) -> str | None:
+        """Why ``kappa_linear_plain`` is None."""
+        return self.reasons.get("kappa_linear_plain")
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict with the contract's field names."""
+        """JSON-safe dict with the contract's field names (non-finite numbers as None)."""
+        pair = lambda p: None if p is None else [_finite(p[0]), _finite(p[1])]  # noqa: E731
         out: dict[str, Any] = {
             "name": self.name,
             "stage": self.stage,
             "shortcut": self.shortcut,
-            "sigma": [{"layer": layer, "max": hi, "min": lo} for layer, hi, lo in self.sigma],
-            "kappa_paper_residual": self.kappa_paper_residual,
-            "kappa_paper_plain": self.kappa_paper_plain,
-            "kappa_linear_residual": self.kappa_linear_residual,
-            "kappa_linear_plain": self.kappa_linear_plain,
-            "sigma_linear_residual": list(self.sigma_linear_residual) if self.sigma_linear_residual else None,
-            "sigma_linear_plain": list(self.sigma_linear_plain) if self.sigma_linear_plain else None,
+            "sigma": [{"layer": s.layer, "max": _finite(s.max), "min": _finite(s.min)} for s in self.sigma],
+        }
+        out.update({key: _finite(getattr(self, key)) for key in _KAPPAS})
+        out.update({
+            "sigma_linear_residual": pair(self.sigma_linear_residual),
+            "sigma_linear_plain": pair(self.sigma_linear_plain),
             "lemma1_upper_holds": self.lemma1_upper_holds,
             "lemma1_lower_holds": self.lemma1_lower_holds,
-            "lemma1_bounds": list(self.lemma1_bounds) if self.lemma1_bounds else None,
-        }
+            "lemma1_bounds": pair(self.lemma1_bounds),
+            "shortcut_norms": pair(self.shortcut_norms),
+        })
         for key, reason in self.reasons.items():
             out[f"{key}_reason"] = reason
         return out
 
 
-# ---------------------------------------------------------------- per-frequency matrices
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
-def _dense_groups(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Grouped kernel (C_out, C_in/g, kh, kw) -> block-diagonal dense (C_out, C_in, kh, kw)."""
-    if groups == 1:
+# ---------------------------------------------------------------- block operator
+
+
+@dataclass(frozen=True)
+class _Spectra:
+    """Per-frequency singular values of the plain and residual block operators.
+
+    ``plain`` / ``residual``: arrays (n_freq, k) for the half-plane frequencies
+    with multiplicities ``mult``; ``extra_*``: values every frequency also has
+    (from an exact reduction); ``side``: max(rows, cols) of one frequency matrix.
+    """
+
+    plain: np.ndarray
+    residual: np.ndarray | None
+    mult: np.ndarray
+    extra_plain: np.ndarray
+    extra_residual: np.ndarray
+    side: int
+
+    def values(self, residual: bool) -> np.ndarray:
+        per_freq = self.residual if residual else self.plain
+        extra = self.extra_residual if residual else self.extra_plain
+        rows = np.concatenate([per_freq, np.broadcast_to(extra, (len(per_freq), extra.size))], axis=1)
+        return np.sort(np.repeat(rows, self.mult, axis=0).ravel())[::-1]
+
+    def extremes(self, residual: bool) -> tuple[float, float]:
+        per_freq = self.residual if residual else self.plain
+        extra = self.extra_residual if residual else self.extra_plain
+        top = max(per_freq.max(initial=0.0), extra.max(initial=0.0))
+        bottom = min(per_freq.min(initial=math.inf), extra.min(initial=math.inf))
+        return float(top), float(bottom)
+
+
+def _circular_output(op: ConvOperator) -> tuple[int, int, int]:
+    c, h, w = op.input_shape
+    (sh, sw) = op.stride
+    if h % sh or w % sw:
+        raise InputError(
+            f"layer {op.name!r}: input {op.input_shape} is not divisible by the stride {op.stride}, "
+            "so the block's circular model does not apply"
+        )
+    return op.out_channels, h // sh, w // sw
+
+
+def _check_chain(convs: Sequence[ConvOperator], shortcut: Shortcut) -> tuple[int, int]:
+    """Validate shapes; return the block's total stride per axis."""
+    if not convs or not all(isinstance(c, ConvOperator) for c in convs):
+        raise UsageError("a block needs at least one ConvOperator")
+    total = [1, 1]
+    shape = convs[0].input_shape
+    for op in convs:
+        if op.input_shape != shape:
+            raise InputError(
+                f"block: layer {op.name!r} expects input {op.input_shape} but the previous layer gives "
+                f"{shape} under the circular model (it keeps H / stride positions)",
+                hint="the circular model needs 'same' padding (2 p = k - s)",
+            )
+        shape = _circular_output(op)
+        total = [total[0] * op.stride[0], total[1] * op.stride[1]]
+    if shortcut is not None:
+        if not isinstance(shortcut, (IdentityShortcut, OptionAShortcut, ConvOperator)):
+            raise UsageError(f"unsupported shortcut {type(shortcut).__name__}")
+        out = _circular_output(shortcut) if isinstance(shortcut, ConvOperator) else shortcut.output_shape
+        if shortcut.input_shape != convs[0].input_shape or out != shape:
+            raise InputError(
+                f"block: shortcut maps {shortcut.input_shape} -> {out} but the residual branch maps "
+                f"{convs[0].input_shape} -> {shape}"
+            )
+        if isinstance(shortcut, OptionAShortcut) and (shortcut.stride, shortcut.stride) != tuple(total):
+            raise InputError(f"block: option A stride {shortcut.stride} differs from the branch's {tuple(total)}")
+    c, h, w = convs[0].input_shape
+    if h % total[0] or w % total[1]:
+        raise InputError(f"block: input {convs[0].input_shape} is not divisible by the total stride {tuple(total)}")
+    return total[0], total[1]
+
+
+def _dense_weight(op: ConvOperator) -> np.ndarray:
+    """The (C_out, C_in, kh, kw) kernel with out_scale folded and groups as diagonal blocks."""
+    weight = op.scaled_weight().detach().to("cpu", torch.float64).numpy()
+    if op.groups == 1:
         return weight
     c_out, c_in_g = weight.shape[:2]
-    dense = weight.new_zeros(c_out, c_in_g * groups, *weight.shape[2:])
-    per = c_out // groups
-    for g in range(groups):
-        dense[g * per : (g + 1) * per, g * c_in_g : (g + 1) * c_in_g] = weight[g * per : (g + 1) * per]
-    return dense
+    full = np.zeros((c_out, c_in_g * op.groups, *weight.shape[2:]))
+    step = c_out // op.groups
+    for g in range(op.groups):
+        full[g * step:(g + 1) * step, g * c_in_g:(g + 1) * c_in_g] = weight[g * step:(g + 1) * step]
+    return full
 
 
-class _Symbol:
-    """Per-frequency matrices of a stride-1 convolution on an (h, w) grid."""
-
-    def __init__(self, op: ConvOperator, grid: tuple[int, int]) -> None:
-        kernel = _dense_groups(op.scaled_weight().to(torch.float64), op.groups)
-        self.kernel = kernel.to(torch.complex128)
-        kh, kw = op.kernel_size
-        ph, pw = op.padding
-        # Tap (a, b) reads x[i + a - p]: phase exp(2 pi i (u (a - p) / h + v (b - p) / w)).
-        self.offsets_h = torch.arange(kh, dtype=torch.float64) - ph
-        self.offsets_w = torch.arange(kw, dtype=torch.float64) - pw
-        self.grid = grid
-        self.shape = (kernel.shape[0], kernel.shape[1])
-
-    def at(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Matrices of shape (len(u), C_out, C_in) at frequencies (u, v)."""
-        h, w = self.grid
-        phase_h = torch.exp(2j * math.pi * u[:, None].double() * self.offsets_h[None] / h)  # (F, kh)
-        phase_w = torch.exp(2j * math.pi * v[:, None].double() * self.offsets_w[None] / w)  # (F, kw)
-        return torch.einsum("fa,fb,oiab->foi", phase_h, phase_w, self.kernel)
+def _option_a_matrix(shortcut: OptionAShortcut) -> np.ndarray:
+    """Option A on the coarse grid: channel ``c s^2`` (phase (0, 0)) to ``pad_before + c``."""
+    c_in = shortcut.input_shape[0]
+    s2 = shortcut.stride**2
+    matrix = np.zeros((shortcut.out_channels, c_in * s2))
+    matrix[shortcut.pad_before + np.arange(c_in), np.arange(c_in) * s2] = 1.0
+    return matrix
 
 
-def _half_plane(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One frequency of each conjugate pair, and its multiplicity (1 or 2).
-
-    Real operators give P(-f) = conj(P(f)): the same singular values.
-    """
-    u = torch.arange(h).repeat_interleave(w)
-    v = torch.arange(w).repeat(h)
-    partner_u, partner_v = (-u) % h, (-v) % w
-    keep = (u * w + v) <= (partner_u * w + partner_v)
-    multiplicity = torch.where((partner_u == u) & (partner_v == v), 1, 2)
-    return u[keep], v[keep], multiplicity[keep]
-
-
-def _shortcut_symbol(shortcut: Shortcut, grid: tuple[int, int], out_channels: int) -> Any:
-    """Shortcut on the coarse grid: a _Symbol, or a constant matrix (identity, option A)."""
-    if shortcut is None:
-        return None
-    if isinstance(shortcut, IdentityShortcut):
-        return torch.eye(shortcut.input_shape[0], dtype=torch.complex128)
-    if isinstance(shortcut, OptionAShortcut):
-        c_in, h, w = shortcut.input_shape
-        f = h // grid[0]
-        if f != shortcut.stride or h % f or w // grid[1] != f:
-            raise InputError(f"option-A shortcut with stride {shortcut.stride} does not map {h}x{w} onto {grid}")
-        # Polyphase channel c * f^2 + 0 holds x[c, f I, f J]: exactly the subsampled input.
-        matrix = torch.zeros(shortcut.out_channels, c_in * f * f, dtype=torch.complex128)
-        for c in range(c_in):
-            matrix[shortcut.pad_before + c, c * f * f] = 1.0
-        return matrix
-    factor = shortcut.input_shape[1] // grid[0]
-    return _Symbol(to_polyphase(shortcut, factor), grid)
-
-
-def _chain(convs: Sequence[ConvOperator]) -> tuple[list[_Symbol], tuple[int, int]]:
-    """Every convolution as a stride-1 operator on the block's coarsest grid."""
-    out_shape = convs[-1].output_shape
-    grid = (out_shape[1], out_shape[2])
-    symbols = []
+def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectra:
+    """Per-frequency singular values of ``W_k .. W_1`` and of ``W_k .. W_1 + S``."""
+    total = _check_chain(convs, shortcut)
+    # 1. every factor as a stride-1 operator on the coarsest grid
+    coarse, before = [], (1, 1)
     for op in convs:
-        _, h, w = op.input_shape
-        if h % grid[0] or w % grid[1]:
-            raise InputError(
-                f"layer {op.name!r}: input {h}x{w} is not a multiple of the block output grid {grid}, "
-                "so the circular model does not apply",
-                hint="use an input size divisible by the network's total stride",
-            )
-        symbols.append(_Symbol(to_polyphase(op, (h // grid[0], w // grid[1])), grid))
-    for first, second in zip(symbols, symbols[1:]):
-        if first.shape[0] != second.shape[1]:
-            raise InputError(f"block operators do not chain: {first.shape} then {second.shape}")
-    return symbols, grid
+        coarse.append(to_polyphase(op, (total[0] // before[0], total[1] // before[1])))
+        before = (before[0] * op.stride[0], before[1] * op.stride[1])
+    _, h, w = coarse[0].input_shape
+    weights = [_dense_weight(op) for op in coarse]
+    paddings = [op.padding for op in coarse]
+    n_out, n_in = weights[-1].shape[0], weights[0].shape[1]
+    projection = to_polyphase(shortcut, total) if isinstance(shortcut, ConvOperator) else None
+    constant = _option_a_matrix(shortcut) if isinstance(shortcut, OptionAShortcut) else None
+    # 2. exact reduction (identity shortcut, 1x1 first and last layers): A is the
+    #    identity on the complement of V = range(W_1^T) + range(W_k), so only
+    #    Q^T A Q matters, Q an orthonormal basis of V
+    extra_plain = extra_residual = np.zeros(0)
+    identity_size = n_in if isinstance(shortcut, IdentityShortcut) else 0
+    single_tap = all(weights[i].shape[2:] == (1, 1) for i in (0, -1))
+    if identity_size and single_tap and len(weights) > 1:
+        span = np.concatenate([weights[0][:, :, 0, 0].T, weights[-1][:, :, 0, 0]], axis=1)
+        u_, s_, _ = np.linalg.svd(span, full_matrices=False)
+        rank = int(np.sum(s_ > max(span.shape) * np.finfo(float).eps * s_[0])) if s_.size and s_[0] > 0 else 0
+        if rank < identity_size:
+            q = u_[:, :rank]
+            weights[0] = np.einsum("oc...,cr->or...", weights[0], q)
+            weights[-1] = np.einsum("cr,co...->ro...", q, weights[-1])
+            extra_plain, extra_residual = np.zeros(identity_size - rank), np.ones(identity_size - rank)
+            identity_size = rank
+    u, v, mult = _half_plane(h, w)
+    grid = (h, w)
+    rows, cols = weights[-1].shape[0], weights[0].shape[1]
+    projection_weight = None if projection is None else _dense_weight(projection)
+
+    # 3. per frequency chunk: chain product, shortcut, singular values
+    def chunk(part: slice) -> tuple[np.ndarray, np.ndarray | None]:
+        product = _symbols(weights[0], paddings[0], grid, u[part], v[part])
+        for weight, padding in zip(weights[1:], paddings[1:]):
+            product = _symbols(weight, padding, grid, u[part], v[part]) @ product
+        plain = _sigma_of_matrices(product)
+        if shortcut is None:
+            return plain, None
+        if isinstance(shortcut, IdentityShortcut):
+            product[:, np.arange(identity_size), np.arange(identity_size)] += 1.0
+        elif constant is not None:
+            product += constant
+        else:
+            product += _symbols(projection_weight, projection.padding, grid, u[part], v[part])
+        return plain, _sigma_of_matrices(product)
+
+    workers = max(1, torch.get_num_threads())
+    largest = max(max(wt.shape[0] * wt.shape[1] for wt in weights), rows * cols)
+    with _blas_single_thread():
+        results = _parallel(chunk, _chunks(len(u), 16 * 4 * largest, workers), workers)
+    residual = None if shortcut is None else np.concatenate([r[1] for r in results])
+    side = max(n_out, n_in)
+    return _Spectra(np.concatenate([r[0] for r in results]), residual, mult, extra_plain, extra_residual, side)
 
 
 def block_singular_values(
     convs: Sequence[ConvOperator], shortcut: Shortcut, *, dtype: torch.dtype = torch.float64
 ) -> np.ndarray:
-    """All singular values of the linearized block ``W_k ... W_1 + S`` (circular boundary).
+    """All singular values of a linearized block under circular boundary conditions.
 
     Parameters
     ----------
     convs : sequence of ConvOperator
-        The residual branch in order; each one's ``input_shape`` is the real input size.
+        ``W_1 .. W_k`` in order; each one's ``input_shape`` must be the
+        previous one's circular output ``(C_out, H / s_h, W / s_w)``.
     shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
-        None gives the plain block ``W_k ... W_1``.
+        ``S``; ``None`` gives the plain block ``W_k ... W_1``.
     dtype : torch.dtype
-        Accepted for symmetry with :func:`conv_singular_values`; the products
-        are always formed in complex128.
+        Only ``torch.float64`` (see :func:`auditor.analysis.spectra.conv_singular_values`).
 
     Returns
     -------
-    ndarray of shape (n_frequencies * min(rows, cols),)
-        Descending. A wide per-frequency matrix (stride 2 doubles channels and
-        quarters positions) contributes ``min(rows, cols)`` values.
+    ndarray of shape (min(rows, cols),)
+        Descending; ``rows = C_out H W / F^2`` and ``cols = C_in H W`` with
+        ``F`` the block's total stride (e.g. 16x32x32 -> 32x16x16 is
+        8192 x 16384: 8192 values).
 
-    Raises
-    ------
-    InputError
-        Sizes that do not divide the strides, or operators that do not chain.
+    Notes
+    -----
+    Exact, not a bound: ReLU is taken as the identity and BatchNorm enters
+    through ``out_scale``.
+
+    1. Every operator is brought onto the block's coarsest grid by
+       :func:`to_polyphase` (input factor ``F / (strides before it)``); the
+       channel ordering of one layer's output is the next one's input, and
+       the shortcut is brought to the same grid (option A keeps channel
+       ``c F^2``, i.e. phase (0, 0), and moves it to ``pad_before + c``).
+    2. Per frequency of one half-plane (real operators: conjugate frequencies
+       have the same singular values) the matrices are multiplied,
+       ``P_k(u) ... P_1(u) (+ S(u))``, and their singular values taken from
+       the Gram matrix of the smaller side (SVD where that is ill-conditioned).
+    3. Identity shortcut with 1x1 first and last convolutions (bottlenecks):
+       ``A = I + W_k M(u) W_1`` is the identity on the complement of
+       ``V = range(W_1^T) + range(W_k)`` and maps ``V`` to itself, so its
+       singular values are those of ``Q^T A Q`` (``Q`` a basis of ``V``, at
+       most twice the bottleneck width) and ``dim V^perp`` ones.
+
+    References
+    ----------
+    .. [1] H. Sedghi, V. Gupta, P. M. Long, "The Singular Values of
+       Convolutional Layers", ICLR 2019.
+    .. [2] "Understanding ResNet from a Discrete Dynamical System Perspective",
+       ICLR 2022 submission.
     """
-    if not convs:
-        raise InputError("a block needs at least one convolution")
-    symbols, grid = _chain(convs)
-    short = _shortcut_symbol(shortcut, grid, symbols[-1].shape[0])
-    u, v, multiplicity = _half_plane(*grid)
-    widest = max(max(s.shape) for s in symbols) ** 2 * 16 * (len(symbols) + 2)
-    chunk = max(1, _FREQ_CHUNK_BYTES // widest)
-    values = []
-    for start in range(0, len(u), chunk):
-        uu, vv, mm = u[start : start + chunk], v[start : start + chunk], multiplicity[start : start + chunk]
-        product = symbols[0].at(uu, vv)
-        for symbol in symbols[1:]:
-            product = symbol.at(uu, vv) @ product
-        if isinstance(short, _Symbol):
-            product = product + short.at(uu, vv)
-        elif short is not None:
-            if short.shape != product.shape[1:]:
-                raise InputError(f"shortcut {tuple(short.shape)} does not match the branch {tuple(product.shape[1:])}")
-            product = product + short
-        sv = torch.linalg.svdvals(product).numpy()  # (F, min(rows, cols))
-        values.append(np.repeat(sv, mm.numpy(), axis=0).ravel())
-    return np.sort(np.concatenate(values))[::-1]
+    if dtype != torch.float64:
+        raise UsageError(f"dtype must be torch.float64, got {dtype}")
+    return _block_spectra(convs, shortcut).values(residual=shortcut is not None)
 
 
-# ---------------------------------------------------------------- condition numbers
+# ---------------------------------------------------------------- conditioning
 
 
-def _kappa(hi: float, lo: float) -> tuple[float | None, str | None]:
-    if not (math.isfinite(hi) and math.isfinite(lo)):
-        return None, "non-finite singular values"
-    if hi == 0:
-        return None, "zero operator"
-    if lo <= SINGULAR_RTOL * hi:
-        return None, "singular operator (smallest singular value is zero to working precision)"
-    return hi / lo, None
+def _kappa(top: float, bottom: float, scale: float, side: int, what: str) -> tuple[float | None, str | None]:
+    """``top / bottom``, or None and why.
+
+    ``bottom`` is zero to working precision when ``bottom <= side * eps * scale``:
+    the rank tolerance of :func:`numpy.linalg.matrix_rank` for one frequency
+    matrix of size ``side``, with ``scale`` the norm bound of the computed
+    factors (a product's rounding is relative to the factors, not to the result).
+    """
+    if not (math.isfinite(top) and math.isfinite(bottom)):
+        return None, f"{what}: singular values not finite"
+    if top <= 0:
+        return None, f"{what} is zero"
+    if bottom <= side * np.finfo(float).eps * max(scale, top):
+        return None, f"{what} is singular (smallest singular value is zero to working precision)"
+    value = top / bottom
+    return (value, None) if math.isfinite(value) else (None, f"{what}: ratio not finite")
 
 
-def _shortcut_norms(shortcut: Shortcut) -> tuple[float, float]:
+def _layer_side(op: ConvOperator) -> int:
+    return max(op.out_channels, op.in_channels * op.stride[0] * op.stride[1])
+
+
+def _shortcut_norms(shortcut: Shortcut) -> tuple[float, float, int]:
+    """The norms entering the paper's formulas, and the shortcut's matrix side."""
     if isinstance(shortcut, ConvOperator):
         values = conv_singular_values(shortcut)
-        return float(values[0]), float(values[-1])
-    return 1.0, 1.0
+        return float(values[0]), float(values[-1]), _layer_side(shortcut)
+    return 1.0, 1.0, 1
+
+
+def _kind(shortcut: Shortcut) -> str:
+    if shortcut is None:
+        return "none"
+    if isinstance(shortcut, IdentityShortcut):
+        return "identity"
+    return "option_a" if isinstance(shortcut, OptionAShortcut) else "projection"
 
 
 def condition_block(
@@ -268,70 +422,113 @@ def condition_block(
     name: str = "",
     stage: str = "",
     shortcut_kind: str | None = None,
+    layer_extremes: Sequence[tuple[float, float]] | None = None,
 ) -> BlockConditioning:
-    """Paper and exact condition numbers of one block, with the Lemma 1 checks.
+    """Paper and exact condition numbers of one block, and Lemma 1 checked.
 
     Parameters
     ----------
     convs : sequence of ConvOperator
-        Residual branch, BatchNorm folded into ``out_scale`` where wanted.
+        ``W_1 .. W_k`` (BN folded into ``out_scale`` unless the caller wants raw weights).
     shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
-        None: a plain block (or, with ``shortcut_kind="other"``, a shortcut that
-        is not a linear operator resdyn can express: residual fields are None).
+        None for a plain block, or (with ``shortcut_kind="other"``) a shortcut
+        that is not expressible as an operator: the residual fields are then None.
     name, stage : str
+        Carried into the result.
     shortcut_kind : str, optional
         Reported kind; derived from ``shortcut`` when omitted.
+    layer_extremes : sequence of (sigma_max, sigma_min), optional
+        ``(M_i, m_i)`` already computed (circular); computed here otherwise.
 
     Returns
     -------
     BlockConditioning
+        With ``M = prod M_i``, ``m = prod m_i`` and shortcut norms
+        ``s_max, s_min`` (1 and 1 for identity and option A):
+
+        - ``kappa_paper_residual = (M + s_max) / (m + s_min)``: the paper's
+          Eq. 2, ``(M + 1) / (m + 1)``, generalised to a projection shortcut
+          (whose norm is not 1) by its largest and smallest singular values;
+        - ``kappa_paper_plain = M / m``;
+        - ``kappa_linear_residual = sigma_max(A) / sigma_min(A)``, ``A = W_k ... W_1 + S``;
+        - ``kappa_linear_plain``: the same for ``W_k ... W_1``;
+        - ``lemma1_upper_holds``: ``sigma_max(A) <= (M + s_max)(1 + 1e-9)``;
+        - ``lemma1_lower_holds``: ``sigma_min(A) >= (m + s_min)(1 - 1e-9)``.
+
+        Smallest singular values are over ``min(rows, cols)`` values (a
+        stride-2 block 16x32x32 -> 32x16x16 is 8192 x 16384: 8192 values). A
+        singular operator (``sigma_min <= side * eps * scale``, ``side`` the
+        larger dimension of one frequency matrix, ``scale`` the norm bound of
+        its factors) gives the kappa None and a reason, never inf or NaN.
 
     Notes
     -----
-    For a projection shortcut the paper's ``+1`` becomes ``+ s_max`` in the
-    numerator and ``+ s_min`` in the denominator, the projection's extreme
-    singular values (``||S|| = 1`` for identity and option A).
+    ``kappa_linear_plain`` and ``kappa_paper_plain`` are invariant to scaling
+    a weight (ratios of homogeneous quantities); the residual kappas are not,
+    because ``S`` does not scale. The tolerance 1e-9 of the Lemma 1 checks
+    absorbs rounding (both sides are accurate to ~1e-12 relative), nothing more.
+
+    References
+    ----------
+    .. [1] "Understanding ResNet from a Discrete Dynamical System Perspective",
+       ICLR 2022 submission, Eq. 2 and Lemma 1.
+    .. [2] H. Sedghi, V. Gupta, P. M. Long, "The Singular Values of
+       Convolutional Layers", ICLR 2019.
     """
-    kind = shortcut_kind or (
-        "none" if shortcut is None else "identity" if isinstance(shortcut, IdentityShortcut)
-        else "option_a" if isinstance(shortcut, OptionAShortcut) else "projection"
-    )
+    kind = shortcut_kind or _kind(shortcut)
     reasons: dict[str, str] = {}
-    sigma = []
-    for op in convs:
-        values = conv_singular_values(op)
-        sigma.append((op.name, float(values[0]), float(values[-1])))
-    big_m = math.prod(s[1] for s in sigma)
-    small_m = math.prod(s[2] for s in sigma)
-    plain_values = block_singular_values(convs, None)
-    sigma_plain = (float(plain_values[0]), float(plain_values[-1]))
-    kappa_linear_plain, why = _kappa(*sigma_plain)
+    # 1. per-layer extremes M_i, m_i
+    if layer_extremes is None:
+        layer_extremes = []
+        for op in convs:
+            values = conv_singular_values(op)
+            layer_extremes.append((float(values[0]), float(values[-1])))
+    if len(layer_extremes) != len(convs):
+        raise UsageError(f"layer_extremes has {len(layer_extremes)} entries for {len(convs)} convolutions")
+    sigma = tuple(
+        LayerSigma(op.name or f"conv{i + 1}", float(top), float(bottom))
+        for i, (op, (top, bottom)) in enumerate(zip(convs, layer_extremes))
+    )
+    big_m = math.prod(s.max for s in sigma)
+    small_m = math.prod(s.min for s in sigma)
+    singular_layer = next(
+        (why for s, op in zip(sigma, convs)
+         if (why := _kappa(s.max, s.min, s.max, _layer_side(op), f"layer {s.layer!r}")[1])),
+        None,
+    )
+    kappa_paper_plain = None if singular_layer else big_m / small_m
+    if singular_layer:
+        reasons["kappa_paper_plain"] = singular_layer
+    # 2. the block operator, exact per frequency
+    use_shortcut = shortcut is not None and kind != "other"
+    spectra = _block_spectra(convs, shortcut if use_shortcut else None)
+    sigma_plain = spectra.extremes(residual=False)
+    kappa_linear_plain, why = _kappa(*sigma_plain, big_m, spectra.side, "the plain branch")
     if why:
         reasons["kappa_linear_plain"] = why
-    # The paper's ratio of products is a formula, not an operator: only a zero product is undefined.
-    kappa_paper_plain = big_m / small_m if small_m > 0 and math.isfinite(big_m / small_m) else None
-    if kappa_paper_plain is None:
-        reasons["kappa_paper_plain"] = "a convolution has smallest singular value 0"
-    residual = shortcut is not None and kind != "other"
-    kappa_paper_residual = kappa_linear_residual = None
-    sigma_residual = bounds = None
-    upper = lower = None
-    if residual:
-        s_max, s_min = _shortcut_norms(shortcut)
-        kappa_paper_residual = (big_m + s_max) / (small_m + s_min)
-        values = block_singular_values(convs, shortcut)
-        sigma_residual = (float(values[0]), float(values[-1]))
-        kappa_linear_residual, why = _kappa(*sigma_residual)
-        if why:
-            reasons["kappa_linear_residual"] = why
-        bounds = (small_m + s_min, big_m + s_max)
-        upper = sigma_residual[0] <= bounds[1] * (1 + LEMMA_RTOL)
-        lower = sigma_residual[1] >= bounds[0] * (1 - LEMMA_RTOL)
-    else:
+    if not use_shortcut:
         why = "plain block: no shortcut" if kind == "none" else "shortcut is not a linear operator resdyn can express"
         for key in ("kappa_paper_residual", "kappa_linear_residual", "lemma1_upper_holds", "lemma1_lower_holds"):
             reasons[key] = why
+        return BlockConditioning(
+            name, stage, kind, sigma, None, kappa_paper_plain, None, kappa_linear_plain, None, sigma_plain,
+            None, None, None, None, reasons,
+        )
+    # 3. the paper's formula, the shortcut's norms in place of its "+1"
+    s_max, s_min, s_side = _shortcut_norms(shortcut)
+    if s_min <= s_side * np.finfo(float).eps * s_max:
+        s_min = 0.0  # a singular projection (e.g. one that discards input)
+    upper, lower = big_m + s_max, (0.0 if singular_layer else small_m) + s_min
+    kappa_paper_residual = upper / lower if lower > 0 else None
+    if kappa_paper_residual is None:
+        reasons["kappa_paper_residual"] = "prod m_i + ||S||_min is zero: a convolution and the projection are singular"
+    sigma_residual = spectra.extremes(residual=True)
+    kappa_linear_residual, why = _kappa(*sigma_residual, upper, spectra.side, "the residual block")
+    if why:
+        reasons["kappa_linear_residual"] = why
     return BlockConditioning(
-        name, stage, kind, tuple(sigma), kappa_paper_residual, kappa_paper_plain, kappa_linear_residual,
-        kappa_linear_plain, sigma_residual, sigma_plain, upper, lower, bounds, reasons,
+        name, stage, kind, sigma, kappa_paper_residual, kappa_paper_plain, kappa_linear_residual, kappa_linear_plain,
+        sigma_residual, sigma_plain,
+        bool(sigma_residual[0] <= upper * (1 + LEMMA_RTOL)), bool(sigma_residual[1] >= lower * (1 - LEMMA_RTOL)),
+        (lower, upper), (s_max, s_min), reasons,
     )

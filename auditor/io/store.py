@@ -275,6 +275,7 @@ class StoreWriter:
         self._fresh = False
         self._doomed = False
         self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] | None = None
         self._lock = _Lock(self.path.with_name(self.path.name + ".lock"), self.path)
         if not self.path.parent.is_dir():
             raise StoreError(
@@ -368,8 +369,7 @@ class StoreWriter:
         try:
             written = int(f.attrs["written"])
             skipped = json.loads(_plain(f.attrs["skipped"]))
-            datasets = [f["samples/path"], f["samples/label"]]
-            datasets += [f[f"stages/{s.name}"] for s in self.header.stages]
+            datasets = [f[key] for key in self._dataset_keys()]
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreError(
                 f"{self.partial_path}: cannot resume, the unfinished file is damaged ({exc})",
@@ -388,6 +388,9 @@ class StoreWriter:
         self.skipped = list(skipped)
         self.resumed_from = self.consumed
         f.flush()
+
+    def _dataset_keys(self) -> list[str]:
+        return ["samples/path", "samples/label", *(f"stages/{s.name}" for s in self.header.stages)]
 
     # -- writing
 
@@ -476,13 +479,15 @@ class StoreWriter:
         start, stop = self.written, self.written + len(positions)
         samples = self.header.samples
         if positions:
-            paths, labels = f["samples/path"], f["samples/label"]
+            if self._datasets is None:  # h5py lookups by name cost more than the writes
+                self._datasets = {key: f[key] for key in self._dataset_keys()}
+            paths, labels = self._datasets["samples/path"], self._datasets["samples/label"]
             paths.resize(stop, axis=0)
             paths[start:stop] = np.array([samples[p][0] for p in positions], dtype=object)
             labels.resize(stop, axis=0)
             labels[start:stop] = np.array([samples[p][1] for p in positions], dtype=np.int64)
             for name, data in encoded.items():
-                ds = f["stages"][name]
+                ds = self._datasets[f"stages/{name}"]
                 ds.resize(stop, axis=0)
                 ds[start:stop] = data
         for position, reason in sorted(failures):
@@ -512,6 +517,7 @@ class StoreWriter:
             )
         f.attrs["complete"] = True
         f.flush()
+        self._datasets = None
         f.close()
         self._file = None
         _fsync(self.partial_path)
@@ -527,6 +533,7 @@ class StoreWriter:
         (activations that are NaN / inf or out of the dtype's range, which the
         same settings would meet again): then it is removed.
         """
+        self._datasets = None
         if self._file is not None:
             with contextlib.suppress(Exception):
                 self._file.close()
