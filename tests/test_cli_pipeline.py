@@ -168,3 +168,17 @@ def test_angles_refuses_files_that_are_not_stores(tmp_path: Path, capsys) -> Non
     fake.write_bytes(b"not hdf5 at all")
     code, out, err = run_cli(["angles", fake], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+
+
+def test_stability_command_json_and_plot(tmp_path: Path, capsys) -> None:
+    plot = tmp_path / "error.png"
+    doc = run_json(["stability", CKPT, "--data", DIGITS, "--samples", "4", "--directions", "2",
+                    "--power-iterations", "2", "--plot", plot], capsys)
+    blocks = doc["stability"]["blocks"]
+    assert [b["name"] for b in blocks] == ["layer1.0", "layer2.0", "layer3.0"]
+    for block in blocks:
+        assert block["r_min"] <= block["r_median"] <= block["r_max"]
+        assert 0 <= block["share_in_paper_bounds"] <= 1
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run_cli(["stability", CKPT, "--data", DIGITS, "--eps", "2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1

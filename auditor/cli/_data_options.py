@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UsageError
 
-__all__ = ["Preset", "PresetOpt", "SizeOpt", "MeanOpt", "StdOpt", "ClassesOpt", "PerClassOpt", "SeedOpt", "parse_triple"]
+__all__ = ["image_options", "Preset", "PresetOpt", "SizeOpt", "MeanOpt", "StdOpt", "ClassesOpt", "PerClassOpt", "SeedOpt", "parse_triple"]
 
 
 class Preset(str, Enum):
@@ -43,3 +43,21 @@ def parse_triple(text: str | None, option: str) -> tuple[float, float, float] | 
     if len(values) != 3:
         raise UsageError(f"{option} {text!r} is not three numbers", hint=f"e.g. {option} 0.485,0.456,0.406")
     return values  # type: ignore[return-value]
+
+
+def image_options(
+    preset: Preset | None,
+    size: int | None,
+    mean: str | None,
+    std: str | None,
+    classes: str | None,
+    per_class: int | None,
+    seed: int,
+) -> dict:
+    """The keyword arguments of :func:`auditor.dataset.open_images` from the shared options."""
+    from .angles import split_list
+
+    return dict(
+        preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
+        std=parse_triple(std, "--std"), classes=split_list(classes), per_class=per_class, seed=seed,
+    )

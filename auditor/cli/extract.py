@@ -8,11 +8,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt
 from ._output import progress_bar, stderr, warn
 
-__all__ = ["register", "DType", "Compression", "StoreOpts"]
+__all__ = ["register", "DType", "Compression", "run_extract"]
 
 
 class DType(str, Enum):
@@ -74,10 +74,7 @@ def extract_command(
     from .angles import split_list
 
     subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
-    images = open_images(
-        data, subject, preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
-        std=parse_triple(std, "--std"), classes=split_list(classes), per_class=per_class, seed=seed,
-    )
+    images = open_images(data, subject, **image_options(preset, size, mean, std, classes, per_class, seed))
     with progress_bar("extract", enabled=not no_progress, unit="images") as update:
         result = run_extract(subject, images, output, stages=split_list(stages), dtype=dtype.value,
                              compression=compression.value, batch_size=batch_size, workers=workers,

@@ -12,7 +12,7 @@ from ..report.markdown import checkpoint_markdown
 from ..report.stability_view import stability_markdown, stability_tables
 from ..report.tables import header_text
 from ..subject import open_subject, parse_input_size
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
 from ._output import emit, progress_bar
 
@@ -68,15 +68,11 @@ def stability_command(
     from ..analysis.stability import measure_stability
     from ..condition import condition
     from ..dataset import open_images, sample_images
-    from .angles import split_list
     from .condition import resolve_device
 
     target = resolve_device(device)
     subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
-    images = open_images(
-        data, subject, preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
-        std=parse_triple(std, "--std"), classes=split_list(classes), per_class=per_class, seed=seed,
-    )
+    images = open_images(data, subject, **image_options(preset, size, mean, std, classes, per_class, seed))
     batch, _ = sample_images(images, samples, seed)
     show = not no_progress and fmt is not Format.json
     with progress_bar("conditioning", enabled=show) as update:

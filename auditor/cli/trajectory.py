@@ -14,7 +14,7 @@ from rich.text import Text
 from ..errors import InputError
 from ..report.document import SCHEMA_VERSION, tool_info
 from ..report.markdown import md_table
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import ArchOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
 from ._output import emit, progress_bar
 
@@ -150,10 +150,7 @@ def trajectory_command(
     with progress_bar("checkpoints", enabled=not no_progress and fmt is not Format.json) as update:
         for done, index in enumerate(order):
             subject = subjects[index]
-            images = open_images(
-                data, subject, preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
-                std=parse_triple(std, "--std"), classes=split_list(classes), per_class=per_class, seed=seed,
-            )
+            images = open_images(data, subject, **image_options(preset, size, mean, std, classes, per_class, seed))
             result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=seed, device=target)
             series.append({
                 "epoch": epochs[index] if epochs[index] is not None else done,
