@@ -182,3 +182,26 @@ def test_stability_command_json_and_plot(tmp_path: Path, capsys) -> None:
     assert plot.read_bytes()[:4] == b"\x89PNG"
     code, _, err = run_cli(["stability", CKPT, "--data", DIGITS, "--eps", "2"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> None:
+    import h5py
+
+    from auditor.analysis.spectra import conv_singular_values
+    from auditor.condition import _conv_operator
+    from auditor.subject import open_subject
+
+    target = tmp_path / "spectra.h5"
+    doc = run_json(["condition", CKPT, "--save-spectra", target], capsys)
+    subject = open_subject(CKPT)
+    modules = dict(subject.loaded.model.named_modules())
+    layer = subject.anatomy.layer("layer2.0.conv1")
+    expected = conv_singular_values(_conv_operator(modules, layer.name, layer.input_shape, "layer2.0.bn1", True, "cpu"))
+    with h5py.File(target) as h5:
+        assert h5.attrs["format"] == "resdyn-spectra"
+        stored = h5["layers/layer2.0.conv1"][()]
+    np.testing.assert_allclose(stored, expected, rtol=1e-12)
+    entry = next(x for x in doc["layers"] if x["name"] == "layer2.0.conv1")
+    assert entry["sigma_max"] == pytest.approx(expected[0]) and entry["sigma_min"] == pytest.approx(expected[-1])
+    code, _, err = run_cli(["condition", CKPT, "--boundary", "zero", "--save-spectra", target], capsys)
+    assert code == 2 and "--save-spectra needs --boundary circular" in err
