@@ -5,7 +5,8 @@
 2. a forward hook (``hook == "output"``) or pre-hook (``"input"``, first
    positional argument) per stage copies the tensor *inside the hook*, so a
    later in-place operation (``nn.ReLU(inplace=True)``, ``out += x``) cannot
-   change what is stored;
+   change what is stored; the copies go into a few recycled float32 buffers
+   (no fresh memory per batch, and a bound on the batches in flight);
 3. batches run under ``torch.inference_mode()``; the copies go through a
    bounded queue to one writer thread, which checks them (NaN / inf, float16
    range), casts them to the store's dtype and writes them, while the next
@@ -18,6 +19,7 @@ Library code: no printing; progress goes through ``progress(done, total)``.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -114,20 +116,60 @@ def resolve_stages(anatomy: Anatomy, stages: Sequence[str] | None = None) -> tup
     return tuple(specs)
 
 
-def _copy(value: Any) -> torch.Tensor | None:
-    """A float32, contiguous CPU copy that later in-place operations cannot touch."""
+def _copy_into(value: Any, buffer: torch.Tensor) -> torch.Tensor | None:
+    """Copy ``value`` into the first rows of ``buffer`` (float32, contiguous, CPU).
+
+    A copy, not a reference, so that later in-place operations cannot change
+    it; into a reused buffer, because fresh memory for every batch costs page
+    faults (about three times the copy itself). A tensor that does not fit is
+    copied on its own, for :meth:`_Capture.take` to report.
+    """
     if not isinstance(value, torch.Tensor):
         return None
+    if value.dim() == buffer.dim() and value.shape[1:] == buffer.shape[1:] and value.shape[0] <= len(buffer):
+        target = buffer[: value.shape[0]]
+        target.copy_(value.detach())
+        return target
     return value.detach().to(
         device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
     )
 
 
+class _BufferPool:
+    """A few sets of per-stage float32 buffers, recycled between the hooks and the writer.
+
+    The pool bounds the batches in flight: the forward pass waits for a free
+    set when the writer falls behind.
+    """
+
+    def __init__(self, specs: Sequence[StageSpec], batch_size: int, sets: int, *, pin: bool = False) -> None:
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(sets):
+            self._free.put({
+                s.name: torch.empty((batch_size, *s.shape), dtype=torch.float32, pin_memory=pin)
+                for s in specs
+            })
+
+    def acquire(self, check: Callable[[], None]) -> dict[str, torch.Tensor]:
+        """A free set; waits, calling ``check`` (which raises the writer's error) meanwhile."""
+        while True:
+            check()
+            try:
+                return self._free.get(timeout=0.05)
+            except queue.Empty:
+                continue
+
+    def release(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Give a set back."""
+        self._free.put(buffers)
+
+
 class _Capture:
-    """Hooks that copy each stage's tensor once per forward pass."""
+    """Hooks that copy each stage's tensor, once per forward pass, into the current buffers."""
 
     def __init__(self, model: nn.Module, specs: Sequence[StageSpec]) -> None:
         self.values: dict[str, torch.Tensor | None] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
         modules = dict(model.named_modules())
         for spec in specs:
@@ -147,14 +189,14 @@ class _Capture:
     def _pre(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
             if name not in self.values:  # a module called twice keeps its first call
-                self.values[name] = _copy(args[0]) if args else None
+                self.values[name] = _copy_into(args[0], self.buffers[name]) if args else None
 
         return hook
 
     def _post(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if name not in self.values:
-                self.values[name] = _copy(output)
+                self.values[name] = _copy_into(output, self.buffers[name])
 
         return hook
 
@@ -185,7 +227,11 @@ class _Capture:
 
 
 class _WriterThread:
-    """One background thread that appends queued batches to the store, in order."""
+    """One background thread that appends queued batches to the store, in order.
+
+    Each item carries a callback run after its batch was written (or dropped
+    after an error): it gives the batch's buffers back to the pool.
+    """
 
     def __init__(self, writer: StoreWriter, maxsize: int = _QUEUE_SIZE) -> None:
         self._writer = writer
@@ -199,12 +245,15 @@ class _WriterThread:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # keep draining so that put() never blocks forever
+            rows, positions, failures, done = item
             try:
-                self._writer.append(*item)
+                if self._error is None:  # after an error: keep draining, never block put()
+                    self._writer.append(rows, positions, failures)
             except BaseException as exc:  # handed to the main thread by check()
                 self._error = exc
+            finally:
+                if done is not None:
+                    done()
 
     def check(self) -> None:
         """Raise the writer's error, if any, in the calling thread."""
@@ -212,7 +261,7 @@ class _WriterThread:
             raise self._error
 
     def put(self, item: tuple) -> None:
-        """Queue a batch (blocks while the queue is full); raises the writer's error."""
+        """Queue ``(rows, positions, failures, done)`` (blocks while full); raises the writer's error."""
         while True:
             self.check()
             try:
@@ -381,6 +430,8 @@ def _run(
     )
     capture = _Capture(model, specs)
     background = _WriterThread(writer)
+    # one set being filled, up to _QUEUE_SIZE queued, one being written
+    pool = _BufferPool(specs, min(batch_size, len(dataset)), _QUEUE_SIZE + 2, pin=cuda)
     total = len(dataset)
     done = writer.consumed
     empty = {s.name: np.empty((0, *s.shape), dtype=np.float32) for s in specs}
@@ -393,11 +444,18 @@ def _run(
                         raise _failure_error(dataset, position, failure.reason, failure.fatal)
                     failures.append((position, failure.reason))
                 if batch.images is not None:
-                    model(batch.images.to(device, non_blocking=cuda))
-                    rows = capture.take(specs, len(batch.indices))
+                    buffers = pool.acquire(background.check)
+                    capture.buffers = buffers
+                    try:
+                        model(batch.images.to(device, non_blocking=cuda))
+                        rows = capture.take(specs, len(batch.indices))
+                    except BaseException:
+                        pool.release(buffers)
+                        raise
+                    release = functools.partial(pool.release, buffers)
                 else:
-                    rows = empty
-                background.put((rows, batch.indices.tolist(), failures))
+                    rows, release = empty, None
+                background.put((rows, batch.indices.tolist(), failures, release))
                 done += len(batch.indices) + len(failures)
                 if progress is not None:
                     progress(done, total)

@@ -169,7 +169,7 @@ def _resdyn(model, anatomy, dataset, arch, out: Path, args: argparse.Namespace) 
     import auditor.extract
     from auditor.io.store import StoreWriter
 
-    with _Meter(StoreWriter, "append") as writer, _Meter(auditor.extract, "_copy") as hooks:
+    with _Meter(StoreWriter, "append") as writer, _Meter(auditor.extract, "_copy_into") as hooks:
         start, cpu = time.perf_counter(), _cpu()
         extract_activations(
             model, anatomy, dataset, out, checkpoint_sha256="0" * 64, arch=arch,

@@ -170,7 +170,7 @@ def test_inplace_relu_does_not_leak_into_hooked_value(tmp_path: Path) -> None:
 def test_inplace_test_detects_a_hook_without_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check above can fail: a hook that keeps a reference sees the ReLU's result."""
     dataset = _tiny_dataset(tmp_path / "data")
-    monkeypatch.setattr(extract_module, "_copy", lambda value: value.detach())
+    monkeypatch.setattr(extract_module, "_copy_into", lambda value, buffer: value.detach())
     _extract(_InPlace(), dataset, tmp_path / "a.h5", batch_size=6)
     with open_store(tmp_path / "a.h5") as store:
         assert (store.stage("conv")[()] >= 0).all()

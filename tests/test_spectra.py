@@ -97,6 +97,7 @@ CASES = {
     "1x1 s1": dict(c_out=6, c_in=4, k=1, hw=6),
     "1x1 s2 projection widening": dict(c_out=6, c_in=3, k=1, hw=8, stride=2, scale=True),
     "1x1 s2 projection narrowing": dict(c_out=3, c_in=5, k=1, hw=8, stride=2),
+    "2x2 s2 p0 single tap after polyphase": dict(c_out=5, c_in=3, k=2, hw=6, stride=2, padding=0),
     "5x5 p2": dict(c_out=3, c_in=4, k=5, hw=6, padding=2),
     "7x7 s2 p3 stem": dict(c_out=5, c_in=3, k=7, hw=8, stride=2, padding=3, scale=True),
     "7x7 p3 kernel wraps": dict(c_out=3, c_in=3, k=7, hw=4, padding=3),

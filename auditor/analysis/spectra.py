@@ -369,8 +369,8 @@ def _check_boundary(boundary: str) -> None:
         raise UsageError(f"boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
 
 
-def _coarse_stride1(op: ConvOperator) -> ConvOperator:
-    """The stride-1 polyphase form of ``op`` on its output grid (circular model)."""
+def _circular_grid(op: ConvOperator) -> tuple[int, int]:
+    """The output grid ``(H / s_h, W / s_w)`` of the circular model, or InputError."""
     _, h, w = op.input_shape
     if h % op.stride[0] or w % op.stride[1]:
         raise InputError(
@@ -378,7 +378,7 @@ def _coarse_stride1(op: ConvOperator) -> ConvOperator:
             f"{op.stride}, so the circular model does not apply",
             hint="use --boundary zero",
         )
-    return to_polyphase(op, op.stride)
+    return h // op.stride[0], w // op.stride[1]
 
 
 def _half_plane(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -455,11 +455,13 @@ def _autocorrelation(weight: np.ndarray, workers: int) -> tuple[np.ndarray, np.n
         right = weight[..., : kh - dh, lo:hi].reshape(groups, m, -1)
         return left @ right.transpose(0, 2, 1)
 
-    half = _parallel(one, offsets, workers)
-    mirrored = [r.transpose(0, 2, 1) for r in half[1:]]  # d = 0 is first and symmetric
-    auto = np.stack(half + mirrored).reshape(len(half) + len(mirrored), -1).astype(np.complex128)
+    auto = np.zeros((2 * len(offsets) - 1, groups, m, m), dtype=np.complex128)
+    for index, product in enumerate(_parallel(one, offsets, workers)):
+        auto[index].real = product
+        if index:  # d = 0 comes first and is symmetric
+            auto[len(offsets) + index - 1].real = product.transpose(0, 2, 1)
     dh, dw = np.array(offsets + [(-dh, -dw) for dh, dw in offsets[1:]]).T
-    return auto, dh, dw
+    return auto.reshape(len(auto), -1), dh, dw
 
 
 # ---------------------------------------------------------------- batched linear algebra
@@ -467,6 +469,9 @@ def _autocorrelation(weight: np.ndarray, workers: int) -> tuple[np.ndarray, np.n
 
 def _blas_single_thread() -> Any:
     """Context that limits BLAS to one thread (when threadpoolctl is available).
+
+    It acts on the BLAS libraries loaded when it is entered (numpy's; scipy's
+    once ``scipy.linalg`` is imported): import before entering.
 
     The batched LAPACK work is parallelised over frequencies by our own worker
     threads; a multi-threaded BLAS inside each call oversubscribes the cores
@@ -541,6 +546,19 @@ def _matrix_singular_values(matrix: np.ndarray) -> np.ndarray:
         return _sigma_of_matrices(matrix[None])[0]
 
 
+def _repeated_spectrum(blocks: np.ndarray, per_block: int, repeats: int) -> np.ndarray:
+    """Spectrum of an operator whose matrix is the same at every frequency.
+
+    ``blocks`` (groups, r, c) are its diagonal blocks at one frequency, each
+    contributing ``per_block`` values (its zero singular values included);
+    the whole set is repeated ``repeats`` times. Descending.
+    """
+    per_freq = np.zeros(len(blocks) * per_block)
+    values = np.concatenate([_matrix_singular_values(block) for block in blocks])
+    per_freq[: values.size] = values
+    return np.repeat(np.sort(per_freq)[::-1], repeats)  # repeating keeps the order
+
+
 def _drop_zero_lines(matrices: np.ndarray) -> np.ndarray:
     """Remove the rows and columns that are zero in every matrix of a (batch, r, c) stack."""
     nonzero = matrices != 0
@@ -590,8 +608,9 @@ def conv_singular_values(
     1. polyphase: a stride-s convolution is a stride-1 one on the
        ``(H/s) x (W/s)`` grid with ``s^2 C_in`` input channels (:func:`to_polyphase`);
     2. groups are the independent diagonal blocks of the operator;
-    3. a single-tap kernel (1x1 conv, strided or not) has the same matrix at
-       every frequency up to a unit phase: one SVD, repeated ``H W / s^2`` times;
+    3. a single-tap kernel (1x1 conv, strided or not, taken before the
+       polyphase step; or single-tap after it) has the same matrix at every
+       frequency up to a unit phase: one SVD, repeated ``H W / s^2`` times;
     4. otherwise, only one frequency of each conjugate pair is needed (a real
        kernel gives ``P(-u, -v) = conj P(u, v)``, same singular values); per
        frequency, the eigenvalues of the Gram matrix of the smaller side
@@ -617,23 +636,28 @@ def conv_singular_values(
     if dtype != torch.float64:
         raise UsageError(f"dtype must be torch.float64, got {dtype}")
     workers = max(1, torch.get_num_threads())
-    # 1. stride-1 form on the output grid
-    coarse = _coarse_stride1(op)
-    _, h, w = coarse.input_shape
+    h, w = _circular_grid(op)
+    phases = op.stride[0] * op.stride[1]
+    # 1. one matrix for every frequency: a 1x1 kernel, strided or not, is K at
+    #    every frequency (up to a unit phase) acting on one of the s^2 input
+    #    phases; the other phases are zero columns (no polyphase matrix needed)
+    if op.kernel_size == (1, 1):
+        weight = op.scaled_weight().detach().to("cpu", torch.float64).numpy()[..., 0, 0]
+        c_out, c_in_g = weight.shape
+        blocks = weight.reshape(op.groups, c_out // op.groups, c_in_g)
+        return _repeated_spectrum(blocks, min(c_out // op.groups, c_in_g * phases), h * w)
+    # 2. stride-1 polyphase form on the output grid; groups as a batch of
+    #    blocks, smaller side first (m <= n)
+    coarse = to_polyphase(op, op.stride)
     weight = coarse.scaled_weight().detach().to("cpu", torch.float64).numpy()
     c_out, c_in_g, kh, kw = weight.shape
-    # 2. groups as a batch of blocks, smaller side first (m <= n)
     blocks = weight.reshape(coarse.groups, c_out // coarse.groups, c_in_g, kh, kw)
     if blocks.shape[1] > blocks.shape[2]:
         blocks = blocks.transpose(0, 2, 1, 3, 4)
     groups, m, n = blocks.shape[:3]
-    # 3. one tap: the same matrix (times a phase) at every frequency
+    # 3. a single tap after polyphase (e.g. 2x2 stride 2): one matrix as well
     if kh * kw == 1:
-        tap = _drop_zero_lines(np.ascontiguousarray(blocks[..., 0, 0]))
-        per_freq = np.zeros(groups * m)
-        values = np.concatenate([_matrix_singular_values(block) for block in tap])
-        per_freq[: values.size] = values
-        return np.repeat(np.sort(per_freq)[::-1], h * w)  # repeating keeps the order
+        return _repeated_spectrum(_drop_zero_lines(np.ascontiguousarray(blocks[..., 0, 0])), m, h * w)
     # 4. half-plane frequencies; Gram matrices of the smaller side; eigenvalues
     u, v, mult = _half_plane(h, w)
     blocks = np.ascontiguousarray(blocks)
@@ -757,6 +781,7 @@ def _shift_invert_min(ab: np.ndarray, lam_max: float, tol: float) -> tuple[float
 
 
 def _zero_padded_extremes(op: ConvOperator, tol: float, maxiter: int | None) -> Extremes:
+    # imported before _blas_single_thread(): that limits the BLAS libraries loaded so far
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     gram, shape, radius = _zero_padded_gram(op)
