@@ -42,16 +42,10 @@ SaveSpectraOpt = Annotated[
 
 
 def resolve_device(device: Device) -> str:
-    """``auto`` -> cuda when available; ``cuda`` without a GPU is an input error."""
-    import torch
+    """``auto`` -> cuda when available; ``cuda`` without a GPU is a usage error."""
+    from ..extract import resolve_device as resolve
 
-    from ..errors import UsageError
-
-    if device is Device.auto:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device is Device.cuda and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
-    return device.value
+    return str(resolve(device.value))
 
 
 def condition_document(subject: Subject, report: Any) -> dict[str, Any]:
