@@ -89,7 +89,8 @@ def stage_geometry(
                 subject.loaded.model, subject.anatomy, images.dataset, path,
                 checkpoint_sha256=subject.checkpoint.sha256, arch=subject.loaded.arch, stages=stages,
                 dtype=dtype, batch_size=batch_size, workers=workers, device=device,
-                progress=extract_progress, overwrite=True,
+                # Replace only a finished file from other inputs; an unfinished one resumes.
+                progress=extract_progress, overwrite=path.exists(),
             )
             skipped = result.skipped
         with open_store(path) as store:
