@@ -98,6 +98,18 @@ def test_bottleneck_v1_stride_in_first_conv_with_projection() -> None:
     _assert_equal(block_singular_values(convs, projection), _svd(_block_matrix(convs, projection)))
 
 
+def test_rank_deficient_projection_block_like_resnet50_layer2_0() -> None:
+    # 3x8x8 -> 8x4x4; W3 (8x2) and the projection (rank 3) reach only 5 of 8 output channels
+    convs = [_op(2, 3, 1, 8, padding=0, scale=True, seed=15), _op(2, 2, 3, 8, stride=2, seed=16),
+             _op(8, 2, 1, 4, padding=0, scale=True, seed=17)]
+    projection = _op(8, 3, 1, 8, stride=2, padding=0, scale=True, seed=18)
+    values = block_singular_values(convs, projection)
+    _assert_equal(values, _svd(_block_matrix(convs, projection)))
+    assert np.sum(values < 1e-12) == 3 * 16  # 3 structural zeros at each of the 16 frequencies
+    result = condition_block(convs, projection)
+    assert result.kappa_linear_residual is None and "singular" in result.kappa_linear_residual_reason
+
+
 def test_two_strided_layers_compose_on_the_coarsest_grid() -> None:
     convs = [_op(3, 2, 3, 8, stride=2, seed=7), _op(4, 3, 3, 4, stride=2, seed=8)]
     projection = _op(4, 2, 1, 8, stride=4, padding=0, seed=9)

@@ -37,6 +37,7 @@ from .spectra import (
     _parallel,
     _sigma_of_matrices,
     _symbols,
+    _workers,
     conv_singular_values,
     to_polyphase,
 )
@@ -261,7 +262,11 @@ def _option_a_matrix(shortcut: OptionAShortcut) -> np.ndarray:
 
 
 def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectra:
-    """Per-frequency singular values of ``W_k .. W_1`` and of ``W_k .. W_1 + S``."""
+    """Per-frequency singular values of ``W_k .. W_1`` and of ``W_k .. W_1 + S``.
+
+    See :func:`block_singular_values` for the steps; both operators come from
+    the same per-frequency factors.
+    """
     total = _check_chain(convs, shortcut)
     # 1. every factor as a stride-1 operator on the coarsest grid
     coarse, before = [], (1, 1)
@@ -272,52 +277,99 @@ def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectr
     weights = [_dense_weight(op) for op in coarse]
     paddings = [op.padding for op in coarse]
     n_out, n_in = weights[-1].shape[0], weights[0].shape[1]
-    projection = to_polyphase(shortcut, total) if isinstance(shortcut, ConvOperator) else None
-    constant = _option_a_matrix(shortcut) if isinstance(shortcut, OptionAShortcut) else None
-    # 2. exact reduction (identity shortcut, 1x1 first and last layers): A is the
-    #    identity on the complement of V = range(W_1^T) + range(W_k), so only
-    #    Q^T A Q matters, Q an orthonormal basis of V
-    extra_plain = extra_residual = np.zeros(0)
+    plain_weights, extra_plain = _compress_ends(weights)
+    # the shortcut as one more kernel on the coarse grid (identity handled apart)
+    short_weight, short_padding = None, (0, 0)
+    if isinstance(shortcut, OptionAShortcut):
+        short_weight = _option_a_matrix(shortcut)[:, :, None, None]
+    elif isinstance(shortcut, ConvOperator):
+        projection = to_polyphase(shortcut, total)
+        short_weight, short_padding = _dense_weight(projection), projection.padding
+    # 2. exact reductions when the first and last layers are 1x1 (single tap):
+    extra_residual = np.zeros(0)
     identity_size = n_in if isinstance(shortcut, IdentityShortcut) else 0
-    single_tap = all(weights[i].shape[2:] == (1, 1) for i in (0, -1))
-    if identity_size and single_tap and len(weights) > 1:
-        span = np.concatenate([weights[0][:, :, 0, 0].T, weights[-1][:, :, 0, 0]], axis=1)
-        u_, s_, _ = np.linalg.svd(span, full_matrices=False)
-        rank = int(np.sum(s_ > max(span.shape) * np.finfo(float).eps * s_[0])) if s_.size and s_[0] > 0 else 0
-        if rank < identity_size:
-            q = u_[:, :rank]
-            weights[0] = np.einsum("oc...,cr->or...", weights[0], q)
-            weights[-1] = np.einsum("cr,co...->ro...", q, weights[-1])
-            extra_plain, extra_residual = np.zeros(identity_size - rank), np.ones(identity_size - rank)
-            identity_size = rank
+    single_tap = len(weights) > 1 and all(weights[i].shape[2:] == (1, 1) for i in (0, -1))
+    first, last = weights[0][:, :, 0, 0], weights[-1][:, :, 0, 0]
+    if single_tap and identity_size:
+        # 2a. identity: A is the identity on the complement of
+        #     V = range(W_1^T) + range(W_k) and maps V to itself: keep Q^T A Q
+        q = _basis(np.concatenate([first.T, last], axis=1))
+        if q.shape[1] < identity_size:
+            weights = [np.einsum("oc...,cr->or...", weights[0], q), *weights[1:-1],
+                       np.einsum("cr,co...->ro...", q, weights[-1])]
+            extra_residual = np.ones(identity_size - q.shape[1])
+            identity_size = q.shape[1]
+    elif single_tap and short_weight is not None and short_weight.shape[2:] == (1, 1):
+        # 2b. constant shortcut S: range(A) lies in range([W_k, S]) and its row
+        #     space in range([W_1^T, S^T]); the rest are structural zeros
+        short = short_weight[:, :, 0, 0]
+        q_out = _basis(np.concatenate([last, short], axis=1))
+        q_in = _basis(np.concatenate([first.T, short.T], axis=1))
+        if q_out.shape[1] < n_out or q_in.shape[1] < n_in:
+            weights = [np.einsum("oc...,cr->or...", weights[0], q_in), *weights[1:-1],
+                       np.einsum("cr,co...->ro...", q_out, weights[-1])]
+            short_weight = (q_out.T @ short @ q_in)[:, :, None, None]
+            extra_residual = np.zeros(min(n_out, n_in) - min(q_out.shape[1], q_in.shape[1]))
     u, v, mult = _half_plane(h, w)
     grid = (h, w)
-    rows, cols = weights[-1].shape[0], weights[0].shape[1]
-    projection_weight = None if projection is None else _dense_weight(projection)
 
-    # 3. per frequency chunk: chain product, shortcut, singular values
-    def chunk(part: slice) -> tuple[np.ndarray, np.ndarray | None]:
-        product = _symbols(weights[0], paddings[0], grid, u[part], v[part])
-        for weight, padding in zip(weights[1:], paddings[1:]):
+    def chain(factors: list[np.ndarray], part: slice) -> np.ndarray:
+        product = _symbols(factors[0], paddings[0], grid, u[part], v[part])
+        for weight, padding in zip(factors[1:], paddings[1:]):
             product = _symbols(weight, padding, grid, u[part], v[part]) @ product
-        plain = _sigma_of_matrices(product)
+        return product
+
+    # 3. per frequency chunk: chain products, shortcut, singular values
+    def chunk(part: slice) -> tuple[np.ndarray, np.ndarray | None]:
+        plain = _sigma_of_matrices(chain(plain_weights, part))
         if shortcut is None:
             return plain, None
-        if isinstance(shortcut, IdentityShortcut):
+        product = chain(weights, part)
+        if identity_size:
             product[:, np.arange(identity_size), np.arange(identity_size)] += 1.0
-        elif constant is not None:
-            product += constant
         else:
-            product += _symbols(projection_weight, projection.padding, grid, u[part], v[part])
+            product += _symbols(short_weight, short_padding, grid, u[part], v[part])
         return plain, _sigma_of_matrices(product)
 
-    workers = max(1, torch.get_num_threads())
-    largest = max(max(wt.shape[0] * wt.shape[1] for wt in weights), rows * cols)
+    workers = _workers()
+    largest = max(wt.shape[0] * wt.shape[1] for wt in weights) + weights[-1].shape[0] * weights[0].shape[1]
     with _blas_single_thread():
         results = _parallel(chunk, _chunks(len(u), 16 * 4 * largest, workers), workers)
     residual = None if shortcut is None else np.concatenate([r[1] for r in results])
     side = max(n_out, n_in)
     return _Spectra(np.concatenate([r[0] for r in results]), residual, mult, extra_plain, extra_residual, side)
+
+
+def _basis(matrix: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the column space (rank tolerance of ``matrix_rank``)."""
+    u_, s_, _ = np.linalg.svd(matrix, full_matrices=False)
+    if not s_.size or s_[0] == 0:
+        return u_[:, :0]
+    return u_[:, : int(np.sum(s_ > max(matrix.shape) * np.finfo(float).eps * s_[0]))]
+
+
+def _compress_ends(weights: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The plain chain with single-tap end factors replaced by their SVD cores.
+
+    A frequency-independent first factor ``W_1 = U S V^T`` (up to a unit
+    phase) gives ``sigma(X W_1) = sigma(X U S)``, and a last one
+    ``W_k = U S V^T`` gives ``sigma(W_k Y) = sigma(S V^T Y)``: the same
+    nonzero singular values from matrices no larger than the bottleneck. The
+    zeros this drops (``min(rows, cols)`` minus the compressed count) are
+    returned to be added back at every frequency.
+    """
+    rows, cols = weights[-1].shape[0], weights[0].shape[1]
+    factors = list(weights)
+    first = factors[0]
+    if first.shape[2:] == (1, 1) and first.shape[0] < first.shape[1]:
+        u_, s_, _ = np.linalg.svd(first[:, :, 0, 0], full_matrices=False)
+        factors[0] = (u_ * s_)[:, :, None, None]
+    last = factors[-1]
+    if len(factors) > 1 and last.shape[2:] == (1, 1) and last.shape[0] > last.shape[1]:
+        _, s_, vh = np.linalg.svd(last[:, :, 0, 0], full_matrices=False)
+        factors[-1] = (s_[:, None] * vh)[:, :, None, None]
+    kept = min(factors[-1].shape[0], factors[0].shape[1])
+    return factors, np.zeros(min(rows, cols) - kept)
 
 
 def block_singular_values(
@@ -361,6 +413,10 @@ def block_singular_values(
        ``V = range(W_1^T) + range(W_k)`` and maps ``V`` to itself, so its
        singular values are those of ``Q^T A Q`` (``Q`` a basis of ``V``, at
        most twice the bottleneck width) and ``dim V^perp`` ones.
+    4. The plain product with a frequency-independent (single-tap) first or
+       last factor ``W = U S V^T`` keeps its nonzero singular values when that
+       factor is replaced by ``U S`` (first) or ``S V^T`` (last): per
+       frequency it is no larger than the bottleneck; the zeros are added back.
 
     References
     ----------

@@ -484,6 +484,20 @@ def _blas_single_thread() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
+def _workers() -> int:
+    """Worker threads for the batched LAPACK work: torch's thread setting.
+
+    Without threadpoolctl the BLAS inside each call cannot be held to one
+    thread, so a single worker leaves the parallelism to BLAS instead of
+    oversubscribing the cores.
+    """
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:  # pragma: no cover - optional dependency
+        return 1
+    return max(1, torch.get_num_threads())
+
+
 @contextmanager
 def _torch_single_thread() -> Iterator[None]:
     """Run torch on one thread, then restore the caller's setting.
@@ -605,12 +619,13 @@ def conv_singular_values(
     Algorithm (float64 throughout, BLAS on one thread, frequency chunks on
     ``torch.get_num_threads()`` worker threads):
 
-    1. polyphase: a stride-s convolution is a stride-1 one on the
-       ``(H/s) x (W/s)`` grid with ``s^2 C_in`` input channels (:func:`to_polyphase`);
-    2. groups are the independent diagonal blocks of the operator;
-    3. a single-tap kernel (1x1 conv, strided or not, taken before the
-       polyphase step; or single-tap after it) has the same matrix at every
-       frequency up to a unit phase: one SVD, repeated ``H W / s^2`` times;
+    1. a 1x1 convolution, strided or not, has the same matrix at every
+       frequency up to a unit phase (``K``, plus zero columns for the input
+       phases a stride skips): one SVD, repeated ``H W / s^2`` times;
+    2. polyphase: a stride-s convolution is a stride-1 one on the
+       ``(H/s) x (W/s)`` grid with ``s^2 C_in`` input channels
+       (:func:`to_polyphase`); groups are independent diagonal blocks;
+    3. a kernel with a single tap after that step: as in 1;
     4. otherwise, only one frequency of each conjugate pair is needed (a real
        kernel gives ``P(-u, -v) = conj P(u, v)``, same singular values); per
        frequency, the eigenvalues of the Gram matrix of the smaller side
@@ -635,7 +650,7 @@ def conv_singular_values(
         )
     if dtype != torch.float64:
         raise UsageError(f"dtype must be torch.float64, got {dtype}")
-    workers = max(1, torch.get_num_threads())
+    workers = _workers()
     h, w = _circular_grid(op)
     phases = op.stride[0] * op.stride[1]
     # 1. one matrix for every frequency: a 1x1 kernel, strided or not, is K at
