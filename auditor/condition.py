@@ -258,13 +258,19 @@ def condition(
     layers = subject.anatomy.layers
     total = len(layers) + len(subject.anatomy.blocks)
     spectra = []
+    # circular (M_i, m_i) of each layer, keyed by (name, folded BN, input shape):
+    # the blocks reuse them instead of computing every spectrum a second time
+    circular_extremes: dict[tuple[str, str | None, tuple[int, ...]], tuple[float, float]] = {}
     for index, layer in enumerate(layers):
         bn = pairs.get(layer.name) if fold_bn else None
         if layer.kind == "conv":
             op = _conv_operator(modules, layer.name, layer.input_shape, bn, fold_bn, target)
         else:
             op = linear_operator(modules[layer.name].weight.detach().to(target, torch.float64), name=layer.name)
-        spectra.append(_layer_spectrum(op, layer, boundary, bn, keep_spectra))
+        spectrum = _layer_spectrum(op, layer, boundary, bn, keep_spectra)
+        spectra.append(spectrum)
+        if spectrum.method == "fft-circular":
+            circular_extremes[(layer.name, bn, tuple(layer.input_shape))] = (spectrum.sigma_max, spectrum.sigma_min)
         if progress:
             progress(index + 1, total)
     blocks = []
@@ -272,8 +278,13 @@ def condition(
         convs = [
             _conv_operator(modules, c.name, c.input_shape, c.bn, fold_bn, target) for c in block.convs
         ]
+        keys = [(c.name, c.bn if fold_bn else None, tuple(c.input_shape)) for c in block.convs]
+        known = [circular_extremes.get(key) for key in keys]
         shortcut = _shortcut_operator(modules, block, fold_bn, target)
-        blocks.append(condition_block(convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut))
+        blocks.append(condition_block(
+            convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
+            layer_extremes=None if None in known else known,
+        ))
         if progress:
             progress(len(layers) + index + 1, total)
     return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks)

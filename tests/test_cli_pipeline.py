@@ -205,3 +205,30 @@ def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> Non
     assert entry["sigma_max"] == pytest.approx(expected[0]) and entry["sigma_min"] == pytest.approx(expected[-1])
     code, _, err = run_cli(["condition", CKPT, "--boundary", "zero", "--save-spectra", target], capsys)
     assert code == 2 and "--save-spectra needs --boundary circular" in err
+
+
+def test_condition_computes_each_layer_spectrum_once(monkeypatch) -> None:
+    import auditor.analysis.conditioning as conditioning
+    import auditor.condition as condition_module
+    from auditor.subject import open_subject
+
+    calls: list[str] = []
+    original = condition_module.conv_singular_values
+
+    def counted(op, **kwargs):
+        calls.append(op.name)
+        return original(op, **kwargs)
+
+    monkeypatch.setattr(condition_module, "conv_singular_values", counted)
+    monkeypatch.setattr(conditioning, "conv_singular_values", counted)
+    subject = open_subject(CKPT)
+    report = condition_module.condition(subject)
+    block_convs = [c.name for b in subject.anatomy.blocks for c in b.convs]
+    assert block_convs and all(calls.count(name) == 1 for name in block_convs)
+    layers = {layer.name: layer for layer in report.layers}
+    for block in report.blocks:
+        for sigma in block.sigma:  # the block's M_i, m_i are the layer table's numbers
+            assert (sigma.max, sigma.min) == (layers[sigma.layer].sigma_max, layers[sigma.layer].sigma_min)
+    # and they are the numbers a fresh computation gives
+    fresh = condition_module.condition(subject, fold_bn=True)
+    assert [b.kappa_linear_residual for b in fresh.blocks] == [b.kappa_linear_residual for b in report.blocks]
