@@ -40,13 +40,14 @@ import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from ..errors import InputError, UsageError
 
@@ -436,13 +437,22 @@ def _autocorrelation_pairs(kh: int, kw: int) -> int:
     return sum((kh - dh) * (kw - abs(dw)) for dh, dw in _half_offsets(kh, kw))
 
 
-def _autocorrelation(weight: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The kernel's autocorrelation ``R_d = sum_{a - b = d} K_a K_b^T``.
+def _autocorrelation(weight: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel's autocorrelation ``R_d = sum_{a - b = d} K_a K_b^T``, split by symmetry.
 
     ``weight`` has shape (groups, m, n, kh, kw). Only offsets ``d >= 0`` are
-    multiplied out (one BLAS-3 product each); ``R_{-d} = R_d^T``. Returns
-    ``(R, dh, dw)`` with R of shape (n_offsets, groups * m * m), complex, so
-    that ``P P^H = sum_d R_d exp(-2 pi i d . (u/H, v/W))`` is one product.
+    multiplied out (one BLAS-3 product each), because ``R_{-d} = R_d^T``. With
+    ``theta_d = 2 pi (u d_h / H + v d_w / W)`` the Gram matrix of a frequency is
+
+        P P^H = sum_d R_d e^{-i theta_d}
+              = R_0 + sum_{d > 0} (R_d + R_d^T) cos theta_d - i (R_d - R_d^T) sin theta_d,
+
+    a real symmetric part and a real antisymmetric one, each one real product
+    over the half offsets (a quarter of the work of one complex product over
+    all of them). Returns ``(sym, anti, dh, dw)``: ``sym`` of shape
+    (n_half, groups * m * m) holds ``R_0`` then ``R_d + R_d^T``, ``anti`` of
+    shape (n_half - 1, groups * m * m) holds ``R_d - R_d^T``, for the offsets
+    ``(dh, dw)`` (``d = 0`` first).
     """
     groups, m, _, kh, kw = weight.shape
     offsets = _half_offsets(kh, kw)
@@ -455,20 +465,36 @@ def _autocorrelation(weight: np.ndarray, workers: int) -> tuple[np.ndarray, np.n
         right = weight[..., : kh - dh, lo:hi].reshape(groups, m, -1)
         return left @ right.transpose(0, 2, 1)
 
-    auto = np.zeros((2 * len(offsets) - 1, groups, m, m), dtype=np.complex128)
+    sym = np.empty((len(offsets), groups * m * m))
+    anti = np.empty((len(offsets) - 1, groups * m * m))
     for index, product in enumerate(_parallel(one, offsets, workers)):
-        auto[index].real = product
-        if index:  # d = 0 comes first and is symmetric
-            auto[len(offsets) + index - 1].real = product.transpose(0, 2, 1)
-    dh, dw = np.array(offsets + [(-dh, -dw) for dh, dw in offsets[1:]]).T
-    return auto.reshape(len(auto), -1), dh, dw
+        if index == 0:  # d = 0 comes first and is symmetric
+            sym[0] = product.reshape(-1)
+            continue
+        transposed = product.transpose(0, 2, 1)
+        sym[index] = (product + transposed).reshape(-1)
+        anti[index - 1] = (product - transposed).reshape(-1)
+    dh, dw = np.array(offsets).T
+    return sym, anti, dh, dw
+
+
+def _gram_from_autocorrelation(sym: np.ndarray, anti: np.ndarray, phases: np.ndarray, m: int) -> np.ndarray:
+    """Gram matrices ``P P^H`` (n_freq, m, m) at the frequencies of ``phases``.
+
+    ``phases`` (n_freq, n_half) are ``e^{-i theta_d}`` for the offsets of
+    :func:`_autocorrelation`: real part ``cos``, imaginary part ``-sin``.
+    """
+    gram = np.empty((len(phases), sym.shape[1]), dtype=np.complex128)
+    gram.real = np.ascontiguousarray(phases.real) @ sym
+    gram.imag = np.ascontiguousarray(phases.imag[:, 1:]) @ anti
+    return gram.reshape(-1, m, m)
 
 
 # ---------------------------------------------------------------- batched linear algebra
 
 
 def _blas_single_thread() -> Any:
-    """Context that limits BLAS to one thread (when threadpoolctl is available).
+    """Context that limits BLAS to one thread.
 
     It acts on the BLAS libraries loaded when it is entered (numpy's; scipy's
     once ``scipy.linalg`` is imported): import before entering.
@@ -477,24 +503,11 @@ def _blas_single_thread() -> Any:
     threads; a multi-threaded BLAS inside each call oversubscribes the cores
     and, on a loaded machine, runs an order of magnitude slower.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional dependency
-        return nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
 
 def _workers() -> int:
-    """Worker threads for the batched LAPACK work: torch's thread setting.
-
-    Without threadpoolctl the BLAS inside each call cannot be held to one
-    thread, so a single worker leaves the parallelism to BLAS instead of
-    oversubscribing the cores.
-    """
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:  # pragma: no cover - optional dependency
-        return 1
+    """Worker threads for the batched LAPACK work: torch's thread setting."""
     return max(1, torch.get_num_threads())
 
 
@@ -679,7 +692,7 @@ def conv_singular_values(
     use_auto = _autocorrelation_pairs(kh, kw) < 4 * len(u)  # vs 4 real products per frequency
     with _blas_single_thread():
         if use_auto:
-            auto, dh, dw = _autocorrelation(blocks, workers)
+            sym, anti, dh, dw = _autocorrelation(blocks, workers)
 
         def chunk(part: slice) -> np.ndarray:
             def matrices(index: np.ndarray) -> np.ndarray:
@@ -689,7 +702,7 @@ def conv_singular_values(
             if not use_auto:
                 p = _symbols(blocks, coarse.padding, (h, w), u[part], v[part]).reshape(-1, m, n)
                 return _sigma_from_gram(p @ p.conj().transpose(0, 2, 1), lambda index: p[index])
-            gram = (_phases(u[part], v[part], (h, w), dh, dw) @ auto).reshape(-1, m, m)
+            gram = _gram_from_autocorrelation(sym, anti, _phases(u[part], v[part], (h, w), dh, dw), m)
             return _sigma_from_gram(gram, matrices)
 
         parts = _chunks(len(u), groups * m * max(m, n) * 16 * 3, workers)
