@@ -95,7 +95,7 @@ def test_write_and_read(tmp_path: Path) -> None:
         assert store.skipped == [{"path": "b/003.png", "reason": "broken"}]
         assert store.stage_names == ["stem", "penultimate"] and len(store) == 6
         stem = store.stage("stem")
-        assert stem.shape == (6, 2, 3, 3) and stem.chunks == (1, 2, 3, 3) and stem.dtype == np.float32
+        assert stem.shape == (6, 2, 3, 3) and stem.chunks == (64, 2, 3, 3) and stem.dtype == np.float32
         assert stem.attrs["module_path"] == "layer1.0:input"
         assert stem.attrs["shape"].tolist() == [2, 3, 3]
         np.testing.assert_array_equal(stem[()], _rows([0, 1, 2, 4, 5, 6])["stem"])
@@ -302,3 +302,19 @@ def test_reader_points_to_partial(tmp_path: Path) -> None:
     assert "resume" in info.value.hint
     with pytest.raises(StoreError, match="incomplete"):
         open_store(tmp_path / "u.h5.partial")
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "expected"),
+    [
+        ((16, 32, 32), np.float32, 4),  # 64 KiB a sample: four to a 256 KiB chunk
+        ((16, 32, 32), np.float16, 8),
+        ((64,), np.float32, 64),  # tiny rows: capped at 64
+        ((64, 56, 56), np.float32, 1),  # 784 KiB: one sample, never split
+        ((2048, 7, 7), np.uint16, 1),
+    ],
+)
+def test_chunks_hold_whole_samples(shape, dtype, expected) -> None:
+    from auditor.io.store import _samples_per_chunk
+
+    assert _samples_per_chunk(shape, dtype) == expected
