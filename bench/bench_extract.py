@@ -13,8 +13,10 @@ Cases:
     on the 200 CIFAR-10 test images replicated into a temporary folder.
 
 Runs alternate (baseline, resdyn, baseline, resdyn, ...); the best of each is
-the headline (on a shared machine, noise only ever adds time), the median ratio
-and every run are printed too. CPU time, and the CPU time of the two places
+the headline (on a shared machine, noise only ever adds time); the ratio of
+the medians, the median of the paired ratios (each resdyn run against the
+baseline run just before it, which shares its phase of a machine whose speed
+drifts by up to 2x over minutes) and every run are printed too. CPU time, and the CPU time of the two places
 where resdyn does extra work (the hooks' copies, the writer thread), are
 reported beside wall time because they are far less sensitive to other load. Then peak RSS of one extraction
 of N and of 10 N images, each in its own subprocess, shows that memory does not
@@ -210,6 +212,8 @@ def _compare(name: str, n: int, args: argparse.Namespace, work: Path) -> dict:
         "baseline_s": [round(x, 2) for x in base], "resdyn_s": [round(x, 2) for x in ours],
         "baseline_best_s": round(b, 2), "resdyn_best_s": round(o, 2), "ratio": round(o / b, 3),
         "median_ratio": round(statistics.median(ours) / statistics.median(base), 3),
+        # each resdyn run against the baseline run just before it (same machine phase)
+        "paired_ratio": round(statistics.median(o_ / b_ for o_, b_ in zip(ours, base)), 3),
         "baseline_cpu_s": round(bc, 2), "resdyn_cpu_s": round(oc, 2), "cpu_ratio": round(oc / bc, 3),
         "store_mb": round(size / 2**20, 1),
         "writer_thread_cpu_s": round(statistics.median(writer), 2),
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--compression", default=None, choices=[None, "lzf", "gzip"])
-    parser.add_argument("--repeat", type=int, default=3, help="alternating runs per side (best is reported)")
+    parser.add_argument("--repeat", type=int, default=5, help="alternating runs per side (best is reported)")
     parser.add_argument("--cases", default="resnet50,resnet56")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:9s} {row['images']:5d} x {row['input'][1]:3d} px: bare loop "
                   f"{row['baseline_best_s']:7.2f} s  resdyn {row['resdyn_best_s']:7.2f} s  "
                   f"ratio {row['ratio']:.3f} (best of {args.repeat}; median ratio "
-                  f"{row['median_ratio']:.3f}; runs {row['baseline_s']} / {row['resdyn_s']}; "
+                  f"{row['median_ratio']:.3f}; median of paired ratios {row['paired_ratio']:.3f}; runs {row['baseline_s']} / {row['resdyn_s']}; "
                   f"best CPU time {row['baseline_cpu_s']:.1f} / {row['resdyn_cpu_s']:.1f} s, ratio "
                   f"{row['cpu_ratio']:.3f}; store {row['store_mb']} MiB)", flush=True)
             print(f"{'':9s} overhead where it happens: writer thread {row['writer_thread_cpu_s']:.2f} s "
