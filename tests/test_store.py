@@ -318,3 +318,24 @@ def test_chunks_hold_whole_samples(shape, dtype, expected) -> None:
     from auditor.io.store import _samples_per_chunk
 
     assert _samples_per_chunk(shape, dtype) == expected
+
+
+def test_writer_syncs_to_disk_while_writing(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import auditor.io.store as store
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(store, "_SYNC_BYTES", 1)  # every batch
+    monkeypatch.setattr(store.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    whole = tmp_path / "whole.h5"
+    writer = StoreWriter(whole, _header())
+    for positions, failures in BATCHES:
+        before = len(synced)
+        writer.append(_rows(positions), positions, failures)
+        assert len(synced) == before + (1 if positions else 0)  # a batch with rows is synced
+    writer.finish()
+    monkeypatch.setattr(store, "_SYNC_BYTES", 1 << 40)  # never: the same store
+    _write(tmp_path / "again.h5", _header(), BATCHES).finish()
+    _assert_same_store(whole, tmp_path / "again.h5")

@@ -82,6 +82,9 @@ _PROVENANCE_KEYS = (
 # on chunk bookkeeping than on the bytes, a ResNet-50 stage is still one sample.
 _CHUNK_BYTES = 256 * 1024
 _MAX_SAMPLES_PER_CHUNK = 64
+# The writer fsyncs after every this many bytes (the final fsync then has
+# little left to wait for).
+_SYNC_BYTES = 128 * 1024 * 1024
 _LIBVER = ("v108", "v110")  # 1.8 format: attributes above 64 KiB (a long skipped list) fit
 
 
@@ -289,6 +292,7 @@ class StoreWriter:
         self._doomed = False
         self._file: h5py.File | None = None
         self._datasets: dict[str, h5py.Dataset] | None = None
+        self._unsynced = 0  # bytes appended since the last fsync
         self._lock = _Lock(self.path.with_name(self.path.name + ".lock"), self.path)
         if not self.path.parent.is_dir():
             raise StoreError(
@@ -511,6 +515,14 @@ class StoreWriter:
         if failures:
             f.attrs["skipped"] = json.dumps(self.skipped)
         f.flush()
+        # Push what is written to the disk every _SYNC_BYTES, here (on the
+        # writer thread, while the next batch is computed) rather than all of
+        # it in the fsync of finish(), after the last batch.
+        self._unsynced += sum(data.nbytes for data in encoded.values())
+        if self._unsynced >= _SYNC_BYTES:
+            with contextlib.suppress(OSError, ValueError):
+                os.fsync(f.id.get_vfd_handle())
+            self._unsynced = 0
 
     def finish(self) -> Path:
         """Mark the store complete and move it to its final name.
