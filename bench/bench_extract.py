@@ -22,6 +22,11 @@ reported beside wall time because they are far less sensitive to other load. The
 of N and of 10 N images, each in its own subprocess, shows that memory does not
 grow with the number of images.
 
+Both sides run with the process-wide malloc setting the ``resdyn`` command
+applies at start (:func:`auditor.runtime.keep_freed_memory`); ``--glibc-defaults``
+leaves glibc's defaults, under which both sides page-fault on every batch's
+activations and the same loop runs 1x or 2x slower depending on the heap's history.
+
 Usage::
 
     python bench/bench_extract.py            # full: 200 x 224 px, 3000 x 32 px, RSS 500 / 5000
@@ -58,6 +63,7 @@ from auditor.io.images import (  # noqa: E402
     select_samples,
 )
 from auditor.models.anatomy import analyze_anatomy  # noqa: E402
+from auditor.runtime import keep_freed_memory  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data"
 CIFAR_200 = SHARED / "images" / "cifar10-test-200"
@@ -265,6 +271,7 @@ def _rss(n: int, args: argparse.Namespace, work: Path) -> dict:
         sys.executable, __file__, "--child-rss", str(n), "--work", str(work),
         "--batch-size", str(args.batch_size), "--workers", str(args.workers),
         "--dtype", args.dtype, "--threads", str(args.threads),
+        *(["--glibc-defaults"] if args.glibc_defaults else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -288,15 +295,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-rss", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (both sides)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # the process-wide setting the resdyn command applies at start; on both
+    # sides, so that the comparison is of the work, not of the allocator
+    allocator = "glibc defaults" if args.glibc_defaults else (
+        "fixed glibc thresholds (auditor.runtime.keep_freed_memory)" if keep_freed_memory() else "default")
     if args.child_rss:
         _child_rss(args.child_rss, args, args.work)
         return
     sizes = {"resnet50": 48 if args.quick else 200, "resnet56": 1000 if args.quick else 3000}
     rss_n = 100 if args.quick else 500
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, workers "
-          f"{args.workers}, dtype {args.dtype}, compression {args.compression}, "
+          f"{args.workers}, dtype {args.dtype}, compression {args.compression}, allocator {allocator}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory(prefix="resdyn-bench-") as tmp:
         work = Path(tmp)

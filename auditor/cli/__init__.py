@@ -100,5 +100,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point (owns the process: applies the process-wide settings)."""
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()
     sys.exit(run(sys.argv[1:]))
