@@ -206,7 +206,6 @@ def _part_floor() -> dict:
     sizes and counts as resdyn's per-frequency Gram matrices, on the same
     THREADS worker threads with BLAS on one thread each (resdyn's setting)."""
     import numpy as np
-    import torch
     from threadpoolctl import threadpool_limits
 
     from auditor.analysis.spectra import _parallel
@@ -221,7 +220,6 @@ def _part_floor() -> dict:
             a = rng.standard_normal((k, m, m)) + 1j * rng.standard_normal((k, m, m))
             batches.append(a @ a.conj().transpose(0, 2, 1))
     batches.sort(key=lambda b: -b.shape[1])  # largest first balances the workers
-    del torch
     start = time.perf_counter()
     cpu = time.process_time()
     with threadpool_limits(limits=1, user_api="blas"):
