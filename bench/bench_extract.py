@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     # the process-wide setting the resdyn command applies at start; on both
     # sides, so that the comparison is of the work, not of the allocator
     allocator = "glibc defaults" if args.glibc_defaults else (
-        "fixed glibc thresholds (auditor.runtime.keep_freed_memory)" if keep_freed_memory() else "default")
+        "resdyn's glibc malloc setting (auditor.runtime.keep_freed_memory)" if keep_freed_memory() else "default")
     if args.child_rss:
         _child_rss(args.child_rss, args, args.work)
         return
