@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UsageError
+from ._options import split_list
 
 __all__ = ["image_options", "Preset", "PresetOpt", "SizeOpt", "MeanOpt", "StdOpt", "ClassesOpt", "PerClassOpt", "SeedOpt", "parse_triple"]
 
@@ -55,8 +56,6 @@ def image_options(
     seed: int,
 ) -> dict:
     """The keyword arguments of :func:`auditor.dataset.open_images` from the shared options."""
-    from .angles import split_list
-
     return dict(
         preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
         std=parse_triple(std, "--std"), classes=split_list(classes), per_class=per_class, seed=seed,

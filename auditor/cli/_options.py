@@ -19,6 +19,7 @@ __all__ = [
     "DeviceOpt",
     "DataOpt",
     "NoProgressOpt",
+    "split_list",
 ]
 
 
@@ -94,3 +95,11 @@ DataOpt = Annotated[
 NoProgressOpt = Annotated[
     bool, typer.Option("--no-progress", help="No progress bar on stderr.")
 ]
+
+
+def split_list(text: str | None) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; None stays None."""
+    if text is None:
+        return None
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    return items or None

@@ -10,10 +10,10 @@ from rich.text import Text
 
 from ..report.angles_view import angles_markdown_table, angles_table
 from ..report.document import SCHEMA_VERSION, tool_info
-from ._options import Format, FormatOpt, NoProgressOpt, OutputOpt
+from ._options import Format, FormatOpt, NoProgressOpt, OutputOpt, split_list
 from ._output import emit, progress_bar
 
-__all__ = ["register", "split_list", "StagesOpt", "ClassesOpt", "CenterOpt", "SubspaceOpt", "MaxPairsOpt", "SeedOpt"]
+__all__ = ["register", "StagesOpt", "ClassesOpt", "CenterOpt", "SubspaceOpt", "MaxPairsOpt", "SeedOpt"]
 
 StoreArg = Annotated[Path, typer.Argument(help="Activation store written by 'resdyn extract'.", exists=True, dir_okay=False)]
 StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stage names (default: all).")]
@@ -29,14 +29,6 @@ MaxPairsOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Draw angle against stage into this PNG file.", dir_okay=False)]
-
-
-def split_list(text: str | None) -> list[str] | None:
-    """``"a, b"`` -> ``["a", "b"]``; None stays None."""
-    if text is None:
-        return None
-    items = [part.strip() for part in text.split(",") if part.strip()]
-    return items or None
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:

@@ -10,9 +10,9 @@ import typer
 from ..errors import ExitCode
 from ..report.audit_view import audit_markdown, audit_tables
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
-from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, split_list
 from ._output import emit, progress_bar, stderr
-from .angles import CenterOpt, MaxPairsOpt, SubspaceOpt, split_list
+from .angles import CenterOpt, MaxPairsOpt, SubspaceOpt
 from .condition import Boundary, BoundaryOpt, NoFoldOpt, resolve_device
 from .stability import DirectionsOpt, EpsOpt, PowerOpt, SamplesOpt
 

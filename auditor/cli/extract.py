@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
-from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt
+from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt, split_list
 from ._output import progress_bar, stderr, warn
 
 __all__ = ["register", "DType", "Compression", "run_extract"]
@@ -71,7 +71,6 @@ def extract_command(
     """Store the activations of every down-sampling stage for real images (resumable after a kill)."""
     from ..dataset import open_images
     from ..subject import open_subject, parse_input_size
-    from .angles import split_list
 
     subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
     images = open_images(data, subject, **image_options(preset, size, mean, std, classes, per_class, seed))

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..report.document import SCHEMA_VERSION, tool_info
 from ..report.markdown import md_table
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
-from ._options import ArchOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._options import ArchOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, split_list
 from ._output import emit, progress_bar
 
 __all__ = ["register", "collect_checkpoints"]
@@ -132,7 +132,6 @@ def trajectory_command(
     from ..dataset import open_images
     from ..pipeline import stage_geometry
     from ..subject import open_subject, parse_input_size
-    from .angles import split_list
     from .condition import resolve_device
 
     target = resolve_device(device)
