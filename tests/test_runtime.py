@@ -26,18 +26,24 @@ linux_4k_pages = pytest.mark.skipif(
     reason="glibc malloc settings, counted in 4 KiB page faults",
 )
 
-# Forward passes of a CIFAR ResNet-20 (batch 32, 2 MiB activations);
-# print the minor page faults of the loop.
-_CHILD = textwrap.dedent(
+# Each child: argv[1] the repository, argv[2] "on" to apply the setting; it
+# prints {"applied", "faults"} (minor page faults of its measured loop).
+_PREAMBLE = textwrap.dedent(
     """
     import json, resource, sys
     sys.path.insert(0, sys.argv[1])
     import torch
     from auditor.runtime import keep_freed_memory
     applied = keep_freed_memory() if sys.argv[2] == "on" else None
-    torch.set_num_threads(1)
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    """
+)
+
+# Forward passes of a CIFAR ResNet-20 (batch 32, 2 MiB activations).
+_CHILD = _PREAMBLE + textwrap.dedent(
+    """
+    torch.set_num_threads(1)
     from auditor.models.registry import build_model
     torch.manual_seed(0)
     model, _ = build_model("resnet20")
@@ -56,16 +62,9 @@ _CHILD = textwrap.dedent(
 
 # Blocks above glibc's largest mmap threshold (32 MiB), as a ResNet-50 at 224 px
 # allocates them (100 MiB per activation at batch 32), while a long-lived
-# buffer (extract's pool) sits in the heap; print the faults of the loop.
-_CHILD_LARGE = textwrap.dedent(
+# buffer (extract's pool) sits in the heap.
+_CHILD_LARGE = _PREAMBLE + textwrap.dedent(
     """
-    import json, resource, sys
-    sys.path.insert(0, sys.argv[1])
-    import torch
-    from auditor.runtime import keep_freed_memory
-    applied = keep_freed_memory() if sys.argv[2] == "on" else None
-    def faults():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     kept = torch.ones(4 * 2**20)  # 16 MiB, alive throughout
     for _ in range(20):  # warm up: the heap grows over the first few blocks
         activation = torch.ones(16 * 2**20)  # 64 MiB
