@@ -261,12 +261,33 @@ def _option_a_matrix(shortcut: OptionAShortcut) -> np.ndarray:
     return matrix
 
 
-def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectra:
-    """Per-frequency singular values of ``W_k .. W_1`` and of ``W_k .. W_1 + S``.
+@dataclass(frozen=True)
+class _ReducedBlock:
+    """A block's per-frequency factors after the exact reductions of :func:`_reduce_block`.
 
-    See :func:`block_singular_values` for the steps; both operators come from
-    the same per-frequency factors.
+    ``A(u) = P_k(u) ... P_1(u) + S(u)`` on the coarse ``grid``, with ``P_i`` the
+    symbols of ``weights[i]`` (kernels (rows, cols, kh, kw) at ``paddings[i]``)
+    and ``S`` the identity of size ``identity_size`` or the symbol of
+    ``short_weight``; ``plain_weights`` give ``W_k ... W_1`` (same paddings).
+    ``extra_plain`` / ``extra_residual`` are singular values every frequency
+    also has; ``side`` is max(rows, cols) of one unreduced frequency matrix.
     """
+
+    weights: list[np.ndarray]
+    paddings: list[tuple[int, int]]
+    plain_weights: list[np.ndarray]
+    extra_plain: np.ndarray
+    short_weight: np.ndarray | None
+    short_padding: tuple[int, int]
+    identity_size: int
+    extra_residual: np.ndarray
+    grid: tuple[int, int]
+    side: int
+    has_shortcut: bool
+
+
+def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _ReducedBlock:
+    """Steps 1 and 3-4 of :func:`block_singular_values`: coarse-grid factors, exact reductions."""
     total = _check_chain(convs, shortcut)
     # 1. every factor as a stride-1 operator on the coarsest grid
     coarse, before = [], (1, 1)
@@ -310,34 +331,48 @@ def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectr
                        np.einsum("cr,co...->ro...", q_out, weights[-1])]
             short_weight = (q_out.T @ short @ q_in)[:, :, None, None]
             extra_residual = np.zeros(min(n_out, n_in) - min(q_out.shape[1], q_in.shape[1]))
-    u, v, mult = _half_plane(h, w)
-    grid = (h, w)
+    return _ReducedBlock(weights, paddings, plain_weights, extra_plain, short_weight, short_padding,
+                         identity_size, extra_residual, (h, w), max(n_out, n_in), shortcut is not None)
 
-    def chain(factors: list[np.ndarray], part: slice) -> np.ndarray:
-        product = _symbols(factors[0], paddings[0], grid, u[part], v[part])
-        for weight, padding in zip(factors[1:], paddings[1:]):
-            product = _symbols(weight, padding, grid, u[part], v[part]) @ product
-        return product
+
+def _block_matrices(block: _ReducedBlock, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The per-frequency matrices (n_freq, rows, cols) of the plain or the residual operator."""
+    factors = block.weights if residual else block.plain_weights
+    product = _symbols(factors[0], block.paddings[0], block.grid, u, v)
+    for weight, padding in zip(factors[1:], block.paddings[1:]):
+        product = _symbols(weight, padding, block.grid, u, v) @ product
+    if residual:
+        if block.identity_size:
+            product[:, np.arange(block.identity_size), np.arange(block.identity_size)] += 1.0
+        else:
+            product += _symbols(block.short_weight, block.short_padding, block.grid, u, v)
+    return product
+
+
+def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectra:
+    """Per-frequency singular values of ``W_k .. W_1`` and of ``W_k .. W_1 + S``.
+
+    See :func:`block_singular_values` for the steps; both operators come from
+    the same per-frequency factors.
+    """
+    block = _reduce_block(convs, shortcut)
+    u, v, mult = _half_plane(*block.grid)
 
     # 3. per frequency chunk: chain products, shortcut, singular values
     def chunk(part: slice) -> tuple[np.ndarray, np.ndarray | None]:
-        plain = _sigma_of_matrices(chain(plain_weights, part))
+        plain = _sigma_of_matrices(_block_matrices(block, False, u[part], v[part]))
         if shortcut is None:
             return plain, None
-        product = chain(weights, part)
-        if identity_size:
-            product[:, np.arange(identity_size), np.arange(identity_size)] += 1.0
-        else:
-            product += _symbols(short_weight, short_padding, grid, u[part], v[part])
-        return plain, _sigma_of_matrices(product)
+        return plain, _sigma_of_matrices(_block_matrices(block, True, u[part], v[part]))
 
     workers = _workers()
+    weights = block.weights
     largest = max(wt.shape[0] * wt.shape[1] for wt in weights) + weights[-1].shape[0] * weights[0].shape[1]
     with _blas_single_thread():
         results = _parallel(chunk, _chunks(len(u), 16 * 4 * largest, workers), workers)
     residual = None if shortcut is None else np.concatenate([r[1] for r in results])
-    side = max(n_out, n_in)
-    return _Spectra(np.concatenate([r[0] for r in results]), residual, mult, extra_plain, extra_residual, side)
+    return _Spectra(np.concatenate([r[0] for r in results]), residual, mult, block.extra_plain,
+                    block.extra_residual, block.side)
 
 
 def _basis(matrix: np.ndarray) -> np.ndarray:
