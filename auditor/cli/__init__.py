@@ -63,9 +63,6 @@ def _fail(message: str) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return the exit code (errors mapped to one line and code 2)."""
-    from typer import exceptions as typer_exceptions
-    from typer._click import exceptions as click_exceptions
-
     command = typer.main.get_command(app)
     debug = bool(os.environ.get("RESDYN_DEBUG"))
     try:
@@ -74,14 +71,16 @@ def run(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(exc.one_line())
-    except typer_exceptions.Exit as exc:
-        return int(getattr(exc, 'exit_code', 0) or 0)
-    except typer_exceptions.Abort:
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except typer.Abort:
         return int(ExitCode.INTERRUPTED)
-    except click_exceptions.NoArgsIsHelpError as exc:
-        print(exc.format_message(), file=sys.stderr)
-        return int(ExitCode.ERROR)
-    except click_exceptions.ClickException as exc:
+    except typer.TyperException as exc:  # the vendored Click's exceptions (usage errors) derive from it
+        # ``resdyn`` alone: the help text, on stderr. Matched by name, as typer's own
+        # rich_utils does, since the class is not public API.
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message(), file=sys.stderr)
+            return int(ExitCode.ERROR)
         if debug:
             raise
         context = getattr(exc, "ctx", None)
