@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ArchitectureError
-from .registry import CIFAR_DEPTHS
-from .torchvision_resnet import TORCHVISION_CONFIGS
+from .catalog import CIFAR_DEPTHS, TORCHVISION_CONFIGS
 
 __all__ = ["Inference", "infer_architecture"]
 

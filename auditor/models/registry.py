@@ -14,10 +14,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ArchitectureError
+from .catalog import CIFAR_DEPTHS, TORCHVISION_CONFIGS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["ArchSpec", "register_model", "list_models", "get_arch", "build_model"]
 
@@ -51,8 +54,6 @@ class ArchSpec:
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
-CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110, 1202)
-
 
 def register_model(spec: ArchSpec) -> ArchSpec:
     """Add ``spec`` to the registry (names are unique)."""
@@ -85,10 +86,26 @@ def _variant_suffix(batchnorm: bool, residual: bool) -> str:
     return ("" if residual else "_plain") + ("" if batchnorm else "_nobn")
 
 
-def _register_builtin() -> None:
-    from .cifar_resnet import cifar_resnet
-    from .torchvision_resnet import TORCHVISION_CONFIGS, torchvision_resnet
+def _torchvision_builder(name: str, batchnorm: bool, residual: bool) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .torchvision_resnet import torchvision_resnet  # torchvision only for these
 
+        return torchvision_resnet(name, num_classes=num_classes, batchnorm=batchnorm, residual=residual)
+
+    return build
+
+
+def _cifar_builder(depth: int, shortcut: str, batchnorm: bool, residual: bool) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .cifar_resnet import cifar_resnet
+
+        return cifar_resnet(depth, num_classes=num_classes, shortcut=shortcut, batchnorm=batchnorm, residual=residual)
+
+    return build
+
+
+def _register_builtin() -> None:
+    # Names only: torch and torchvision are imported when a model is built.
     for bn in (True, False):
         for res in (True, False):
             suffix = _variant_suffix(bn, res)
@@ -96,9 +113,7 @@ def _register_builtin() -> None:
                 register_model(
                     ArchSpec(
                         tv_name + suffix, "torchvision", 224, bn, res,
-                        lambda k, n=tv_name, b=bn, r=res: torchvision_resnet(
-                            n, num_classes=k, batchnorm=b, residual=r
-                        ),
+                        _torchvision_builder(tv_name, bn, res),
                         default_classes=1000,
                     )
                 )
@@ -109,9 +124,7 @@ def _register_builtin() -> None:
                     register_model(
                         ArchSpec(
                             f"resnet{depth}{opt}{suffix}", "cifar", 32, bn, res,
-                            lambda k, d=depth, s=sc, b=bn, r=res: cifar_resnet(
-                                d, num_classes=k, shortcut=s, batchnorm=b, residual=r
-                            ),
+                            _cifar_builder(depth, sc, bn, res),
                         )
                     )
 
@@ -164,6 +177,8 @@ def build_model(name: str, num_classes: int | None = None) -> tuple[nn.Module, A
         What was built (family ``"custom"`` for user factories).
     """
     if is_factory_reference(name):
+        from torch import nn
+
         factory = _load_factory(name)
         try:
             model = factory()

@@ -14,21 +14,9 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
-__all__ = ["TORCHVISION_CONFIGS", "torchvision_resnet"]
+from .catalog import TORCHVISION_CONFIGS
 
-# name -> (block type, blocks per stage, extra ResNet kwargs)
-TORCHVISION_CONFIGS: dict[str, tuple[str, list[int], dict[str, int]]] = {
-    "resnet18": ("basic", [2, 2, 2, 2], {}),
-    "resnet34": ("basic", [3, 4, 6, 3], {}),
-    "resnet50": ("bottleneck", [3, 4, 6, 3], {}),
-    "resnet101": ("bottleneck", [3, 4, 23, 3], {}),
-    "resnet152": ("bottleneck", [3, 8, 36, 3], {}),
-    "wide_resnet50_2": ("bottleneck", [3, 4, 6, 3], {"width_per_group": 128}),
-    "wide_resnet101_2": ("bottleneck", [3, 4, 23, 3], {"width_per_group": 128}),
-    "resnext50_32x4d": ("bottleneck", [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}),
-    "resnext101_32x8d": ("bottleneck", [3, 4, 23, 3], {"groups": 32, "width_per_group": 8}),
-    "resnext101_64x4d": ("bottleneck", [3, 4, 23, 3], {"groups": 64, "width_per_group": 4}),
-}
+__all__ = ["TORCHVISION_CONFIGS", "torchvision_resnet"]
 
 
 class _NoNorm(nn.Identity):
