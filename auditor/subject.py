@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
-from .io.checkpoint import Checkpoint, load_checkpoint
-from .models.anatomy import Anatomy, analyze_anatomy
-from .models.load import LoadedModel, load_model
+
+if TYPE_CHECKING:  # torch-backed; imported by open_subject, so parse_input_size stays cheap
+    from .io.checkpoint import Checkpoint
+    from .models.anatomy import Anatomy
+    from .models.load import LoadedModel
 
 __all__ = ["Subject", "open_subject", "parse_input_size"]
 
@@ -80,6 +83,10 @@ def open_subject(
     input_size : (int, int), optional
         Input height and width; default from metadata, else the family's.
     """
+    from .io.checkpoint import load_checkpoint
+    from .models.anatomy import analyze_anatomy
+    from .models.load import load_model
+
     checkpoint = load_checkpoint(path)
     loaded = load_model(checkpoint, arch)
     if input_size is None:

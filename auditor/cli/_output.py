@@ -7,33 +7,42 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, RenderableType
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-
-from ..report.document import dumps, write_atomic
 from ._options import Format
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
 
 __all__ = ["stderr", "emit", "progress_bar", "warn"]
 
-stderr = Console(stderr=True, highlight=False)
+# rich's Console and Progress and the report writers are imported on first use, not with the
+# command line: ``resdyn --help``, a usage error and shell completion need none of them.
+
+
+@cache
+def _stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "stderr":  # ``from ._output import stderr``: the stderr console, made on first use
+        return _stderr_console()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warn(message: str) -> None:
     """One warning line on stderr."""
-    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    _stderr_console().print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def _render_text(renderables: list[RenderableType], width: int = 120) -> str:
+    from rich.console import Console
+
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None, highlight=False)
     for renderable in renderables:
@@ -50,6 +59,8 @@ def emit(
     markdown: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> None:
     """Render ``document`` in ``fmt`` to stdout, or atomically to ``output``."""
+    from ..report.document import dumps, write_atomic
+
     if fmt is Format.json:
         text = dumps(document)
     elif fmt is Format.markdown:
@@ -59,6 +70,8 @@ def emit(
     else:
         renderables = table(document)
         if output is None:
+            from rich.console import Console
+
             # Piped output keeps every column readable instead of rich's 80-column default.
             console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
             for renderable in renderables:
@@ -70,16 +83,19 @@ def emit(
         sys.stdout.flush()
     else:
         write_atomic(output, text)
-        stderr.print(f"wrote {output}")
+        _stderr_console().print(f"wrote {output}")
 
 
 @contextmanager
 def progress_bar(description: str, *, enabled: bool, unit: str = "") -> Iterator[Callable[[int, int], None]]:
     """A ``progress(done, total)`` callback drawing a rich bar on stderr when enabled."""
+    stderr = _stderr_console()
     show = enabled and stderr.is_terminal and not os.environ.get("CI")
     if not show:
         yield lambda done, total: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -6,12 +6,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.text import Text
 
-from ..report.angles_view import angles_markdown_table, angles_table
-from ..report.document import SCHEMA_VERSION, tool_info
 from ._options import Format, FormatOpt, NoProgressOpt, OutputOpt, split_list
-from ._output import emit, progress_bar
 
 __all__ = ["register", "StagesOpt", "ClassesOpt", "CenterOpt", "SubspaceOpt", "MaxPairsOpt", "SeedOpt"]
 
@@ -32,12 +28,18 @@ PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Draw angle agai
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
+    from rich.text import Text
+
+    from ..report.angles_view import angles_table
+
     head = Text(f"{doc['store']['path']}  ({doc['store']['arch']}, {doc['store']['samples']} samples)")
     note = "options: " + ", ".join(f"{k}={v}" for k, v in doc["config"].items())
     return [head, *angles_table(doc["stages"], note=note)]
 
 
 def _markdown(doc: dict[str, Any]) -> str:
+    from ..report.angles_view import angles_markdown_table
+
     return f"## resdyn angles\n\nStore `{doc['store']['path']}` ({doc['store']['arch']})\n\n" + angles_markdown_table(doc["stages"])
 
 
@@ -57,6 +59,8 @@ def angles_command(
     """Median principal angles within and between classes at every stage (the paper's Definition 1)."""
     from ..geometry import store_angles
     from ..io.store import open_store
+    from ..report.document import SCHEMA_VERSION, tool_info
+    from ._output import emit, progress_bar
 
     with open_store(store_path) as store:
         with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:

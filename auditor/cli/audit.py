@@ -8,10 +8,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import ExitCode
-from ..report.audit_view import audit_markdown, audit_tables
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
 from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, split_list
-from ._output import emit, progress_bar, stderr
 from .angles import CenterOpt, MaxPairsOpt, SubspaceOpt
 from .condition import Boundary, BoundaryOpt, NoFoldOpt, resolve_device
 from .stability import DirectionsOpt, EpsOpt, PowerOpt, SamplesOpt
@@ -88,16 +86,21 @@ def audit_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Conditioning, class geometry and stability in one report, with --fail-on rules for CI."""
-    from ..audit import AuditOptions, audit
     from ..report.verdict import parse_rule, rules_from_config
     from ..subject import parse_input_size
 
     config_rules, _ = rules_from_config(config)
     rules = [parse_rule(r) for r in [*config_rules, *(fail_on or [])]]  # malformed rules fail before any work
+    shape = parse_input_size(input_size)
+    mean_values, std_values = parse_triple(mean, "--mean"), parse_triple(std, "--std")
+    from ..audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
+    from ..report.audit_view import audit_markdown, audit_tables
+    from ._output import emit, progress_bar, stderr
+
     options = AuditOptions(
-        arch=arch, input_size=parse_input_size(input_size), fold_bn=not no_fold_bn, boundary=boundary.value,
-        preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
-        std=parse_triple(std, "--std"), classes=tuple(split_list(classes) or ()) or None, per_class=per_class,
+        arch=arch, input_size=shape, fold_bn=not no_fold_bn, boundary=boundary.value,
+        preset=preset.value if preset else None, size=size, mean=mean_values,
+        std=std_values, classes=tuple(split_list(classes) or ()) or None, per_class=per_class,
         seed=seed, stages=tuple(split_list(stages) or ()) or None, center=center, max_pairs=max_pairs,
         subspace=subspace, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
         batch_size=batch_size, device=resolve_device(device), cache=cache,

@@ -6,17 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from ..errors import ExitCode
-from ..report.compare import compare_reports, evaluate_changes, load_report
-from ..report.document import SCHEMA_VERSION, tool_info
-from ..report.markdown import md_table
-from ..report.tables import fmt_num
-from ..report.verdict import parse_rule
 from ._options import Format, FormatOpt, OutputOpt
-from ._output import emit
 
 __all__ = ["register"]
 
@@ -28,10 +20,17 @@ FailOnChangeOpt = Annotated[
 
 
 def _change(value: float | None) -> str:
+    from ..report.tables import fmt_num
+
     return "-" if value is None else ("+" if value > 0 else "") + fmt_num(value)
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..report.tables import fmt_num
+
     out: list[Any] = [Text(f"A: {doc['a']['path']} ({doc['a']['arch']})\nB: {doc['b']['path']} ({doc['b']['arch']})")]
     table = Table(title="Metrics", title_justify="left")
     for column in ("metric", "A", "B", "B - A"):
@@ -54,6 +53,9 @@ def _tables(doc: dict[str, Any]) -> list[Any]:
 
 
 def _markdown(doc: dict[str, Any]) -> str:
+    from ..report.markdown import md_table
+    from ..report.tables import fmt_num
+
     rows = [[m["metric"], fmt_num(m["a"]), fmt_num(m["b"]), _change(m["change"])] for m in doc["comparison"]["metrics"]]
     return (f"## resdyn compare\n\nA: `{doc['a']['path']}` ({doc['a']['arch']})  \nB: `{doc['b']['path']}` "
             f"({doc['b']['arch']})\n\n" + md_table(["metric", "A", "B", "B - A"], rows))
@@ -67,7 +69,13 @@ def compare_command(
     output: OutputOpt = None,
 ) -> None:
     """Show two reports side by side (BN vs no-BN, before vs after fine-tuning) and fail on regressions."""
-    rules = [parse_rule(text) for text in fail_on or []]
+    from ..report.verdict import parse_rule
+
+    rules = [parse_rule(text) for text in fail_on or []]  # malformed rules fail before any work
+    from ..report.compare import compare_reports, evaluate_changes, load_report
+    from ..report.document import SCHEMA_VERSION, tool_info
+    from ._output import emit
+
     a, b = load_report(report_a), load_report(report_b)
     comparison = compare_reports(a, b)
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from ..report.condition_view import condition_markdown, condition_tables
-from ..report.document import SCHEMA_VERSION, tool_info
-from ..subject import Subject, open_subject, parse_input_size
 from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
-from ._output import emit, progress_bar
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 __all__ = ["register", "condition_document", "resolve_device"]
 
@@ -50,6 +49,8 @@ def resolve_device(device: Device) -> str:
 
 def condition_document(subject: Subject, report: Any) -> dict[str, Any]:
     """The ``condition`` report document."""
+    from ..report.document import SCHEMA_VERSION, tool_info
+
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": tool_info(),
@@ -107,12 +108,17 @@ def condition_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Singular values of every convolution as an operator, and block condition numbers with Lemma 1 checks."""
-    from ..condition import condition
     from ..errors import UsageError
+    from ..subject import open_subject, parse_input_size
 
     if save is not None and boundary is Boundary.zero:
         raise UsageError("--save-spectra needs --boundary circular (zero gives only the extremes)")
-    subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
+    size = parse_input_size(input_size)  # usage errors before torch is imported
+    from ..condition import condition
+    from ..report.condition_view import condition_markdown, condition_tables
+    from ._output import emit, progress_bar
+
+    subject = open_subject(checkpoint, arch=arch, input_size=size)
     with progress_bar("spectra", enabled=not no_progress and fmt is not Format.json, unit="ops") as update:
         report = condition(
             subject, fold_bn=not no_fold_bn, boundary=boundary.value, device=resolve_device(device),

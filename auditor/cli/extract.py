@@ -10,7 +10,6 @@ import typer
 
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt, split_list
-from ._output import progress_bar, stderr, warn
 
 __all__ = ["register", "DType", "Compression", "run_extract"]
 
@@ -69,11 +68,16 @@ def extract_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Store the activations of every down-sampling stage for real images (resumable after a kill)."""
-    from ..dataset import open_images
-    from ..subject import open_subject, parse_input_size
+    from ..subject import parse_input_size
 
-    subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
-    images = open_images(data, subject, **image_options(preset, size, mean, std, classes, per_class, seed))
+    shape = parse_input_size(input_size)
+    chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
+    from ..dataset import open_images
+    from ..subject import open_subject
+    from ._output import progress_bar, stderr, warn
+
+    subject = open_subject(checkpoint, arch=arch, input_size=shape)
+    images = open_images(data, subject, **chosen)
     with progress_bar("extract", enabled=not no_progress, unit="images") as update:
         result = run_extract(subject, images, output, stages=split_list(stages), dtype=dtype.value,
                              compression=compression.value, batch_size=batch_size, workers=workers,

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.table import Table
-
-from ..models.registry import get_arch, list_models
-from ..report.document import SCHEMA_VERSION, tool_info
-from ..report.sections import anatomy_sections
-from ..report.tables import inspect_tables
-from ..subject import Subject, open_subject, parse_input_size
 from ._options import ArchOpt, CheckpointArg, Format, FormatOpt, InputSizeOpt, OutputOpt
-from ._output import emit
+
+if TYPE_CHECKING:
+    from ..subject import Subject
 
 __all__ = ["inspect_command", "archs_command", "inspect_document"]
+
+# The library (torch) is imported in the command bodies, so that ``resdyn --help`` stays instant.
 
 
 def inspect_document(subject: Subject) -> dict[str, Any]:
     """The ``inspect`` report."""
+    from ..report.document import SCHEMA_VERSION, tool_info
+    from ..report.sections import anatomy_sections
+
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": tool_info(),
@@ -43,12 +43,18 @@ def inspect_command(
     output: OutputOpt = None,
 ) -> None:
     """Show the architecture, residual blocks, stages and layer shapes of a checkpoint."""
+    from ..report.tables import inspect_tables
+    from ..subject import open_subject, parse_input_size
+    from ._output import emit
+
     subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
     emit(inspect_document(subject), fmt, output, table=inspect_tables, markdown=_markdown)
 
 
 def archs_command(fmt: FormatOpt = Format.table) -> None:
     """List the registered architectures (use one with --arch)."""
+    from ..models.registry import get_arch, list_models
+
     rows = [get_arch(name) for name in list_models()]
     if fmt is Format.json:
         import json
@@ -57,6 +63,7 @@ def archs_command(fmt: FormatOpt = Format.table) -> None:
                            "batchnorm": s.batchnorm, "residual": s.residual} for s in rows], indent=2))
         return
     from rich.console import Console
+    from rich.table import Table
 
     table = Table(title="Registered architectures", title_justify="left")
     for column in ("name", "family", "input", "BatchNorm", "shortcuts"):

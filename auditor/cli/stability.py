@@ -7,14 +7,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..report.document import SCHEMA_VERSION, tool_info
-from ..report.markdown import checkpoint_markdown
-from ..report.stability_view import stability_markdown, stability_tables
-from ..report.tables import header_text
-from ..subject import open_subject, parse_input_size
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
-from ._output import emit, progress_bar
 
 __all__ = ["register", "EpsOpt", "DirectionsOpt", "SamplesOpt", "PowerOpt"]
 
@@ -35,10 +29,16 @@ def stability_section(report: Any) -> dict[str, Any]:
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
+    from ..report.stability_view import stability_tables
+    from ..report.tables import header_text
+
     return [header_text(doc), *stability_tables(doc["stability"])]
 
 
 def _markdown(doc: dict[str, Any]) -> str:
+    from ..report.markdown import checkpoint_markdown
+    from ..report.stability_view import stability_markdown
+
     return "## resdyn stability\n\n" + checkpoint_markdown(doc) + "\n" + stability_markdown(doc["stability"])
 
 
@@ -65,14 +65,21 @@ def stability_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Perturbation amplification per block at real inputs, BatchNorm's effect, and the end-to-end error (Lemmas 2, 3)."""
+    from ..subject import parse_input_size
+
+    shape = parse_input_size(input_size)
+    chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
     from ..analysis.stability import measure_stability
     from ..condition import condition
     from ..dataset import open_images, sample_images
+    from ..report.document import SCHEMA_VERSION, tool_info
+    from ..subject import open_subject
+    from ._output import emit, progress_bar
     from .condition import resolve_device
 
     target = resolve_device(device)
-    subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
-    images = open_images(data, subject, **image_options(preset, size, mean, std, classes, per_class, seed))
+    subject = open_subject(checkpoint, arch=arch, input_size=shape)
+    images = open_images(data, subject, **chosen)
     batch, _ = sample_images(images, samples, seed)
     show = not no_progress and fmt is not Format.json
     with progress_bar("conditioning", enabled=show) as update:

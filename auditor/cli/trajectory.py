@@ -8,15 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from ..errors import InputError
-from ..report.document import SCHEMA_VERSION, tool_info
-from ..report.markdown import md_table
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import ArchOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, split_list
-from ._output import emit, progress_bar
 
 __all__ = ["register", "collect_checkpoints"]
 
@@ -89,6 +84,9 @@ _HEADER = ["epoch", "checkpoint", "stage", "intra mean", "inter mean", "separati
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="Median principal angles across checkpoints (degrees; full matrices in JSON)", title_justify="left")
     for column in _HEADER:
         table.add_column(column, justify="right" if "mean" in column or column == "separation" else "left")
@@ -105,6 +103,8 @@ def _tables(doc: dict[str, Any]) -> list[Any]:
 
 
 def _markdown(doc: dict[str, Any]) -> str:
+    from ..report.markdown import md_table
+
     return "## resdyn trajectory\n\n" + md_table(_HEADER, _rows(doc))
 
 
@@ -129,14 +129,20 @@ def trajectory_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Median principal angles per stage for each checkpoint of a training run, ordered by epoch."""
+    from ..subject import parse_input_size
+
+    shape = parse_input_size(input_size)
+    chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
+    paths = collect_checkpoints(checkpoints)
     from ..dataset import open_images
     from ..pipeline import stage_geometry
-    from ..subject import open_subject, parse_input_size
+    from ..report.document import SCHEMA_VERSION, tool_info
+    from ..subject import open_subject
+    from ._output import emit, progress_bar
     from .condition import resolve_device
 
     target = resolve_device(device)
-    paths = collect_checkpoints(checkpoints)
-    subjects = [open_subject(p, arch=arch, input_size=parse_input_size(input_size)) for p in paths]
+    subjects = [open_subject(p, arch=arch, input_size=shape) for p in paths]
     epochs = [_epoch(s) for s in subjects]
     note = ""
     if all(e is not None for e in epochs):
@@ -149,7 +155,7 @@ def trajectory_command(
     with progress_bar("checkpoints", enabled=not no_progress and fmt is not Format.json) as update:
         for done, index in enumerate(order):
             subject = subjects[index]
-            images = open_images(data, subject, **image_options(preset, size, mean, std, classes, per_class, seed))
+            images = open_images(data, subject, **chosen)
             result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=seed, device=target)
             series.append({
                 "epoch": epochs[index] if epochs[index] is not None else done,
