@@ -122,7 +122,7 @@ def test_block_ratios_match_a_hand_run_block(resnet20, anatomy20):
     n, k, seed, eps = 3, 2, 5, 1e-3
     x = _images(n)
     report = measure_stability(
-        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0
+        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0, dtype=torch.float64
     )
     index = [b.name for b in anatomy20.blocks].index("layer2.0")
     assert index == 3
@@ -163,7 +163,7 @@ def test_linear_block_matches_closed_form_and_dense_jacobian():
     kappa = float(singular[0] / singular[-1])
     report = measure_stability(
         net, anatomy, x, eps=eps, directions=k, seed=seed, power_iterations=300,
-        bounds={"block": (1.0, kappa)},
+        power_tolerance=0.0, bounds={"block": (1.0, kappa)}, dtype=torch.float64,
     )
     result = report.blocks[0]
     xd = x.double().reshape(n, 18)
@@ -187,7 +187,9 @@ def test_relu_block_worst_gain_matches_dense_jacobian_per_sample():
     net, anatomy = _tiny(ReluBlock, seed=2, channels=2, size=4)
     n = 3
     x = _images(n, seed=11, shape=(2, 4, 4))
-    report = measure_stability(net, anatomy, x, directions=1, power_iterations=300)
+    report = measure_stability(
+        net, anatomy, x, directions=1, power_iterations=300, power_tolerance=0.0, dtype=torch.float64
+    )
     block = copy.deepcopy(net.block).double()
     gains, worst = [], []
     for i in range(n):
@@ -210,7 +212,7 @@ def test_dead_outputs_are_excluded_not_nan():
             conv.weight.zero_()
             conv.bias.zero_()
     x = torch.stack([torch.ones(2, 3, 3), -torch.ones(2, 3, 3)])  # second: relu(x) = 0
-    report = measure_stability(net, anatomy, x, directions=3, power_iterations=2)
+    report = measure_stability(net, anatomy, x, directions=3, power_iterations=2, dtype=torch.float64)
     result = report.blocks[0]
     assert (result.n, result.excluded) == (3, 3)
     assert result.ratios[3:] == (None, None, None)
@@ -226,7 +228,7 @@ def test_batchnorm_ratio_matches_direct_computation(resnet20, anatomy20):
     n, k, seed, eps = 3, 2, 4, 1e-3
     x = _images(n, seed=9)
     report = measure_stability(
-        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0
+        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0, dtype=torch.float64
     )
     by_name = {b.name: b for b in report.batchnorm}
     m = copy.deepcopy(resnet20).double()
@@ -268,7 +270,7 @@ def test_trajectory_matches_an_independent_whole_network_run(resnet20, anatomy20
     n, k, seed, eps = 3, 2, 8, 1e-3
     x = _images(n, seed=5)
     report = measure_stability(
-        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0
+        resnet20, anatomy20, x, eps=eps, directions=k, seed=seed, power_iterations=0, dtype=torch.float64
     )
     m = copy.deepcopy(resnet20).double()
     xs = x.double().repeat_interleave(k, 0)
@@ -316,7 +318,7 @@ def test_same_seed_same_report_and_other_seed_differs(resnet20, anatomy20):
 
 def test_chunked_runs_equal_one_batch(resnet20, anatomy20, monkeypatch):
     x = _images(2, seed=2)
-    kwargs = dict(directions=3, power_iterations=1, seed=1)
+    kwargs = dict(directions=3, power_iterations=1, seed=1, dtype=torch.float64)
     whole = measure_stability(resnet20, anatomy20, x, **kwargs)
     monkeypatch.setattr(stability, "_CHUNK_ELEMENTS", 20_000)
     monkeypatch.setattr(stability, "_CAPTURE_ELEMENTS", 100_000)
@@ -343,7 +345,7 @@ def test_progress_json_safety_and_model_untouched(resnet20, anatomy20):
     assert next(resnet20.parameters()).dtype == torch.float32
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in resnet20.modules())
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert data["samples"] == 2 and data["dtype"] == "float64"
+    assert data["samples"] == 2 and data["dtype"] == "float32"
     assert "ratios" not in data["blocks"][0]
     assert data["blocks"][0]["share_in_paper_bounds"] is None
     assert len(report.blocks[0].to_dict(include_ratios=True)["ratios"]) == 2
