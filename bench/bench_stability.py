@@ -89,6 +89,9 @@ def main() -> int:
     parser.add_argument("--reference", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from auditor.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the resdyn command does at start (auditor/runtime.py)
 
     from auditor.analysis.stability import measure_stability
     from auditor.dataset import open_images, sample_images

@@ -438,3 +438,106 @@ def test_real_resnet20(capfd):
         assert 0 < point.min <= point.median <= point.max < 1
     assert 0 <= report.trajectory.flips <= report.trajectory.runs
     json.dumps(report.to_dict(), allow_nan=False)
+
+
+# --------------------------------------------------------------------------- precision, convergence, batching
+
+
+class ChannelScale(nn.Module):
+    """x -> s_c x_c per channel: J is diagonal with sigma_max = max |s_c|."""
+
+    def __init__(self, scales) -> None:
+        super().__init__()
+        self.register_buffer("s", torch.tensor(scales, dtype=torch.float32).view(1, -1, 1, 1))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * self.s
+
+
+def test_power_iteration_stops_early_on_a_separated_spectrum():
+    block = ChannelScale([3.0, 1.0]).double()
+    x = _images(3, shape=(2, 3, 3)).double()
+    v = _images(3, seed=4, shape=(2, 3, 3)).double()
+    gain, converged = stability._power_iteration(block, x, v, 100, 1e-8)
+    # Error of the estimate shrinks by (1/3)^2 per step: about 10 steps reach 1e-8,
+    # so the 100 allowed are never used (one call for the vjp, one per product).
+    assert converged.all()
+    assert block.calls < 30
+    assert np.allclose(gain.numpy(), 3.0, rtol=1e-7)
+    # Without a tolerance every product is made.
+    block.calls = 0
+    gain, converged = stability._power_iteration(block, x, v, 100, 0.0)
+    assert not converged.any() and block.calls > 100
+
+
+def test_unconverged_power_iteration_is_reported():
+    net, anatomy = _tiny(ReluBlock, seed=2, channels=2, size=4)
+    x = _images(3, seed=11, shape=(2, 4, 4))
+    report = measure_stability(net, anatomy, x, directions=1, power_iterations=2, power_tolerance=1e-12)
+    result = report.blocks[0]
+    assert result.worst_unconverged == 3
+    assert any("did not converge" in note and "3 of 3" in note for note in result.notes)
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["blocks"][0]["worst_unconverged"] == 3 and data["power_tolerance"] == 1e-12
+    # Still a lower bound of the true gain.
+    block = copy.deepcopy(net.block).double()
+    sigmas = [
+        float(torch.linalg.svdvals(
+            torch.autograd.functional.jacobian(block, x[i : i + 1].double()).reshape(32, 32)
+        )[0])
+        for i in range(3)
+    ]
+    assert result.worst_gain <= max(sigmas) * (1 + 1e-6)
+    converged = measure_stability(net, anatomy, x, directions=1, power_iterations=300)
+    assert converged.blocks[0].worst_unconverged == 0
+    assert not any("did not converge" in note for note in converged.blocks[0].notes)
+
+
+def test_float32_agrees_with_float64_within_the_stated_precision(resnet20, anatomy20):
+    """The module docstring: r keeps about four digits in float32 at eps = 1e-3."""
+    x = _images(3, seed=6)
+    kwargs = dict(directions=2, power_iterations=4, power_tolerance=0.0, seed=2)
+    single = measure_stability(resnet20, anatomy20, x, **kwargs)
+    double = measure_stability(resnet20, anatomy20, x, dtype=torch.float64, **kwargs)
+    assert single.dtype == "float32" and double.dtype == "float64"
+    for a, b in zip(single.blocks, double.blocks):
+        assert np.allclose(a.ratios, b.ratios, rtol=1e-3, atol=0), a.name
+        assert math.isclose(a.worst_gain, b.worst_gain, rel_tol=1e-4), a.name
+    for p, q in zip(single.trajectory.points, double.trajectory.points):
+        assert math.isclose(p.median, q.median, rel_tol=1e-3), p.name
+    # ... and it is not float64 in disguise.
+    assert any(a.ratios != b.ratios for a, b in zip(single.blocks, double.blocks))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_size_does_not_change_the_numbers(resnet20, anatomy20, dtype):
+    x = _images(3, seed=2)
+    kwargs = dict(directions=2, power_iterations=3, seed=1, dtype=dtype)
+    whole = measure_stability(resnet20, anatomy20, x, **kwargs)
+    one = measure_stability(resnet20, anatomy20, x, batch_size=1, **kwargs)
+    assert one.batch_size == 1 and whole.batch_size is None
+    # float32: oneDNN's kernels depend on the batch size, so rounding differs (~1e-5).
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
+    for u, v in zip(whole.blocks, one.blocks):
+        assert np.allclose(u.ratios, v.ratios, rtol=rtol, atol=0), u.name
+        assert math.isclose(u.worst_gain, v.worst_gain, rel_tol=rtol), u.name
+        assert math.isclose(u.worst_r_median, v.worst_r_median, rel_tol=rtol), u.name
+        assert u.worst_unconverged == v.worst_unconverged
+    for p, q in zip(whole.trajectory.points, one.trajectory.points):
+        assert math.isclose(p.median, q.median, rel_tol=rtol)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (dict(power_tolerance=1.0), "power_tolerance must be a number in \\[0, 1\\), got 1.0"),
+        (dict(power_tolerance=-1e-3), "power_tolerance .* got -0.001"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1 or None, got 0"),
+        (dict(batch_size=2.5), "batch_size .* got 2.5"),
+    ],
+)
+def test_bad_power_options_raise_input_error(resnet20, anatomy20, kwargs, pattern):
+    with pytest.raises(InputError, match=pattern):
+        measure_stability(resnet20, anatomy20, _images(1), **kwargs)
