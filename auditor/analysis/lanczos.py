@@ -26,7 +26,7 @@ __all__ = ["LanczosResult", "largest_eigenvalues", "DEFAULT_TOL"]
 # Relative residual at which a Ritz value counts as converged (see the Notes of
 # largest_eigenvalues: the eigenvalue error is at most this, and in practice
 # its square over the relative gap).
-DEFAULT_TOL = 1e-10
+DEFAULT_TOL = 1e-8
 
 
 @dataclass(frozen=True)
