@@ -317,7 +317,7 @@ class _Woodbury:
             return x
         n, f, m = x.shape
         solved = self._s_solve_real(torch.view_as_real(x.contiguous()).reshape(n, f * m * 2), adjoint)
-        return torch.view_as_complex(solved.reshape(n, f, m, 2))
+        return torch.view_as_complex(solved.reshape(n, f, m, 2).contiguous())
 
     def _k_solve(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """``K(u)^{-1}`` (or ``^{-H}``) per frequency on (p, F, m)."""

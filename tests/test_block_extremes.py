@@ -1,0 +1,215 @@
+"""The fast block extremes against the dense operator and the full per-frequency spectra.
+
+The Lanczos / Woodbury paths only run on wide blocks in production
+(``LANCZOS_MIN_SIDE``); here the threshold is lowered so that small blocks,
+whose dense operator an SVD can check, take them too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from auditor.analysis import block_extremes as fast
+from auditor.analysis.conditioning import block_singular_values, condition_block
+from auditor.analysis.lanczos import largest_eigenvalues
+from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
+from test_block_conditioning import _branch, _circular_conv, _dense, _op
+
+D = torch.float64
+
+
+@pytest.fixture(params=[1, 10_000], ids=["lanczos", "dense"])
+def min_side(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Both paths: Lanczos wherever structure allows it, and dense everywhere."""
+    monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", request.param)
+    return request.param
+
+
+def _reference(convs, shortcut) -> tuple[tuple[float, float], tuple[float, float] | None]:
+    """Extremes of the dense plain and residual operators (SVD of the whole matrix)."""
+    shape = convs[0].input_shape
+
+    def extremes(function) -> tuple[float, float]:
+        matrix = _dense(function, shape)
+        values = np.linalg.svd(matrix, compute_uv=False)[: min(matrix.shape)]
+        return float(values[0]), float(values[-1])
+
+    plain = extremes(_branch(convs))
+    if shortcut is None:
+        return plain, None
+    if isinstance(shortcut, IdentityShortcut):
+        short = lambda x: x  # noqa: E731
+    elif isinstance(shortcut, OptionAShortcut):
+        s = shortcut.stride
+        extra = shortcut.out_channels - shortcut.pad_before - shortcut.input_shape[0]
+        short = lambda x: F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, shortcut.pad_before, extra))  # noqa: E731
+    else:
+        short = lambda x: _circular_conv(x, shortcut)  # noqa: E731
+    return plain, extremes(lambda x: _branch(convs)(x) + short(x))
+
+
+def _check(convs, shortcut, *, atol_scale: float = 1e-9) -> fast.BlockExtremes:
+    found = fast.block_extremes(convs, shortcut)
+    plain, residual = _reference(convs, shortcut)
+    pairs = [(found.plain, plain)] + ([(found.residual, residual)] if residual else [])
+    for got, want in pairs:
+        assert got.sigma_max == pytest.approx(want[0], rel=1e-7)
+        assert got.sigma_min == pytest.approx(want[1], rel=1e-6, abs=atol_scale * want[0])
+        assert got.converged
+    return found
+
+
+def _bottleneck(c: int, width: int, hw: int, *, stride: int = 1, stride_first: bool = False, bn: bool = True,
+                seed: int = 0, c_out: int | None = None) -> list[ConvOperator]:
+    c_out = c if c_out is None else c_out
+    s1, s2 = (stride, 1) if stride_first else (1, stride)
+    first = _op(width, c, 1, hw, stride=s1, padding=0, scale=bn, seed=seed)
+    mid_hw = hw // s1
+    middle = _op(width, width, 3, mid_hw, stride=s2, scale=bn, seed=seed + 1)
+    last = _op(c_out, width, 1, mid_hw // s2, padding=0, scale=bn, seed=seed + 2)
+    return [first, middle, last]
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_identity_bottleneck(min_side: int, bn: bool) -> None:
+    convs = _bottleneck(12, 4, 6, bn=bn)
+    found = _check(convs, IdentityShortcut((12, 6, 6)))
+    assert "structural-zero" in found.plain.method  # rank <= 4 < 12
+    if min_side == 1:  # the Woodbury path itself, not its dense fallback
+        assert "min woodbury-lanczos;" in found.residual.method
+
+
+def test_projection_bottleneck_stride1_square_shortcut(min_side: int) -> None:
+    # torchvision layer1.0: 1x1 projection C -> C' without stride; S square and invertible
+    convs = _bottleneck(6, 3, 4, c_out=6, seed=3)
+    projection = _op(6, 6, 1, 4, padding=0, scale=True, seed=9)
+    found = _check(convs, projection)
+    if min_side == 1:
+        assert "min woodbury-lanczos;" in found.residual.method
+
+
+@pytest.mark.parametrize("stride_first", [False, True], ids=["v1.5-stride-conv2", "v1-stride-conv1"])
+def test_downsampling_bottleneck_is_singular_by_structure(min_side: int, stride_first: bool) -> None:
+    convs = _bottleneck(4, 2, 8, stride=2, stride_first=stride_first, c_out=8, seed=4)
+    projection = _op(8, 4, 1, 8, stride=2, padding=0, scale=True, seed=10)
+    found = _check(convs, projection)
+    assert found.residual.sigma_min == 0.0  # rank <= 2 + 4 < 8 at every frequency
+    assert "structural-zero" in found.residual.method
+
+
+def test_basic_blocks_identity_and_option_a(min_side: int) -> None:
+    convs = [_op(4, 4, 3, 6, scale=True, seed=5), _op(4, 4, 3, 6, scale=True, seed=6)]
+    _check(convs, IdentityShortcut((4, 6, 6)))
+    convs = [_op(6, 3, 3, 8, stride=2, scale=True, seed=7), _op(6, 6, 3, 4, seed=8)]
+    _check(convs, OptionAShortcut((3, 8, 8), 6, 2, 1))
+
+
+def _near_singular(epsilon: float, c: int = 8, width: int = 3, hw: int = 4):
+    """A = I - (1 - epsilon) Q Q^T at every frequency: sigma_min = epsilon, sigma_max = 1."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(c, width, dtype=D, generator=g))
+    centre = torch.zeros(width, width, 3, 3, dtype=D)
+    centre[:, :, 1, 1] = torch.eye(width, dtype=D)
+    convs = [ConvOperator(q.T.reshape(width, c, 1, 1).contiguous(), (c, hw, hw), name="conv1"),
+             ConvOperator(centre, (width, hw, hw), padding=(1, 1), name="conv2"),
+             ConvOperator((-(1 - epsilon) * q).reshape(c, width, 1, 1).contiguous(), (width, hw, hw), name="conv3")]
+    return convs, IdentityShortcut((c, hw, hw))
+
+
+@pytest.mark.parametrize("epsilon", [1e-4, 1e-8, 1e-10])
+def test_near_singular_block(min_side: int, epsilon: float) -> None:
+    convs, shortcut = _near_singular(epsilon)
+    found = fast.block_extremes(convs, shortcut)
+    assert found.residual.sigma_max == pytest.approx(1.0, rel=1e-9)
+    assert found.residual.sigma_min == pytest.approx(epsilon, rel=1e-5)
+    full = condition_block(convs, shortcut, full_spectra=True)
+    quick = condition_block(convs, shortcut)
+    assert quick.kappa_linear_residual == pytest.approx(full.kappa_linear_residual, rel=1e-5)
+    assert quick.kappa_linear_residual == pytest.approx(1 / epsilon, rel=1e-5)
+
+
+def test_exactly_singular_block_gives_null_with_the_same_reason(min_side: int) -> None:
+    convs, shortcut = _near_singular(0.0)
+    quick, full = condition_block(convs, shortcut), condition_block(convs, shortcut, full_spectra=True)
+    assert quick.kappa_linear_residual is None and full.kappa_linear_residual is None
+    assert quick.kappa_linear_residual_reason == full.kappa_linear_residual_reason
+    assert "singular" in quick.kappa_linear_residual_reason
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_condition_block_equals_full_spectra(min_side: int, seed: int) -> None:
+    convs = _bottleneck(16, 6, 8, seed=10 * seed)
+    for shortcut in (IdentityShortcut((16, 8, 8)), None):
+        quick = condition_block(convs, shortcut, name="b").to_dict()
+        full = condition_block(convs, shortcut, name="b", full_spectra=True).to_dict()
+        for key in ("kappa_linear_residual", "kappa_linear_plain", "kappa_paper_residual", "kappa_paper_plain"):
+            if full[key] is None:
+                assert quick[key] is None and quick[f"{key}_reason"] == full[f"{key}_reason"]
+            else:
+                assert quick[key] == pytest.approx(full[key], rel=1e-6)
+        assert quick["lemma1_upper_holds"] == full["lemma1_upper_holds"]
+        assert quick["lemma1_lower_holds"] == full["lemma1_lower_holds"]
+        assert set(quick["linear_method"]) == set(full["linear_method"])
+
+
+def test_extremes_match_the_full_spectrum_listing(min_side: int) -> None:
+    convs = _bottleneck(10, 4, 8, seed=2)
+    projection = _op(10, 10, 1, 8, padding=0, seed=3)
+    values = block_singular_values(convs, projection)
+    found = fast.block_extremes(convs, projection)
+    assert found.residual.sigma_max == pytest.approx(values[0], rel=1e-8)
+    assert found.residual.sigma_min == pytest.approx(values[-1], rel=1e-6)
+
+
+def test_results_do_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    convs = _bottleneck(12, 4, 8, seed=5)
+    one = fast.block_extremes(convs, IdentityShortcut((12, 8, 8)))
+    monkeypatch.setattr(fast, "_workers", lambda: 3)
+    three = fast.block_extremes(convs, IdentityShortcut((12, 8, 8)))
+    assert three.residual.sigma_min == pytest.approx(one.residual.sigma_min, rel=1e-9)
+    assert three.residual.sigma_max == pytest.approx(one.residual.sigma_max, rel=1e-9)
+
+
+# ---------------------------------------------------------------- the Lanczos solver
+
+
+def _apply(matrices: torch.Tensor):
+    return lambda x: (matrices @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def test_lanczos_matches_eigvalsh_and_its_residual_bound_holds() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 30, 30, dtype=torch.complex128, generator=g)
+    gram = a @ a.mH
+    run = largest_eigenvalues(_apply(gram), torch.randn(6, 30, dtype=torch.complex128, generator=g))
+    exact = torch.linalg.eigvalsh(gram)[:, -1]
+    assert bool(run.converged.all())
+    assert torch.all(run.value <= exact * (1 + 1e-12))  # a Ritz value never exceeds lambda_max
+    assert torch.all((exact - run.value).abs() <= run.residual + 1e-12 * exact)
+    torch.testing.assert_close(run.value, exact, rtol=1e-8, atol=0)
+
+
+def test_lanczos_exact_on_low_rank_and_zero_operators() -> None:
+    v = torch.randn(2, 20, 1, dtype=D, generator=torch.Generator().manual_seed(2))
+    rank_one = v @ v.mT
+    rank_one[1] = 0.0
+    run = largest_eigenvalues(_apply(rank_one), torch.ones(2, 20, dtype=D))
+    assert bool(run.converged.all())
+    assert run.value[0].item() == pytest.approx((v[0] ** 2).sum().item(), rel=1e-12)
+    assert run.value[1].item() == 0.0
+    assert run.steps <= 5
+
+
+def test_lanczos_reports_non_convergence() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(1, 200, 200, dtype=D, generator=g)
+    run = largest_eigenvalues(_apply(a @ a.mT), torch.randn(1, 200, dtype=D, generator=g),
+                              tol=1e-15, max_dim=3, restarts=0, check_every=1)
+    assert not bool(run.converged.any())
+    assert math.isfinite(run.value.item()) and run.residual.item() > 0
