@@ -225,6 +225,7 @@ def condition(
     device: str = "cpu",
     keep_spectra: bool = False,
     progress: Progress | None = None,
+    full_spectra: bool = False,
 ) -> ConditionReport:
     """Spectra of every conv / linear layer and condition numbers of every block.
 
@@ -244,6 +245,9 @@ def condition(
         Keep every layer's full list of singular values (for ``--save-spectra``).
     progress : callable, optional
         ``progress(done, total)``.
+    full_spectra : bool
+        Take every block's extremes from its full per-frequency spectra (the
+        slow reference) instead of the fast extremes; same numbers.
     """
     if boundary not in BOUNDARIES:
         raise UsageError(f"--boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
@@ -283,7 +287,7 @@ def condition(
         shortcut = _shortcut_operator(modules, block, fold_bn, target)
         blocks.append(condition_block(
             convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
-            layer_extremes=None if None in known else known,
+            layer_extremes=None if None in known else known, full_spectra=full_spectra,
         ))
         if progress:
             progress(len(layers) + index + 1, total)

@@ -35,6 +35,7 @@ References
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -497,6 +498,14 @@ def _reduced_side(block: Any, residual: bool) -> int:
     return _rank_bound(block, residual)
 
 
+def _with_compressed_ends(block: Any) -> Any:
+    """The block with the plain branch's single-tap end factors replaced by their SVD cores."""
+    from .conditioning import _compress_ends
+
+    plain_weights, extra_plain = _compress_ends(block.weights)
+    return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain)
+
+
 def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced: Callable[[], Any]) -> OperatorExtremes:
     n = min(block.weights[-1].shape[0], block.weights[0].shape[1])
     # 1. structure: fewer dimensions than singular values at every frequency
@@ -505,8 +514,8 @@ def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced
     s_lu = _shortcut_lu(block, device) if residual and not structural_zero else False
     kernels = _Kernels(block, residual, device)
     probe = _Operator(kernels, np.zeros(1, int), np.zeros(1, int))
-    if structural_zero:  # only the largest: Lanczos unless the matrices are small
-        lanczos = n >= LANCZOS_MIN_SIDE
+    if structural_zero:  # only the largest: Lanczos unless the reduced matrices are small
+        lanczos = rank >= LANCZOS_MIN_SIDE
     else:
         lanczos = (_reduced_side(block, residual) >= LANCZOS_MIN_SIDE and _woodbury_applies(probe)
                    and s_lu is not False)
@@ -522,8 +531,9 @@ def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced
             return _chunk_extremes(block, kernels, residual, u[part], v[part], part.start, not structural_zero,
                                    device, s_lu)
     else:
-        # 4. dense, on the reduced matrices, exactly as the full spectrum
-        block = reduced()
+        # 4. dense, on the reduced matrices, exactly as the full spectrum (the
+        #    plain branch needs only its end factors compressed)
+        block = reduced() if residual else _with_compressed_ends(block)
         weights = block.weights
         item = 16 * 4 * (max(w.shape[0] * w.shape[1] for w in weights) + weights[-1].shape[0] * weights[0].shape[1])
         u, v, _ = _half_plane(*block.grid)
