@@ -46,12 +46,12 @@ import torch
 
 from .lanczos import DEFAULT_TOL, largest_eigenvalues
 from .spectra import (
-    _GRAM_MIN_RATIO,
     _blas_single_thread,
     _chunks,
     _half_plane,
     _parallel,
     _phases,
+    _sigma_of_matrices,
     _tap_offsets,
     _torch_single_thread,
     _workers,
@@ -363,13 +363,24 @@ def _shortcut_lu(block: Any, device: torch.device) -> tuple[torch.Tensor, torch.
     return lu, pivots
 
 
-def _woodbury_applies(op: _Operator) -> bool:
+def _frequency_independent(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int]) -> bool:
+    """Whether a kernel has a single nonzero tap at offset zero (modulo the grid): one matrix for all frequencies."""
+    kh, kw = weight.shape[2:]
+    dh, dw = _tap_offsets(kh, kw, padding)
+    nonzero = np.flatnonzero(np.abs(weight).max(axis=(0, 1)).ravel() > 0)
+    return nonzero.size <= 1 and all(dh[t] % grid[0] == 0 and dw[t] % grid[1] == 0 for t in nonzero)
+
+
+def _woodbury_applies(block: Any, residual: bool) -> bool:
+    """``A = S + L M(u) R`` square, with ``L``, ``R`` the same at every frequency and ``S`` identity or constant."""
+    weights = block.weights
     return (
-        len(op.factors) >= 3
-        and op.rows == op.cols
-        and op.factors[0].shared is not None
-        and op.factors[-1].shared is not None
-        and (op.identity or op.short is not None)
+        residual
+        and len(weights) >= 3
+        and weights[-1].shape[0] == weights[0].shape[1]
+        and _frequency_independent(weights[0], block.paddings[0], block.grid)
+        and _frequency_independent(weights[-1], block.paddings[-1], block.grid)
+        and (block.identity_size > 0 or block.short_weight is not None)
     )
 
 
@@ -397,39 +408,26 @@ def _rank_bound(block: Any, residual: bool) -> int:
 # ---------------------------------------------------------------- per-frequency work
 
 
-def _start(n_freq: int, n: int, offset: int, device: torch.device) -> torch.Tensor:
+def _start(n_freq: int, n: int, offset: int, device: torch.device, stream: int = 0) -> torch.Tensor:
     """Seeded random complex starting vectors, the same whatever the chunking or device."""
-    generator = torch.Generator().manual_seed(_SEED)
+    generator = torch.Generator().manual_seed(_SEED + stream)
     full = torch.randn(offset + n_freq, n, dtype=torch.complex128, generator=generator)
     return full[offset:].to(device)
 
 
-def _singular_values(p: torch.Tensor) -> torch.Tensor:
-    """Singular values, descending, of a batch (F, r, c): the full spectrum's method, in torch.
-
-    Eigenvalues of the Gram matrix of the smaller side; where they span more
-    than ``1 / _GRAM_MIN_RATIO`` (squaring would cost accuracy on the smallest)
-    an SVD of the matrix itself, as :func:`auditor.analysis.spectra._sigma_from_gram`.
-    """
-    if p.shape[1] > p.shape[2]:
-        p = p.mH
-    if p.shape[1] < 8:
-        return torch.linalg.svdvals(p)
-    lam = torch.linalg.eigvalsh(p @ p.mH).flip(-1)
-    sigma = lam.clamp_min(0).sqrt()
-    redo = (lam[:, -1] < _GRAM_MIN_RATIO * lam[:, 0]) & (lam[:, 0] > 0)
-    if bool(redo.any()):
-        sigma[redo] = torch.linalg.svdvals(p[redo])
-    return sigma
-
-
 def _dense(block: Any, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Per-frequency singular values (F, k) of the block's matrices, as the full spectrum computes them."""
+    """Per-frequency singular values (F, k) of the block's matrices: the full spectrum's own code.
+
+    The same numpy routine as :func:`auditor.analysis.conditioning.block_singular_values`,
+    so where the dense path runs the numbers are those of the full spectrum to
+    the last bit (on blocks with kappa 1e10 and more, two LAPACKs differ in the
+    leading digits of sigma_min, which is then rounding noise).
+    """
     from .conditioning import _block_matrices
 
     if not len(u):
         return np.zeros((0, 1))
-    return _singular_values(torch.from_numpy(_block_matrices(block, residual, u, v))).numpy()
+    return _sigma_of_matrices(_block_matrices(block, residual, u, v))
 
 
 @dataclass
@@ -465,7 +463,7 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
         return _ChunkResult(top, top_method, math.inf, "")
     # 3. smallest: Woodbury inverse, Lanczos on A^{-H} A^{-1}
     inverse = _Woodbury(op, s_lu)
-    run = largest_eigenvalues(inverse.inverse_gram, _start(len(u), op.cols, offset + len(u), device))
+    run = largest_eigenvalues(inverse.inverse_gram, _start(len(u), op.cols, offset, device, stream=1))
     theta = run.value.cpu().numpy()
     ok = run.converged.cpu().numpy() & ~inverse.singular.cpu().numpy() & (theta > 0)
     safe = np.where(ok, theta, 1.0)
@@ -506,21 +504,25 @@ def _with_compressed_ends(block: Any) -> Any:
     return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain)
 
 
+def _wants_lanczos(block: Any, residual: bool) -> bool:
+    """Whether the operator's extremes are worth the Lanczos path (before any factorization)."""
+    n = min(block.weights[-1].shape[0], block.weights[0].shape[1])
+    rank = _rank_bound(block, residual)
+    if rank < n:  # structurally singular: only the largest, Lanczos unless the reduced matrices are small
+        return rank >= LANCZOS_MIN_SIDE
+    return _reduced_side(block, residual) >= LANCZOS_MIN_SIDE and _woodbury_applies(block, residual)
+
+
 def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced: Callable[[], Any]) -> OperatorExtremes:
     n = min(block.weights[-1].shape[0], block.weights[0].shape[1])
     # 1. structure: fewer dimensions than singular values at every frequency
     rank = _rank_bound(block, residual)
     structural_zero = rank < n
     s_lu = _shortcut_lu(block, device) if residual and not structural_zero else False
-    kernels = _Kernels(block, residual, device)
-    probe = _Operator(kernels, np.zeros(1, int), np.zeros(1, int))
-    if structural_zero:  # only the largest: Lanczos unless the reduced matrices are small
-        lanczos = rank >= LANCZOS_MIN_SIDE
-    else:
-        lanczos = (_reduced_side(block, residual) >= LANCZOS_MIN_SIDE and _woodbury_applies(probe)
-                   and s_lu is not False)
+    lanczos = _wants_lanczos(block, residual) and (structural_zero or s_lu is not False)
     workers = 1 if device.type != "cpu" else _workers()
     if lanczos:
+        kernels = _Kernels(block, residual, device)
         # memory per frequency: the Lanczos basis (41 vectors) and K(u) (width^2), complex128
         vector = max(max(w.shape[:2]) for w in block.weights)
         width = max(w.shape[0] for w in block.weights[1:-1]) if len(block.weights) > 2 else 0
@@ -541,7 +543,7 @@ def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced
         def one(part: slice) -> _ChunkResult:
             return _chunk_dense(block, residual, u[part], v[part])
 
-    parts = _chunks(len(u), item, workers, budget=1 << 27)
+    parts = _chunks(len(u), item, workers, budget=1 << 27 if lanczos else 1 << 25)
     # numpy's BLAS (symbols of the dense path) and torch on one thread each:
     # the parallelism is over frequency chunks
     with _blas_single_thread(), _torch_single_thread() if device.type == "cpu" else _NoContext():
@@ -591,6 +593,14 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
             cache.append(_reduce_block(convs, shortcut))
         return cache[0]
 
+    if not any(_wants_lanczos(block, r) for r in (False, True)[: 1 + block.has_shortcut]):
+        # small blocks (CIFAR networks): the full spectrum's single pass is the cheapest
+        from .conditioning import _block_spectra
+
+        spectra = _block_spectra(convs, shortcut)
+        extremes = [spectra.extremes(residual=False), spectra.extremes(residual=True) if shortcut else None]
+        found = [None if e is None else OperatorExtremes(e[0], e[1], "dense") for e in extremes]
+        return BlockExtremes(found[0], found[1], spectra.side)
     plain = _operator_extremes(block, False, device, reduced)
     residual = _operator_extremes(block, True, device, reduced) if block.has_shortcut else None
     return BlockExtremes(plain, residual, block.side)
