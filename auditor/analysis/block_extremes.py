@@ -120,9 +120,7 @@ def _kron_period(matrix: np.ndarray) -> int:
         diagonal = blocks[:, np.arange(p), :, np.arange(p)]  # (p, rows/p, cols/p)
         if not (diagonal == diagonal[0]).all():
             continue
-        off = blocks.copy()
-        off[:, np.arange(p), :, np.arange(p)] = 0
-        if not off.any():
+        if np.count_nonzero(blocks) == np.count_nonzero(diagonal):  # nothing off the phase diagonal
             return p
     return 1
 
@@ -138,7 +136,8 @@ class _Shared:
 
     def __init__(self, matrix: np.ndarray, device: torch.device) -> None:
         self.rows, self.cols = matrix.shape
-        self.matrix = torch.from_numpy(np.ascontiguousarray(matrix)).to(device)
+        self._dense = matrix  # kept as numpy: the full matrix only where Woodbury needs it
+        self.device = device
         self.period = _kron_period(matrix)
         self.row_index = self.col_index = None
         if self.period > 1:
@@ -165,6 +164,11 @@ class _Shared:
         out = y.new_zeros(out_rows, f, m)
         out[put] = y
         return out
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The whole (rows, cols) matrix on the device."""
+        return torch.from_numpy(np.ascontiguousarray(self._dense)).to(self.device)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(self.small, x, self.rows, self.col_index, self.row_index)
@@ -197,7 +201,7 @@ class _Kernel:
             return
         self.taps = [_Shared(taps[t], device) for t in keep]
         self.offsets = (dh[keep], dw[keep])
-        self.stack = torch.from_numpy(np.ascontiguousarray(taps[keep]).reshape(-1, cols)).to(device)
+        self.device = device
 
 
 class _Factor:
@@ -207,7 +211,7 @@ class _Factor:
         self.kernel, self.shared = kernel, kernel.shared
         self.rows, self.cols = kernel.rows, kernel.cols
         if self.shared is None:
-            device = kernel.stack.device
+            device = kernel.device
             self.phases = torch.from_numpy(_phases(u, v, kernel.grid, *kernel.offsets)).to(device)  # (F, T)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +238,7 @@ class _Factor:
         """The factor times one real (cols, m) matrix at every frequency: (F, rows, m) complex."""
         if self.shared is not None:
             return (self.shared.matrix @ z).to(torch.complex128).expand(n_freq, -1, -1)
-        count = len(self.kernel.taps)
-        y = (self.kernel.stack @ z).reshape(count, self.rows, z.shape[1]).to(torch.complex128)
+        y = torch.stack([tap.matrix @ z for tap in self.kernel.taps]).to(torch.complex128)
         return torch.einsum("ft,trm->frm", self.phases, y)
 
 
@@ -543,7 +546,7 @@ def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced
         def one(part: slice) -> _ChunkResult:
             return _chunk_dense(block, residual, u[part], v[part])
 
-    parts = _chunks(len(u), item, workers, budget=1 << 27 if lanczos else 1 << 25)
+    parts = _chunks(len(u), item, workers, budget=1 << 25)
     # numpy's BLAS (symbols of the dense path) and torch on one thread each:
     # the parallelism is over frequency chunks
     with _blas_single_thread(), _torch_single_thread() if device.type == "cpu" else _NoContext():
