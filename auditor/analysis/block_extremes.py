@@ -79,7 +79,7 @@ class OperatorExtremes:
     method : str
         ``dense``, or ``lanczos`` / ``structural-zero`` / ``woodbury-lanczos``
         parts joined by ``+`` (largest first), each Lanczos part with its
-        convergence test (``residual <= 1e-10 theta``).
+        convergence test (``residual <= 1e-8 theta``).
     converged : bool
         Always True today: frequencies where Lanczos does not converge, or
         where ``K(u)`` is singular, are computed densely instead.
@@ -582,7 +582,7 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
     -------
     BlockExtremes
         The extremes of the full per-frequency spectra: ``sigma_max`` a Lanczos
-        Ritz value with relative residual at most 1e-10 (or dense), ``sigma_min``
+        Ritz value with relative residual at most 1e-8 (or dense), ``sigma_min``
         zero by structure, from Woodbury and Lanczos, or dense.
     """
     from .conditioning import _reduce_block

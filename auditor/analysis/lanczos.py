@@ -80,7 +80,7 @@ def largest_eigenvalues(
     start: torch.Tensor,
     *,
     tol: float = DEFAULT_TOL,
-    max_dim: int = 40,
+    max_dim: int = 64,
     restarts: int = 10,
     check_every: int = 5,
 ) -> LanczosResult:
@@ -124,7 +124,9 @@ def largest_eigenvalues(
        residual of ``theta`` (Parlett, Thm 4.5.1); once the others are
        separated from it by a gap ``delta``, the error is at most
        ``residual^2 / delta`` (Thm 11.7.1). Stopping at ``residual <= tol
-       theta`` with ``tol = 1e-10`` leaves a relative error below ``1e-10``.
+       theta`` with ``tol = 1e-8`` leaves a relative error below ``1e-8`` in
+       the eigenvalue (``5e-9`` in the singular value), and far less once the
+       top eigenvalue is separated.
     3. A zero ``beta_j`` means ``V_j`` spans an invariant subspace: its Ritz
        values are exact (residual 0) and the row stops there.
     4. After ``max_dim`` steps without convergence, restart from the Ritz
