@@ -546,7 +546,7 @@ def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced
         def one(part: slice) -> _ChunkResult:
             return _chunk_dense(block, residual, u[part], v[part])
 
-    parts = _chunks(len(u), item, workers, budget=1 << 25)
+    parts = _chunks(len(u), item, workers, budget=1 << 26)
     # numpy's BLAS (symbols of the dense path) and torch on one thread each:
     # the parallelism is over frequency chunks
     with _blas_single_thread(), _torch_single_thread() if device.type == "cpu" else _NoContext():
