@@ -17,6 +17,7 @@ __all__ = [
     "ArchitectureError",
     "DataError",
     "StoreError",
+    "OutputError",
 ]
 
 
@@ -75,3 +76,24 @@ class DataError(InputError):
 
 class StoreError(InputError):
     """An HDF5 activation store that is not valid, complete or compatible."""
+
+
+class OutputError(InputError):
+    """An output file or folder that cannot be written (no space, read-only, permission, ...).
+
+    Parameters
+    ----------
+    path : path-like
+        The output the user asked for (not a temporary sibling).
+    cause : OSError
+        The failure; its ``strerror`` names the cause in the message.
+    hint : str, optional
+        What to do next (the CLI adds the flag that named the path).
+    """
+
+    def __init__(self, path: object, cause: OSError, *, hint: str | None = None) -> None:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(f"{path}: cannot write ({reason})",
+                         hint=hint or "choose a writable location with enough free space")
+        self.path = path
+        self.cause = cause

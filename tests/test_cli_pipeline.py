@@ -232,3 +232,48 @@ def test_condition_computes_each_layer_spectrum_once(monkeypatch) -> None:
     # and they are the numbers a fresh computation gives
     fresh = condition_module.condition(subject, fold_bn=True)
     assert [b.kappa_linear_residual for b in fresh.blocks] == [b.kappa_linear_residual for b in report.blocks]
+
+
+def _enospc(*args, **kwargs):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("fmt", ["json", "table", "markdown"])
+def test_output_on_a_full_disk_is_an_input_error_naming_the_file(fmt, tmp_path: Path, capsys, monkeypatch) -> None:
+    import os
+
+    target = tmp_path / "out" / "report.txt"
+    monkeypatch.setattr(os, "replace", _enospc)
+    code, out, err = run_cli(["condition", CKPT, "--format", fmt, "-o", target, "--no-progress"], capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(target) in lines[0] and "No space left on device" in lines[0] and "-o" in lines[0]
+    assert "internal error" not in err
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary file left behind
+
+
+def test_output_where_a_folder_is_a_file(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    code, out, err = run_cli(["condition", CKPT, "--format", "json", "-o", blocker / "r.json"], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and f"{blocker} is a file, not a folder" in err and "internal error" not in err
+    code, _, err = run_cli(["audit", CKPT, "--plots", blocker / "plots", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(blocker) in err and "--plots" in err, err
+    code, _, err = run_cli(["condition", CKPT, "--save-spectra", blocker / "s.h5", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(blocker) in err and "--save-spectra" in err, err
+
+
+def test_save_spectra_on_a_full_disk_leaves_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
+    import os
+
+    target = tmp_path / "spectra" / "s.h5"
+    monkeypatch.setattr(os, "replace", _enospc)
+    code, out, err = run_cli(["condition", CKPT, "--save-spectra", target, "--no-progress"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert str(target) in err and "No space left on device" in err
+    assert list(target.parent.iterdir()) == []

@@ -78,11 +78,22 @@ def emit(
                 console.print(renderable)
             return
         text = _render_text(renderables)
+    from ..errors import OutputError
+
     if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # stdout redirected to a full or read-only file system
+            raise OutputError("stdout", exc, hint="redirect to a writable location, or pass -o FILE") from exc
     else:
-        write_atomic(output, text)
+        try:
+            write_atomic(output, text)
+        except OutputError as exc:
+            exc.hint = "pass -o/--output a writable path with enough free space"
+            raise
         _stderr_console().print(f"wrote {output}")
 
 

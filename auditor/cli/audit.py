@@ -111,7 +111,14 @@ def audit_command(
 
         report = audit(checkpoint, data=data, rules=rules, options=options, progress=progress)
     if plots is not None:
-        for path in _plots(plots, report.document):
+        from ..errors import OutputError
+
+        try:
+            written = _plots(plots, report.document)
+        except OutputError as exc:
+            exc.hint = "pass --plots a writable folder with enough free space"
+            raise
+        for path in written:
             stderr.print(f"wrote {path}")
     emit(report.document, fmt, output, table=audit_tables, markdown=audit_markdown)
     if not report.passed:

@@ -66,15 +66,22 @@ def condition_document(subject: Subject, report: Any) -> dict[str, Any]:
 
 def save_spectra(path: Path, subject: Subject, report: Any) -> None:
     """Every layer's singular values into HDF5 (atomically: temp file, then rename)."""
+    import errno
     import os
     import tempfile
 
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    from ..errors import OutputError
+
+    temporary: str | None = None
     try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a file where a folder is needed: say so, not "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, f"{exc.filename} is a file, not a folder", exc.filename) from exc
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
         with h5py.File(temporary, "w") as h5:
             h5.attrs["format"] = "resdyn-spectra"
             h5.attrs["format_version"] = "1.0"
@@ -90,8 +97,10 @@ def save_spectra(path: Path, subject: Subject, report: Any) -> None:
                 data.attrs["input_shape"] = list(layer.input_shape)
                 data.attrs["method"] = layer.method
         os.replace(temporary, path)
+    except OSError as exc:  # h5py reports its write failures as OSError too
+        raise OutputError(path, exc, hint="pass --save-spectra a writable path with enough free space") from exc
     finally:
-        if os.path.exists(temporary):
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
 
 

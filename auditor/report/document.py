@@ -7,6 +7,7 @@ Non-finite numbers never reach JSON: :func:`json_safe` turns them into
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..errors import OutputError
 
 __all__ = ["SCHEMA_VERSION", "tool_info", "json_safe", "dumps", "write_atomic", "validate"]
 
@@ -62,17 +64,30 @@ def dumps(document: Mapping[str, Any]) -> str:
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename."""
+    """Write ``text`` to ``path`` through a temporary sibling and a rename.
+
+    Raises
+    ------
+    OutputError
+        Any I/O failure (no space, read-only, permission, path too long, a file
+        where a folder is needed), naming ``path``; nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary: str | None = None
     try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a file where a folder is needed: say so, not "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, f"{exc.filename} is a file, not a folder", exc.filename) from exc
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "wb") as stream:
             stream.write(text.encode() if isinstance(text, str) else text)
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as exc:
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(exc, OSError):
+            raise OutputError(path, exc) from exc
         raise
 
 
