@@ -75,9 +75,10 @@ def _compare(report: dict, reference: dict) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/m/resnet50.safetensors"))
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="default: a seeded torchvision resnet50 (bench_condition.py's), saved in a temp folder")
     parser.add_argument("--data", type=Path, default=SHARED / "images" / "cifar10-test-200")
-    parser.add_argument("--classes", default="cat,dog,ship", help="comma-separated; empty: all")
+    parser.add_argument("--classes", default="airplane,automobile,dog", help="comma-separated; empty: all")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--preset", default="imagenet")
     parser.add_argument("--samples", type=int, default=32, help="images measured (the audit's --samples)")
@@ -97,6 +98,13 @@ def main() -> int:
     from auditor.dataset import open_images, sample_images
     from auditor.subject import open_subject
 
+    if args.checkpoint is None:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_condition import _save
+
+        args.checkpoint = _save("resnet50", Path(tempfile.mkdtemp()))
     subject = open_subject(args.checkpoint)
     classes = [c for c in args.classes.split(",") if c] or None
     images = open_images(args.data, subject, preset=args.preset, classes=classes, per_class=args.per_class)
