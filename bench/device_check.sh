@@ -19,7 +19,7 @@ from bench_condition import _save
 _save("resnet50", Path(sys.argv[1]))
 EOF
 MODEL="$OUT/resnet50.safetensors"
-ARGS=(--data "$DATA" --classes cat,dog,ship --per-class 20 --preset imagenet --format json --no-progress)
+ARGS=(--data "$DATA" --classes airplane,automobile,dog --per-class 20 --preset imagenet --format json --no-progress)
 for device in cuda cpu; do
   start=$(date +%s.%N)
   resdyn audit "$MODEL" "${ARGS[@]}" --device "$device" -o "$OUT/audit-$device.json"
