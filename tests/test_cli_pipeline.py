@@ -277,3 +277,29 @@ def test_save_spectra_on_a_full_disk_leaves_nothing(tmp_path: Path, capsys, monk
     assert code == 2 and out == "" and err.count("\n") == 1
     assert str(target) in err and "No space left on device" in err
     assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: {"tool": "resdyn", "schema_version": "1"}, "not a resdyn report"),
+        (lambda d: [d], "not a resdyn report"),
+        (lambda d: {**d, "tool": None}, "not a resdyn report"),
+        (lambda d: {**d, "schema_version": "2"}, "schema_version '2' is not supported"),
+        (lambda d: {**d, "blocks": [1]}, "at blocks/0"),
+        (lambda d: {**d, "blocks": [{**d["blocks"][0], "kappa_linear_residual": "big"}]}, "at blocks/0/kappa_linear_residual"),
+        (lambda d: {k: v for k, v in d.items() if k != "command"}, "'command' is a required property"),
+    ],
+)
+def test_compare_refuses_json_that_is_not_a_report(damage, message, tmp_path: Path, capsys) -> None:
+    good = tmp_path / "good.json"
+    code, _, err = run_cli(["condition", CKPT, "--format", "json", "-o", good, "--no-progress"], capsys)
+    assert code == 0, err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(damage(json.loads(good.read_text()))))
+    for args in ([good, bad], [bad, good]):
+        code, out, err = run_cli(["compare", *args, "--format", "json"], capsys)
+        assert code == 2 and out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and str(bad) in lines[0] and message in lines[0], err
+        assert "internal error" not in err

@@ -22,12 +22,31 @@ def load_report(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a JSON document ({exc})", hint="pass reports written with --format json") from None
-    if not isinstance(document, dict) or document.get("tool", {}).get("name") != "resdyn":
+    tool = document.get("tool") if isinstance(document, dict) else None
+    if not isinstance(tool, dict) or tool.get("name") != "resdyn":
         raise InputError(f"{path}: not a resdyn report", hint="pass reports written with --format json")
     version = str(document.get("schema_version", ""))
     if version.split(".")[0] != SCHEMA_VERSION:
         raise InputError(f"{path}: schema_version {version!r} is not supported (this resdyn reads {SCHEMA_VERSION})")
+    _check_schema(path, document)
     return document
+
+
+def _check_schema(path: Path, document: dict[str, Any]) -> None:
+    """Refuse a document that claims to be a report but does not match the schema, naming the field."""
+    import jsonschema
+
+    from .document import schema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(document))
+    if error is None:
+        return
+    where = "/".join(str(part) for part in error.absolute_path) or "top level"
+    message = " ".join(error.message.split())
+    if len(message) > 120:
+        message = message[:117] + "..."
+    raise InputError(f"{path}: not a valid resdyn report (at {where}: {message})",
+                     hint="pass reports written by resdyn --format json, unedited")
 
 
 def _value(metric: str, document: Mapping[str, Any]) -> float | None:
