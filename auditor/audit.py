@@ -189,7 +189,10 @@ def audit(
         timings["extract+angles"] = time.perf_counter() - start
         document["stages"] = geometry.stages
         if geometry.skipped:
-            document["data"]["skipped"] = list(geometry.skipped)
+            from .dataset import skipped_message
+
+            document["data"] = images.section(geometry.skipped)  # counts what was used
+            document.setdefault("notes", []).append(skipped_message(images.dataset.root, geometry.skipped))
         start = time.perf_counter()
         batch, _ = sample_images(images, opts.samples, opts.seed)
         stability = measure_stability(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from .errors import DataError
 from .io.images import ImageDataset, Preprocessing, resolve_preprocessing, scan_image_folder, select_samples
 from .subject import Subject
 
-__all__ = ["ImageData", "open_images", "sample_images"]
+__all__ = ["ImageData", "open_images", "sample_images", "skipped_message"]
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,21 @@ class ImageData:
     preprocessing: Preprocessing
     preset: str | None
 
-    def section(self) -> dict[str, Any]:
-        """The ``data`` object of the JSON report."""
+    def section(self, skipped: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+        """The ``data`` object of the JSON report.
+
+        ``samples_per_class`` counts the images used: ``skipped`` ones (unreadable,
+        ``{path, reason}`` as the activation store lists them) are listed, not counted.
+        """
+        label_of = {path: label for path, label in self.dataset.samples}
         counts: dict[str, int] = {name: 0 for name in self.dataset.classes}
         for _, label in self.dataset.samples:
             counts[self.dataset.classes[label]] += 1
-        return {
+        for entry in skipped:
+            label = label_of.get(entry["path"])
+            if label is not None:
+                counts[self.dataset.classes[label]] -= 1
+        section: dict[str, Any] = {
             "root": str(self.dataset.root),
             "classes": list(self.dataset.classes),
             "samples_per_class": counts,
@@ -38,6 +47,16 @@ class ImageData:
             "preprocessing": self.preprocessing.to_dict(),
             "input_shape": list(self.dataset.input_shape),
         }
+        if skipped:
+            section["skipped"] = [dict(entry) for entry in skipped]
+        return section
+
+
+def skipped_message(root: str | Path, skipped: Sequence[Mapping[str, str]]) -> str:
+    """One line naming the unreadable images that were left out (the first few, with the first reason)."""
+    names = ", ".join(entry["path"] for entry in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+    return (f"{len(skipped)} unreadable image(s) in {root} skipped and not counted: {names} "
+            f"({skipped[0].get('reason', 'unreadable')})")
 
 
 def _default_preset(subject: Subject) -> str:

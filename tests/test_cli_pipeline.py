@@ -303,3 +303,38 @@ def test_compare_refuses_json_that_is_not_a_report(damage, message, tmp_path: Pa
         lines = err.strip().splitlines()
         assert len(lines) == 1 and str(bad) in lines[0] and message in lines[0], err
         assert "internal error" not in err
+
+
+@pytest.fixture
+def digits_with_a_bad_image(tmp_path: Path) -> Path:
+    """Three classes of four digits each; one image of class '0' is not an image."""
+    import shutil
+
+    root = tmp_path / "digits"
+    for name in ("0", "1", "2"):
+        (root / name).mkdir(parents=True)
+        for image in sorted((DIGITS / name).iterdir())[:4]:
+            shutil.copy(image, root / name / image.name)
+    sorted((root / "0").iterdir())[0].write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["json", "table", "markdown"])
+def test_audit_warns_about_and_does_not_count_unreadable_images(fmt, digits_with_a_bad_image: Path, capsys) -> None:
+    code, out, err = run_cli(["audit", CKPT, "--data", digits_with_a_bad_image, *SMALL, "--format", fmt,
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "1 unreadable image(s)" in warnings[0] and "0/" in warnings[0], err
+    if fmt == "json":
+        from auditor.report.document import validate
+
+        doc = json.loads(out)
+        validate(doc)
+        assert doc["data"]["samples_per_class"] == {"0": 3, "1": 4, "2": 4}
+        assert [s["path"].split("/")[0] for s in doc["data"]["skipped"]] == ["0"]
+        assert all(stage["counts"] == doc["data"]["samples_per_class"] for stage in doc["stages"])
+    else:
+        assert "unreadable image(s)" in out
+    if fmt == "markdown":
+        assert "11 images in 3 classes" in out

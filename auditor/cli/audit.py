@@ -110,6 +110,12 @@ def audit_command(
             update(done, total)
 
         report = audit(checkpoint, data=data, rules=rules, options=options, progress=progress)
+    skipped = report.document.get("data", {}).get("skipped")
+    if skipped:  # in every format, on stderr (the report lists them too)
+        from ..dataset import skipped_message
+        from ._output import warn
+
+        warn(skipped_message(report.document["data"]["root"], skipped))
     if plots is not None:
         from ..errors import OutputError
 

@@ -151,12 +151,14 @@ def trajectory_command(
         order = list(range(len(subjects)))
         note = "no 'epoch' metadata in every checkpoint: ordered by natural sort of the file names"
     series = []
+    skipped: tuple = ()
     stage_names = split_list(stages)
     with progress_bar("checkpoints", enabled=not no_progress and fmt is not Format.json) as update:
         for done, index in enumerate(order):
             subject = subjects[index]
             images = open_images(data, subject, **chosen)
             result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=seed, device=target)
+            skipped = skipped or result.skipped  # the same images for every checkpoint
             series.append({
                 "epoch": epochs[index] if epochs[index] is not None else done,
                 "checkpoint": str(paths[index]),
@@ -171,12 +173,17 @@ def trajectory_command(
         "schema_version": SCHEMA_VERSION,
         "tool": tool_info(),
         "command": "trajectory",
-        "data": images.section(),
+        "data": images.section(skipped),
         "config": {"seed": seed, "per_class": per_class, "stages": stage_names},
         "series": series,
     }
     if note:
         document["order_note"] = note
+    if skipped:
+        from ..dataset import skipped_message
+        from ._output import warn
+
+        warn(skipped_message(images.dataset.root, skipped))
     if plot is not None:
         from ..report.plots import plot_angle_trajectory
 
