@@ -188,6 +188,11 @@ def audit(
         )
         timings["extract+angles"] = time.perf_counter() - start
         document["stages"] = geometry.stages
+        from .geometry import separation_warning
+
+        undefined = separation_warning(geometry.stages)
+        if undefined:
+            document.setdefault("notes", []).append(undefined)
         if geometry.skipped:
             from .dataset import skipped_message
 

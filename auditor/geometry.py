@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,7 @@ from .analysis.angles import StageAngles, median_angles, median_angles_h5
 from .errors import DataError
 from .io.store import ActivationStore
 
-__all__ = ["store_angles", "stage_entry"]
+__all__ = ["store_angles", "stage_entry", "separation_warning"]
 
 Progress = Callable[[int, int], None]
 
@@ -34,6 +34,24 @@ class _RowSubset:
         return np.asarray(self._data[np.atleast_1d(rows).tolist()], dtype=self.dtype)
 
 
+def _separation_reason(result: StageAngles) -> str:
+    """Why a stage has no separation (smallest inter minus largest intra angle)."""
+    if len(result.counts) < 2:
+        return (f"one class only ({', '.join(result.counts) or 'none'}): separation needs at least two classes")
+    if not any(v is not None for v in result.inter.values()):
+        return "no between-class angle is defined (see inter_reason)"
+    return "no within-class angle is defined (see intra_reason)"
+
+
+def separation_warning(entries: Sequence[Mapping[str, Any]]) -> str | None:
+    """One line for the stages whose separation is null, with the (first) reason; None when all are defined."""
+    undefined = [e for e in entries if e.get("separation") is None]
+    if not undefined:
+        return None
+    names = ", ".join(e["name"] for e in undefined)
+    return f"class separation is undefined at stage(s) {names}: {undefined[0].get('separation_reason', 'no valid angles')}"
+
+
 def stage_entry(name: str, shape: Sequence[int], result: StageAngles) -> dict[str, Any]:
     """One ``stages`` entry of the JSON report (degrees; null with a reason where undefined)."""
     entry: dict[str, Any] = {
@@ -46,6 +64,8 @@ def stage_entry(name: str, shape: Sequence[int], result: StageAngles) -> dict[st
         "separation": result.separation,
         "pairs_sampled": result.pairs_sampled,
     }
+    if result.separation is None:
+        entry["separation_reason"] = _separation_reason(result)
     if result.intra_reason:
         entry["intra_reason"] = dict(result.intra_reason)
     if result.inter_reason:

@@ -338,3 +338,29 @@ def test_audit_warns_about_and_does_not_count_unreadable_images(fmt, digits_with
         assert "unreadable image(s)" in out
     if fmt == "markdown":
         assert "11 images in 3 classes" in out
+
+
+def test_one_class_folder_says_why_separation_is_null(tmp_path: Path, capsys) -> None:
+    import shutil
+
+    one = tmp_path / "one"
+    shutil.copytree(DIGITS / "3", one / "3")
+    code, out, err = run_cli(["audit", CKPT, "--data", one, *SMALL, "--fail-on", "min_separation_deg<5",
+                              "--format", "json", "--no-progress"], capsys)
+    assert code == 1, err  # an undefined value never passes a rule
+    doc = json.loads(out)
+    from auditor.report.document import validate
+
+    validate(doc)
+    for stage in doc["stages"]:
+        assert stage["separation"] is None and "one class only" in stage["separation_reason"]
+    assert "one class only" in doc["verdict"]["rules"][0]["reason"]
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "separation is undefined" in warnings[0] and "one class only" in warnings[0], err
+    # the angles command on a one-class store says so too
+    store = tmp_path / "one.h5"
+    code, _, err = run_cli(["extract", CKPT, "--data", one, "--per-class", "4", "-o", store, "--no-progress"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["angles", store, "--stages", "layer1", "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)["stages"][0]["separation_reason"].startswith("one class only")
+    assert "separation is undefined at stage(s) layer1" in err

@@ -77,6 +77,13 @@ def angles_command(
             "config": {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace},
             "stages": entries,
         }
+    from ..geometry import separation_warning
+
+    undefined = separation_warning(entries)
+    if undefined:
+        from ._output import warn
+
+        warn(undefined)
     if plot is not None:
         from ..report.plots import plot_angles_by_stage
 

@@ -110,12 +110,19 @@ def audit_command(
             update(done, total)
 
         report = audit(checkpoint, data=data, rules=rules, options=options, progress=progress)
+    from ._output import warn
+
     skipped = report.document.get("data", {}).get("skipped")
     if skipped:  # in every format, on stderr (the report lists them too)
         from ..dataset import skipped_message
-        from ._output import warn
 
         warn(skipped_message(report.document["data"]["root"], skipped))
+    if report.document.get("stages"):
+        from ..geometry import separation_warning
+
+        undefined = separation_warning(report.document["stages"])
+        if undefined:
+            warn(undefined)
     if plots is not None:
         from ..errors import OutputError
 

@@ -162,6 +162,9 @@ def evaluate(rules: Iterable[Rule], document: Mapping[str, Any]) -> dict[str, An
                 if not document.get(metric.section)
                 else "value undefined (a singular operator or no valid samples)"
             )
+            if "separation" in rule.metric:  # the stages say why (e.g. one class only)
+                reason = next((s["separation_reason"] for s in document.get("stages") or []
+                               if s.get("separation_reason")), reason)
             results.append({"rule": str(rule), "metric": rule.metric, "value": None, "passed": False, "reason": reason})
             continue
         failed = _OPERATORS[rule.op](value, rule.threshold)
