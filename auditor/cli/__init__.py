@@ -62,9 +62,41 @@ def _fail(message: str) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the exit code (errors mapped to one line and code 2)."""
-    command = typer.main.get_command(app)
+    """Run the CLI and return the exit code (errors mapped to one line and code 2).
+
+    Warnings raised by libraries (numpy's RuntimeWarning on overflow, ...) are held
+    back: a failed run prints only its one-line error; a run that finished prints
+    each distinct numerical warning as one ``warning:`` line. With ``RESDYN_DEBUG=1``
+    they appear as Python prints them.
+    """
     debug = bool(os.environ.get("RESDYN_DEBUG"))
+    if debug:
+        return _run(argv, debug)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code = _run(argv, debug)
+    if code in (ExitCode.OK, ExitCode.RULE_FAILED):
+        _show_warnings(caught)
+    return code
+
+
+def _show_warnings(caught: list) -> None:
+    """One line per distinct warning worth the user's attention (numerical, or resdyn's own)."""
+    seen: set[str] = set()
+    for record in caught:
+        own = (record.filename or "").replace(os.sep, "/").find("/auditor/") >= 0
+        if not (own or issubclass(record.category, RuntimeWarning)):
+            continue  # a library's deprecation notes are not the user's business
+        text = " ".join(str(record.message).split())
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
+    command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="resdyn", standalone_mode=False)
     except AuditorError as exc:
