@@ -217,3 +217,41 @@ def test_lanczos_reports_non_convergence() -> None:
                               tol=1e-15, max_dim=3, restarts=0, check_every=1)
     assert not bool(run.converged.any())
     assert math.isfinite(run.value.item()) and run.residual.item() > 0
+
+
+# ---------------------------------------------------------------- a whole bottleneck network
+
+
+@pytest.mark.slow
+def test_whole_bottleneck_network_fast_equals_full_spectra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchvision ResNet-50 layout (narrow, 32 px): every block, Lanczos forced, against the full spectra."""
+    from types import SimpleNamespace
+
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from auditor.condition import condition
+    from auditor.models.anatomy import analyze_anatomy
+
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [2, 1, 1, 1], width_per_group=8).eval()
+    g = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # folding must matter, as in a trained network
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) + 0.5)
+            module.weight.data.copy_(torch.rand(module.weight.shape, generator=g) + 0.5)
+    subject = SimpleNamespace(loaded=SimpleNamespace(model=model), anatomy=analyze_anatomy(model, (3, 32, 32)))
+    monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    quick, full = condition(subject), condition(subject, full_spectra=True)
+    assert len(quick.blocks) == 5
+    methods = " ".join(m for b in quick.blocks for m in b.methods.values())
+    assert "woodbury-lanczos" in methods and "structural-zero" in methods
+    for a, b in zip(quick.blocks, full.blocks):
+        for key in ("kappa_linear_residual", "kappa_linear_plain", "kappa_paper_residual", "kappa_paper_plain"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert (x is None) == (y is None), (a.name, key)
+            if y is None:
+                assert a.reasons[key] == b.reasons[key]
+            else:
+                assert x == pytest.approx(y, rel=1e-6), (a.name, key)
+        assert (a.lemma1_upper_holds, a.lemma1_lower_holds) == (b.lemma1_upper_holds, b.lemma1_lower_holds)
+        assert a.sigma_linear_plain[0] == pytest.approx(b.sigma_linear_plain[0], rel=1e-7)
