@@ -39,6 +39,7 @@ class Subject:
             "num_classes": self.loaded.num_classes,
             "metadata": dict(self.checkpoint.metadata),
             "notes": list(self.checkpoint.notes),
+            **({"converted_from": converted} if (converted := self.checkpoint.converted_from) else {}),
         }
 
 

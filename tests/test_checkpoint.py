@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 from pathlib import Path
 
@@ -164,3 +165,29 @@ def test_real_checkpoints_load(name: str, count: int) -> None:
     checkpoint = load_checkpoint(CHECKPOINTS / name)
     assert len(checkpoint.state_dict) == count
     assert not any(k.startswith("module.") for k in checkpoint.state_dict)
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")])
+def test_half_precision_weights_are_reported_as_converted(dtype, name, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from conftest import FIXTURES, run_cli
+
+    source = FIXTURES / "resnet8-digits.safetensors"
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(source)).items()}
+    half = tmp_path / "half.safetensors"
+    save_file(state, str(half), metadata={"arch": "resnet8", "num_classes": "10"})
+    assert load_checkpoint(half).converted_from == name
+    assert load_checkpoint(source).converted_from is None
+    code, out, err = run_cli(["inspect", half, "--format", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    from auditor.report.document import validate
+
+    validate(doc)
+    assert doc["checkpoint"]["converted_from"] == name
+    assert any(f"stored as {name}" in note for note in doc["checkpoint"]["notes"])
+    assert f"weights stored as {name} were converted to float32" in err
+    for fmt in ("table", "markdown"):
+        code, out, err = run_cli(["inspect", half, "--format", fmt], capsys)
+        assert code == 0 and f"stored as {name}, analysed as float32" in out and "converted to float32" in err

@@ -61,6 +61,10 @@ def emit(
     """Render ``document`` in ``fmt`` to stdout, or atomically to ``output``."""
     from ..report.document import dumps, write_atomic
 
+    checkpoint = document.get("checkpoint")
+    if isinstance(checkpoint, Mapping) and checkpoint.get("converted_from"):  # every format, on stderr
+        warn(f"{checkpoint['path']}: weights stored as {checkpoint['converted_from']} were converted to float32 "
+             "for the analysis")
     if fmt is Format.json:
         text = dumps(document)
     elif fmt is Format.markdown:

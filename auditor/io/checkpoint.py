@@ -52,6 +52,11 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
+    @property
+    def converted_from(self) -> str | None:
+        """The weights' stored floating dtype(s) when not float32 (the model runs in float32)."""
+        return _converted_dtypes(self.state_dict)
+
     def meta_json(self, key: str) -> Any:
         """A metadata value decoded as JSON (``None`` when absent or not JSON)."""
         raw = self.metadata.get(key)
@@ -217,4 +222,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path}: tensor '{key}' holds NaN or inf values",
                 hint="the training run diverged or the file is corrupted",
             )
+    converted = _converted_dtypes(state)
+    if converted:
+        notes.append(f"weights stored as {converted} were converted to float32 for the analysis "
+                     "(the report describes the float32 copy)")
     return Checkpoint(path, file_sha256(path), fmt, state, metadata, tuple(notes))
+
+
+def _converted_dtypes(state: dict[str, torch.Tensor]) -> str | None:
+    """The floating dtypes other than float32 in ``state`` (``"float16"``, ``"bfloat16, float64"``), or None."""
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
+                    if t.is_floating_point() and t.dtype != torch.float32})
+    return ", ".join(names) or None

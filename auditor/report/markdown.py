@@ -24,11 +24,12 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def checkpoint_markdown(doc: Mapping[str, Any]) -> str:
     """The header shared by every Markdown report."""
     ck = doc["checkpoint"]
+    converted = f"  \n**Weights** stored as {ck['converted_from']}, analysed as float32" if ck.get("converted_from") else ""
     return (
         f"**Checkpoint** `{ck['path']}` ({ck['format']}, sha256 `{ck['sha256'][:12]}`)  \n"
         f"**Architecture** `{ck['arch']}` ({ck['arch_source']}: {ck['arch_reason']})  \n"
         f"**Parameters** {ck['parameters']:,}, **classes** {ck['num_classes']}, "
-        f"**input** {fmt_shape(doc.get('input_shape'))}\n"
+        f"**input** {fmt_shape(doc.get('input_shape'))}{converted}\n"
     )
 
 

@@ -39,6 +39,8 @@ def header_text(doc: Mapping[str, Any]) -> Text:
         f"{ck['parameters']:,} parameters, {ck['num_classes']} classes, "
         f"input {fmt_shape(doc['input_shape'])}"
     )
+    if ck.get("converted_from"):
+        text.append(f"\nweights stored as {ck['converted_from']}, analysed as float32", style="yellow")
     return text
 
 
