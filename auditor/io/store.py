@@ -214,7 +214,8 @@ class _Lock:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise StoreError(
                         f"another resdyn process is writing {self.target}",
-                        hint=f"wait for it to finish; if none runs, delete {self.path}",
+                        hint="wait for it to finish (the lock is released as soon as that process ends, "
+                        "even if it is killed)",
                     ) from None
                 raise StoreError(f"{self.path}: cannot lock ({exc.strerror})") from None
             # The holder before us may have removed the file after we opened it.
