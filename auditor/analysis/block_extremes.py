@@ -69,6 +69,10 @@ __all__ = ["OperatorExtremes", "BlockExtremes", "block_extremes", "LANCZOS_MIN_S
 # Lanczos steps of both extremes (measured on ResNet-50's layer1 blocks), and
 # runs at BLAS-3 speed; at 256 Lanczos is 2-3x faster, at 1024 ten times.
 LANCZOS_MIN_SIDE = 160
+# Identity blocks up to this many channels run Lanczos on the reduced operator
+# (the SVDs that reduce it cost less than they save: measured 15-20 % faster on
+# ResNet-50's layer2 / layer3 blocks, 30 % slower on layer4's 2048 channels).
+_REDUCE_MAX_CHANNELS = 1024
 # Seed of the Lanczos starting vectors (reproducible reports).
 _SEED = 0
 
@@ -529,6 +533,10 @@ def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced
     lanczos = _wants_lanczos(block, residual) and (structural_zero or s_lu is not False)
     workers = 1 if device.type != "cpu" else _workers()
     if lanczos:
+        if 0 < block.identity_size <= _REDUCE_MAX_CHANNELS:
+            # identity blocks: Lanczos in the reduced space (Q^T A Q of width <= 2w,
+            # the plain branch compressed to w x w): a quarter to a third fewer flops
+            block = reduced()
         kernels = _Kernels(block, residual, device)
         # memory per frequency: the Lanczos basis (41 vectors) and K(u) (width^2), complex128
         vector = max(max(w.shape[:2]) for w in block.weights)
