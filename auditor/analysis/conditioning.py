@@ -38,6 +38,7 @@ from .spectra import (
     _parallel,
     _sigma_of_matrices,
     _symbols,
+    _torch_single_thread,
     _workers,
     conv_singular_values,
     to_polyphase,
@@ -379,7 +380,7 @@ def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectr
     workers = _workers()
     weights = block.weights
     largest = max(wt.shape[0] * wt.shape[1] for wt in weights) + weights[-1].shape[0] * weights[0].shape[1]
-    with _blas_single_thread():
+    with _blas_single_thread(), _torch_single_thread():
         results = _parallel(chunk, _chunks(len(u), 16 * 4 * largest, workers), workers)
     residual = None if shortcut is None else np.concatenate([r[1] for r in results])
     return _Spectra(np.concatenate([r[0] for r in results]), residual, mult, block.extra_plain,
