@@ -5,6 +5,7 @@ Run by hand (not part of the tests)::
     python bench/bench_condition.py                      # resnet18/34/50/101, 224 px
     python bench/bench_condition.py --models resnet50 --repeat 3
     python bench/bench_condition.py --cifar-only         # ResNet-56: fast extremes vs full spectra
+    python bench/bench_condition.py --models resnet50 --audit   # and the whole audit vs its baseline
 
 For each torchvision architecture, a randomly initialised model (seed 0) whose
 BatchNorm statistics are drawn away from the identity (so folding matters, as
@@ -25,6 +26,11 @@ side is timed.
 (``../shared/data``), in one process, block conditioning by the fast extremes
 against the full per-frequency spectra (``full_spectra=True``, the reference
 path): the CIFAR networks must not get slower, and the two must agree.
+
+``--audit``: ``resdyn audit`` of the resnet50 on 3 classes x 20 CIFAR images at
+224 px (``--preset imagenet``), whole process, against one process that runs
+WeightWatcher's ``analyze()`` and a bare forward pass over the same 60 images
+(issue 11's baseline; goal <= 3.0x time, <= 2.0x memory).
 """
 
 from __future__ import annotations
@@ -62,6 +68,27 @@ _WEIGHTWATCHER = """import torch, torchvision, weightwatcher
     model = torchvision.models.{arch}(weights=None)
     model.load_state_dict(load_file({model!r}))
     weightwatcher.WeightWatcher(model=model.eval()).analyze()"""
+
+
+_AUDIT = """from auditor.cli import main
+    sys.argv = ["resdyn", "audit", {model!r}, "--data", {data!r}, "--classes", {classes!r}, "--per-class", "20",
+                "--preset", "imagenet", "--format", "json", "-o", {out!r}, "--no-progress"]
+    main()"""
+
+_AUDIT_BASELINE = """import torch, torchvision, weightwatcher
+    from safetensors.torch import load_file
+    from auditor.dataset import open_images
+    from auditor.subject import open_subject
+    torch.set_num_threads(2)
+    model = torchvision.models.{arch}(weights=None)
+    model.load_state_dict(load_file({model!r}))
+    weightwatcher.WeightWatcher(model=model.eval()).analyze()
+    images = open_images({data!r}, open_subject({model!r}), preset="imagenet", classes={classes!r}.split(","),
+                         per_class=20)
+    batch = torch.stack([images.dataset[i][0] for i in range(len(images.dataset))])
+    with torch.inference_mode():
+        for chunk in batch.split(32):
+            model(chunk)"""
 
 
 def _save(arch: str, folder: Path) -> Path:
@@ -159,15 +186,32 @@ def _cifar() -> None:
           f"largest relative kappa difference {worst:.1e}")
 
 
+def _audit(arch: str, data: Path, classes: str) -> None:
+    """The whole ``resdyn audit`` against WeightWatcher + a bare forward over the same 60 images, one process each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _save(arch, Path(tmp))
+        out = Path(tmp) / "audit.json"
+        ours = _run(_AUDIT.format(model=str(model), data=str(data), classes=classes, out=str(out)))
+        theirs = _run(_AUDIT_BASELINE.format(arch=arch, model=str(model), data=str(data), classes=classes))
+    print(f"audit {arch}, 3 classes x 20 images at 224 px: resdyn {ours[0]:.1f} s / {ours[1]:.0f} MiB; "
+          f"WeightWatcher + bare forward {theirs[0]:.1f} s / {theirs[1]:.0f} MiB; "
+          f"ratio {ours[0] / theirs[0]:.2f}x time, {ours[1] / theirs[1]:.2f}x memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet34,resnet50,resnet101")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--cifar-only", action="store_true")
+    parser.add_argument("--audit", action="store_true", help="also the whole audit of resnet50 against its baseline")
+    parser.add_argument("--data", type=Path, default=SHARED / "images" / "cifar10-test-200")
+    parser.add_argument("--classes", default="airplane,automobile,dog", help="three classes with 20 images each")
     args = parser.parse_args()
     if not args.cifar_only:
         _imagenet(args.models.split(","), args.repeat)
     _cifar()
+    if args.audit:
+        _audit("resnet50", args.data, args.classes)
 
 
 if __name__ == "__main__":
