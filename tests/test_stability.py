@@ -456,20 +456,24 @@ class ChannelScale(nn.Module):
         return x * self.s
 
 
-def test_power_iteration_stops_early_on_a_separated_spectrum():
+def test_power_iteration_stops_early_on_a_separated_spectrum(monkeypatch):
     block = ChannelScale([3.0, 1.0]).double()
     x = _images(3, shape=(2, 3, 3)).double()
     v = _images(3, seed=4, shape=(2, 3, 3)).double()
+    linear_calls = []  # products by the linearized copy (a deep copy: its calls are not block.calls)
+    original = stability._Linearized.__call__
+    monkeypatch.setattr(stability._Linearized, "__call__", lambda self, t: linear_calls.append(1) or original(self, t))
     gain, converged = stability._power_iteration(block, x, v, 100, 1e-8)
     # Error of the estimate shrinks by (1/3)^2 per step: about 10 steps reach 1e-8,
     # so the 100 allowed are never used (one call for the vjp, one per product).
     assert converged.all()
-    assert block.calls < 30
+    assert block.calls + len(linear_calls) < 30
     assert np.allclose(gain.numpy(), 3.0, rtol=1e-7)
     # Without a tolerance every product is made.
     block.calls = 0
+    linear_calls.clear()
     gain, converged = stability._power_iteration(block, x, v, 100, 0.0)
-    assert not converged.any() and block.calls > 100
+    assert not converged.any() and block.calls + len(linear_calls) > 100
 
 
 def test_unconverged_power_iteration_is_reported():
@@ -541,3 +545,51 @@ def test_batch_size_does_not_change_the_numbers(resnet20, anatomy20, dtype):
 def test_bad_power_options_raise_input_error(resnet20, anatomy20, kwargs, pattern):
     with pytest.raises(InputError, match=pattern):
         measure_stability(resnet20, anatomy20, _images(1), **kwargs)
+
+
+def _bottleneck_block() -> nn.Module:
+    """A torchvision Bottleneck with a projection (its ReLU module is called three times), BN statistics drawn."""
+    from torchvision.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+    block = Bottleneck(4, 2, stride=2, downsample=down)
+    for module in block.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return stability._jacobian_copy(block.eval().double())
+
+
+def test_linearized_block_equals_forward_mode_ad():
+    block = _bottleneck_block()
+    x, v = _images(3, shape=(4, 6, 6)).double(), _images(3, seed=5, shape=(4, 6, 6)).double()
+    linear = stability._Linearized(block, x)
+    _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
+    torch.testing.assert_close(linear(v), reference, rtol=1e-12, atol=1e-12)
+    assert linear.matches(reference, v)
+    assert len(linear.relus) == 1 and len(linear.relus[0].masks) == 3  # one module, three calls
+
+
+def test_linearized_power_iteration_reaches_the_dense_jacobian_norm():
+    block = _bottleneck_block()
+    x = _images(2, shape=(4, 6, 6)).double()
+    v = _images(2, seed=6, shape=(4, 6, 6)).double()
+    gain, converged = stability._power_iteration(block, x, v, 300, 0.0)
+    for i in range(2):
+        jacobian = torch.autograd.functional.jacobian(lambda t: block(t.clone()), x[i : i + 1])
+        sigma = float(torch.linalg.svdvals(jacobian.reshape(8 * 3 * 3, 4 * 6 * 6))[0])
+        # a lower bound that power iteration drives to the norm (exactness of J v: the test above)
+        assert float(gain[i]) <= sigma * (1 + 1e-12)
+        assert float(gain[i]) == pytest.approx(sigma, rel=1e-5)
+
+
+def test_blocks_with_functional_relu_fall_back_to_forward_mode_ad():
+    torch.manual_seed(0)
+    block = ReluBlock(2).double().eval()
+    x, v = _images(2, shape=(2, 4, 4)).double(), _images(2, seed=7, shape=(2, 4, 4)).double()
+    _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
+    # F.relu is invisible to the module swap: the product is the affine part only, and is refused
+    assert not stability._Linearized(block, x).matches(reference, v)

@@ -680,6 +680,75 @@ def _jacobian_copy(block: nn.Module) -> nn.Module:
     return copy_
 
 
+class _MaskedReLU(nn.Module):
+    """A ReLU of the linearized block: records ``t > 0`` on the clean pass, applies the masks to tangents.
+
+    A module may be called several times per forward (torchvision's blocks call
+    ``self.relu`` three times): masks are kept in call order, in a list shared
+    by the recording and the applying copy.
+    """
+
+    def __init__(self, masks: list[torch.Tensor], record: bool) -> None:
+        super().__init__()
+        self.masks, self.record, self.index = masks, record, 0
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.record:
+            mask = t > 0
+            self.masks.append(mask)
+            return t * mask
+        mask = self.masks[self.index]
+        self.index += 1
+        return t * mask
+
+
+class _Linearized:
+    """``v -> J(x) v`` of a piecewise-linear block by one forward pass, instead of forward-mode AD.
+
+    An eval block made of convolutions, linear layers, eval BatchNorm (an affine
+    map, :class:`_AffineBatchNorm`), ReLU modules and additions is, around ``x``,
+    the same network with every ReLU replaced by the fixed mask ``x_relu > 0``
+    and every additive constant (biases, BatchNorm shifts) removed: its Jacobian
+    product costs one forward pass, where ``torch.func.jvp`` costs 4-8 (measured
+    on ResNet-50 blocks at 224 px). Exact at points where no ReLU input is zero
+    (a measure-zero set; there ``jvp`` takes one one-sided derivative, this the
+    other). Whether a block has only these parts is not assumed: :meth:`matches`
+    compares one product with ``torch.func.jvp`` and the caller falls back to it.
+    """
+
+    def __init__(self, block: nn.Module, x: torch.Tensor) -> None:
+        masks: list[list[torch.Tensor]] = []
+        self.recorder, self.linear = copy.deepcopy(block), copy.deepcopy(block)
+        for recorder_module, linear_module in zip(self.recorder.modules(), self.linear.modules()):
+            for (name, child), (_, twin) in zip(list(recorder_module.named_children()),
+                                                list(linear_module.named_children())):
+                if isinstance(child, nn.ReLU):
+                    masks.append([])
+                    setattr(recorder_module, name, _MaskedReLU(masks[-1], record=True))
+                    setattr(linear_module, name, _MaskedReLU(masks[-1], record=False))
+                elif isinstance(twin, _AffineBatchNorm):
+                    twin.shift.zero_()
+                elif isinstance(twin, (nn.Conv2d, nn.Linear)) and twin.bias is not None:
+                    twin.bias = None
+        self.relus = [m for m in self.linear.modules() if isinstance(m, _MaskedReLU)]
+        with torch.no_grad():
+            self.recorder(x.clone())
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        for relu in self.relus:
+            relu.index = 0
+        with torch.no_grad():
+            return self.linear(v)
+
+    def matches(self, jvp: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether the product equals forward-mode AD's ``jvp = J v`` to working precision."""
+        mine = self(v)
+        if mine.shape != jvp.shape:
+            return False
+        scale = _row_norms(jvp).clamp_min(torch.finfo(jvp.dtype).tiny)
+        return bool((_row_norms(mine - jvp) <= 1e3 * torch.finfo(jvp.dtype).eps * scale).all())
+
+
 def _power_iteration(
     block: nn.Module, x: torch.Tensor, v: torch.Tensor, iterations: int, tolerance: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -720,9 +789,17 @@ def _power_iteration(
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
         _, vjp_fn = torch.func.vjp(fn, x)
         v = v / _row_norms(v).clamp_min(tiny).reshape(shape)
+        # J v by one forward pass of the linearized block where that is exact
+        # (checked against forward-mode AD on the first product), else by jvp
+        linearized: _Linearized | None = _Linearized(block, x)
         for step in range(iterations):
-            # 1. u = J v (forward mode); ||u|| is the gain of the unit vector v.
-            _, u = torch.func.jvp(fn, (x,), (v,))
+            # 1. u = J v; ||u|| is the gain of the unit vector v.
+            if linearized is not None and step > 0:
+                u = linearized(v)
+            else:
+                _, u = torch.func.jvp(fn, (x,), (v,))
+                if linearized is not None and not linearized.matches(u, v):
+                    linearized = None
             new = torch.maximum(gain, _row_norms(u))
             # 2. Convergence test on the rows still running; frozen rows keep their value.
             if step > 0 and tolerance > 0:
