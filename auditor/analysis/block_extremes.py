@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,9 +86,11 @@ class OperatorExtremes:
     ----------
     sigma_max, sigma_min : float
     method : str
-        ``dense``, or ``lanczos`` / ``structural-zero`` / ``woodbury-lanczos``
-        parts joined by ``+`` (largest first), each Lanczos part with its
-        convergence test (``residual <= 1e-8 theta``).
+        ``dense``, or ``max M; min N`` with ``M`` in ``lanczos`` /
+        ``lanczos+dense`` and ``N`` in ``structural-zero (rank <= r < n)`` /
+        ``woodbury-lanczos`` / ``woodbury-lanczos+dense`` (``+dense``: some
+        frequencies computed densely), followed by the Lanczos convergence
+        test (``residual <= 1e-08 theta``).
     converged : bool
         Always True today: frequencies where Lanczos does not converge, or
         where ``K(u)`` is singular, are computed densely instead.
@@ -489,22 +492,14 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
     return _ChunkResult(top, top_method, bottom, bottom_method)
 
 
-class _NoContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _reduced_side(block: Any, residual: bool) -> int:
+def _reduced_side(block: Any, residual: bool, rank: int) -> int:
     """A bound of the smaller side of the reduced per-frequency matrices (see ``_reduce_block``)."""
     n = min(block.weights[-1].shape[0], block.weights[0].shape[1])
     single_tap = len(block.weights) > 1 and all(block.weights[i].shape[2:] == (1, 1) for i in (0, -1))
     if residual and block.identity_size:
         # identity: Q spans range(W_1^T) + range(W_k)
         return min(n, block.weights[0].shape[0] + block.weights[-1].shape[1]) if single_tap else n
-    return _rank_bound(block, residual)
+    return rank
 
 
 def _with_compressed_ends(block: Any) -> Any:
@@ -515,22 +510,39 @@ def _with_compressed_ends(block: Any) -> Any:
     return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain)
 
 
-def _wants_lanczos(block: Any, residual: bool) -> bool:
-    """Whether the operator's extremes are worth the Lanczos path (before any factorization)."""
+@dataclass(frozen=True)
+class _Plan:
+    """What one operator's factors say before any factorization.
+
+    ``n`` singular values per frequency, ``rank`` the bound of
+    :func:`_rank_bound`, and whether the Lanczos path is worth it (the
+    shortcut's LU may still rule out Woodbury).
+    """
+
+    n: int
+    rank: int
+    lanczos: bool
+
+    @property
+    def structural_zero(self) -> bool:
+        return self.rank < self.n
+
+
+def _plan(block: Any, residual: bool) -> _Plan:
     n = min(block.weights[-1].shape[0], block.weights[0].shape[1])
     rank = _rank_bound(block, residual)
     if rank < n:  # structurally singular: only the largest, Lanczos unless the reduced matrices are small
-        return rank >= LANCZOS_MIN_SIDE
-    return _reduced_side(block, residual) >= LANCZOS_MIN_SIDE and _woodbury_applies(block, residual)
+        return _Plan(n, rank, rank >= LANCZOS_MIN_SIDE)
+    wide = _reduced_side(block, residual, rank) >= LANCZOS_MIN_SIDE
+    return _Plan(n, rank, wide and _woodbury_applies(block, residual))
 
 
-def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced: Callable[[], Any]) -> OperatorExtremes:
-    n = min(block.weights[-1].shape[0], block.weights[0].shape[1])
+def _operator_extremes(block: Any, residual: bool, plan: _Plan, device: torch.device,
+                       reduced: Callable[[], Any]) -> OperatorExtremes:
     # 1. structure: fewer dimensions than singular values at every frequency
-    rank = _rank_bound(block, residual)
-    structural_zero = rank < n
+    n, rank, structural_zero = plan.n, plan.rank, plan.structural_zero
     s_lu = _shortcut_lu(block, device) if residual and not structural_zero else False
-    lanczos = _wants_lanczos(block, residual) and (structural_zero or s_lu is not False)
+    lanczos = plan.lanczos and (structural_zero or s_lu is not False)
     workers = 1 if device.type != "cpu" else _workers()
     if lanczos:
         if 0 < block.identity_size <= _REDUCE_MAX_CHANNELS:
@@ -561,7 +573,7 @@ def _operator_extremes(block: Any, residual: bool, device: torch.device, reduced
     parts = _chunks(len(u), item, workers, budget=1 << 26)
     # numpy's BLAS (symbols of the dense path) and torch on one thread each:
     # the parallelism is over frequency chunks
-    with _blas_single_thread(), _torch_single_thread() if device.type == "cpu" else _NoContext():
+    with _blas_single_thread(), _torch_single_thread() if device.type == "cpu" else nullcontext():
         results = _parallel(one, parts, workers)
     top = max(r.top for r in results)
     bottom = 0.0 if structural_zero else min(r.bottom for r in results)
@@ -608,7 +620,8 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
             cache.append(_reduce_block(convs, shortcut))
         return cache[0]
 
-    if not any(_wants_lanczos(block, r) for r in (False, True)[: 1 + block.has_shortcut]):
+    plans = {residual: _plan(block, residual) for residual in (False, True)[: 1 + block.has_shortcut]}
+    if not any(plan.lanczos for plan in plans.values()):
         # small blocks (CIFAR networks): the full spectrum's single pass is the cheapest
         from .conditioning import _block_spectra
 
@@ -616,6 +629,6 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
         extremes = [spectra.extremes(residual=False), spectra.extremes(residual=True) if shortcut else None]
         found = [None if e is None else OperatorExtremes(e[0], e[1], "dense") for e in extremes]
         return BlockExtremes(found[0], found[1], spectra.side)
-    plain = _operator_extremes(block, False, device, reduced)
-    residual = _operator_extremes(block, True, device, reduced) if block.has_shortcut else None
+    plain = _operator_extremes(block, False, plans[False], device, reduced)
+    residual = _operator_extremes(block, True, plans[True], device, reduced) if block.has_shortcut else None
     return BlockExtremes(plain, residual, block.side)
