@@ -566,7 +566,7 @@ def _bottleneck_block() -> nn.Module:
 def test_linearized_block_equals_forward_mode_ad():
     block = _bottleneck_block()
     x, v = _images(3, shape=(4, 6, 6)).double(), _images(3, seed=5, shape=(4, 6, 6)).double()
-    linear = stability._Linearized(block, x)
+    linear = stability._Linearized(block).at(x)
     _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
     torch.testing.assert_close(linear(v), reference, rtol=1e-12, atol=1e-12)
     assert linear.matches(reference, v)
@@ -592,4 +592,4 @@ def test_blocks_with_functional_relu_fall_back_to_forward_mode_ad():
     x, v = _images(2, shape=(2, 4, 4)).double(), _images(2, seed=7, shape=(2, 4, 4)).double()
     _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
     # F.relu is invisible to the module swap: the product is the affine part only, and is refused
-    assert not stability._Linearized(block, x).matches(reference, v)
+    assert not stability._Linearized(block).at(x).matches(reference, v)

@@ -716,8 +716,9 @@ class _Linearized:
     compares one product with ``torch.func.jvp`` and the caller falls back to it.
     """
 
-    def __init__(self, block: nn.Module, x: torch.Tensor) -> None:
+    def __init__(self, block: nn.Module) -> None:
         masks: list[list[torch.Tensor]] = []
+        self.masks = masks
         self.recorder, self.linear = copy.deepcopy(block), copy.deepcopy(block)
         for recorder_module, linear_module in zip(self.recorder.modules(), self.linear.modules()):
             for (name, child), (_, twin) in zip(list(recorder_module.named_children()),
@@ -731,8 +732,14 @@ class _Linearized:
                 elif isinstance(twin, (nn.Conv2d, nn.Linear)) and twin.bias is not None:
                     twin.bias = None
         self.relus = [m for m in self.linear.modules() if isinstance(m, _MaskedReLU)]
+
+    def at(self, x: torch.Tensor) -> _Linearized:
+        """Fix the ReLU masks at the points ``x`` (one clean forward pass); returns self."""
+        for masks in self.masks:
+            masks.clear()
         with torch.no_grad():
             self.recorder(x.clone())
+        return self
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         for relu in self.relus:
@@ -750,7 +757,8 @@ class _Linearized:
 
 
 def _power_iteration(
-    block: nn.Module, x: torch.Tensor, v: torch.Tensor, iterations: int, tolerance: float
+    block: nn.Module, x: torch.Tensor, v: torch.Tensor, iterations: int, tolerance: float,
+    linearized: _Linearized | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimate ``sigma_max(J_i)`` of ``block`` at every row ``x_i``.
 
@@ -766,6 +774,9 @@ def _power_iteration(
     tolerance : float
         Row ``i`` stops once ``g_k - g_{k-1} <= tolerance * g_k`` for its estimate
         ``g_k = ||J_i v_k||``; its vector and estimate are frozen from then on.
+    linearized : _Linearized, optional
+        ``_Linearized(block)``, built once per block by the caller (two copies
+        of the block); built here when omitted.
 
     Returns
     -------
@@ -791,15 +802,15 @@ def _power_iteration(
         v = v / _row_norms(v).clamp_min(tiny).reshape(shape)
         # J v by one forward pass of the linearized block where that is exact
         # (checked against forward-mode AD on the first product), else by jvp
-        linearized: _Linearized | None = _Linearized(block, x)
+        linear: _Linearized | None = (linearized or _Linearized(block)).at(x)
         for step in range(iterations):
             # 1. u = J v; ||u|| is the gain of the unit vector v.
-            if linearized is not None and step > 0:
-                u = linearized(v)
+            if linear is not None and step > 0:
+                u = linear(v)
             else:
                 _, u = torch.func.jvp(fn, (x,), (v,))
-                if linearized is not None and not linearized.matches(u, v):
-                    linearized = None
+                if linear is not None and not linear.matches(u, v):
+                    linear = None
             new = torch.maximum(gain, _row_norms(u))
             # 2. Convergence test on the rows still running; frozen rows keep their value.
             if step > 0 and tolerance > 0:
@@ -902,10 +913,11 @@ def _measure_block(
     elif valid_sample.any():
         gains, flags = [], []
         jacobian_block = _jacobian_copy(block)
+        linearized = _Linearized(jacobian_block)
         per_batch = batch_size if batch_size is not None else max(1, size // 4)
         for rows in _chunks(n_samples, per_batch):
             gain_rows, flag_rows = _power_iteration(
-                jacobian_block, x[rows], v0[rows], power_iterations, power_tolerance
+                jacobian_block, x[rows], v0[rows], power_iterations, power_tolerance, linearized
             )
             gains.append(gain_rows)
             flags.append(flag_rows)
