@@ -91,9 +91,13 @@ def test_keep_freed_memory_stops_page_faults_between_batches() -> None:
         pytest.skip("not glibc")
     default = _faults("off")
     # glibc's defaults give the activations back to the OS after each pass
-    # (thousands of faults per batch); the tuned heap keeps them
-    assert tuned["faults"] < 1000
-    assert default["faults"] > 10 * max(tuned["faults"], 100)
+    # (thousands of faults per batch); the tuned heap keeps them, so all ten
+    # tuned batches fault fewer pages than one default batch does. (The tuned
+    # count is a one-off of a few hundred pages that varies by machine: 512
+    # here, 1024 on CI; an absolute bound on it measured the machine.)
+    default_per_batch = default["faults"] / 10
+    assert default_per_batch > 1000
+    assert tuned["faults"] < default_per_batch
 
 
 @linux_4k_pages
@@ -105,7 +109,8 @@ def test_keep_freed_memory_reuses_blocks_above_the_mmap_threshold() -> None:
     # glibc maps every 64 MiB block afresh (16,384 faults each); the tuned
     # heap hands the same memory back every time
     assert default["faults"] > 10 * 16_000
-    assert tuned["faults"] < 1000
+    # ten blocks reused: fewer faults in all than one fresh block costs
+    assert tuned["faults"] < 16_384
 
 
 def test_keep_freed_memory_is_harmless_to_call_twice() -> None:
