@@ -593,3 +593,23 @@ def test_blocks_with_functional_relu_fall_back_to_forward_mode_ad():
     _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
     # F.relu is invisible to the module swap: the product is the affine part only, and is refused
     assert not stability._Linearized(block).at(x).matches(reference, v)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6), (3, 5, 5)])  # 144 = 9 * 16 elements per row; 75 (drawn at once)
+def test_directions_drawn_in_chunks_equal_one_draw(shape):
+    """The perturbation stream does not depend on how the runs are chunked (module docstring recipe)."""
+    rows, eps = 11, 1e-3
+    reference = torch.rand(rows, dtype=torch.float64) + 0.5
+    reference[3] = 0.0  # a zero reference gives a zero row
+    generator = torch.Generator().manual_seed(7)
+    want = torch.randn((rows, *shape), generator=generator, dtype=torch.float64)
+    want = want * (eps * reference / want.flatten(1).norm(dim=1)).reshape(-1, 1, 1, 1)
+    after = torch.randn(5, generator=generator, dtype=torch.float64)  # what the caller draws next
+    directions = stability._Directions(
+        torch.Generator().manual_seed(7), reference, shape, eps, torch.float64, torch.device("cpu")
+    )
+    got = torch.cat([directions.take(count) for count in (1, 4, 3)])  # 8 of 11 taken
+    norms = directions.finish()
+    assert torch.equal(got, want[:8])
+    np.testing.assert_array_equal(norms, want.flatten(1).norm(dim=1).numpy())
+    assert torch.equal(torch.randn(5, generator=directions.generator, dtype=torch.float64), after)
