@@ -675,40 +675,72 @@ def conv_singular_values(
         c_out, c_in_g = weight.shape
         blocks = weight.reshape(op.groups, c_out // op.groups, c_in_g)
         return _repeated_spectrum(blocks, min(c_out // op.groups, c_in_g * phases), h * w)
-    # 2. stride-1 polyphase form on the output grid; groups as a batch of
-    #    blocks, smaller side first (m <= n)
-    coarse = to_polyphase(op, op.stride)
-    weight = coarse.scaled_weight().detach().to("cpu", torch.float64).numpy()
-    c_out, c_in_g, kh, kw = weight.shape
-    blocks = weight.reshape(coarse.groups, c_out // coarse.groups, c_in_g, kh, kw)
-    if blocks.shape[1] > blocks.shape[2]:
-        blocks = blocks.transpose(0, 2, 1, 3, 4)
-    groups, m, n = blocks.shape[:3]
-    # 3. a single tap after polyphase (e.g. 2x2 stride 2): one matrix as well
-    if kh * kw == 1:
-        return _repeated_spectrum(_drop_zero_lines(np.ascontiguousarray(blocks[..., 0, 0])), m, h * w)
+    frequencies = _FrequencyGrams(op, workers)
+    if frequencies.blocks_at_every_frequency is not None:
+        # 3. a single tap after polyphase (e.g. 2x2 stride 2): one matrix as well
+        return _repeated_spectrum(frequencies.blocks_at_every_frequency, frequencies.m, h * w)
     # 4. half-plane frequencies; Gram matrices of the smaller side; eigenvalues
-    u, v, mult = _half_plane(h, w)
-    blocks = np.ascontiguousarray(blocks)
-    use_auto = _autocorrelation_pairs(kh, kw) < 4 * len(u)  # vs 4 real products per frequency
     with _blas_single_thread(), _torch_single_thread():
-        if use_auto:
-            sym, anti, dh, dw = _autocorrelation(blocks, workers)
+        frequencies.prepare()
 
         def chunk(part: slice) -> np.ndarray:
-            def matrices(index: np.ndarray) -> np.ndarray:
-                p = _symbols(blocks, coarse.padding, (h, w), u[part][index // groups], v[part][index // groups])
-                return p[np.arange(len(index)), index % groups]
+            return _sigma_from_gram(frequencies.gram(part), lambda index: frequencies.matrices(part, index))
 
-            if not use_auto:
-                p = _symbols(blocks, coarse.padding, (h, w), u[part], v[part]).reshape(-1, m, n)
-                return _sigma_from_gram(p @ p.conj().transpose(0, 2, 1), lambda index: p[index])
-            gram = _gram_from_autocorrelation(sym, anti, _phases(u[part], v[part], (h, w), dh, dw), m)
-            return _sigma_from_gram(gram, matrices)
+        sigma = np.concatenate(_parallel(chunk, frequencies.parts(), workers))
+    sigma = sigma.reshape(len(frequencies.u), frequencies.groups * frequencies.m)
+    return np.sort(np.repeat(sigma, frequencies.mult, axis=0).ravel())[::-1]
 
-        parts = _chunks(len(u), groups * m * max(m, n) * 16 * 3, workers)
-        sigma = np.concatenate(_parallel(chunk, parts, workers)).reshape(len(u), groups * m)
-    return np.sort(np.repeat(sigma, mult, axis=0).ravel())[::-1]
+
+class _FrequencyGrams:
+    """Per-frequency Gram matrices ``P P^H`` of a convolution with several taps (steps 2-4 above).
+
+    The stride-1 polyphase form on the output grid, groups as a batch of
+    blocks, the smaller side first (``m <= n``); frequencies of the half plane.
+    ``blocks_at_every_frequency`` is set instead when a single tap remains (the
+    same matrices at every frequency).
+    """
+
+    def __init__(self, op: ConvOperator, workers: int) -> None:
+        self.workers = workers
+        self.grid = _circular_grid(op)
+        coarse = to_polyphase(op, op.stride)
+        self.padding = coarse.padding
+        weight = coarse.scaled_weight().detach().to("cpu", torch.float64).numpy()
+        c_out, c_in_g, kh, kw = weight.shape
+        blocks = weight.reshape(coarse.groups, c_out // coarse.groups, c_in_g, kh, kw)
+        if blocks.shape[1] > blocks.shape[2]:
+            blocks = blocks.transpose(0, 2, 1, 3, 4)
+        self.groups, self.m, self.n = blocks.shape[:3]
+        self.blocks_at_every_frequency: np.ndarray | None = None
+        if kh * kw == 1:
+            self.blocks_at_every_frequency = _drop_zero_lines(np.ascontiguousarray(blocks[..., 0, 0]))
+            return
+        self.blocks = np.ascontiguousarray(blocks)
+        self.u, self.v, self.mult = _half_plane(*self.grid)
+        self.use_auto = _autocorrelation_pairs(kh, kw) < 4 * len(self.u)  # vs 4 real products per frequency
+
+    def prepare(self) -> None:
+        """The kernel's autocorrelation, when the Gram matrices are built from it (inside the BLAS limits)."""
+        if self.use_auto:
+            self.sym, self.anti, self.dh, self.dw = _autocorrelation(self.blocks, self.workers)
+
+    def parts(self) -> list[slice]:
+        """Frequency chunks for the worker threads, within the memory budget."""
+        return _chunks(len(self.u), self.groups * self.m * max(self.m, self.n) * 16 * 3, self.workers)
+
+    def matrices(self, part: slice, index: np.ndarray) -> np.ndarray:
+        """``P`` of the rows ``index`` (frequency-major, then group) of a chunk: (len(index), m, n)."""
+        groups = self.groups
+        p = _symbols(self.blocks, self.padding, self.grid, self.u[part][index // groups], self.v[part][index // groups])
+        return p[np.arange(len(index)), index % groups]
+
+    def gram(self, part: slice) -> np.ndarray:
+        """Gram matrices of a chunk, (frequencies * groups, m, m), frequency-major."""
+        u, v = self.u[part], self.v[part]
+        if not self.use_auto:
+            p = _symbols(self.blocks, self.padding, self.grid, u, v).reshape(-1, self.m, self.n)
+            return p @ p.conj().transpose(0, 2, 1)
+        return _gram_from_autocorrelation(self.sym, self.anti, _phases(u, v, self.grid, self.dh, self.dw), self.m)
 
 
 # ---------------------------------------------------------------- zero padding
