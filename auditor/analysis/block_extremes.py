@@ -19,8 +19,8 @@ per frequency, in torch (the same code runs with ``--device cuda``):
    frequency and ``A`` square: the Woodbury identity
    ``A^{-1} = S^{-1} - S^{-1} L K(u)^{-1} M(u) R S^{-1}``, ``K = I + M R S^{-1} L``
    (of the bottleneck width), gives ``sigma_min(A) = 1 / sigma_max(A^{-1})``
-   by Lanczos on ``A^{-H} A^{-1}``. Accuracy: the Ritz value to 1e-8 (the
-   convergence test), the solves to about ``kappa(K) eps``: 1e-6 relative or
+   by Lanczos on ``A^{-H} A^{-1}``. Accuracy: the Ritz value to 1e-6 (the
+   convergence test; 5e-7 in sigma), the solves to about ``kappa(K) eps``: 1e-6 relative or
    better up to kappa 1e10, checked against the dense operator in the tests.
 4. Anything else takes the dense per-frequency path, which is the full
    spectrum's own numpy code (same numbers to the bit): small blocks (reduced
@@ -90,7 +90,7 @@ class OperatorExtremes:
         ``lanczos+dense`` and ``N`` in ``structural-zero (rank <= r < n)`` /
         ``woodbury-lanczos`` / ``woodbury-lanczos+dense`` (``+dense``: some
         frequencies computed densely), followed by the Lanczos convergence
-        test (``residual <= 1e-08 theta``).
+        test (``residual <= 1e-06 theta``).
     converged : bool
         Always True today: frequencies where Lanczos does not converge, or
         where ``K(u)`` is singular, are computed densely instead.
@@ -606,7 +606,7 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
     -------
     BlockExtremes
         The extremes of the full per-frequency spectra: ``sigma_max`` a Lanczos
-        Ritz value with relative residual at most 1e-8 (or dense), ``sigma_min``
+        Ritz value with relative residual at most 1e-6 (or dense), ``sigma_min``
         zero by structure, from Woodbury and Lanczos, or dense.
     """
     from .conditioning import _reduce_block

@@ -331,7 +331,7 @@ class StabilityReport:
 
 def _row_norms(t: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of each row (first axis) over all other axes."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))  # any memory format, no copy
 
 
 def _stats(values: np.ndarray) -> tuple[float | None, float | None, float | None]:
@@ -1206,6 +1206,12 @@ def measure_stability(
             hint="build the anatomy from the same model",
         )
     x = images.to(device=target, dtype=dtype)
+    if target.type == "cpu" and dtype == torch.float32 and x.dim() == 4:
+        # oneDNN's float32 convolutions run 1.3-1.6x faster on channels-last
+        # (NHWC) tensors on CPU (ResNet-50 at 224 px); the same function, with
+        # float32 rounding in another order
+        work = work.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     bns = _bn_modules(work)
     block_names = [b.name for b in anatomy.blocks]
     inner = {b: [n for n in bns if _inside(n, b)] for b in block_names}
