@@ -229,7 +229,7 @@ def test_whole_bottleneck_network_fast_equals_full_spectra(monkeypatch: pytest.M
 
     from torchvision.models.resnet import Bottleneck, ResNet
 
-    from auditor.condition import condition
+    from auditor.tasks.condition import condition
     from auditor.models.anatomy import analyze_anatomy
 
     torch.manual_seed(0)

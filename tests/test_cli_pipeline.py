@@ -188,7 +188,7 @@ def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> Non
     import h5py
 
     from auditor.analysis.spectra import conv_singular_values
-    from auditor.condition import _conv_operator
+    from auditor.tasks.condition import _conv_operator
     from auditor.subject import open_subject
 
     target = tmp_path / "spectra.h5"
@@ -209,7 +209,7 @@ def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> Non
 
 def test_condition_computes_each_layer_spectrum_once(monkeypatch) -> None:
     import auditor.analysis.conditioning as conditioning
-    import auditor.condition as condition_module
+    import auditor.tasks.condition as condition_module
     from auditor.subject import open_subject
 
     calls: list[str] = []
@@ -369,7 +369,7 @@ def test_one_class_folder_says_why_separation_is_null(tmp_path: Path, capsys) ->
 _DAMAGED_ANGLES = """
 import sys
 import numpy as np
-import auditor.geometry as geometry
+import auditor.tasks.geometry as geometry
 from auditor.cli import run
 from auditor.errors import StoreError
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from auditor import extract as extract_module
+from auditor.tasks import extract as extract_module
 from auditor.errors import ArchitectureError, DataError, StoreError, UsageError
-from auditor.extract import extract_activations, resolve_device, resolve_stages
+from auditor.tasks.extract import extract_activations, resolve_device, resolve_stages
 from auditor.io.images import ImageDataset, PRESETS, resolve_preprocessing, scan_image_folder, select_samples
 from auditor.io.store import open_store
 from auditor.models.anatomy import Anatomy, StageSpec, analyze_anatomy
@@ -184,7 +184,7 @@ _CHILD = textwrap.dedent(
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[4])
     from test_extract import _OPTIONS, _resnet8_job
-    from auditor.extract import extract_activations
+    from auditor.tasks.extract import extract_activations
 
     def progress(done, total):
         if done >= int(sys.argv[3]):

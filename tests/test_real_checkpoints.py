@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.condition import condition
+from auditor.tasks.condition import condition
 from auditor.subject import open_subject
 
 from conftest import CHECKPOINTS, CIFAR_IMAGES, needs_shared, run_json

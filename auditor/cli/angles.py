@@ -57,7 +57,7 @@ def angles_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Median principal angles within and between classes at every stage (the paper's Definition 1)."""
-    from ..geometry import store_angles
+    from ..tasks.geometry import store_angles
     from ..io.store import open_store
     from ..report.document import SCHEMA_VERSION, tool_info
     from ._output import emit, progress_bar
@@ -77,7 +77,7 @@ def angles_command(
             "config": {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace},
             "stages": entries,
         }
-    from ..geometry import separation_warning
+    from ..tasks.geometry import separation_warning
 
     undefined = separation_warning(entries)
     if undefined:

@@ -93,7 +93,7 @@ def audit_command(
     rules = [parse_rule(r) for r in [*config_rules, *(fail_on or [])]]  # malformed rules fail before any work
     shape = parse_input_size(input_size)
     mean_values, std_values = parse_triple(mean, "--mean"), parse_triple(std, "--std")
-    from ..audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
+    from ..tasks.audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
     from ..report.audit_view import audit_markdown, audit_tables
     from ._output import emit, progress_bar, stderr
 
@@ -114,11 +114,11 @@ def audit_command(
 
     skipped = report.document.get("data", {}).get("skipped")
     if skipped:  # in every format, on stderr (the report lists them too)
-        from ..dataset import skipped_message
+        from ..tasks.images import skipped_message
 
         warn(skipped_message(report.document["data"]["root"], skipped))
     if report.document.get("stages"):
-        from ..geometry import separation_warning
+        from ..tasks.geometry import separation_warning
 
         undefined = separation_warning(report.document["stages"])
         if undefined:

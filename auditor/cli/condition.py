@@ -42,7 +42,7 @@ SaveSpectraOpt = Annotated[
 
 def resolve_device(device: Device) -> str:
     """``auto`` -> cuda when available; ``cuda`` without a GPU is a usage error."""
-    from ..extract import resolve_device as resolve
+    from ..tasks.extract import resolve_device as resolve
 
     return str(resolve(device.value))
 
@@ -123,7 +123,7 @@ def condition_command(
     if save is not None and boundary is Boundary.zero:
         raise UsageError("--save-spectra needs --boundary circular (zero gives only the extremes)")
     size = parse_input_size(input_size)  # usage errors before torch is imported
-    from ..condition import condition
+    from ..tasks.condition import condition
     from ..report.condition_view import condition_markdown, condition_tables
     from ._output import emit, progress_bar
 

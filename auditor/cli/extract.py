@@ -72,7 +72,7 @@ def extract_command(
 
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
-    from ..dataset import open_images
+    from ..tasks.images import open_images
     from ..subject import open_subject
     from ._output import progress_bar, stderr, warn
 
@@ -91,8 +91,8 @@ def extract_command(
 
 
 def run_extract(subject: Any, images: Any, output: Path, **options: Any) -> Any:
-    """Call :func:`auditor.extract.extract_activations` for a subject and its images."""
-    from ..extract import extract_activations
+    """Call :func:`auditor.tasks.extract.extract_activations` for a subject and its images."""
+    from ..tasks.extract import extract_activations
 
     return extract_activations(
         subject.loaded.model, subject.anatomy, images.dataset, output,

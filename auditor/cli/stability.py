@@ -70,8 +70,8 @@ def stability_command(
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
     from ..analysis.stability import measure_stability
-    from ..condition import condition
-    from ..dataset import open_images, sample_images
+    from ..tasks.condition import condition
+    from ..tasks.images import open_images, sample_images
     from ..report.document import SCHEMA_VERSION, tool_info
     from ..subject import open_subject
     from ._output import emit, progress_bar

@@ -134,8 +134,8 @@ def trajectory_command(
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
     paths = collect_checkpoints(checkpoints)
-    from ..dataset import open_images
-    from ..pipeline import stage_geometry
+    from ..tasks.images import open_images
+    from ..tasks.geometry import stage_geometry
     from ..report.document import SCHEMA_VERSION, tool_info
     from ..subject import open_subject
     from ._output import emit, progress_bar
@@ -180,7 +180,7 @@ def trajectory_command(
     if note:
         document["order_note"] = note
     if skipped:
-        from ..dataset import skipped_message
+        from ..tasks.images import skipped_message
         from ._output import warn
 
         warn(skipped_message(images.dataset.root, skipped))

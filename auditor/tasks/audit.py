@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .report.document import SCHEMA_VERSION, tool_info
-from .report.verdict import METRICS, Rule, evaluate, parse_rule
+from ..errors import UsageError
+from ..report.document import SCHEMA_VERSION, tool_info
+from ..report.verdict import METRICS, Rule, evaluate, parse_rule
 
 __all__ = ["AuditOptions", "AuditReport", "audit"]
 
@@ -74,7 +74,7 @@ class AuditReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-safe values."""
-        from .report.document import json_safe
+        from ..report.document import json_safe
 
         return json_safe(self.document)
 
@@ -134,8 +134,8 @@ def audit(
     from dataclasses import replace
 
     from .condition import condition
-    from .report.sections import anatomy_sections
-    from .subject import open_subject
+    from ..report.sections import anatomy_sections
+    from ..subject import open_subject
 
     opts = replace(options or AuditOptions(), **overrides)
     parsed = _rules(rules, data is not None)
@@ -148,7 +148,7 @@ def audit(
     subject = open_subject(checkpoint, arch=opts.arch, input_size=opts.input_size)
     images = None
     if data is not None:  # cheap checks of every data input before any heavy work
-        from .dataset import open_images
+        from .images import open_images
 
         _check_stability_options(opts)
         images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
@@ -175,9 +175,9 @@ def audit(
     if images is None:
         document["notes"] = ["no --data given: class geometry and stability were not measured"]
     else:
-        from .analysis.stability import measure_stability
-        from .dataset import sample_images
-        from .pipeline import stage_geometry
+        from ..analysis.stability import measure_stability
+        from .images import sample_images
+        from .geometry import stage_geometry
 
         document["data"] = images.section()
         start = time.perf_counter()
@@ -194,7 +194,7 @@ def audit(
         if undefined:
             document.setdefault("notes", []).append(undefined)
         if geometry.skipped:
-            from .dataset import skipped_message
+            from .images import skipped_message
 
             document["data"] = images.section(geometry.skipped)  # counts what was used
             document.setdefault("notes", []).append(skipped_message(images.dataset.root, geometry.skipped))

@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
-from .io.images import ImageDataset, Preprocessing, resolve_preprocessing, scan_image_folder, select_samples
-from .subject import Subject
+from ..errors import DataError
+from ..io.images import ImageDataset, Preprocessing, resolve_preprocessing, scan_image_folder, select_samples
+from ..subject import Subject
 
-__all__ = ["ImageData", "open_images", "sample_images", "skipped_message"]
+__all__ = ["PreparedImages", "open_images", "sample_images", "skipped_message"]
 
 
 @dataclass(frozen=True)
-class ImageData:
+class PreparedImages:
     """A dataset ready for the subject, and how it was prepared."""
 
     dataset: ImageDataset
@@ -74,7 +74,7 @@ def open_images(
     classes: Sequence[str] | None = None,
     per_class: int | None = None,
     seed: int = 0,
-) -> ImageData:
+) -> PreparedImages:
     """Scan ``root``, pick samples, and build the dataset with the right preprocessing.
 
     Preprocessing: explicit flags win, then the checkpoint's ``preprocessing``
@@ -101,10 +101,10 @@ def open_images(
             hint="pass --size (preprocessing) or --input-size (network) so that they agree",
         )
     used = preset or ("checkpoint metadata" if has_meta and size is None and mean is None else _default_preset(subject))
-    return ImageData(dataset, preprocessing, used)
+    return PreparedImages(dataset, preprocessing, used)
 
 
-def sample_images(data: ImageData, count: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+def sample_images(data: PreparedImages, count: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """Up to ``count`` preprocessed images spread over the classes (seeded), and their labels.
 
     Unreadable images are skipped; the result is deterministic for a seed.

@@ -18,8 +18,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .analysis.conditioning import BlockConditioning, condition_block
-from .analysis.spectra import (
+from ..analysis.conditioning import BlockConditioning, condition_block
+from ..analysis.spectra import (
     ConvOperator,
     IdentityShortcut,
     OptionAShortcut,
@@ -27,9 +27,9 @@ from .analysis.spectra import (
     conv_singular_values,
     linear_operator,
 )
-from .errors import UsageError
-from .models.anatomy import BlockInfo, LayerInfo
-from .subject import Subject
+from ..errors import UsageError
+from ..models.anatomy import BlockInfo, LayerInfo
+from ..subject import Subject
 
 __all__ = ["LayerSpectrum", "ConditionReport", "condition", "BOUNDARIES"]
 

@@ -1,17 +1,28 @@
-"""Class geometry of an activation store: median principal angles per stage."""
+"""Class geometry: median principal angles per stage, of an activation store or of a checkpoint on images.
+
+:func:`store_angles` reads a store; :func:`stage_geometry` extracts (or reuses) the
+activations of a checkpoint on an image folder, then calls it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .analysis.angles import StageAngles, median_angles, median_angles_h5
-from .errors import DataError
-from .io.store import ActivationStore
+from ..analysis.angles import StageAngles, median_angles, median_angles_h5
+from ..errors import DataError, StoreError
+from ..io.store import ActivationStore
+from ..subject import Subject
+from .images import PreparedImages
 
-__all__ = ["store_angles", "stage_entry", "separation_warning"]
+__all__ = ["store_angles", "angles_entry", "separation_warning", "GeometryResult", "stage_geometry", "cache_name"]
 
 Progress = Callable[[int, int], None]
 
@@ -52,7 +63,7 @@ def separation_warning(entries: Sequence[Mapping[str, Any]]) -> str | None:
     return f"class separation is undefined at stage(s) {names}: {undefined[0].get('separation_reason', 'no valid angles')}"
 
 
-def stage_entry(name: str, shape: Sequence[int], result: StageAngles) -> dict[str, Any]:
+def angles_entry(name: str, shape: Sequence[int], result: StageAngles) -> dict[str, Any]:
     """One ``stages`` entry of the JSON report (degrees; null with a reason where undefined)."""
     entry: dict[str, Any] = {
         "name": name,
@@ -102,7 +113,7 @@ def store_angles(
     Returns
     -------
     list of dict
-        ``stages`` entries (see :func:`stage_entry`).
+        ``stages`` entries (see :func:`angles_entry`).
     """
     names = list(stages) if stages else list(store.stage_names)
     for name in names:
@@ -137,5 +148,94 @@ def store_angles(
             result = median_angles_h5(data, labels, class_names, **options)
         else:
             result = median_angles(data, labels, class_names, **options)
-        results.append(stage_entry(name, data.shape[1:], result))
+        results.append(angles_entry(name, data.shape[1:], result))
     return results
+
+
+@dataclass(frozen=True)
+class GeometryResult:
+    """Stage entries and where the activations came from."""
+
+    stages: list[dict[str, Any]]
+    store: Path | None
+    reused: bool
+    skipped: tuple[dict[str, str], ...]
+
+
+def cache_name(subject: Subject, images: PreparedImages, stages: Sequence[str] | None, dtype: str) -> str:
+    """A file name that changes whenever the store's content would."""
+    digest = hashlib.sha256()
+    for part in (
+        subject.checkpoint.sha256, subject.loaded.arch, str(images.dataset.root),
+        json.dumps(images.preprocessing.to_dict(), sort_keys=True), json.dumps(list(images.dataset.samples)),
+        json.dumps(list(stages) if stages else None), dtype, json.dumps(list(subject.anatomy.input_shape)),
+    ):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return f"{subject.checkpoint.path.stem}-{digest.hexdigest()[:16]}.h5"
+
+
+def _reusable(path: Path, subject: Subject) -> bool:
+    from ..io.store import open_store
+
+    if not path.exists():
+        return False
+    try:
+        with open_store(path) as store:
+            return store.attrs.get("checkpoint_sha256") == subject.checkpoint.sha256
+    except StoreError:
+        return False
+
+
+def stage_geometry(
+    subject: Subject,
+    images: PreparedImages,
+    *,
+    cache: Path | None = None,
+    stages: Sequence[str] | None = None,
+    center: bool = False,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    subspace_k: int | None = None,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str = "cpu",
+    extract_progress: Progress | None = None,
+    angles_progress: Progress | None = None,
+) -> GeometryResult:
+    """Median principal angles at every stage of ``subject`` on ``images``.
+
+    With ``cache`` the activation store is kept in that folder under a name
+    derived from every input (see :func:`cache_name`) and reused when present;
+    without it a temporary store is used and deleted.
+    """
+    from ..io.store import open_store
+    from .extract import extract_activations
+
+    def run(path: Path) -> tuple[list[dict[str, Any]], bool, tuple]:
+        reused = _reusable(path, subject)
+        skipped: tuple = ()
+        if not reused:
+            result = extract_activations(
+                subject.loaded.model, subject.anatomy, images.dataset, path,
+                checkpoint_sha256=subject.checkpoint.sha256, arch=subject.loaded.arch, stages=stages,
+                dtype=dtype, batch_size=batch_size, workers=workers, device=device,
+                # Replace only a finished file from other inputs; an unfinished one resumes.
+                progress=extract_progress, overwrite=path.exists(),
+            )
+            skipped = result.skipped
+        with open_store(path) as store:
+            entries = store_angles(store, center=center, max_pairs=max_pairs, seed=seed,
+                                   subspace_k=subspace_k, progress=angles_progress)
+            skipped = skipped or tuple(store.skipped)
+        return entries, reused, skipped
+
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / cache_name(subject, images, stages, dtype)
+        entries, reused, skipped = run(path)
+        return GeometryResult(entries, path, reused, skipped)
+    with tempfile.TemporaryDirectory(prefix="resdyn-") as scratch:
+        entries, _, skipped = run(Path(scratch) / "activations.h5")
+    return GeometryResult(entries, None, False, skipped)
