@@ -59,7 +59,7 @@ def angles_command(
     """Median principal angles within and between classes at every stage (the paper's Definition 1)."""
     from ..tasks.geometry import store_angles
     from ..io.store import open_store
-    from ..report.document import SCHEMA_VERSION, tool_info
+    from ..report.document import report_header
     from ._output import emit, progress_bar
 
     with open_store(store_path) as store:
@@ -69,9 +69,7 @@ def angles_command(
                 max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
             )
         document = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": tool_info(),
-            "command": "angles",
+            **report_header("angles"),
             "store": {"path": str(store_path), "arch": store.attrs.get("arch"),
                       "checkpoint_sha256": store.attrs.get("checkpoint_sha256"), "samples": len(store)},
             "config": {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace},

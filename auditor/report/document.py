@@ -14,14 +14,17 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._version import __version__
 from ..errors import OutputError
 
-__all__ = ["SCHEMA_VERSION", "tool_info", "json_safe", "dumps", "write_atomic", "validate"]
+if TYPE_CHECKING:
+    from ..subject import Subject
+
+__all__ = ["SCHEMA_VERSION", "tool_info", "report_header", "json_safe", "dumps", "write_atomic", "validate"]
 
 SCHEMA_VERSION = "1"
 
@@ -29,6 +32,31 @@ SCHEMA_VERSION = "1"
 def tool_info() -> dict[str, str]:
     """The ``tool`` object of every report."""
     return {"name": "resdyn", "version": __version__}
+
+
+def report_header(command: str, subject: Subject | None = None, *, input_shape: bool = True) -> dict[str, Any]:
+    """The first keys of every report: ``schema_version``, ``tool``, ``command``.
+
+    Parameters
+    ----------
+    command : str
+        The command (or task) that wrote the report.
+    subject : Subject, optional
+        Adds ``checkpoint`` and, with ``input_shape``, the network's ``input_shape``.
+    input_shape : bool
+        False where the caller places ``input_shape`` itself (``inspect``).
+
+    Returns
+    -------
+    dict
+        A new dict; callers add their sections after these keys (JSON key order).
+    """
+    header: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "tool": tool_info(), "command": command}
+    if subject is not None:
+        header["checkpoint"] = subject.checkpoint_section()
+        if input_shape:
+            header["input_shape"] = list(subject.anatomy.input_shape)
+    return header
 
 
 def json_safe(value: Any) -> Any:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..report.document import SCHEMA_VERSION, tool_info
+from ..report.document import report_header
 from ..report.verdict import METRICS, Rule, evaluate, parse_rule
 
 __all__ = ["AuditOptions", "AuditReport", "audit"]
@@ -91,14 +91,6 @@ def _rules(rules: Sequence[str | Rule], with_data: bool) -> list[Rule]:
     return parsed
 
 
-def _check_stability_options(opts: AuditOptions) -> None:
-    """Refuse stability options that would only fail at the end of a long run."""
-    if not (0 < opts.eps < 1):
-        raise UsageError(f"--eps {opts.eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
-    if opts.directions < 1 or opts.samples < 1:
-        raise UsageError("--directions and --samples must be at least 1")
-
-
 def audit(
     checkpoint: str | Path,
     *,
@@ -150,7 +142,9 @@ def audit(
     if data is not None:  # cheap checks of every data input before any heavy work
         from .images import open_images
 
-        _check_stability_options(opts)
+        from .stability import check_stability_options
+
+        check_stability_options(eps=opts.eps, directions=opts.directions, samples=opts.samples)
         images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
                              classes=opts.classes, per_class=opts.per_class, seed=opts.seed)
     timings["load"] = time.perf_counter() - start
@@ -161,11 +155,7 @@ def audit(
     timings["condition"] = time.perf_counter() - start
     anatomy = anatomy_sections(subject.anatomy)
     document: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": tool_info(),
-        "command": "audit",
-        "checkpoint": subject.checkpoint_section(),
-        "input_shape": anatomy["input_shape"],
+        **report_header("audit", subject),
         "config": opts.to_dict(),
         "layers": [layer.to_dict() for layer in conditioning.layers],
         "blocks": conditioning.block_entries(),
@@ -175,9 +165,8 @@ def audit(
     if images is None:
         document["notes"] = ["no --data given: class geometry and stability were not measured"]
     else:
-        from ..analysis.stability import measure_stability
-        from .images import sample_images
         from .geometry import stage_geometry
+        from .stability import subject_stability
 
         document["data"] = images.section()
         start = time.perf_counter()
@@ -199,13 +188,12 @@ def audit(
             document["data"] = images.section(geometry.skipped)  # counts what was used
             document.setdefault("notes", []).append(skipped_message(images.dataset.root, geometry.skipped))
         start = time.perf_counter()
-        batch, _ = sample_images(images, opts.samples, opts.seed)
-        stability = measure_stability(
-            subject.loaded.model, subject.anatomy, batch, eps=opts.eps, directions=opts.directions,
-            seed=opts.seed, power_iterations=opts.power_iterations, bounds=conditioning.bounds(),
-            progress=phase("stability"), device=opts.device,
+        stability = subject_stability(
+            subject, images, eps=opts.eps, directions=opts.directions, samples=opts.samples,
+            power_iterations=opts.power_iterations, seed=opts.seed, device=opts.device,
+            bounds=conditioning.bounds(), progress=phase("stability"),
         )
         timings["stability"] = time.perf_counter() - start
-        document["stability"] = stability.to_dict()
+        document["stability"] = stability.report.to_dict()
     document["verdict"] = evaluate(parsed, document)
     return AuditReport(document, timings)

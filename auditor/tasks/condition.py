@@ -11,6 +11,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from ..errors import UsageError
 from ..models.anatomy import BlockInfo, LayerInfo
 from ..subject import Subject
 
-__all__ = ["LayerSpectrum", "ConditionReport", "condition", "BOUNDARIES"]
+__all__ = ["LayerSpectrum", "ConditionReport", "condition", "save_spectra", "BOUNDARIES"]
 
 BOUNDARIES = ("circular", "zero")
 Progress = Callable[[int, int], None]
@@ -80,6 +81,21 @@ class ConditionReport:
     layers: tuple[LayerSpectrum, ...]
     blocks: tuple[BlockConditioning, ...]
     block_info: tuple[BlockInfo, ...]
+    subject: Subject | None = field(default=None, repr=False, compare=False)
+
+    def to_document(self) -> dict[str, Any]:
+        """The ``condition`` report (JSON contract of ``resdyn condition``); needs ``subject``."""
+        from ..report.document import report_header
+
+        if self.subject is None:
+            raise ValueError("to_document() needs the report's subject (reports from condition() have it)")
+        return {
+            **report_header("condition", self.subject),
+            "config": {"boundary": self.boundary, "fold_bn": self.fold_bn},
+            "layers": [layer.to_dict() for layer in self.layers],
+            "blocks": self.block_entries(),
+            "summary": self.summary(),
+        }
 
     def summary(self) -> dict[str, Any]:
         """Counts of Lemma 1 violations and the largest / median kappas.
@@ -291,6 +307,60 @@ def condition(
         ))
         if progress:
             progress(len(layers) + index + 1, total)
-    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks)
+    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks, subject)
 
 
+def save_spectra(path: str | Path, report: ConditionReport) -> None:
+    """Write every layer's full singular values to HDF5 (atomically: a temporary sibling, then a rename).
+
+    Parameters
+    ----------
+    path : str or Path
+    report : ConditionReport
+        From :func:`condition` with ``keep_spectra=True`` and the circular boundary.
+
+    Raises
+    ------
+    OutputError
+        Any I/O failure, naming ``path``; nothing is left behind.
+    """
+    import errno
+    import os
+    import tempfile
+
+    import h5py
+
+    from ..errors import OutputError
+
+    path = Path(path)
+    subject = report.subject
+    if subject is None:
+        raise ValueError("save_spectra needs the report's subject (reports from condition() have it)")
+    temporary: str | None = None
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a file where a folder is needed: say so, not "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, f"{exc.filename} is a file, not a folder", exc.filename) from exc
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        with h5py.File(temporary, "w") as h5:
+            h5.attrs["format"] = "resdyn-spectra"
+            h5.attrs["format_version"] = "1.0"
+            h5.attrs["checkpoint_sha256"] = subject.checkpoint.sha256
+            h5.attrs["arch"] = subject.loaded.arch
+            h5.attrs["boundary"] = report.boundary
+            h5.attrs["fold_bn"] = report.fold_bn
+            group = h5.create_group("layers")
+            for layer in report.layers:
+                if layer.singular_values is None:
+                    continue
+                data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip")
+                data.attrs["input_shape"] = list(layer.input_shape)
+                data.attrs["method"] = layer.method
+        os.replace(temporary, path)
+    except OSError as exc:  # h5py reports its write failures as OSError too
+        raise OutputError(path, exc) from exc
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
