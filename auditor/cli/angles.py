@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-from ._options import Format, FormatOpt, NoProgressOpt, OutputOpt, split_list
+from ._data_options import ClassesOpt, SeedOpt
+from ._options import (
+    CenterOpt, Format, FormatOpt, MaxPairsOpt, NoProgressOpt, OutputOpt, PlotOpt, StagesOpt, SubspaceOpt, split_list,
+)
 
-__all__ = ["register", "StagesOpt", "ClassesOpt", "CenterOpt", "SubspaceOpt", "MaxPairsOpt", "SeedOpt"]
+__all__ = ["register"]
 
 StoreArg = Annotated[Path, typer.Argument(help="Activation store written by 'resdyn extract'.", exists=True, dir_okay=False)]
-StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stage names (default: all).")]
-ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to keep, in this order (default: all).")]
-CenterOpt = Annotated[bool, typer.Option("--center", help="Subtract the stage mean first (the paper does not).")]
-SubspaceOpt = Annotated[
-    Optional[int],
-    typer.Option("--subspace", min=1, help="Also report principal angles between class subspaces of dimension K."),
-]
-MaxPairsOpt = Annotated[
-    Optional[int],
-    typer.Option("--max-pairs", min=1, help="Sample at most this many pairs per class / class pair (seeded); default exact."),
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Draw angle against stage into this PNG file.", dir_okay=False)]
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:

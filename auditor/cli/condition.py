@@ -2,46 +2,23 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._options import (
+    ArchOpt, Boundary, BoundaryOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoFoldOpt,
+    NoProgressOpt, OutputOpt, resolve_device,
+)
 
-__all__ = ["register", "resolve_device"]
-
-
-class Boundary(str, Enum):
-    """Boundary model of the convolution operator."""
-
-    circular = "circular"
-    zero = "zero"
+__all__ = ["register"]
 
 
-NoFoldOpt = Annotated[
-    bool, typer.Option("--no-fold-bn", help="Use the raw convolution weights (do not fold eval-mode BatchNorm).")
-]
-BoundaryOpt = Annotated[
-    Boundary,
-    typer.Option(
-        "--boundary",
-        help="circular: all singular values, exact by FFT; zero: exact extremes of the zero-padded "
-        "operator by an iterative method (CIFAR-sized inputs).",
-    ),
-]
 SaveSpectraOpt = Annotated[
     Optional[Path],
     typer.Option("--save-spectra", help="Write every layer's full singular values to this HDF5 file.", dir_okay=False),
 ]
-
-
-def resolve_device(device: Device) -> str:
-    """``auto`` -> cuda when available; ``cuda`` without a GPU is a usage error."""
-    from ..tasks.extract import resolve_device as resolve
-
-    return str(resolve(device.value))
 
 
 def condition_command(

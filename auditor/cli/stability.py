@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
 import typer
 
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
-from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._options import (
+    ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, DirectionsOpt, EpsOpt, Format, FormatOpt, InputSizeOpt,
+    NoProgressOpt, OutputOpt, PlotOpt, PowerOpt, SamplesOpt, resolve_device,
+)
 
-__all__ = ["register", "EpsOpt", "DirectionsOpt", "SamplesOpt", "PowerOpt"]
+__all__ = ["register"]
 
-EpsOpt = Annotated[float, typer.Option("--eps", help="Relative perturbation size ||d|| / ||x||, in (0, 1).")]
-DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded random directions per sample.")]
-SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
-PowerOpt = Annotated[
-    int, typer.Option("--power-iterations", min=0, help="Power iterations on each block's Jacobian for the worst direction (0: skip).")
-]
-PlotOpt = Annotated[
-    Optional[Path], typer.Option("--plot", help="Draw the end-to-end error trajectory into this PNG file.", dir_okay=False)
-]
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
@@ -68,7 +61,6 @@ def stability_command(
     from ..tasks.images import open_images, skipped_message
     from ..tasks.stability import subject_stability
     from ._output import emit, progress_bar, warn
-    from .condition import resolve_device
 
     subject = open_subject(checkpoint, arch=arch, input_size=shape)
     images = open_images(data, subject, **chosen)

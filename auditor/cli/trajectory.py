@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
-from ._options import ArchOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, split_list
+from ._options import (
+    ArchOpt, CacheOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, PlotOpt,
+    StagesOpt, resolve_device, split_list,
+)
 
 __all__ = ["register"]
 
 CheckpointsArg = Annotated[
     list[str], typer.Argument(help="Checkpoints: files, folders of per-epoch checkpoints, or quoted glob patterns.")
-]
-CacheOpt = Annotated[
-    Optional[Path],
-    typer.Option("--cache", help="Keep activation stores here and reuse them when their inputs match.", file_okay=False),
-]
-StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stages (default: all).")]
-PlotOpt = Annotated[
-    Optional[Path], typer.Option("--plot", help="Draw one panel per stage, angles against epoch, into this PNG.", dir_okay=False)
 ]
 
 
@@ -99,7 +94,6 @@ def trajectory_command(
     from ..tasks.images import skipped_message
     from ..tasks.trajectory import trajectory
     from ._output import emit, progress_bar, warn
-    from .condition import resolve_device
 
     with progress_bar("checkpoints", enabled=not no_progress and fmt is not Format.json) as update:
         result = trajectory(
