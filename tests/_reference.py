@@ -1,25 +1,30 @@
-"""Independent references for the spectra tests: circular convolution by rolls, dense matrices, SVD.
+"""Independent references: circular convolution by rolls, dense matrices, SVD, perturbations.
 
-One home for the helpers the spectra, conditioning and block-extremes tests
-share. Everything here is written from the definitions (DESIGN.md, "Spectra"),
+One home for the helpers the spectra, conditioning, block-extremes, stability
+and end-to-end tests share. Everything here is written from the definitions (DESIGN.md, "Spectra"),
 not from auditor's code: the operator's matrix is its action on the identity
 basis, and its singular values come from numpy's dense SVD.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 
 D = torch.float64
 
-__all__ = ["D", "circular_conv", "branch", "shortcut_map", "dense", "block_matrix", "singular_values"]
+__all__ = [
+    "D", "circular_conv", "branch", "shortcut_map", "dense", "block_matrix", "singular_values",
+    "linearized_basic_block", "directions",
+]
 
 
 def circular_conv(x: torch.Tensor, op: ConvOperator) -> torch.Tensor:
@@ -85,3 +90,47 @@ def block_matrix(convs: list[ConvOperator], shortcut: IdentityShortcut | OptionA
 def singular_values(matrix: np.ndarray) -> np.ndarray:
     """All singular values of a dense matrix, descending."""
     return np.linalg.svd(matrix, compute_uv=False)[: min(matrix.shape)]
+
+
+def linearized_basic_block(block: nn.Module) -> nn.Module:
+    """A basic block (``conv1, bn1, conv2, bn2`` and a parameter-free or identity shortcut) as the
+    linear operator resdyn conditions: circular padding, BatchNorm as a pure per-channel scale
+    (no shift), convolution biases and ReLUs removed, in float64."""
+    block = copy.deepcopy(block).double()
+
+    def scale(bn: nn.Module) -> torch.Tensor | None:
+        if not isinstance(bn, nn.BatchNorm2d):
+            return None
+        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+    class Linear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = block.conv1, block.conv2
+            for conv in (self.conv1, self.conv2):
+                conv.padding_mode = "circular"
+                conv.bias = None
+            self.s1, self.s2 = scale(block.bn1), scale(block.bn2)
+            self.shortcut = getattr(block, "shortcut", None)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv1(x)
+            y = y if self.s1 is None else y * self.s1[None, :, None, None]
+            y = self.conv2(y)
+            y = y if self.s2 is None else y * self.s2[None, :, None, None]
+            return y if self.shortcut is None else y + self.shortcut(x)
+
+    return Linear()
+
+
+def directions(seed: int, rows: int, shape: tuple[int, ...], reference: torch.Tensor, eps: float) -> torch.Tensor:
+    """The documented perturbation recipe: Gaussian rows from ``manual_seed(seed)`` (float64),
+    each rescaled to ``eps`` times the norm of its sample in ``reference`` (``rows / n`` per sample)."""
+    def norms(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1).norm(dim=1)
+
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn((rows, *shape), generator=g, dtype=torch.float64)
+    k = rows // reference.shape[0]
+    scale = eps * norms(reference).repeat_interleave(k) / norms(d)
+    return d * scale.view(-1, *([1] * len(shape)))

@@ -23,6 +23,7 @@ from auditor.analysis.stability import StabilityReport, measure_stability
 from auditor.errors import InputError, UsageError
 from auditor.models.anatomy import analyze_anatomy
 from auditor.models.registry import build_model
+from _reference import directions as _directions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHECKPOINT = DATA / "checkpoints" / "cifar10-resnet20-akamaster.th"
@@ -34,15 +35,6 @@ IMAGES = DATA / "images" / "cifar10-test-200"
 
 def _norms(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).norm(dim=1)
-
-
-def _directions(seed: int, rows: int, shape, reference: torch.Tensor, eps: float) -> torch.Tensor:
-    """The documented recipe: Gaussian rows from ``manual_seed(seed)``, rescaled per row."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn((rows, *shape), generator=g, dtype=torch.float64)
-    k = rows // reference.shape[0]
-    scale = eps * _norms(reference).repeat_interleave(k) / _norms(d)
-    return d * scale.view(-1, *([1] * len(shape)))
 
 
 def _close(actual: float | None, expected: float, rel: float = 1e-6) -> bool:
