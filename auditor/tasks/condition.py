@@ -324,26 +324,14 @@ def save_spectra(path: str | Path, report: ConditionReport) -> None:
     OutputError
         Any I/O failure, naming ``path``; nothing is left behind.
     """
-    import errno
-    import os
-    import tempfile
-
     import h5py
 
-    from ..errors import OutputError
+    from ..report.document import atomic_output
 
-    path = Path(path)
     subject = report.subject
     if subject is None:
         raise ValueError("save_spectra needs the report's subject (reports from condition() have it)")
-    temporary: str | None = None
-    try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError as exc:  # a file where a folder is needed: say so, not "File exists"
-            raise NotADirectoryError(errno.ENOTDIR, f"{exc.filename} is a file, not a folder", exc.filename) from exc
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
+    with atomic_output(path) as temporary:
         with h5py.File(temporary, "w") as h5:
             h5.attrs["format"] = "resdyn-spectra"
             h5.attrs["format_version"] = "1.0"
@@ -358,9 +346,3 @@ def save_spectra(path: str | Path, report: ConditionReport) -> None:
                 data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip")
                 data.attrs["input_shape"] = list(layer.input_shape)
                 data.attrs["method"] = layer.method
-        os.replace(temporary, path)
-    except OSError as exc:  # h5py reports its write failures as OSError too
-        raise OutputError(path, exc) from exc
-    finally:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
