@@ -57,7 +57,7 @@ def _root(
 
 
 def flag_for(remedy: Remedy) -> str:
-    """The command-line spelling of a library remedy: ``overwrite=True`` -> ``--overwrite``."""
+    """The command-line spelling of a library remedy: ``overwrite=True`` -> ``--overwrite``, ``data='DIR'`` -> ``--data DIR``."""
     flag = "--" + remedy.argument.replace("_", "-")
     return flag if remedy.value is True else f"{flag} {remedy.value}"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import Remedy, UsageError
 from ..report.document import report_header
 from ..report.verdict import METRICS, Rule, evaluate, parse_rule
 
@@ -85,8 +85,8 @@ def _rules(rules: Sequence[str | Rule], with_data: bool) -> list[Rule]:
         needing = [str(r) for r in parsed if METRICS[r.metric].section in _DATA_SECTIONS]
         if needing:
             raise UsageError(
-                f"rule {needing[0]!r} needs measurements on images, but no --data was given",
-                hint="pass --data DIR (a class-per-folder image directory) or drop the rule",
+                f"rule {needing[0]!r} needs measurements on images, but no image data was given",
+                hint="pass {remedy} (a class-per-folder image directory) or drop the rule", remedy=Remedy("data", "DIR"),
             )
     return parsed
 
