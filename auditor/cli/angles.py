@@ -47,25 +47,16 @@ def angles_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Median principal angles within and between classes at every stage (the paper's Definition 1)."""
-    from ..tasks.geometry import store_angles
-    from ..io.store import open_store
-    from ..report.document import report_header
+    from ..tasks.geometry import separation_warning, store_geometry
     from ._output import emit, progress_bar
 
-    with open_store(store_path) as store:
-        with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:
-            entries = store_angles(
-                store, stages=split_list(stages), classes=split_list(classes), center=center,
-                max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
-            )
-        document = {
-            **report_header("angles"),
-            "store": {"path": str(store_path), "arch": store.attrs.get("arch"),
-                      "checkpoint_sha256": store.attrs.get("checkpoint_sha256"), "samples": len(store)},
-            "config": {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace},
-            "stages": entries,
-        }
-    from ..tasks.geometry import separation_warning
+    with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:
+        result = store_geometry(
+            store_path, stages=split_list(stages), classes=split_list(classes), center=center,
+            max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
+        )
+    document = result.to_document()
+    entries = result.stages
 
     undefined = separation_warning(entries)
     if undefined:

@@ -72,6 +72,10 @@ class AuditReport:
         """True when every rule held (or there were none)."""
         return bool(self.document.get("verdict", {}).get("passed", True))
 
+    def to_document(self) -> dict[str, Any]:
+        """The ``audit`` report document, as the other tasks' results give theirs."""
+        return self.document
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-safe values."""
         from ..report.document import json_safe

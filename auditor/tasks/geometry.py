@@ -22,7 +22,7 @@ from ..io.store import ActivationStore
 from ..subject import Subject
 from .images import PreparedImages
 
-__all__ = ["store_angles", "angles_entry", "separation_warning", "GeometryResult", "stage_geometry", "cache_name"]
+__all__ = ["store_angles", "StoreGeometry", "store_geometry", "angles_entry", "separation_warning", "GeometryResult", "stage_geometry", "cache_name"]
 
 Progress = Callable[[int, int], None]
 
@@ -150,6 +150,54 @@ def store_angles(
             result = median_angles(data, labels, class_names, **options)
         results.append(angles_entry(name, data.shape[1:], result))
     return results
+
+
+@dataclass(frozen=True)
+class StoreGeometry:
+    """Median principal angles of an activation store (``resdyn angles``).
+
+    Attributes
+    ----------
+    store : dict
+        ``path``, ``arch``, ``checkpoint_sha256`` and ``samples`` of the store.
+    config : dict
+        ``center``, ``max_pairs``, ``seed``, ``subspace``.
+    stages : list of dict
+        ``stages`` entries (see :func:`angles_entry`).
+    """
+
+    store: dict[str, Any]
+    config: dict[str, Any]
+    stages: list[dict[str, Any]]
+
+    def to_document(self) -> dict[str, Any]:
+        """The ``angles`` report (JSON contract of ``resdyn angles``)."""
+        from ..report.document import report_header
+
+        return {**report_header("angles"), "store": self.store, "config": self.config, "stages": self.stages}
+
+
+def store_geometry(
+    path: str | Path,
+    *,
+    stages: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    center: bool = False,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    subspace_k: int | None = None,
+    progress: Progress | None = None,
+) -> StoreGeometry:
+    """Open the store at ``path`` and run :func:`store_angles` on it (same parameters)."""
+    from ..io.store import open_store
+
+    with open_store(path) as store:
+        entries = store_angles(store, stages=stages, classes=classes, center=center, max_pairs=max_pairs,
+                               seed=seed, subspace_k=subspace_k, progress=progress)
+        described = {"path": str(path), "arch": store.attrs.get("arch"),
+                     "checkpoint_sha256": store.attrs.get("checkpoint_sha256"), "samples": len(store)}
+    config = {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace_k}
+    return StoreGeometry(described, config, entries)
 
 
 @dataclass(frozen=True)
