@@ -229,6 +229,7 @@ def _compare(a: Path, b: Path) -> None:
                 assert np.array_equal(da.attrs[key], db.attrs[key]), (name, key)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path) -> None:
     data = _make_folder(tmp_path / "data", {"x": 5, "y": 6}, size=32)
     (data / "y" / "005.png").write_bytes(b"corrupt")  # a skipped image in the mix

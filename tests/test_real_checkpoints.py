@@ -15,7 +15,7 @@ from auditor.subject import open_subject
 from _reference import directions, linearized_basic_block
 from conftest import CHECKPOINTS, CIFAR_IMAGES, needs_shared, run_json
 
-pytestmark = needs_shared
+pytestmark = [needs_shared, pytest.mark.slow]
 IMAGENET = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 
 

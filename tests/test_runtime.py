@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each test starts Python processes that import torch
 
 
 def _huge_pages_always() -> bool:

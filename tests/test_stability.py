@@ -397,6 +397,7 @@ def _real_images(n: int) -> torch.Tensor:
     return (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) - mean) / std
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"real checkpoint not found: {CHECKPOINT}")
 def test_real_resnet20(capfd):
