@@ -177,26 +177,24 @@ class StoreGeometry:
         return {**report_header("angles"), "store": self.store, "config": self.config, "stages": self.stages}
 
 
-def store_geometry(
-    path: str | Path,
-    *,
-    stages: Sequence[str] | None = None,
-    classes: Sequence[str] | None = None,
-    center: bool = False,
-    max_pairs: int | None = None,
-    seed: int = 0,
-    subspace_k: int | None = None,
-    progress: Progress | None = None,
-) -> StoreGeometry:
-    """Open the store at ``path`` and run :func:`store_angles` on it (same parameters)."""
+def store_geometry(path: str | Path, **options: Any) -> StoreGeometry:
+    """Open the store at ``path`` and run :func:`store_angles` on it.
+
+    Parameters
+    ----------
+    path : str or Path
+    **options
+        Keyword arguments of :func:`store_angles` (``stages``, ``classes``, ``center``,
+        ``max_pairs``, ``seed``, ``subspace_k``, ``progress``).
+    """
     from ..io.store import open_store
 
     with open_store(path) as store:
-        entries = store_angles(store, stages=stages, classes=classes, center=center, max_pairs=max_pairs,
-                               seed=seed, subspace_k=subspace_k, progress=progress)
+        entries = store_angles(store, **options)
         described = {"path": str(path), "arch": store.attrs.get("arch"),
                      "checkpoint_sha256": store.attrs.get("checkpoint_sha256"), "samples": len(store)}
-    config = {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace_k}
+    config = {"center": options.get("center", False), "max_pairs": options.get("max_pairs"),
+              "seed": options.get("seed", 0), "subspace": options.get("subspace_k")}
     return StoreGeometry(described, config, entries)
 
 
