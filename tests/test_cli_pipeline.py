@@ -214,6 +214,7 @@ def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> Non
     assert code == 2 and "--save-spectra needs --boundary circular" in err
 
 
+@pytest.mark.slow
 def test_condition_computes_each_layer_spectrum_once(monkeypatch) -> None:
     import auditor.analysis.conditioning as conditioning
     import auditor.tasks.condition as condition_module

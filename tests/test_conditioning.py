@@ -103,6 +103,7 @@ def test_block_shapes_must_chain() -> None:
 # ---------------------------------------------------------------- the paper's quantities
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["identity", "option_a", "projection"])
 def test_condition_block_matches_dense_and_definitions(kind: str) -> None:
     if kind == "identity":

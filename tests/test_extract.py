@@ -107,6 +107,7 @@ def _by_hand(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow
 @needs_shared
 @pytest.mark.shared
 def test_resnet20_matches_hand_written_forward(resnet20: nn.Module, tmp_path: Path) -> None:
