@@ -30,15 +30,15 @@ __all__ = [
 ]
 
 _LAZY = {
-    "audit": "auditor.audit",
+    "audit": "auditor.tasks.audit",
     "load_checkpoint": "auditor.io.checkpoint",
     "load_model": "auditor.models.load",
     "analyze_anatomy": "auditor.models.anatomy",
     "open_subject": "auditor.subject",
-    "condition": "auditor.condition",
+    "condition": "auditor.tasks.condition",
     "median_angles": "auditor.analysis.angles",
     "measure_stability": "auditor.analysis.stability",
-    "extract_activations": "auditor.extract",
+    "extract_activations": "auditor.tasks.extract",
     "open_store": "auditor.io.store",
 }
 

@@ -6,10 +6,13 @@ one line on stderr and exit code 2 (see DESIGN.md, "Exit codes").
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = [
     "ExitCode",
+    "Remedy",
     "AuditorError",
     "UsageError",
     "InputError",
@@ -30,6 +33,22 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+@dataclass(frozen=True)
+class Remedy:
+    """The argument of the library call that resolves an error, e.g. ``overwrite=True``.
+
+    A hint names it with the placeholder ``{remedy}``; a Python caller reads
+    ``overwrite=True``, the command line spells it as its flag (``--overwrite``).
+    """
+
+    argument: str
+    value: object = True
+
+    def python(self) -> str:
+        """``argument=value``."""
+        return f"{self.argument}={self.value!r}"
+
+
 class AuditorError(Exception):
     """Base class of every error resdyn reports to a user.
 
@@ -38,19 +57,26 @@ class AuditorError(Exception):
     message : str
         What is wrong, in one line.
     hint : str, optional
-        What to do next; printed after the message.
+        What to do next; printed after the message. ``{remedy}`` in it stands for
+        ``remedy``, spelled for the reader (see :meth:`one_line`).
+    remedy : Remedy, optional
+        The argument that resolves the error, for callers that act on it.
     """
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, remedy: Remedy | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.remedy = remedy
 
-    def one_line(self) -> str:
-        """The message and hint on a single line."""
+    def one_line(self, spell: Callable[[Remedy], str] = Remedy.python) -> str:
+        """The message and hint on a single line; ``spell`` writes the remedy (default ``argument=value``)."""
         text = " ".join(self.message.split())
         if self.hint:
-            text += " Hint: " + " ".join(self.hint.split())
+            hint = self.hint
+            if self.remedy is not None:
+                hint = hint.replace("{remedy}", spell(self.remedy))
+            text += " Hint: " + " ".join(hint.split())
         return text
 
 

@@ -27,8 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from auditor.audit import audit
-    from auditor.dataset import open_images, sample_images
+    from auditor.tasks.audit import audit
+    from auditor.tasks.images import open_images, sample_images
     from auditor.subject import open_subject
 
     imagenet = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # akamaster's preprocessing
@@ -38,7 +38,7 @@ def main() -> None:
 
     subject = open_subject(args.checkpoint)
     images = open_images(args.data, subject, **imagenet)
-    batch, _ = sample_images(images, len(images.dataset))
+    batch = sample_images(images, len(images.dataset)).images
     start = time.perf_counter()
     with torch.inference_mode():
         for chunk in batch.split(32):

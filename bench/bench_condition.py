@@ -77,7 +77,7 @@ _AUDIT = """from auditor.cli import main
 
 _AUDIT_BASELINE = """import torch, torchvision, weightwatcher
     from safetensors.torch import load_file
-    from auditor.dataset import open_images
+    from auditor.tasks.images import open_images
     from auditor.subject import open_subject
     torch.set_num_threads(2)
     model = torchvision.models.{arch}(weights=None)
@@ -159,7 +159,7 @@ def _imagenet(models: list[str], repeat: int) -> None:
 def _cifar() -> None:
     import torch
 
-    from auditor.condition import condition
+    from auditor.tasks.condition import condition
     from auditor.subject import open_subject
 
     checkpoint = SHARED / "checkpoints" / "cifar10-resnet56-akamaster.th"

@@ -3,7 +3,7 @@
 For each case, on the same images with the same DataLoader and batch size:
 
 * baseline: ``for batch in loader: model(batch.images)`` under ``torch.inference_mode()``;
-* resdyn: :func:`auditor.extract.extract_activations` (hooks, copies, checks, HDF5 writes).
+* resdyn: :func:`auditor.tasks.extract.extract_activations` (hooks, copies, checks, HDF5 writes).
 
 Cases:
 
@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from auditor.extract import extract_activations  # noqa: E402
+from auditor.tasks.extract import extract_activations  # noqa: E402
 from auditor.io.images import (  # noqa: E402
     ImageDataset,
     make_loader,
@@ -174,10 +174,10 @@ class _Meter:
 
 
 def _resdyn(model, anatomy, dataset, arch, out: Path, args: argparse.Namespace) -> tuple:
-    import auditor.extract
+    import auditor.tasks.extract
     from auditor.io.store import StoreWriter
 
-    with _Meter(StoreWriter, "append") as writer, _Meter(auditor.extract, "_copy_into") as hooks:
+    with _Meter(StoreWriter, "append") as writer, _Meter(auditor.tasks.extract, "_copy_into") as hooks:
         start, cpu = time.perf_counter(), _cpu()
         extract_activations(
             model, anatomy, dataset, out, checkpoint_sha256="0" * 64, arch=arch,

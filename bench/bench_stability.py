@@ -95,7 +95,7 @@ def main() -> int:
     keep_freed_memory()  # as the resdyn command does at start (auditor/runtime.py)
 
     from auditor.analysis.stability import measure_stability
-    from auditor.dataset import open_images, sample_images
+    from auditor.tasks.images import open_images, sample_images
     from auditor.subject import open_subject
 
     if args.checkpoint is None:
@@ -108,7 +108,7 @@ def main() -> int:
     subject = open_subject(args.checkpoint)
     classes = [c for c in args.classes.split(",") if c] or None
     images = open_images(args.data, subject, preset=args.preset, classes=classes, per_class=args.per_class)
-    batch, _ = sample_images(images, args.samples, 0)
+    batch = sample_images(images, args.samples, 0).images
     model = subject.loaded.model.eval()
     print(f"{subject.loaded.arch} at {tuple(batch.shape[1:])}: {len(batch)} images, "
           f"{len(subject.anatomy.blocks)} blocks, {torch.get_num_threads()} threads")

@@ -14,34 +14,11 @@ from hypothesis import strategies as st
 from auditor.analysis.conditioning import block_singular_values, condition_block
 from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 from auditor.errors import InputError
+from _reference import branch as _branch
+from _reference import circular_conv as _circular_conv
+from _reference import dense as _dense
 
 D = torch.float64
-
-
-def _circular_conv(x: torch.Tensor, op: ConvOperator) -> torch.Tensor:
-    """Independent circular convolution: y[i] = sum_a K[a] x[(s i + a - p) mod H], by tiling."""
-    ph, pw = op.padding
-    h, w = x.shape[-2:]
-    tiled = x.repeat(1, 1, 3, 3)[..., h - ph :, w - pw :]  # tiled[j] = x[(j - p) mod H]
-    y = F.conv2d(tiled, op.weight.to(D), groups=op.groups)
-    y = y[..., :: op.stride[0], :: op.stride[1]][..., : h // op.stride[0], : w // op.stride[1]]
-    if op.out_scale is not None:
-        y = y * op.out_scale.to(D)[None, :, None, None]
-    return y
-
-
-def _dense(function, shape: tuple[int, int, int]) -> np.ndarray:
-    n = math.prod(shape)
-    basis = torch.eye(n, dtype=D).reshape(n, *shape)
-    return function(basis).reshape(n, -1).T.numpy()
-
-
-def _branch(convs):
-    def run(x):
-        for op in convs:
-            x = _circular_conv(x, op)
-        return x
-    return run
 
 
 def _compare(values: np.ndarray, matrix: np.ndarray) -> None:

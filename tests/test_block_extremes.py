@@ -12,13 +12,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from auditor.analysis import block_extremes as fast
 from auditor.analysis.conditioning import block_singular_values, condition_block
 from auditor.analysis.lanczos import largest_eigenvalues
 from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
-from test_block_conditioning import _branch, _circular_conv, _dense, _op
+from _reference import branch as _branch
+from _reference import dense as _dense
+from _reference import shortcut_map
+from test_block_conditioning import _op
 
 D = torch.float64
 
@@ -42,14 +44,7 @@ def _reference(convs, shortcut) -> tuple[tuple[float, float], tuple[float, float
     plain = extremes(_branch(convs))
     if shortcut is None:
         return plain, None
-    if isinstance(shortcut, IdentityShortcut):
-        short = lambda x: x  # noqa: E731
-    elif isinstance(shortcut, OptionAShortcut):
-        s = shortcut.stride
-        extra = shortcut.out_channels - shortcut.pad_before - shortcut.input_shape[0]
-        short = lambda x: F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, shortcut.pad_before, extra))  # noqa: E731
-    else:
-        short = lambda x: _circular_conv(x, shortcut)  # noqa: E731
+    short = shortcut_map(shortcut)
     return plain, extremes(lambda x: _branch(convs)(x) + short(x))
 
 
@@ -229,7 +224,7 @@ def test_whole_bottleneck_network_fast_equals_full_spectra(monkeypatch: pytest.M
 
     from torchvision.models.resnet import Bottleneck, ResNet
 
-    from auditor.condition import condition
+    from auditor.tasks.condition import condition
     from auditor.models.anatomy import analyze_anatomy
 
     torch.manual_seed(0)

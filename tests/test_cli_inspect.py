@@ -68,6 +68,7 @@ def test_bad_input_is_one_line_exit_2(args, message, tiny_checkpoint: Path, tmp_
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_debug_env_shows_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pth"
     bad.write_text("garbage")

@@ -29,6 +29,7 @@ def audit_doc(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_audit_json_has_every_section(audit_doc: dict) -> None:
     from auditor.report.document import validate
 
@@ -43,6 +44,7 @@ def test_audit_json_has_every_section(audit_doc: dict) -> None:
         assert block["kappa_paper_residual"] <= block["kappa_paper_plain"]
 
 
+@pytest.mark.slow
 def test_audit_angles_match_a_direct_pairwise_loop(audit_doc: dict, tmp_path: Path, capsys) -> None:
     """Extract the same images, then recompute one stage's medians with a Python loop."""
     from auditor.io.store import open_store
@@ -71,6 +73,7 @@ def test_audit_angles_match_a_direct_pairwise_loop(audit_doc: dict, tmp_path: Pa
     assert doc["stages"][0]["intra"] == pytest.approx(stage["intra"])
 
 
+@pytest.mark.slow
 def test_audit_is_reproducible(audit_doc: dict, tmp_path: Path, capsys) -> None:
     again = run_json(["audit", CKPT, "--data", DIGITS, *SMALL], capsys)
     assert again == audit_doc
@@ -112,6 +115,7 @@ def test_audit_bad_input_is_one_line_exit_2(args, message, tmp_path: Path, capsy
     assert len(lines) == 1 and message in lines[0], err
 
 
+@pytest.mark.slow
 def test_markdown_and_plots(tmp_path: Path, capsys) -> None:
     plots = tmp_path / "plots"
     code, out, err = run_cli(["audit", CKPT, "--data", DIGITS, *SMALL, "--format", "markdown", "--plots", plots], capsys)
@@ -129,6 +133,7 @@ def test_table_output_mentions_lemma1(capsys) -> None:
     assert "violate Lemma 1's lower bound" in out and "layer2.0" in out
 
 
+@pytest.mark.slow
 def test_compare_bn_and_nobn(tmp_path: Path, capsys) -> None:
     bn = EPOCHS / "resnet8" / sorted(p.name for p in (EPOCHS / "resnet8").iterdir())[-1]
     nobn = EPOCHS / "resnet8_nobn" / sorted(p.name for p in (EPOCHS / "resnet8_nobn").iterdir())[-1]
@@ -147,6 +152,7 @@ def test_compare_bn_and_nobn(tmp_path: Path, capsys) -> None:
     assert code == 2 and "not a JSON document" in err
 
 
+@pytest.mark.slow
 def test_trajectory_orders_by_epoch_and_reuses_stores(tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
     plot = tmp_path / "traj.png"
@@ -170,6 +176,7 @@ def test_angles_refuses_files_that_are_not_stores(tmp_path: Path, capsys) -> Non
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_stability_command_json_and_plot(tmp_path: Path, capsys) -> None:
     plot = tmp_path / "error.png"
     doc = run_json(["stability", CKPT, "--data", DIGITS, "--samples", "4", "--directions", "2",
@@ -188,7 +195,7 @@ def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> Non
     import h5py
 
     from auditor.analysis.spectra import conv_singular_values
-    from auditor.condition import _conv_operator
+    from auditor.tasks.condition import _conv_operator
     from auditor.subject import open_subject
 
     target = tmp_path / "spectra.h5"
@@ -207,9 +214,10 @@ def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> Non
     assert code == 2 and "--save-spectra needs --boundary circular" in err
 
 
+@pytest.mark.slow
 def test_condition_computes_each_layer_spectrum_once(monkeypatch) -> None:
     import auditor.analysis.conditioning as conditioning
-    import auditor.condition as condition_module
+    import auditor.tasks.condition as condition_module
     from auditor.subject import open_subject
 
     calls: list[str] = []
@@ -229,9 +237,22 @@ def test_condition_computes_each_layer_spectrum_once(monkeypatch) -> None:
     for block in report.blocks:
         for sigma in block.sigma:  # the block's M_i, m_i are the layer table's numbers
             assert (sigma.max, sigma.min) == (layers[sigma.layer].sigma_max, layers[sigma.layer].sigma_min)
-    # and they are the numbers a fresh computation gives
-    fresh = condition_module.condition(subject, fold_bn=True)
-    assert [b.kappa_linear_residual for b in fresh.blocks] == [b.kappa_linear_residual for b in report.blocks]
+    # and they are the numbers of the dense operator, built from the model's own modules
+    # (at 8x8 input: a 1024-column matrix per block)
+    import math
+
+    import torch
+
+    from _reference import linearized_basic_block, singular_values
+
+    small = open_subject(CKPT, input_size=(8, 8))
+    modules = dict(small.loaded.model.named_modules())
+    for block, info in zip(condition_module.condition(small).blocks, small.anatomy.blocks, strict=True):
+        n = math.prod(info.input_shape)
+        with torch.no_grad():
+            images = linearized_basic_block(modules[info.name])(torch.eye(n, dtype=torch.float64).reshape(n, *info.input_shape))
+        values = singular_values(images.reshape(n, -1).T.numpy())
+        assert block.kappa_linear_residual == pytest.approx(values[0] / values[-1], rel=1e-6), block.name
 
 
 def _enospc(*args, **kwargs):
@@ -319,6 +340,7 @@ def digits_with_a_bad_image(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["json", "table", "markdown"])
 def test_audit_warns_about_and_does_not_count_unreadable_images(fmt, digits_with_a_bad_image: Path, capsys) -> None:
     code, out, err = run_cli(["audit", CKPT, "--data", digits_with_a_bad_image, *SMALL, "--format", fmt,
@@ -340,6 +362,7 @@ def test_audit_warns_about_and_does_not_count_unreadable_images(fmt, digits_with
         assert "11 images in 3 classes" in out
 
 
+@pytest.mark.slow
 def test_one_class_folder_says_why_separation_is_null(tmp_path: Path, capsys) -> None:
     import shutil
 
@@ -369,7 +392,7 @@ def test_one_class_folder_says_why_separation_is_null(tmp_path: Path, capsys) ->
 _DAMAGED_ANGLES = """
 import sys
 import numpy as np
-import auditor.geometry as geometry
+import auditor.tasks.geometry as geometry
 from auditor.cli import run
 from auditor.errors import StoreError
 
@@ -387,6 +410,7 @@ sys.exit(run(["angles", sys.argv[2], "--format", "json"]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fails", [True, False])
 def test_library_warnings_never_precede_the_one_line_error(fails, tmp_path: Path, capsys) -> None:
     """In a real process (pytest's own warning capture would hide the bug in-process)."""

@@ -12,52 +12,16 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auditor.analysis.conditioning import LEMMA_RTOL, block_singular_values, condition_block
 from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut, conv_singular_values
 from auditor.errors import InputError, UsageError
+from _reference import block_matrix as _block_matrix
+from _reference import singular_values as _svd
 
 D = torch.float64
-
-
-def _circular(x: torch.Tensor, op: ConvOperator) -> torch.Tensor:
-    (kh, kw), (sh, sw), (ph, pw) = op.kernel_size, op.stride, op.padding
-    c_out, c_in_g = op.weight.shape[:2]
-    per = c_out // op.groups
-    parts = []
-    for g in range(op.groups):
-        xg, wg = x[:, g * c_in_g:(g + 1) * c_in_g], op.weight[g * per:(g + 1) * per].to(D)
-        parts.append(sum(
-            torch.einsum("oc,nchw->nohw", wg[:, :, a, b], torch.roll(xg, (-(a - ph), -(b - pw)), dims=(2, 3)))
-            for a in range(kh) for b in range(kw)
-        ))
-    y = torch.cat(parts, dim=1)[:, :, ::sh, ::sw]
-    return y if op.out_scale is None else y * op.out_scale.to(D)[None, :, None, None]
-
-
-def _block_matrix(convs, shortcut) -> np.ndarray:
-    shape = convs[0].input_shape
-    n = math.prod(shape)
-    x = torch.eye(n, dtype=D).reshape(n, *shape)
-    y = x
-    for op in convs:
-        y = _circular(y, op)
-    if isinstance(shortcut, IdentityShortcut):
-        y = y + x
-    elif isinstance(shortcut, OptionAShortcut):
-        sub = x[:, :, :: shortcut.stride, :: shortcut.stride]
-        after = shortcut.out_channels - shortcut.pad_before - shape[0]
-        y = y + F.pad(sub, (0, 0, 0, 0, shortcut.pad_before, after))
-    elif isinstance(shortcut, ConvOperator):
-        y = y + _circular(x, shortcut)
-    return y.reshape(n, -1).T.numpy()
-
-
-def _svd(matrix: np.ndarray) -> np.ndarray:
-    return np.linalg.svd(matrix, compute_uv=False)[: min(matrix.shape)]
 
 
 def _op(c_out, c_in, k, hw, *, stride=1, padding=None, groups=1, scale=False, seed=0) -> ConvOperator:
@@ -139,6 +103,7 @@ def test_block_shapes_must_chain() -> None:
 # ---------------------------------------------------------------- the paper's quantities
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["identity", "option_a", "projection"])
 def test_condition_block_matches_dense_and_definitions(kind: str) -> None:
     if kind == "identity":

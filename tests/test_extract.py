@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from auditor import extract as extract_module
+from auditor.tasks import extract as extract_module
 from auditor.errors import ArchitectureError, DataError, StoreError, UsageError
-from auditor.extract import extract_activations, resolve_device, resolve_stages
+from auditor.tasks.extract import extract_activations, resolve_device, resolve_stages
 from auditor.io.images import ImageDataset, PRESETS, resolve_preprocessing, scan_image_folder, select_samples
 from auditor.io.store import open_store
 from auditor.models.anatomy import Anatomy, StageSpec, analyze_anatomy
@@ -107,6 +107,7 @@ def _by_hand(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow
 @needs_shared
 @pytest.mark.shared
 def test_resnet20_matches_hand_written_forward(resnet20: nn.Module, tmp_path: Path) -> None:
@@ -184,7 +185,7 @@ _CHILD = textwrap.dedent(
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[4])
     from test_extract import _OPTIONS, _resnet8_job
-    from auditor.extract import extract_activations
+    from auditor.tasks.extract import extract_activations
 
     def progress(done, total):
         if done >= int(sys.argv[3]):
@@ -229,6 +230,7 @@ def _compare(a: Path, b: Path) -> None:
                 assert np.array_equal(da.attrs[key], db.attrs[key]), (name, key)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path) -> None:
     data = _make_folder(tmp_path / "data", {"x": 5, "y": 6}, size=32)
     (data / "y" / "005.png").write_bytes(b"corrupt")  # a skipped image in the mix

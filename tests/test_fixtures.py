@@ -147,6 +147,7 @@ def test_main_example_reproduces_recorded_heldout_accuracy():
     assert measured > 0.85
 
 
+@pytest.mark.slow
 def test_build_images_is_deterministic(tmp_path):
     pytest.importorskip("sklearn")
     build = _load_build_module()

@@ -8,37 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from auditor.condition import condition
+from auditor.tasks.condition import condition
 from auditor.subject import open_subject
 
+from _reference import directions, linearized_basic_block
 from conftest import CHECKPOINTS, CIFAR_IMAGES, needs_shared, run_json
 
-pytestmark = needs_shared
+pytestmark = [needs_shared, pytest.mark.slow]
 IMAGENET = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
-
-
-def _linearized_block(block: nn.Module) -> nn.Module:
-    """The block with circular padding, BatchNorm as a pure per-channel scale, ReLU removed."""
-    block = copy.deepcopy(block).double()
-
-    class Linear(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1, self.conv2 = block.conv1, block.conv2
-            for conv in (self.conv1, self.conv2):
-                conv.padding_mode = "circular"
-                conv.bias = None
-            self.s1 = block.bn1.weight / torch.sqrt(block.bn1.running_var + block.bn1.eps)
-            self.s2 = block.bn2.weight / torch.sqrt(block.bn2.running_var + block.bn2.eps)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv1(x) * self.s1[None, :, None, None]
-            y = self.conv2(y) * self.s2[None, :, None, None]
-            return y + x
-
-    return Linear()
 
 
 def test_real_resnet20_block_matches_the_dense_operator() -> None:
@@ -46,7 +24,7 @@ def test_real_resnet20_block_matches_the_dense_operator() -> None:
     subject = open_subject(CHECKPOINTS / "cifar10-resnet20-akamaster.th", input_size=(16, 16))
     report = condition(subject)
     entry = next(b for b in report.block_entries() if b["name"] == "layer3.1")
-    linear = _linearized_block(subject.loaded.model.layer3[1])
+    linear = linearized_basic_block(subject.loaded.model.layer3[1])
     n = 64 * 4 * 4
     with torch.no_grad():
         matrix = linear(torch.eye(n, dtype=torch.float64).reshape(n, 64, 4, 4)).reshape(n, n).T
@@ -78,4 +56,19 @@ def test_real_resnet20_audit_with_cifar_images(capsys) -> None:
     stages = {s["name"]: s for s in doc["stages"]}
     # Classes separate with depth on a trained network: the final features beat the stem.
     assert stages["penultimate"]["separation"] > stages["stem"]["separation"]
-    assert doc["stability"]["trajectory"]["flips"] <= doc["stability"]["trajectory"]["runs"]
+    # The predicted classes that the perturbations flip, recounted by a plain forward pass
+    # (float64) of the same images with the documented perturbation recipe.
+    from auditor.tasks.images import open_images, sample_images
+
+    subject = open_subject(CHECKPOINTS / "cifar10-resnet20-akamaster.th")
+    images = open_images(CIFAR_IMAGES, subject, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), per_class=6)
+    x = sample_images(images, 8).images.double()
+    k, eps = 2, doc["stability"]["eps"]
+    d = directions(len(subject.anatomy.blocks), len(x) * k, tuple(x.shape[1:]), x, eps)  # seed 0 + blocks
+    model = copy.deepcopy(subject.loaded.model).double().eval()
+    with torch.no_grad():
+        clean = model(x.repeat_interleave(k, 0)).argmax(1)
+        noisy = model(x.repeat_interleave(k, 0) + d).argmax(1)
+    trajectory = doc["stability"]["trajectory"]
+    assert trajectory["runs"] == len(x) * k == 16
+    assert trajectory["flips"] == int((clean != noisy).sum())

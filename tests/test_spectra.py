@@ -7,7 +7,6 @@ subsamples by slicing. The zero-padded reference is ``F.conv2d`` itself.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -26,29 +25,14 @@ from auditor.analysis.spectra import (
     to_polyphase,
 )
 from auditor.errors import InputError, UsageError
+from _reference import circular_conv as _circular
+from _reference import dense
+from _reference import singular_values as _reference
 
 D = torch.float64
 
 
 # ---------------------------------------------------------------- references
-
-
-def _circular(x: torch.Tensor, op: ConvOperator) -> torch.Tensor:
-    """y[:, i, j] = sum_ab K[:, :, a, b] x[:, (s i + a - p) mod H, (s j + b - p) mod W], i < H / s."""
-    (kh, kw), (sh, sw), (ph, pw) = op.kernel_size, op.stride, op.padding
-    c_out, c_in_g = op.weight.shape[:2]
-    per = c_out // op.groups
-    outputs = []
-    for g in range(op.groups):
-        xg = x[:, g * c_in_g:(g + 1) * c_in_g]
-        wg = op.weight[g * per:(g + 1) * per].to(D)
-        y = sum(
-            torch.einsum("oc,nchw->nohw", wg[:, :, a, b], torch.roll(xg, (-(a - ph), -(b - pw)), dims=(2, 3)))
-            for a in range(kh) for b in range(kw)
-        )
-        outputs.append(y)
-    y = torch.cat(outputs, dim=1)[:, :, ::sh, ::sw]
-    return y if op.out_scale is None else y * op.out_scale.to(D)[None, :, None, None]
 
 
 def _zero_padded(x: torch.Tensor, op: ConvOperator) -> torch.Tensor:
@@ -57,20 +41,7 @@ def _zero_padded(x: torch.Tensor, op: ConvOperator) -> torch.Tensor:
 
 
 def _dense(function, op: ConvOperator) -> np.ndarray:
-    """The operator's matrix, from its action on the identity basis (torch on one
-    thread: hundreds of tiny products are slower with OpenMP on a busy machine)."""
-    n = math.prod(op.input_shape)
-    basis = torch.eye(n, dtype=D).reshape(n, *op.input_shape)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function(basis, op).reshape(n, -1).T.numpy()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _reference(matrix: np.ndarray) -> np.ndarray:
-    return np.linalg.svd(matrix, compute_uv=False)[: min(matrix.shape)]
+    return dense(lambda x: function(x, op), op.input_shape)
 
 
 def _assert_spectrum(values: np.ndarray, reference: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from auditor.analysis.stability import StabilityReport, measure_stability
 from auditor.errors import InputError, UsageError
 from auditor.models.anatomy import analyze_anatomy
 from auditor.models.registry import build_model
+from _reference import directions as _directions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHECKPOINT = DATA / "checkpoints" / "cifar10-resnet20-akamaster.th"
@@ -34,15 +35,6 @@ IMAGES = DATA / "images" / "cifar10-test-200"
 
 def _norms(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).norm(dim=1)
-
-
-def _directions(seed: int, rows: int, shape, reference: torch.Tensor, eps: float) -> torch.Tensor:
-    """The documented recipe: Gaussian rows from ``manual_seed(seed)``, rescaled per row."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn((rows, *shape), generator=g, dtype=torch.float64)
-    k = rows // reference.shape[0]
-    scale = eps * _norms(reference).repeat_interleave(k) / _norms(d)
-    return d * scale.view(-1, *([1] * len(shape)))
 
 
 def _close(actual: float | None, expected: float, rel: float = 1e-6) -> bool:
@@ -117,6 +109,7 @@ def _tiny(block_cls, seed: int = 0, channels: int = 2, size: int = 3):
 # --------------------------------------------------------------------------- Lemma 2
 
 
+@pytest.mark.slow
 def test_block_ratios_match_a_hand_run_block(resnet20, anatomy20):
     """r of every run of layer2.0 (option-A shortcut) against explicit code."""
     n, k, seed, eps = 3, 2, 5, 1e-3
@@ -152,6 +145,7 @@ def test_block_ratios_match_a_hand_run_block(resnet20, anatomy20):
     assert _close(result.r_median, float(np.median(r.numpy())))
 
 
+@pytest.mark.slow
 def test_linear_block_matches_closed_form_and_dense_jacobian():
     net, anatomy = _tiny(LinearBlock)
     assert [b.name for b in anatomy.blocks] == ["block"]
@@ -183,6 +177,7 @@ def test_linear_block_matches_closed_form_and_dense_jacobian():
     assert all(1 / kappa <= v <= kappa for v in result.ratios)
 
 
+@pytest.mark.slow
 def test_relu_block_worst_gain_matches_dense_jacobian_per_sample():
     net, anatomy = _tiny(ReluBlock, seed=2, channels=2, size=4)
     n = 3
@@ -305,6 +300,7 @@ def test_trajectory_matches_an_independent_whole_network_run(resnet20, anatomy20
 # --------------------------------------------------------------------------- contract
 
 
+@pytest.mark.slow
 def test_same_seed_same_report_and_other_seed_differs(resnet20, anatomy20):
     x = _images(2, seed=1)
     kwargs = dict(directions=2, power_iterations=1)
@@ -316,6 +312,7 @@ def test_same_seed_same_report_and_other_seed_differs(resnet20, anatomy20):
     assert [blk.ratios for blk in a.blocks] != [blk.ratios for blk in c.blocks]
 
 
+@pytest.mark.slow
 def test_chunked_runs_equal_one_batch(resnet20, anatomy20, monkeypatch):
     x = _images(2, seed=2)
     kwargs = dict(directions=3, power_iterations=1, seed=1, dtype=torch.float64)
@@ -330,6 +327,7 @@ def test_chunked_runs_equal_one_batch(resnet20, anatomy20, monkeypatch):
         assert math.isclose(p.median, q.median, rel_tol=1e-9)
 
 
+@pytest.mark.slow
 def test_progress_json_safety_and_model_untouched(resnet20, anatomy20):
     before = {k: v.clone() for k, v in resnet20.state_dict().items()}
     calls = []
@@ -405,6 +403,7 @@ def _real_images(n: int) -> torch.Tensor:
     return (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) - mean) / std
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"real checkpoint not found: {CHECKPOINT}")
 def test_real_resnet20(capfd):
@@ -499,6 +498,7 @@ def test_unconverged_power_iteration_is_reported():
     assert not any("did not converge" in note for note in converged.blocks[0].notes)
 
 
+@pytest.mark.slow
 def test_float32_agrees_with_float64_within_the_stated_precision(resnet20, anatomy20):
     """The module docstring: r keeps about four digits in float32 at eps = 1e-3."""
     x = _images(3, seed=6)
@@ -515,6 +515,7 @@ def test_float32_agrees_with_float64_within_the_stated_precision(resnet20, anato
     assert any(a.ratios != b.ratios for a, b in zip(single.blocks, double.blocks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batch_size_does_not_change_the_numbers(resnet20, anatomy20, dtype):
     x = _images(3, seed=2)

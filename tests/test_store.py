@@ -12,9 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from auditor.errors import StoreError
+from auditor.cli import flag_for
+from auditor.errors import Remedy, StoreError
 from auditor.io.store import FORMAT, FORMAT_VERSION, StoreHeader, StoreWriter, open_store
 from auditor.models.anatomy import StageSpec
+
+
+def _cli_hint(error: StoreError) -> str:
+    """The hint as the command line prints it; a Python caller reads the keyword instead."""
+    assert error.remedy == Remedy("overwrite")
+    assert "overwrite=True" in error.one_line() and "--overwrite" not in error.one_line()
+    return error.one_line(flag_for)
+
 
 STAGES = (
     StageSpec("stem", "layer1.0", "input", (2, 3, 3)),
@@ -184,7 +193,7 @@ def test_resume_refuses_other_provenance(tmp_path: Path) -> None:
     ]:
         with pytest.raises(StoreError, match="other settings") as info:
             StoreWriter(out, _header(**change))
-        assert "--overwrite" in info.value.hint and "p.h5.partial" in info.value.hint
+        assert _cli_hint(info.value).count("--overwrite") == 1 and "p.h5.partial" in info.value.hint
         assert (tmp_path / "p.h5.partial").exists()  # a refused resume never deletes the work
     with StoreWriter(out, _header(dtype="float16"), overwrite=True) as fresh:
         assert fresh.resumed_from == 0 and fresh.written == 0
@@ -195,7 +204,7 @@ def test_damaged_partial(tmp_path: Path) -> None:
     (tmp_path / "d.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     with pytest.raises(StoreError, match="unreadable") as info:
         StoreWriter(out, _header())
-    assert "--overwrite" in info.value.hint
+    assert "--overwrite" in _cli_hint(info.value)
     assert not (tmp_path / "d.h5.lock").exists()
     with StoreWriter(out, _header(), overwrite=True) as writer:
         assert writer.written == 0
@@ -206,7 +215,7 @@ def test_existing_output_and_overwrite(tmp_path: Path) -> None:
     _write(out, _header(), BATCHES).finish()
     with pytest.raises(StoreError, match="already exists") as info:
         StoreWriter(out, _header())
-    assert "--overwrite" in info.value.hint
+    assert "--overwrite" in _cli_hint(info.value)
     writer = _write(out, _header(dtype="float16"), BATCHES, overwrite=True)
     with open_store(out) as store:  # the old file stays until the new one is complete
         assert store.attrs["dtype"] == "float32"

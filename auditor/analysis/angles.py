@@ -564,7 +564,25 @@ class _Loaded:
 
 
 class _GramRun:
-    """State of one :func:`median_angles` call: scan, Gram tiles, subspaces."""
+    """State of one :func:`median_angles` call: scan, Gram tiles, subspaces.
+
+    The rows are read in panels of ``panel_rows`` (and tiles of ``tile_rows``)
+    so that a stage larger than memory streams from HDF5; :meth:`run` makes the
+    passes in order and each pass fills the state the next one reads:
+
+    1. ``_prescan`` (with ``center`` or ``max_pairs``): ``valid``, ``bad_rows``,
+       ``mean`` (the stage mean when centring).
+    2. ``_plan``: per class pair key ``c * n_classes + d``, whether it is
+       ``sampled`` or ``full``, the ``pool`` of cosines it keeps, and for sampled
+       pairs ``tile_pairs`` (the pairs bucketed by tile).
+    3. ``_gram_pass``: every tile of the row Gram matrix once; cosines go to the
+       ``pool`` (and, with ``subspace_k``, into the class Gram matrices ``gram``).
+    4. ``_subspaces`` (with ``subspace_k``): principal angles between the class
+       subspaces, into ``subspace_angles`` and ``subspace_dims``.
+
+    :meth:`result` turns the pool into medians (``StageAngles``). ``done`` /
+    ``total`` count the tiles and panels for ``progress``.
+    """
 
     def __init__(
         self, source: _Rows, labels: np.ndarray, n_classes: int, *, center: bool,

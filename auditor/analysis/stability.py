@@ -882,6 +882,43 @@ def _measure_block(
     bounds: tuple[float | None, float | None],
     dtype: torch.dtype,
 ) -> tuple[BlockStability, list[BatchNormStability]]:
+    """Amplification of one block at its real inputs, and the BatchNorms inside it.
+
+    Parameters
+    ----------
+    index : int
+        Position of the block in ``anatomy.blocks``; seeds its directions (``seed + index``).
+    info : BlockInfo
+        The block's anatomy (name, shapes, shortcut).
+    block : nn.Module
+        The block itself, run on ``x`` and ``x + d``.
+    modules : mapping of str to nn.Module
+        Every module of the model by name (for the BatchNorm taps).
+    bn_names : sequence of str
+        BatchNorms inside the block whose input/output ratios are reported.
+    x : Tensor of shape (N, C, H, W)
+        The block's clean inputs (activations of the real images).
+    eps, directions, seed, power_iterations, power_tolerance, batch_size, dtype
+        As in :func:`measure_stability`.
+    bounds : (paper kappa, exact linear kappa)
+        The block's condition numbers from the conditioning (None where
+        unknown); a run is inside a bound when ``1/kappa <= r <= kappa``.
+
+    Returns
+    -------
+    BlockStability
+        The amplification ``r`` of every one of the ``N * K`` runs, summarised, its
+        shares inside the bounds, and the worst direction.
+    list of BatchNormStability
+        One per name in ``bn_names``.
+
+    Notes
+    -----
+    Steps, numbered as in the body: 1. seeded directions and the power-iteration
+    start; 2. clean outputs; 3. perturbed outputs; 4. the ratio per run (zero
+    inputs and dead outputs excluded and counted); 5. the worst direction by
+    power iteration on ``J^T J``.
+    """
     n_samples, k = x.shape[0], directions
     device = x.device
     runs = n_samples * k

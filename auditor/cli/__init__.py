@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from ..errors import AuditorError, ExitCode
+from ..errors import AuditorError, ExitCode, Remedy
 
 __all__ = ["app", "main"]
 
@@ -56,6 +56,12 @@ def _root(
     """Audit trained ResNets as discrete dynamical systems."""
 
 
+def flag_for(remedy: Remedy) -> str:
+    """The command-line spelling of a library remedy: ``overwrite=True`` -> ``--overwrite``, ``data='DIR'`` -> ``--data DIR``."""
+    flag = "--" + remedy.argument.replace("_", "-")
+    return flag if remedy.value is True else f"{flag} {remedy.value}"
+
+
 def _fail(message: str) -> int:
     print(f"resdyn: error: {message}", file=sys.stderr)
     return int(ExitCode.ERROR)
@@ -102,7 +108,7 @@ def _run(argv: list[str] | None, debug: bool) -> int:
     except AuditorError as exc:
         if debug:
             raise
-        return _fail(exc.one_line())
+        return _fail(exc.one_line(flag_for))
     except typer.Exit as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
     except typer.Abort:

@@ -55,8 +55,9 @@ def image_options(
     per_class: int | None,
     seed: int,
 ) -> dict:
-    """The keyword arguments of :func:`auditor.dataset.open_images` from the shared options."""
+    """The keyword arguments of :func:`auditor.tasks.images.open_images` from the shared options."""
+    chosen = split_list(classes)
     return dict(
         preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
-        std=parse_triple(std, "--std"), classes=split_list(classes), per_class=per_class, seed=seed,
+        std=parse_triple(std, "--std"), classes=tuple(chosen) if chosen else None, per_class=per_class, seed=seed,
     )

@@ -19,7 +19,22 @@ __all__ = [
     "DeviceOpt",
     "DataOpt",
     "NoProgressOpt",
+    "StagesOpt",
+    "PlotOpt",
+    "CacheOpt",
+    "BatchOpt",
+    "CenterOpt",
+    "SubspaceOpt",
+    "MaxPairsOpt",
+    "Boundary",
+    "NoFoldOpt",
+    "BoundaryOpt",
+    "EpsOpt",
+    "DirectionsOpt",
+    "SamplesOpt",
+    "PowerOpt",
     "split_list",
+    "resolve_device",
 ]
 
 
@@ -29,6 +44,13 @@ class Format(str, Enum):
     table = "table"
     json = "json"
     markdown = "markdown"
+
+
+class Boundary(str, Enum):
+    """Boundary model of the convolution operator."""
+
+    circular = "circular"
+    zero = "zero"
 
 
 class Device(str, Enum):
@@ -95,6 +117,59 @@ DataOpt = Annotated[
 NoProgressOpt = Annotated[
     bool, typer.Option("--no-progress", help="No progress bar on stderr.")
 ]
+
+
+# -- options of the analyses (each defined here once; the commands and ``audit`` share them)
+
+StagesOpt = Annotated[
+    Optional[str],
+    typer.Option("--stages", help="Comma-separated stage names (default: every stage and the penultimate features; "
+                 "see `resdyn inspect`)."),
+]
+PlotOpt = Annotated[
+    Optional[Path],
+    typer.Option("--plot", help="Draw the command's figure into this PNG file: angle against stage (angles), the "
+                 "end-to-end error trajectory (stability), one panel per stage against epoch (trajectory).",
+                 dir_okay=False),
+]
+CacheOpt = Annotated[
+    Optional[Path],
+    typer.Option("--cache", help="Keep activation stores here and reuse them when their inputs match.", file_okay=False),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+CenterOpt = Annotated[bool, typer.Option("--center", help="Subtract the stage mean first (the paper does not).")]
+SubspaceOpt = Annotated[
+    Optional[int],
+    typer.Option("--subspace", min=1, help="Also report principal angles between class subspaces of dimension K."),
+]
+MaxPairsOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-pairs", min=1, help="Sample at most this many pairs per class / class pair (seeded); default exact."),
+]
+NoFoldOpt = Annotated[
+    bool, typer.Option("--no-fold-bn", help="Use the raw convolution weights (do not fold eval-mode BatchNorm).")
+]
+BoundaryOpt = Annotated[
+    Boundary,
+    typer.Option(
+        "--boundary",
+        help="circular: all singular values, exact by FFT; zero: exact extremes of the zero-padded "
+        "operator by an iterative method (CIFAR-sized inputs).",
+    ),
+]
+EpsOpt = Annotated[float, typer.Option("--eps", help="Relative perturbation size ||d|| / ||x||, in (0, 1).")]
+DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded random directions per sample.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
+PowerOpt = Annotated[
+    int, typer.Option("--power-iterations", min=0, help="Power iterations on each block's Jacobian for the worst direction (0: skip).")
+]
+
+
+def resolve_device(device: Device) -> str:
+    """``auto`` -> cuda when available; ``cuda`` without a GPU is a usage error."""
+    from ..tasks.extract import resolve_device as resolve
+
+    return str(resolve(device.value))
 
 
 def split_list(text: str | None) -> list[str] | None:

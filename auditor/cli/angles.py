@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-from ._options import Format, FormatOpt, NoProgressOpt, OutputOpt, split_list
+from ._data_options import ClassesOpt, SeedOpt
+from ._options import (
+    CenterOpt, Format, FormatOpt, MaxPairsOpt, NoProgressOpt, OutputOpt, PlotOpt, StagesOpt, SubspaceOpt, split_list,
+)
 
-__all__ = ["register", "StagesOpt", "ClassesOpt", "CenterOpt", "SubspaceOpt", "MaxPairsOpt", "SeedOpt"]
+__all__ = ["register"]
 
 StoreArg = Annotated[Path, typer.Argument(help="Activation store written by 'resdyn extract'.", exists=True, dir_okay=False)]
-StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stage names (default: all).")]
-ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to keep, in this order (default: all).")]
-CenterOpt = Annotated[bool, typer.Option("--center", help="Subtract the stage mean first (the paper does not).")]
-SubspaceOpt = Annotated[
-    Optional[int],
-    typer.Option("--subspace", min=1, help="Also report principal angles between class subspaces of dimension K."),
-]
-MaxPairsOpt = Annotated[
-    Optional[int],
-    typer.Option("--max-pairs", min=1, help="Sample at most this many pairs per class / class pair (seeded); default exact."),
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Draw angle against stage into this PNG file.", dir_okay=False)]
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
@@ -57,27 +47,16 @@ def angles_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Median principal angles within and between classes at every stage (the paper's Definition 1)."""
-    from ..geometry import store_angles
-    from ..io.store import open_store
-    from ..report.document import SCHEMA_VERSION, tool_info
+    from ..tasks.geometry import separation_warning, store_geometry
     from ._output import emit, progress_bar
 
-    with open_store(store_path) as store:
-        with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:
-            entries = store_angles(
-                store, stages=split_list(stages), classes=split_list(classes), center=center,
-                max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
-            )
-        document = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": tool_info(),
-            "command": "angles",
-            "store": {"path": str(store_path), "arch": store.attrs.get("arch"),
-                      "checkpoint_sha256": store.attrs.get("checkpoint_sha256"), "samples": len(store)},
-            "config": {"center": center, "max_pairs": max_pairs, "seed": seed, "subspace": subspace},
-            "stages": entries,
-        }
-    from ..geometry import separation_warning
+    with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:
+        result = store_geometry(
+            store_path, stages=split_list(stages), classes=split_list(classes), center=center,
+            max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
+        )
+    document = result.to_document()
+    entries = result.stages
 
     undefined = separation_warning(entries)
     if undefined:

@@ -8,11 +8,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import ExitCode
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, parse_triple
-from ._options import ArchOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, split_list
-from .angles import CenterOpt, MaxPairsOpt, SubspaceOpt
-from .condition import Boundary, BoundaryOpt, NoFoldOpt, resolve_device
-from .stability import DirectionsOpt, EpsOpt, PowerOpt, SamplesOpt
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
+from ._options import (
+    ArchOpt, BatchOpt, Boundary, BoundaryOpt, CacheOpt, CenterOpt, CheckpointArg, Device, DeviceOpt, DirectionsOpt,
+    EpsOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoFoldOpt, NoProgressOpt, OutputOpt, PowerOpt, SamplesOpt,
+    StagesOpt, SubspaceOpt, resolve_device, split_list,
+)
 
 __all__ = ["register"]
 
@@ -32,11 +33,6 @@ ConfigOpt = Annotated[
                  exists=True, dir_okay=False),
 ]
 PlotsOpt = Annotated[Optional[Path], typer.Option("--plots", help="Write PNG figures into this folder.", file_okay=False)]
-CacheOpt = Annotated[
-    Optional[Path], typer.Option("--cache", help="Keep the activation store here and reuse it next time.", file_okay=False)
-]
-StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stages for class geometry (default: all).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 
 
 def _plots(directory: Path, document: dict[str, Any]) -> list[Path]:
@@ -92,16 +88,14 @@ def audit_command(
     config_rules, _ = rules_from_config(config)
     rules = [parse_rule(r) for r in [*config_rules, *(fail_on or [])]]  # malformed rules fail before any work
     shape = parse_input_size(input_size)
-    mean_values, std_values = parse_triple(mean, "--mean"), parse_triple(std, "--std")
-    from ..audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
+    chosen = image_options(preset, size, mean, std, classes, per_class, seed)
+    from ..tasks.audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
     from ..report.audit_view import audit_markdown, audit_tables
     from ._output import emit, progress_bar, stderr
 
     options = AuditOptions(
-        arch=arch, input_size=shape, fold_bn=not no_fold_bn, boundary=boundary.value,
-        preset=preset.value if preset else None, size=size, mean=mean_values,
-        std=std_values, classes=tuple(split_list(classes) or ()) or None, per_class=per_class,
-        seed=seed, stages=tuple(split_list(stages) or ()) or None, center=center, max_pairs=max_pairs,
+        arch=arch, input_size=shape, fold_bn=not no_fold_bn, boundary=boundary.value, **chosen,
+        stages=tuple(split_list(stages) or ()) or None, center=center, max_pairs=max_pairs,
         subspace=subspace, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
         batch_size=batch_size, device=resolve_device(device), cache=cache,
     )
@@ -114,11 +108,11 @@ def audit_command(
 
     skipped = report.document.get("data", {}).get("skipped")
     if skipped:  # in every format, on stderr (the report lists them too)
-        from ..dataset import skipped_message
+        from ..tasks.images import skipped_message
 
         warn(skipped_message(report.document["data"]["root"], skipped))
     if report.document.get("stages"):
-        from ..geometry import separation_warning
+        from ..tasks.geometry import separation_warning
 
         undefined = separation_warning(report.document["stages"])
         if undefined:

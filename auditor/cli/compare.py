@@ -73,7 +73,7 @@ def compare_command(
 
     rules = [parse_rule(text) for text in fail_on or []]  # malformed rules fail before any work
     from ..report.compare import compare_reports, evaluate_changes, load_report
-    from ..report.document import SCHEMA_VERSION, tool_info
+    from ..report.document import report_header
     from ._output import emit
 
     a, b = load_report(report_a), load_report(report_b)
@@ -84,9 +84,7 @@ def compare_command(
         return {"path": str(path), "arch": ck.get("arch"), "sha256": ck.get("sha256")}
 
     document = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": tool_info(),
-        "command": "compare",
+        **report_header("compare"),
         "a": side(report_a, a),
         "b": side(report_b, b),
         "comparison": comparison,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
-from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt, split_list
+from ._options import (
+    ArchOpt, BatchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt, StagesOpt, split_list,
+)
 
 __all__ = ["register", "DType", "Compression", "run_extract"]
 
@@ -33,12 +35,8 @@ class Compression(str, Enum):
 OutStoreOpt = Annotated[
     Path, typer.Option("--output", "-o", help="The HDF5 activation store to write.", dir_okay=False, show_default=False)
 ]
-StagesOpt = Annotated[
-    Optional[str], typer.Option("--stages", help="Comma-separated stages (default: every stage and the penultimate features).")
-]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Stored precision (float16 overflow is detected, never stored as inf).")]
 CompressionOpt = Annotated[Compression, typer.Option("--compression", help="HDF5 compression filter.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing store (or a partial one from other inputs).")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Stop at the first unreadable image instead of skipping it.")]
@@ -72,7 +70,7 @@ def extract_command(
 
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
-    from ..dataset import open_images
+    from ..tasks.images import open_images
     from ..subject import open_subject
     from ._output import progress_bar, stderr, warn
 
@@ -91,8 +89,8 @@ def extract_command(
 
 
 def run_extract(subject: Any, images: Any, output: Path, **options: Any) -> Any:
-    """Call :func:`auditor.extract.extract_activations` for a subject and its images."""
-    from ..extract import extract_activations
+    """Call :func:`auditor.tasks.extract.extract_activations` for a subject and its images."""
+    from ..tasks.extract import extract_activations
 
     return extract_activations(
         subject.loaded.model, subject.anatomy, images.dataset, output,

@@ -16,14 +16,11 @@ __all__ = ["inspect_command", "archs_command", "inspect_document"]
 
 def inspect_document(subject: Subject) -> dict[str, Any]:
     """The ``inspect`` report."""
-    from ..report.document import SCHEMA_VERSION, tool_info
+    from ..report.document import report_header
     from ..report.sections import anatomy_sections
 
     return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": tool_info(),
-        "command": "inspect",
-        "checkpoint": subject.checkpoint_section(),
+        **report_header("inspect", subject, input_shape=False),  # input_shape comes with the anatomy
         "input_size_source": subject.input_size_source,
         **anatomy_sections(subject.anatomy),
     }

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
 import typer
 
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
-from ._options import ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt
+from ._options import (
+    ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, DirectionsOpt, EpsOpt, Format, FormatOpt, InputSizeOpt,
+    NoProgressOpt, OutputOpt, PlotOpt, PowerOpt, SamplesOpt, resolve_device,
+)
 
-__all__ = ["register", "EpsOpt", "DirectionsOpt", "SamplesOpt", "PowerOpt"]
+__all__ = ["register"]
 
-EpsOpt = Annotated[float, typer.Option("--eps", help="Relative perturbation size ||d|| / ||x||, in (0, 1).")]
-DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded random directions per sample.")]
-SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
-PowerOpt = Annotated[
-    int, typer.Option("--power-iterations", min=0, help="Power iterations on each block's Jacobian for the worst direction (0: skip).")
-]
-PlotOpt = Annotated[
-    Optional[Path], typer.Option("--plot", help="Draw the end-to-end error trajectory into this PNG file.", dir_okay=False)
-]
-
-
-def stability_section(report: Any) -> dict[str, Any]:
-    """The ``stability`` section (JSON-safe) of a StabilityReport."""
-    return report.to_dict()
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
@@ -69,37 +57,22 @@ def stability_command(
 
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
-    from ..analysis.stability import measure_stability
-    from ..condition import condition
-    from ..dataset import open_images, sample_images
-    from ..report.document import SCHEMA_VERSION, tool_info
     from ..subject import open_subject
-    from ._output import emit, progress_bar
-    from .condition import resolve_device
+    from ..tasks.images import open_images, skipped_message
+    from ..tasks.stability import subject_stability
+    from ._output import emit, progress_bar, warn
 
-    target = resolve_device(device)
     subject = open_subject(checkpoint, arch=arch, input_size=shape)
     images = open_images(data, subject, **chosen)
-    batch, _ = sample_images(images, samples, seed)
-    show = not no_progress and fmt is not Format.json
-    with progress_bar("conditioning", enabled=show) as update:
-        bounds = condition(subject, device=target, progress=update).bounds()
-    with progress_bar("stability", enabled=show, unit="blocks") as update:
-        report = measure_stability(
-            subject.loaded.model, subject.anatomy, batch, eps=eps, directions=directions, seed=seed,
-            power_iterations=power_iterations, bounds=bounds, progress=update, device=target,
+    # one bar: the conditioning (for the Lemma 1 bounds), then the blocks
+    with progress_bar("stability", enabled=not no_progress and fmt is not Format.json) as update:
+        result = subject_stability(
+            subject, images, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
+            seed=seed, device=resolve_device(device), condition_progress=update, progress=update,
         )
-    document = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": tool_info(),
-        "command": "stability",
-        "checkpoint": subject.checkpoint_section(),
-        "input_shape": list(subject.anatomy.input_shape),
-        "data": images.section(),
-        "config": {"eps": eps, "directions": directions, "samples": samples, "seed": seed,
-                   "power_iterations": power_iterations},
-        "stability": stability_section(report),
-    }
+    if result.skipped:
+        warn(skipped_message(images.dataset.root, result.skipped))
+    document = result.to_document()
     if plot is not None:
         from ..report.plots import plot_error_trajectory
 

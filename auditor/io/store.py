@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import StoreError
+from ..errors import Remedy, StoreError
 from ..models.anatomy import StageSpec
 
 __all__ = [
@@ -318,7 +318,7 @@ class StoreWriter:
         if self.path.exists() and not overwrite:
             raise StoreError(
                 f"{self.path} already exists",
-                hint="pass --overwrite to replace it, or choose another output path",
+                hint="pass {remedy} to replace it, or choose another output path", remedy=Remedy("overwrite"),
             )
         if self.partial_path.exists() and not overwrite:
             self._resume()
@@ -371,7 +371,7 @@ class StoreWriter:
         except OSError as exc:
             raise StoreError(
                 f"{self.partial_path}: cannot resume, the unfinished file is unreadable ({exc})",
-                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+                hint=f"delete {self.partial_path} or pass {{remedy}} to start over", remedy=Remedy("overwrite"),
             ) from None
         self._file = f
         expected = self.header.provenance()
@@ -383,7 +383,7 @@ class StoreWriter:
             raise StoreError(
                 f"{self.partial_path}: an unfinished extraction with other settings "
                 f"({', '.join(differs)} differ) is in the way",
-                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+                hint=f"delete {self.partial_path} or pass {{remedy}} to start over", remedy=Remedy("overwrite"),
             )
         try:
             written = int(f.attrs["written"])
@@ -392,12 +392,12 @@ class StoreWriter:
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreError(
                 f"{self.partial_path}: cannot resume, the unfinished file is damaged ({exc})",
-                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+                hint=f"delete {self.partial_path} or pass {{remedy}} to start over", remedy=Remedy("overwrite"),
             ) from None
         if written < 0 or any(d.shape[0] < written for d in datasets):
             raise StoreError(
                 f"{self.partial_path}: cannot resume, 'written' = {written} does not match the data",
-                hint=f"delete {self.partial_path} or pass --overwrite to start over",
+                hint=f"delete {self.partial_path} or pass {{remedy}} to start over", remedy=Remedy("overwrite"),
             )
         # Rows past the counter belong to a batch whose flush did not finish: drop them.
         for d in datasets:

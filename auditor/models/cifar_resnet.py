@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CifarResNet", "CifarBasicBlock", "OptionAShortcut", "cifar_resnet"]
+__all__ = ["CifarResNet", "CifarBasicBlock", "ZeroPadShortcut", "cifar_resnet"]
 
 
-class OptionAShortcut(nn.Module):
-    """Subsample by ``stride`` and zero-pad channels: the "option A" shortcut.
+class ZeroPadShortcut(nn.Module):
+    """Subsample by ``stride`` and zero-pad channels: the "option A" shortcut module.
+
+    Its operator, for the spectra, is :class:`auditor.analysis.spectra.OptionAShortcut`.
 
     Parameters
     ----------
@@ -73,7 +75,7 @@ class CifarBasicBlock(nn.Module):
             if stride == 1 and in_planes == planes:
                 self.shortcut = nn.Identity()
             elif shortcut == "A":
-                self.shortcut = OptionAShortcut(stride, planes // 4)
+                self.shortcut = ZeroPadShortcut(stride, planes // 4)
             else:
                 self.shortcut = nn.Sequential(
                     nn.Conv2d(in_planes, planes, 1, stride=stride, bias=bias),

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import InputError
 from .document import SCHEMA_VERSION
-from .verdict import METRICS, Rule, _OPERATORS
+from .verdict import METRICS, Rule
 
 __all__ = ["load_report", "compare_reports", "evaluate_changes"]
 
@@ -90,6 +90,6 @@ def evaluate_changes(rules: Iterable[Rule], comparison: Mapping[str, Any]) -> di
             results.append({"rule": str(rule), "metric": rule.metric, "value": None, "passed": False,
                             "reason": "metric missing from one of the reports"})
             continue
-        failed = _OPERATORS[rule.op](change, rule.threshold)
+        failed = rule.holds(change)
         results.append({"rule": str(rule), "metric": rule.metric, "value": change, "passed": not failed})
     return {"passed": all(r["passed"] for r in results), "rules": results}

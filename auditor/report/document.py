@@ -6,22 +6,26 @@ Non-finite numbers never reach JSON: :func:`json_safe` turns them into
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._version import __version__
 from ..errors import OutputError
 
-__all__ = ["SCHEMA_VERSION", "tool_info", "json_safe", "dumps", "write_atomic", "validate"]
+if TYPE_CHECKING:
+    from ..subject import Subject
+
+__all__ = ["SCHEMA_VERSION", "tool_info", "report_header", "json_safe", "dumps", "atomic_output", "write_atomic", "validate"]
 
 SCHEMA_VERSION = "1"
 
@@ -29,6 +33,31 @@ SCHEMA_VERSION = "1"
 def tool_info() -> dict[str, str]:
     """The ``tool`` object of every report."""
     return {"name": "resdyn", "version": __version__}
+
+
+def report_header(command: str, subject: Subject | None = None, *, input_shape: bool = True) -> dict[str, Any]:
+    """The first keys of every report: ``schema_version``, ``tool``, ``command``.
+
+    Parameters
+    ----------
+    command : str
+        The command (or task) that wrote the report.
+    subject : Subject, optional
+        Adds ``checkpoint`` and, with ``input_shape``, the network's ``input_shape``.
+    input_shape : bool
+        False where the caller places ``input_shape`` itself (``inspect``).
+
+    Returns
+    -------
+    dict
+        A new dict; callers add their sections after these keys (JSON key order).
+    """
+    header: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "tool": tool_info(), "command": command}
+    if subject is not None:
+        header["checkpoint"] = subject.checkpoint_section()
+        if input_shape:
+            header["input_shape"] = list(subject.anatomy.input_shape)
+    return header
 
 
 def json_safe(value: Any) -> Any:
@@ -63,14 +92,16 @@ def dumps(document: Mapping[str, Any]) -> str:
     return json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n"
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename.
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; renamed to ``path`` when the block succeeds.
 
     Raises
     ------
     OutputError
-        Any I/O failure (no space, read-only, permission, path too long, a file
-        where a folder is needed), naming ``path``; nothing is left behind.
+        Any I/O failure, in the block or around it (no space, read-only,
+        permission, path too long, a file where a folder is needed), naming
+        ``path``; nothing is left behind.
     """
     path = Path(path)
     temporary: str | None = None
@@ -80,15 +111,20 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         except FileExistsError as exc:  # a file where a folder is needed: say so, not "File exists"
             raise NotADirectoryError(errno.ENOTDIR, f"{exc.filename} is a file, not a folder", exc.filename) from exc
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(text.encode() if isinstance(text, str) else text)
+        os.close(handle)
+        yield Path(temporary)
         os.replace(temporary, path)
-    except BaseException as exc:
+    except OSError as exc:  # h5py reports its write failures as OSError too
+        raise OutputError(path, exc) from exc
+    finally:
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
-        if isinstance(exc, OSError):
-            raise OutputError(path, exc) from exc
-        raise
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename (see :func:`atomic_output`)."""
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(text.encode() if isinstance(text, str) else text)
 
 
 def schema() -> dict[str, Any]:

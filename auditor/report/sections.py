@@ -6,7 +6,7 @@ from typing import Any
 
 from ..models.anatomy import Anatomy, BlockInfo, ConvInfo, LayerInfo, StageSpec
 
-__all__ = ["layer_entry", "block_entry", "stage_entry", "anatomy_sections"]
+__all__ = ["layer_entry", "block_entry", "anatomy_stage_entry", "anatomy_sections"]
 
 
 def layer_entry(layer: LayerInfo) -> dict[str, Any]:
@@ -62,19 +62,19 @@ def block_entry(block: BlockInfo) -> dict[str, Any]:
     return entry
 
 
-def stage_entry(stage: StageSpec) -> dict[str, Any]:
+def anatomy_stage_entry(stage: StageSpec) -> dict[str, Any]:
     """One ``stages`` entry of the anatomy."""
     return {"name": stage.name, "module_path": stage.location, "shape": list(stage.shape)}
 
 
 def anatomy_sections(anatomy: Anatomy) -> dict[str, Any]:
     """``input_shape``, ``layers``, ``blocks``, ``stages`` (+ ``penultimate``)."""
-    stages = [stage_entry(s) for s in anatomy.stages]
+    stages = [anatomy_stage_entry(s) for s in anatomy.stages]
     return {
         "input_shape": list(anatomy.input_shape),
         "layers": [layer_entry(layer) for layer in anatomy.layers],
         "blocks": [block_entry(b) for b in anatomy.blocks],
         "stages": stages,
-        "penultimate": stage_entry(anatomy.penultimate) if anatomy.penultimate else None,
+        "penultimate": anatomy_stage_entry(anatomy.penultimate) if anatomy.penultimate else None,
         "notes": list(anatomy.notes),
     }

@@ -43,6 +43,10 @@ class Rule:
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.threshold:g}"
 
+    def holds(self, value: float) -> bool:
+        """True when ``value OP threshold`` (the rule *fails* the audit when it holds)."""
+        return _OPERATORS[self.op](value, self.threshold)
+
 
 @dataclass(frozen=True)
 class _Metric:
@@ -167,7 +171,7 @@ def evaluate(rules: Iterable[Rule], document: Mapping[str, Any]) -> dict[str, An
                                if s.get("separation_reason")), reason)
             results.append({"rule": str(rule), "metric": rule.metric, "value": None, "passed": False, "reason": reason})
             continue
-        failed = _OPERATORS[rule.op](value, rule.threshold)
+        failed = rule.holds(value)
         results.append({"rule": str(rule), "metric": rule.metric, "value": value, "passed": not failed})
     return {"passed": all(r["passed"] for r in results), "rules": results}
 

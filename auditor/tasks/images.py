@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
-from .io.images import ImageDataset, Preprocessing, resolve_preprocessing, scan_image_folder, select_samples
-from .subject import Subject
+from ..errors import DataError
+from ..io.images import ImageDataset, ImageFailure, Preprocessing, resolve_preprocessing, scan_image_folder, select_samples
+from ..subject import Subject
 
-__all__ = ["ImageData", "open_images", "sample_images", "skipped_message"]
+__all__ = ["PreparedImages", "ImageSample", "open_images", "sample_images", "skipped_message"]
 
 
 @dataclass(frozen=True)
-class ImageData:
+class PreparedImages:
     """A dataset ready for the subject, and how it was prepared."""
 
     dataset: ImageDataset
@@ -74,7 +74,7 @@ def open_images(
     classes: Sequence[str] | None = None,
     per_class: int | None = None,
     seed: int = 0,
-) -> ImageData:
+) -> PreparedImages:
     """Scan ``root``, pick samples, and build the dataset with the right preprocessing.
 
     Preprocessing: explicit flags win, then the checkpoint's ``preprocessing``
@@ -101,13 +101,31 @@ def open_images(
             hint="pass --size (preprocessing) or --input-size (network) so that they agree",
         )
     used = preset or ("checkpoint metadata" if has_meta and size is None and mean is None else _default_preset(subject))
-    return ImageData(dataset, preprocessing, used)
+    return PreparedImages(dataset, preprocessing, used)
 
 
-def sample_images(data: ImageData, count: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+@dataclass(frozen=True)
+class ImageSample:
+    """Images drawn by :func:`sample_images`.
+
+    Attributes
+    ----------
+    images : Tensor of shape (n, 3, H, W)
+    labels : ndarray of shape (n,)
+    skipped : tuple of dict
+        ``{path, reason}`` of every unreadable image passed over on the way.
+    """
+
+    images: torch.Tensor
+    labels: np.ndarray
+    skipped: tuple[dict[str, str], ...] = ()
+
+
+def sample_images(data: PreparedImages, count: int, seed: int = 0) -> ImageSample:
     """Up to ``count`` preprocessed images spread over the classes (seeded), and their labels.
 
-    Unreadable images are skipped; the result is deterministic for a seed.
+    Unreadable images are skipped and listed (``skipped``); the result is
+    deterministic for a seed.
     """
     samples = data.dataset.samples
     by_class: dict[int, list[int]] = {}
@@ -120,15 +138,16 @@ def sample_images(data: ImageData, count: int, seed: int = 0) -> tuple[torch.Ten
         for label in sorted(queues):
             if queues[label]:
                 order.append(int(queues[label].pop(0)))
-    tensors, labels = [], []
+    tensors, labels, skipped = [], [], []
     for position in order:
         if len(tensors) == count:
             break
-        try:
-            tensors.append(data.dataset.load(position))
-        except Exception:
+        item, _ = data.dataset[position]  # an unreadable file comes back as an ImageFailure, not an exception
+        if isinstance(item, ImageFailure):
+            skipped.append({"path": item.path, "reason": item.reason})
             continue
+        tensors.append(item)
         labels.append(samples[position][1])
     if not tensors:
         raise DataError(f"{data.dataset.root}: no readable image to measure stability on")
-    return torch.stack(tensors), np.asarray(labels)
+    return ImageSample(torch.stack(tensors), np.asarray(labels), tuple(skipped))

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, DataError, UsageError
-from .io.images import ImageDataset, make_loader
-from .io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
-from .models.anatomy import Anatomy, StageSpec
+from ..errors import ArchitectureError, DataError, UsageError
+from ..io.images import ImageDataset, make_loader
+from ..io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
+from ..models.anatomy import Anatomy, StageSpec
 
 __all__ = ["ExtractResult", "extract_activations", "resolve_device", "resolve_stages"]
 

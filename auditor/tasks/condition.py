@@ -11,6 +11,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .analysis.conditioning import BlockConditioning, condition_block
-from .analysis.spectra import (
+from ..analysis.conditioning import BlockConditioning, condition_block
+from ..analysis.spectra import (
     ConvOperator,
     IdentityShortcut,
     OptionAShortcut,
@@ -27,11 +28,11 @@ from .analysis.spectra import (
     conv_singular_values,
     linear_operator,
 )
-from .errors import UsageError
-from .models.anatomy import BlockInfo, LayerInfo
-from .subject import Subject
+from ..errors import UsageError
+from ..models.anatomy import BlockInfo, LayerInfo
+from ..subject import Subject
 
-__all__ = ["LayerSpectrum", "ConditionReport", "condition", "BOUNDARIES"]
+__all__ = ["LayerSpectrum", "ConditionReport", "condition", "save_spectra", "BOUNDARIES"]
 
 BOUNDARIES = ("circular", "zero")
 Progress = Callable[[int, int], None]
@@ -80,6 +81,21 @@ class ConditionReport:
     layers: tuple[LayerSpectrum, ...]
     blocks: tuple[BlockConditioning, ...]
     block_info: tuple[BlockInfo, ...]
+    subject: Subject | None = field(default=None, repr=False, compare=False)
+
+    def to_document(self) -> dict[str, Any]:
+        """The ``condition`` report (JSON contract of ``resdyn condition``); needs ``subject``."""
+        from ..report.document import report_header
+
+        if self.subject is None:
+            raise ValueError("to_document() needs the report's subject (reports from condition() have it)")
+        return {
+            **report_header("condition", self.subject),
+            "config": {"boundary": self.boundary, "fold_bn": self.fold_bn},
+            "layers": [layer.to_dict() for layer in self.layers],
+            "blocks": self.block_entries(),
+            "summary": self.summary(),
+        }
 
     def summary(self) -> dict[str, Any]:
         """Counts of Lemma 1 violations and the largest / median kappas.
@@ -291,6 +307,42 @@ def condition(
         ))
         if progress:
             progress(len(layers) + index + 1, total)
-    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks)
+    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks, subject)
 
 
+def save_spectra(path: str | Path, report: ConditionReport) -> None:
+    """Write every layer's full singular values to HDF5 (atomically: a temporary sibling, then a rename).
+
+    Parameters
+    ----------
+    path : str or Path
+    report : ConditionReport
+        From :func:`condition` with ``keep_spectra=True`` and the circular boundary.
+
+    Raises
+    ------
+    OutputError
+        Any I/O failure, naming ``path``; nothing is left behind.
+    """
+    import h5py
+
+    from ..report.document import atomic_output
+
+    subject = report.subject
+    if subject is None:
+        raise ValueError("save_spectra needs the report's subject (reports from condition() have it)")
+    with atomic_output(path) as temporary:
+        with h5py.File(temporary, "w") as h5:
+            h5.attrs["format"] = "resdyn-spectra"
+            h5.attrs["format_version"] = "1.0"
+            h5.attrs["checkpoint_sha256"] = subject.checkpoint.sha256
+            h5.attrs["arch"] = subject.loaded.arch
+            h5.attrs["boundary"] = report.boundary
+            h5.attrs["fold_bn"] = report.fold_bn
+            group = h5.create_group("layers")
+            for layer in report.layers:
+                if layer.singular_values is None:
+                    continue
+                data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip")
+                data.attrs["input_shape"] = list(layer.input_shape)
+                data.attrs["method"] = layer.method

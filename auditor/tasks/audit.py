@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .report.document import SCHEMA_VERSION, tool_info
-from .report.verdict import METRICS, Rule, evaluate, parse_rule
+from ..errors import Remedy, UsageError
+from ..report.document import report_header
+from ..report.verdict import METRICS, Rule, evaluate, parse_rule
 
 __all__ = ["AuditOptions", "AuditReport", "audit"]
 
@@ -72,9 +72,13 @@ class AuditReport:
         """True when every rule held (or there were none)."""
         return bool(self.document.get("verdict", {}).get("passed", True))
 
+    def to_document(self) -> dict[str, Any]:
+        """The ``audit`` report document, as the other tasks' results give theirs."""
+        return self.document
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-safe values."""
-        from .report.document import json_safe
+        from ..report.document import json_safe
 
         return json_safe(self.document)
 
@@ -85,18 +89,10 @@ def _rules(rules: Sequence[str | Rule], with_data: bool) -> list[Rule]:
         needing = [str(r) for r in parsed if METRICS[r.metric].section in _DATA_SECTIONS]
         if needing:
             raise UsageError(
-                f"rule {needing[0]!r} needs measurements on images, but no --data was given",
-                hint="pass --data DIR (a class-per-folder image directory) or drop the rule",
+                f"rule {needing[0]!r} needs measurements on images, but no image data was given",
+                hint="pass {remedy} (a class-per-folder image directory) or drop the rule", remedy=Remedy("data", "DIR"),
             )
     return parsed
-
-
-def _check_stability_options(opts: AuditOptions) -> None:
-    """Refuse stability options that would only fail at the end of a long run."""
-    if not (0 < opts.eps < 1):
-        raise UsageError(f"--eps {opts.eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
-    if opts.directions < 1 or opts.samples < 1:
-        raise UsageError("--directions and --samples must be at least 1")
 
 
 def audit(
@@ -134,8 +130,8 @@ def audit(
     from dataclasses import replace
 
     from .condition import condition
-    from .report.sections import anatomy_sections
-    from .subject import open_subject
+    from ..report.sections import anatomy_sections
+    from ..subject import open_subject
 
     opts = replace(options or AuditOptions(), **overrides)
     parsed = _rules(rules, data is not None)
@@ -148,9 +144,11 @@ def audit(
     subject = open_subject(checkpoint, arch=opts.arch, input_size=opts.input_size)
     images = None
     if data is not None:  # cheap checks of every data input before any heavy work
-        from .dataset import open_images
+        from .images import open_images
 
-        _check_stability_options(opts)
+        from .stability import check_stability_options
+
+        check_stability_options(eps=opts.eps, directions=opts.directions, samples=opts.samples)
         images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
                              classes=opts.classes, per_class=opts.per_class, seed=opts.seed)
     timings["load"] = time.perf_counter() - start
@@ -161,11 +159,7 @@ def audit(
     timings["condition"] = time.perf_counter() - start
     anatomy = anatomy_sections(subject.anatomy)
     document: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": tool_info(),
-        "command": "audit",
-        "checkpoint": subject.checkpoint_section(),
-        "input_shape": anatomy["input_shape"],
+        **report_header("audit", subject),
         "config": opts.to_dict(),
         "layers": [layer.to_dict() for layer in conditioning.layers],
         "blocks": conditioning.block_entries(),
@@ -175,9 +169,8 @@ def audit(
     if images is None:
         document["notes"] = ["no --data given: class geometry and stability were not measured"]
     else:
-        from .analysis.stability import measure_stability
-        from .dataset import sample_images
-        from .pipeline import stage_geometry
+        from .geometry import stage_geometry
+        from .stability import subject_stability
 
         document["data"] = images.section()
         start = time.perf_counter()
@@ -194,18 +187,17 @@ def audit(
         if undefined:
             document.setdefault("notes", []).append(undefined)
         if geometry.skipped:
-            from .dataset import skipped_message
+            from .images import skipped_message
 
             document["data"] = images.section(geometry.skipped)  # counts what was used
             document.setdefault("notes", []).append(skipped_message(images.dataset.root, geometry.skipped))
         start = time.perf_counter()
-        batch, _ = sample_images(images, opts.samples, opts.seed)
-        stability = measure_stability(
-            subject.loaded.model, subject.anatomy, batch, eps=opts.eps, directions=opts.directions,
-            seed=opts.seed, power_iterations=opts.power_iterations, bounds=conditioning.bounds(),
-            progress=phase("stability"), device=opts.device,
+        stability = subject_stability(
+            subject, images, eps=opts.eps, directions=opts.directions, samples=opts.samples,
+            power_iterations=opts.power_iterations, seed=opts.seed, device=opts.device,
+            bounds=conditioning.bounds(), progress=phase("stability"),
         )
         timings["stability"] = time.perf_counter() - start
-        document["stability"] = stability.to_dict()
+        document["stability"] = stability.report.to_dict()
     document["verdict"] = evaluate(parsed, document)
     return AuditReport(document, timings)

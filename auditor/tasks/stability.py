@@ -1,0 +1,120 @@
+"""Stability of a checkpoint at real images: the wiring shared by ``resdyn stability`` and the audit.
+
+Samples images from a prepared folder, takes the conditioning bounds (computed
+here unless the caller has them) and calls
+:func:`auditor.analysis.stability.measure_stability`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..analysis.stability import StabilityReport
+from ..errors import UsageError
+from ..subject import Subject
+from .images import PreparedImages
+
+__all__ = ["StabilityResult", "check_stability_options", "subject_stability"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class StabilityResult:
+    """What :func:`subject_stability` measured, and on what.
+
+    Attributes
+    ----------
+    subject : Subject
+    images : PreparedImages
+    report : StabilityReport
+        The measurements (``report.to_dict()`` is the ``stability`` section).
+    samples : int
+        Images asked for (``report.samples`` counts those measured).
+    skipped : tuple of dict
+        ``{path, reason}`` of unreadable images passed over while sampling.
+    """
+
+    subject: Subject
+    images: PreparedImages
+    report: StabilityReport
+    samples: int
+    skipped: tuple[dict[str, str], ...] = ()
+
+    def to_document(self) -> dict[str, Any]:
+        """The ``stability`` report (JSON contract of ``resdyn stability``)."""
+        from ..report.document import report_header
+
+        report = self.report
+        return {
+            **report_header("stability", self.subject),
+            "data": self.images.section(),
+            "config": {"eps": report.eps, "directions": report.directions, "samples": self.samples,
+                       "seed": report.seed, "power_iterations": report.power_iterations},
+            "stability": report.to_dict(),
+        }
+
+
+def check_stability_options(*, eps: float, directions: int, samples: int) -> None:
+    """Refuse stability options that would only fail at the end of a long run.
+
+    Raises
+    ------
+    UsageError
+        ``eps`` outside (0, 1); ``directions`` or ``samples`` below 1.
+    """
+    if not (0 < eps < 1):
+        raise UsageError(f"--eps {eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
+    if directions < 1 or samples < 1:
+        raise UsageError("--directions and --samples must be at least 1")
+
+
+def subject_stability(
+    subject: Subject,
+    images: PreparedImages,
+    *,
+    eps: float = 1e-3,
+    directions: int = 4,
+    samples: int = 32,
+    power_iterations: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+    bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+    condition_progress: Progress | None = None,
+    progress: Progress | None = None,
+) -> StabilityResult:
+    """Perturbation amplification per block of ``subject`` at ``samples`` images of ``images``.
+
+    Parameters
+    ----------
+    subject : Subject
+    images : PreparedImages
+        From :func:`auditor.tasks.images.open_images`.
+    eps, directions, power_iterations, seed, device
+        As in :func:`auditor.analysis.stability.measure_stability`.
+    samples : int
+        Images to draw, spread over the classes (seeded by ``seed``).
+    bounds : mapping, optional
+        Lemma 1 bounds per block (``ConditionReport.bounds()``); computed with
+        :func:`auditor.tasks.condition.condition` when not given.
+    condition_progress, progress : callable, optional
+        ``progress(done, total)`` of the conditioning and of the blocks.
+
+    Returns
+    -------
+    StabilityResult
+    """
+    from ..analysis.stability import measure_stability
+    from .condition import condition
+    from .images import sample_images
+
+    sample = sample_images(images, samples, seed)
+    if bounds is None:
+        bounds = condition(subject, device=device, progress=condition_progress).bounds()
+    report = measure_stability(
+        subject.loaded.model, subject.anatomy, sample.images, eps=eps, directions=directions, seed=seed,
+        power_iterations=power_iterations, bounds=bounds, progress=progress, device=device,
+    )
+    return StabilityResult(subject, images, report, samples, sample.skipped)
