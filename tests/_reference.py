@@ -124,13 +124,13 @@ def linearized_basic_block(block: nn.Module) -> nn.Module:
 
 
 def directions(seed: int, rows: int, shape: tuple[int, ...], reference: torch.Tensor, eps: float) -> torch.Tensor:
-    """The documented perturbation recipe: Gaussian rows from ``manual_seed(seed)`` (float64),
+    """The documented perturbation recipe: Gaussian rows from ``manual_seed(seed)`` (drawn in float32, used in float64),
     each rescaled to ``eps`` times the norm of its sample in ``reference`` (``rows / n`` per sample)."""
     def norms(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1).norm(dim=1)
 
     g = torch.Generator().manual_seed(seed)
-    d = torch.randn((rows, *shape), generator=g, dtype=torch.float64)
+    d = torch.randn((rows, *shape), generator=g, dtype=torch.float32).double()
     k = rows // reference.shape[0]
     scale = eps * norms(reference).repeat_interleave(k) / norms(d)
     return d * scale.view(-1, *([1] * len(shape)))
