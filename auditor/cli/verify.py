@@ -51,7 +51,7 @@ def _problem_line(problem: dict[str, Any]) -> str:
 def _tables(doc: dict[str, Any]) -> list[Any]:
     from rich.text import Text
 
-    return [Text(line) for line in _lines(doc)]
+    return [Text(line, no_wrap=True, overflow="ignore") for line in _lines(doc)]
 
 
 def _markdown(doc: dict[str, Any]) -> str:
@@ -75,7 +75,10 @@ def verify_command(
     document = verify_document(check)
     for note in check.notes:
         warn(f"{store_path}: {note}")
-    emit(document, fmt, output, table=_tables, markdown=_markdown)
+    if fmt is Format.table:  # plain lines, never wrapped (paths are long): written as text, like markdown
+        emit(document, Format.markdown, output, table=_tables, markdown=lambda doc: "\n".join(_lines(doc)) + "\n")
+    else:
+        emit(document, fmt, output, table=_tables, markdown=_markdown)
     if not check.ok:
         first = _problem_line(document["problems"][0])
         more = len(check.problems) - 1

@@ -107,7 +107,7 @@ def _read(dataset: Any, start: int, stop: int, buffer: np.ndarray | None) -> np.
 
 
 def _check_chunk(dataset: Any, start: int, stop: int, buffer: np.ndarray | None, finite: bool,
-                 encoding: str | None) -> ChunkProblem | None:
+                 encoding: str | None, *, zero_check: bool = True) -> ChunkProblem | None:
     key = _key(dataset)
     try:
         block = _read(dataset, start, stop, buffer)
@@ -119,7 +119,8 @@ def _check_chunk(dataset: Any, start: int, stop: int, buffer: np.ndarray | None,
         bad = _nonfinite(block, encoding)
         if bad:
             return ChunkProblem(key, start, stop, "nonfinite", f"{bad} values are NaN or inf")
-    if has_checksums(dataset) and block.dtype.kind in "fiu" and not block.any() and _raw_chunk_is_zero(dataset, start):
+    if (zero_check and has_checksums(dataset) and block.dtype.kind in "fiu" and not block.any()
+            and _raw_chunk_is_zero(dataset, start)):
         return ChunkProblem(key, start, stop, "unverified",
                             "all bytes zero, checksum included: cannot be told from a chunk never written")
     return None
@@ -160,14 +161,14 @@ def chunk_problems(dataset: Any, rows: int | None = None, *, finite: bool = True
         group = per_chunk
     for first in range(0, total, group):
         last = min(total, first + group)
-        whole = None
+        starts = range(first, last, per_chunk)
         if group > per_chunk:  # read several chunks at once; look chunk by chunk only where it fails
-            whole = _check_chunk(dataset, first, last, buffer, finite, encoding)
-            if whole is None:
-                zero = buffer is not None and not buffer[: last - first].any()
-                if not (zero and has_checksums(dataset)):
+            if _check_chunk(dataset, first, last, buffer, finite, encoding, zero_check=False) is None:
+                if not has_checksums(dataset):
                     continue
-        for start in range(first, last, per_chunk):
+                # only chunks whose values are all zero can hide an all-zero (unchecked) chunk
+                starts = [s for s in starts if not buffer[s - first:min(last, s + per_chunk) - first].any()]
+        for start in starts:
             problem = _check_chunk(dataset, start, min(last, start + per_chunk), buffer, finite, encoding)
             if problem is not None:
                 yield problem

@@ -76,6 +76,7 @@ __all__ = [
     "StoreHeader",
     "StoreWriter",
     "StoreBusyError",
+    "StoreExistsError",
     "ActivationStore",
     "UnverifiedStoreWarning",
     "open_store",
@@ -228,24 +229,33 @@ def rows_digest(labels: Sequence[int], paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-# Fault injection for the test suite only (tests/test_faults.py): RESDYN_TEST_FAULT="kill:ROWS:PHASE"
-# SIGKILLs the process the first time a batch reaches ROWS stored rows, at PHASE of StoreWriter.append.
+# Fault injection for the test suite only (tests/test_faults.py), read in this one place:
+# RESDYN_TEST_FAULT="kill:ROWS:PHASE" SIGKILLs the process the first time a batch reaches ROWS stored
+# rows, at PHASE of StoreWriter.append; "delay:SECONDS" sleeps after every batch (a slow writer).
 _FAULT_ENV = "RESDYN_TEST_FAULT"
 FAULT_PHASES = ("written", "data-flushed", "counted", "flushed")
 
 
-def _test_fault() -> tuple[int, str] | None:
+def _test_fault() -> tuple[str, float, str] | None:
     spec = os.environ.get(_FAULT_ENV)
     if not spec:
         return None
-    kind, rows, phase = spec.split(":")
+    kind, _, rest = spec.partition(":")
+    if kind == "delay":
+        return "delay", float(rest), "flushed"
+    rows, _, phase = rest.partition(":")
     if kind != "kill" or phase not in FAULT_PHASES:
-        raise ValueError(f"{_FAULT_ENV}={spec!r}: expected kill:ROWS:PHASE, PHASE one of {FAULT_PHASES}")
-    return int(rows), phase
+        raise ValueError(f"{_FAULT_ENV}={spec!r}: expected kill:ROWS:PHASE (PHASE one of "
+                         f"{', '.join(FAULT_PHASES)}) or delay:SECONDS")
+    return "kill", int(rows), phase
 
 
 class StoreBusyError(StoreError):
     """Another process holds the store's lock (it is writing the same file)."""
+
+
+class StoreExistsError(StoreError):
+    """The finished store exists and ``overwrite`` was not asked for."""
 
 
 class _Lock:
@@ -401,7 +411,7 @@ class StoreWriter:
 
     def _open(self, overwrite: bool) -> None:
         if self.path.exists() and not overwrite:
-            raise StoreError(
+            raise StoreExistsError(
                 f"{self.path} already exists",
                 hint="pass --overwrite to replace it, or choose another output path",
             )
@@ -593,7 +603,12 @@ class StoreWriter:
 
     def _maybe_fault(self, phase: str, rows: int) -> None:
         """The test suite's kill hook (RESDYN_TEST_FAULT); nothing otherwise."""
-        if self._fault is not None and self._fault[1] == phase and rows >= self._fault[0]:
+        if self._fault is None or self._fault[2] != phase:
+            return
+        kind, value, _ = self._fault
+        if kind == "delay":
+            time.sleep(value)
+        elif rows >= value:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # -- writing
