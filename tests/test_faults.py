@@ -438,3 +438,18 @@ def test_audit_cache_replaces_a_store_without_checksums(tmp_path: Path, referenc
     assert not again.reused and again.stages == first.stages
     with open_store(first.store) as store:
         assert store.checksums
+
+
+def test_spectra_files_carry_checksums_that_verify_checks(tmp_path: Path, capsys) -> None:
+    spectra = tmp_path / "spectra.h5"
+    code, _, err = run_cli(["condition", CKPT, "--save-spectra", spectra, "--no-progress", "-f", "json"], capsys)
+    assert code == 0, err
+    with h5py.File(spectra, "r") as f:
+        keys = [f"layers/{name}" for name in f["layers"]]
+        assert keys and all(f[k].fletcher32 for k in keys)
+        biggest = max(keys, key=lambda k: f[k].shape[0])
+    code, out, _ = run_cli(["verify", spectra, "-f", "json"], capsys)
+    assert code == 0 and json.loads(out)["ok"] and json.loads(out)["checked"]["datasets"] == len(keys)
+    _damage(spectra, biggest, 0)
+    code, out, err = run_cli(["verify", spectra, "-f", "json"], capsys)
+    assert code == 2 and [p["key"] for p in json.loads(out)["problems"]] == [biggest]

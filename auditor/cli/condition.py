@@ -93,7 +93,8 @@ def save_spectra(path: Path, subject: Subject, report: Any) -> None:
             for layer in report.layers:
                 if layer.singular_values is None:
                     continue
-                data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip")
+                data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip",
+                                            fletcher32=True)  # every chunk checksummed, as in the stores
                 data.attrs["input_shape"] = list(layer.input_shape)
                 data.attrs["method"] = layer.method
         os.replace(temporary, path)

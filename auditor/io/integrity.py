@@ -11,9 +11,11 @@ Two limits, handled here:
 
 - Fletcher-32 of all-zero bytes is zero, so a chunk whose stored bytes
   (data and checksum) are all zero passes the check. A chunk that was
-  allocated but never reached the disk looks exactly like that; it is
-  reported as ``unverified`` (:attr:`ChunkProblem.kind`), which a resume
-  treats as damage (recomputing it costs one batch) and ``verify`` as a note.
+  allocated but never reached the disk looks exactly like that; a chunk of
+  floating-point values stored as all-zero bytes is reported as
+  ``unverified`` (:attr:`ChunkProblem.kind`): a resume computes it again
+  (one batch) and ``verify`` reports it. Integer chunks (labels) are left
+  to the callers' comparison with the sample list.
 - Variable-length strings (``samples/path``) cannot carry filters; callers
   compare them with what they should be.
 
@@ -119,8 +121,10 @@ def _check_chunk(dataset: Any, start: int, stop: int, buffer: np.ndarray | None,
         bad = _nonfinite(block, encoding)
         if bad:
             return ChunkProblem(key, start, stop, "nonfinite", f"{bad} values are NaN or inf")
-    if (zero_check and has_checksums(dataset) and block.dtype.kind in "fiu" and not block.any()
-            and _raw_chunk_is_zero(dataset, start)):
+    # Integer datasets (labels) are left out: a chunk of label 0 is all zero and legitimate; the
+    # callers compare labels with the sample list or rows_sha256.
+    if (zero_check and has_checksums(dataset) and (block.dtype.kind == "f" or encoding == "bfloat16")
+            and not block.any() and _raw_chunk_is_zero(dataset, start)):
         return ChunkProblem(key, start, stop, "unverified",
                             "all bytes zero, checksum included: cannot be told from a chunk never written")
     return None
@@ -164,7 +168,7 @@ def chunk_problems(dataset: Any, rows: int | None = None, *, finite: bool = True
         starts = range(first, last, per_chunk)
         if group > per_chunk:  # read several chunks at once; look chunk by chunk only where it fails
             if _check_chunk(dataset, first, last, buffer, finite, encoding, zero_check=False) is None:
-                if not has_checksums(dataset):
+                if not has_checksums(dataset) or not (dataset.dtype.kind == "f" or encoding == "bfloat16"):
                     continue
                 # only chunks whose values are all zero can hide an all-zero (unchecked) chunk
                 starts = [s for s in starts if not buffer[s - first:min(last, s + per_chunk) - first].any()]

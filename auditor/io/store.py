@@ -107,6 +107,7 @@ _MAX_SAMPLES_PER_CHUNK = 64
 # The writer fsyncs after every this many bytes (the final fsync then has
 # little left to wait for).
 _SYNC_BYTES = 128 * 1024 * 1024
+_CHECKSUMS = True  # Fletcher-32 on every chunk (False only for bench/bench_checksums.py's comparison)
 _LIBVER = ("v108", "v110")  # 1.8 format: attributes above 64 KiB (a long skipped list) fit
 
 
@@ -446,9 +447,9 @@ class StoreWriter:
             chunk = (max(1, min(4096, len(h.samples))),)
             samples.create_dataset("path", shape=(0,), maxshape=(None,), chunks=chunk, dtype=text)
             samples.create_dataset("label", shape=(0,), maxshape=(None,), chunks=chunk, dtype=np.int64,
-                                   fletcher32=True)
+                                   fletcher32=_CHECKSUMS)
             stages = f.create_group("stages", track_order=True)
-            kwargs: dict[str, Any] = {"fletcher32": True}
+            kwargs: dict[str, Any] = {"fletcher32": _CHECKSUMS}
             if h.compression != "none":
                 kwargs["compression"] = h.compression
             for spec in h.stages:
