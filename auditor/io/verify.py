@@ -64,6 +64,7 @@ class Problem:
         return f"{where}: {self.message}" if where else self.message
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"key", "rows", "problem"}`` for the JSON report."""
         return {"key": self.key, "rows": list(self.rows) if self.rows else None, "problem": self.message}
 
 
@@ -108,6 +109,7 @@ class StoreCheck:
         return not self.problems
 
     def problem(self, key: str | None, message: str, rows: tuple[int, int] | None = None) -> None:
+        """Record one problem."""
         self.problems.append(Problem(key, rows, message))
 
     def to_dict(self) -> dict[str, Any]:
