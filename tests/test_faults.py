@@ -127,7 +127,7 @@ def _kill_and_resume(tmp_path: Path, reference: Path, kills: int, seed: int) -> 
 
 
 def test_killed_at_a_few_points_resumes_to_the_same_store(tmp_path: Path, reference: Path) -> None:
-    _kill_and_resume(tmp_path, reference, kills=3, seed=1)
+    _kill_and_resume(tmp_path, reference, kills=2, seed=1)
 
 
 @pytest.mark.slow
@@ -138,10 +138,19 @@ def test_killed_at_20_random_points_resumes_to_the_same_store(tmp_path: Path, re
 # --------------------------------------------------------------------------- damaged chunks
 
 
-def _partial_after_kill(tmp_path: Path, rows: int) -> tuple[Path, Path]:
-    out = tmp_path / "d.h5"
-    assert _extract_process(out, f"kill:{rows}:flushed").returncode == -9
-    return out, tmp_path / "d.h5.partial"
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .partial an extraction killed after storing 40 of its 60 rows leaves."""
+    out = tmp_path_factory.mktemp("killed") / "d.h5"
+    assert _extract_process(out, "kill:40:flushed").returncode == -9
+    return out.with_name("d.h5.partial")
+
+
+def _partial_after_kill(tmp_path: Path, killed: Path) -> tuple[Path, Path]:
+    """A copy of ``killed`` in ``tmp_path``: (the store to write, its .partial)."""
+    partial = tmp_path / "d.h5.partial"
+    partial.write_bytes(killed.read_bytes())
+    return tmp_path / "d.h5", partial
 
 
 @pytest.mark.parametrize(("key", "chunk", "zero", "restart"), [
@@ -150,8 +159,8 @@ def _partial_after_kill(tmp_path: Path, rows: int) -> tuple[Path, Path]:
     ("stages/stem", 2, True, 8),  # all zero, checksum included: cannot be trusted either
 ])
 def test_damaged_partial_is_cut_back_to_the_last_verified_chunk(key, chunk, zero, restart, tmp_path: Path,
-                                                                  reference: Path, capsys) -> None:
-    out, partial = _partial_after_kill(tmp_path, 40)
+                                                                  reference: Path, killed: Path, capsys) -> None:
+    out, partial = _partial_after_kill(tmp_path, killed)
     assert _damage(partial, key, chunk, zero=zero)[0] == restart
     code, _, err = run_cli([*EXTRACT, "-o", out], capsys)
     assert code == 0, err
@@ -161,8 +170,9 @@ def test_damaged_partial_is_cut_back_to_the_last_verified_chunk(key, chunk, zero
     _assert_identical(reference, out)
 
 
-def test_partial_whose_sample_list_was_altered_is_cut_back(tmp_path: Path, reference: Path, capsys) -> None:
-    out, partial = _partial_after_kill(tmp_path, 40)
+def test_partial_whose_sample_list_was_altered_is_cut_back(tmp_path: Path, reference: Path, killed: Path,
+                                                           capsys) -> None:
+    out, partial = _partial_after_kill(tmp_path, killed)
     with h5py.File(partial, "r+") as f:
         f["samples/path"][21] = "somewhere/else.png"  # not covered by a checksum: compared with the selection
     code, _, err = run_cli([*EXTRACT, "-o", out], capsys)
@@ -170,8 +180,8 @@ def test_partial_whose_sample_list_was_altered_is_cut_back(tmp_path: Path, refer
     _assert_identical(reference, out)
 
 
-def test_partial_with_damaged_metadata_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
-    out, partial = _partial_after_kill(tmp_path, 20)
+def test_partial_with_damaged_metadata_is_refused_in_one_line(tmp_path: Path, killed: Path, capsys) -> None:
+    out, partial = _partial_after_kill(tmp_path, killed)
     with h5py.File(partial, "r+") as f:
         f.attrs["written"] = 10_000
     code, out_text, err = run_cli([*EXTRACT, "-o", out], capsys)

@@ -437,3 +437,24 @@ def test_a_chunk_of_label_zero_is_not_suspect(tmp_path: Path) -> None:
         f.create_dataset("label", data=np.zeros(8, np.int64), chunks=(4,), fletcher32=True)
     with h5py.File(path, "r") as f:
         assert list(chunk_problems(f["label"])) == []
+
+
+def test_a_failed_write_while_resuming_keeps_the_partial(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from auditor.errors import OutputError
+
+    out = tmp_path / "k.h5"
+    _write(out, _header(), BATCHES[:2]).close()
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(h5py.File, "flush", full)
+    with pytest.raises(OutputError, match="k.h5.partial: cannot write .No space left on device.") as info:
+        StoreWriter(out, _header())
+    assert "kept (4 samples)" in info.value.hint
+    monkeypatch.undo()
+    assert (tmp_path / "k.h5.partial").exists() and not (tmp_path / "k.h5.lock").exists()
+    with StoreWriter(out, _header()) as writer:
+        assert writer.resumed_from == 4

@@ -521,13 +521,15 @@ class StoreWriter:
             warnings.warn(self.repaired, stacklevel=2)
         # Rows past the counter belong to a batch whose flush did not finish, or failed
         # verification: drop them.
+        self._flushed = good + len(skipped)  # a failure below keeps the file: it is still resumable
         try:
+            if good < written:  # the counter first: a kill in between leaves rows past it, which are dropped
+                f.attrs["written"] = good
+                f.attrs["skipped"] = json.dumps(skipped)
+                f.flush()
             for d in datasets:
                 if d.shape[0] != good:
                     d.resize(good, axis=0)
-            if good < written:
-                f.attrs["written"] = good
-                f.attrs["skipped"] = json.dumps(skipped)
             f.flush()
         except (OSError, RuntimeError) as exc:
             raise self._write_failed(exc) from None
