@@ -27,6 +27,7 @@ __all__ = [
     "measure_stability",
     "extract_activations",
     "open_store",
+    "verify_store",
 ]
 
 _LAZY = {
@@ -40,6 +41,7 @@ _LAZY = {
     "measure_stability": "auditor.analysis.stability",
     "extract_activations": "auditor.tasks.extract",
     "open_store": "auditor.io.store",
+    "verify_store": "auditor.io.verify",
 }
 
 

@@ -350,3 +350,120 @@ def test_writer_syncs_to_disk_while_writing(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(store, "_SYNC_BYTES", 1 << 40)  # never: the same store
     _write(tmp_path / "again.h5", _header(), BATCHES).finish()
     _assert_same_store(whole, tmp_path / "again.h5")
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def test_new_stores_carry_checksums_and_a_digest_of_their_rows(tmp_path: Path) -> None:
+    import hashlib
+
+    out = _finished(tmp_path)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["format_version"] == "1.1"
+        assert f["samples/label"].fletcher32 and all(f["stages"][n].fletcher32 for n in f["stages"])
+        expected = hashlib.sha256("".join(
+            f"{label}\t{path}\n" for path, label in [("a/000.png", 0), ("b/001.png", 1), ("a/002.png", 0),
+                                                     ("a/004.png", 0), ("b/005.png", 1), ("a/006.png", 0)]
+        ).encode()).hexdigest()
+        assert f.attrs["rows_sha256"] == expected
+    with h5py.File(out, "r+") as f:
+        f["samples/path"][3] = "a/009.png"  # strings carry no checksum; the digest catches them
+    with pytest.raises(StoreError, match="r.h5: the store is damaged, the sample list does not match rows_sha256"):
+        open_store(out)
+
+
+def _damage_chunk(path: Path, key: str, index: int) -> None:
+    with h5py.File(path, "r") as f:
+        info = f[key].id.get_chunk_info(index)
+    with open(path, "r+b") as stream:
+        stream.seek(info.byte_offset + 1)
+        stream.write(b"\xde\xad\xbe\xef")
+
+
+@pytest.mark.parametrize(("chunk", "restart", "kept_skipped"), [
+    (1, 2, []),  # rows 2:4 damaged: sample 2 is computed again, so is the skipped sample 3 after it
+    (2, 5, ["b/003.png"]),  # rows 4:6 (samples 5, 6): the skip of sample 3 stays
+])
+def test_resume_cuts_back_to_the_last_verified_chunk(chunk, restart, kept_skipped, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    import auditor.io.store as store
+
+    monkeypatch.setattr(store, "_CHUNK_BYTES", 2 * 2 * 3 * 3 * 4)  # two stem samples per chunk
+    whole = tmp_path / "whole.h5"
+    _write(whole, _header(), BATCHES).finish()
+    out = tmp_path / "cut.h5"
+    _write(out, _header(), BATCHES).close()  # every batch written, not finished
+    _damage_chunk(out.with_name("cut.h5.partial"), "stages/stem", chunk)
+    with pytest.warns(UserWarning, match=f"stages/stem rows {2 * chunk}:{2 * chunk + 2}: the chunk fails its "
+                      f"Fletcher-32 checksum; resuming from sample {restart}") as caught:
+        writer = StoreWriter(out, _header())
+    assert caught[0].filename.endswith("store.py")  # resdyn's own warning: the CLI shows it
+    with writer:
+        assert writer.consumed == restart and writer.resumed_from == restart
+        assert [s["path"] for s in writer.skipped] == kept_skipped and writer.repaired
+        for positions, failures in BATCHES:
+            if min(positions + [p for p, _ in failures]) >= restart:
+                writer.append(_rows(positions), positions, failures)
+            elif max(positions + [p for p, _ in failures]) >= restart:  # the part of a batch after the cut
+                keep = [p for p in positions if p >= restart]
+                writer.append(_rows(keep), keep, [(p, r) for p, r in failures if p >= restart])
+        writer.finish()
+    _assert_same_store(whole, out)
+
+
+def test_integrity_helpers(tmp_path: Path) -> None:
+    import errno
+
+    from auditor.io.integrity import chunk_problems, io_cause
+
+    cause = io_cause(RuntimeError("Unable to flush (file write failed: errno = 28, error message = 'x')"))
+    assert cause.errno == errno.ENOSPC and cause.strerror == os.strerror(errno.ENOSPC)
+    assert io_cause(OSError(errno.EROFS, "Read-only file system")).errno == errno.EROFS
+    assert io_cause(RuntimeError("no errno here")).errno == errno.EIO
+    path = tmp_path / "h.h5"
+    with h5py.File(path, "w") as f:
+        data = np.arange(40, dtype=np.float32).reshape(10, 4)
+        data[7, 1] = np.inf
+        f.create_dataset("x", data=data, chunks=(3, 4), fletcher32=True)
+        raw = np.zeros((10, 4), np.uint16)
+        raw[4, 0] = 0x7FC0  # a bfloat16 NaN
+        f.create_dataset("b", data=raw, chunks=(5, 4), fletcher32=True).attrs["encoding"] = "bfloat16"
+        f.create_dataset("z", data=np.zeros((4, 2), np.float32), chunks=(2, 2), fletcher32=True)
+    with h5py.File(path, "r") as f:
+        assert [(p.start, p.stop, p.kind) for p in chunk_problems(f["x"])] == [(6, 9, "nonfinite")]
+        assert [(p.start, p.kind) for p in chunk_problems(f["b"])] == [(0, "nonfinite"), (5, "unverified")]
+        # all-zero chunks: the checksum of zeros is zero, so they cannot be told from chunks never written
+        assert [(p.start, p.kind) for p in chunk_problems(f["z"])] == [(0, "unverified"), (2, "unverified")]
+        assert list(chunk_problems(f["x"], 6)) == []
+
+
+def test_a_chunk_of_label_zero_is_not_suspect(tmp_path: Path) -> None:
+    from auditor.io.integrity import chunk_problems
+
+    path = tmp_path / "l.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("label", data=np.zeros(8, np.int64), chunks=(4,), fletcher32=True)
+    with h5py.File(path, "r") as f:
+        assert list(chunk_problems(f["label"])) == []
+
+
+def test_a_failed_write_while_resuming_keeps_the_partial(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from auditor.errors import OutputError
+
+    out = tmp_path / "k.h5"
+    _write(out, _header(), BATCHES[:2]).close()
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(h5py.File, "flush", full)
+    with pytest.raises(OutputError, match="k.h5.partial: cannot write .No space left on device.") as info:
+        StoreWriter(out, _header())
+    assert "kept (4 samples)" in info.value.hint
+    monkeypatch.undo()
+    assert (tmp_path / "k.h5.partial").exists() and not (tmp_path / "k.h5.lock").exists()
+    with StoreWriter(out, _header()) as writer:
+        assert writer.resumed_from == 4

@@ -331,6 +331,11 @@ class _Rows:
             where = getattr(getattr(self.data, "file", None), "filename", None)
             name = getattr(self.data, "name", None) or type(self.data).__name__
             place = f"{where}: {name!r}" if where else repr(name)
+            if "filter returned failure" in str(exc) and getattr(self.data, "fletcher32", False):
+                raise StoreError(  # HDF5's words for a chunk that fails its checksum
+                    f"{place}: the store is damaged, rows {s}:{e} fail their Fletcher-32 checksum",
+                    hint=f"'resdyn verify {where or 'STORE'}' lists the damage; extract the activations again",
+                ) from exc
             raise StoreError(
                 f"{place}: cannot read rows {s}:{e}: {exc}",
                 hint="the store may be truncated or being written; re-run the extraction",

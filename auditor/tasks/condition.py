@@ -343,6 +343,7 @@ def save_spectra(path: str | Path, report: ConditionReport) -> None:
             for layer in report.layers:
                 if layer.singular_values is None:
                     continue
-                data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip")
+                data = group.create_dataset(layer.name, data=layer.singular_values, compression="gzip",
+                                            fletcher32=True)  # every chunk checksummed, as in the stores
                 data.attrs["input_shape"] = list(layer.input_shape)
                 data.attrs["method"] = layer.method

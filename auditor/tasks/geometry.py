@@ -226,9 +226,9 @@ def _reusable(path: Path, subject: Subject) -> bool:
 
     if not path.exists():
         return False
-    try:
-        with open_store(path) as store:
-            return store.attrs.get("checkpoint_sha256") == subject.checkpoint.sha256
+    try:  # a store without checksums (format 1.0) is written again, with them
+        with open_store(path, warn_unverified=False) as store:
+            return store.checksums and store.attrs.get("checkpoint_sha256") == subject.checkpoint.sha256
     except StoreError:
         return False
 
@@ -256,21 +256,25 @@ def stage_geometry(
     derived from every input (see :func:`cache_name`) and reused when present;
     without it a temporary store is used and deleted.
     """
-    from ..io.store import open_store
+    from ..io.store import StoreBusyError, StoreExistsError, open_store, wait_for_writer
     from .extract import extract_activations
 
     def run(path: Path) -> tuple[list[dict[str, Any]], bool, tuple]:
-        reused = _reusable(path, subject)
         skipped: tuple = ()
-        if not reused:
-            result = extract_activations(
-                subject.loaded.model, subject.anatomy, images.dataset, path,
-                checkpoint_sha256=subject.checkpoint.sha256, arch=subject.loaded.arch, stages=stages,
-                dtype=dtype, batch_size=batch_size, workers=workers, device=device,
-                # Replace only a finished file from other inputs; an unfinished one resumes.
-                progress=extract_progress, overwrite=path.exists(),
-            )
+        while not (reused := _reusable(path, subject)):
+            try:
+                result = extract_activations(
+                    subject.loaded.model, subject.anatomy, images.dataset, path,
+                    checkpoint_sha256=subject.checkpoint.sha256, arch=subject.loaded.arch, stages=stages,
+                    dtype=dtype, batch_size=batch_size, workers=workers, device=device,
+                    # Replace only a finished file from other inputs; an unfinished one resumes.
+                    progress=extract_progress, overwrite=path.exists(),
+                )
+            except (StoreBusyError, StoreExistsError):  # another process sharing the cache writes it:
+                wait_for_writer(path)  # wait, then reuse (or resume) its store
+                continue
             skipped = result.skipped
+            break
         with open_store(path) as store:
             entries = store_angles(store, center=center, max_pairs=max_pairs, seed=seed,
                                    subspace_k=subspace_k, progress=angles_progress)
