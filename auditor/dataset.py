@@ -24,6 +24,7 @@ class ImageData:
     dataset: ImageDataset
     preprocessing: Preprocessing
     preset: str | None
+    source: Mapping[str, str] | None = None
 
     def section(self, skipped: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
         """The ``data`` object of the JSON report.
@@ -49,6 +50,8 @@ class ImageData:
         }
         if skipped:
             section["skipped"] = [dict(entry) for entry in skipped]
+        if self.source:
+            section["source"] = dict(self.source)
         return section
 
 
@@ -77,6 +80,10 @@ def open_images(
 ) -> ImageData:
     """Scan ``root``, pick samples, and build the dataset with the right preprocessing.
 
+    ``root`` that is not an existing path names a data source
+    (:mod:`auditor.io.data_sources`); the arguments given override its keys
+    (``seed`` overrides it when not 0, the options' default).
+
     Preprocessing: explicit flags win, then the checkpoint's ``preprocessing``
     metadata, then ``preset`` (default ``cifar10`` for inputs up to 64 px, else
     ``imagenet``).
@@ -87,6 +94,16 @@ def open_images(
         A folder without classes, an empty class, an unknown class, too few images,
         or images whose size does not match the network's input.
     """
+    from .io.data_sources import resolve_data_source
+
+    source = resolve_data_source(root)
+    if source is not None:  # --data NAME: the source's keys, overridden by what the caller gave
+        given = dict(preset=preset, size=size, mean=mean, std=std, classes=classes, per_class=per_class)
+        chosen = {**source.options, **{k: v for k, v in given.items() if v is not None}}
+        preset, size, mean, std = chosen.get("preset"), chosen.get("size"), chosen.get("mean"), chosen.get("std")
+        classes, per_class = chosen.get("classes"), chosen.get("per_class")
+        seed = seed if seed != 0 else chosen.get("seed", 0)  # 0 is the options' default
+        root = source.path
     has_meta = bool(subject.checkpoint.metadata.get("preprocessing"))
     preprocessing = resolve_preprocessing(
         preset, size, mean, std, subject.checkpoint.metadata, default_preset=_default_preset(subject)
@@ -101,7 +118,7 @@ def open_images(
             hint="pass --size (preprocessing) or --input-size (network) so that they agree",
         )
     used = preset or ("checkpoint metadata" if has_meta and size is None and mean is None else _default_preset(subject))
-    return ImageData(dataset, preprocessing, used)
+    return ImageData(dataset, preprocessing, used, source.section() if source is not None else None)
 
 
 def sample_images(data: ImageData, count: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
