@@ -291,7 +291,9 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
     Parameters
     ----------
     root : str or Path
-        Folder holding one sub-folder per class.
+        Folder holding one sub-folder per class; or an archive of one
+        (``.tar``, ``.tar.gz``, ``.zip``, :mod:`auditor.io.archive`); or a
+        ``path,label`` CSV beside flat images (:mod:`auditor.io.labels_csv`).
     classes : sequence of str, optional
         Use only these classes, in this order (labels follow it). Default:
         every sub-folder, sorted by name.
@@ -311,6 +313,10 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
 
     if is_archive(given):  # .tar / .tar.gz / .zip, read in place
         return ImageFolderIndex(*scan_archive(given, classes))
+    if given.is_file() and given.suffix.lower() == ".csv":  # flat folder + path,label file
+        from .labels_csv import scan_labels_csv
+
+        return ImageFolderIndex(*scan_labels_csv(given, classes))
     if not given.exists():
         raise DataError(f"{given}: no such folder", hint="--data takes a folder with one sub-folder per class")
     if not given.is_dir():
