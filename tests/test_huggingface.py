@@ -175,3 +175,28 @@ def test_timm_config_json_names_the_architecture_and_preprocessing(tmp_path) -> 
     assert (subject.loaded.arch, subject.loaded.arch_source) == ("resnet18d", "config")
     assert subject.anatomy.input_shape == (3, 160, 160)
     assert subject.input_size_source == "checkpoint metadata"
+
+
+def test_report_says_where_each_preprocessing_value_came_from(tmp_path, capsys) -> None:
+    from auditor.dataset import open_images
+    from auditor.subject import open_subject
+
+    from conftest import FIXTURES
+
+    processor = {"crop_pct": 1.0, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "size": 8}
+    folder = _save_hf(_randomized("resnet18", 10, 0), tmp_path / "hf", _config("basic", [2, 2, 2, 2], 10), processor)
+    subject = open_subject(folder)
+    assert subject.anatomy.input_shape == (3, 8, 8) and subject.input_size_source == "checkpoint metadata"
+    images = open_images(FIXTURES / "digits", subject, per_class=1)
+    section = images.section()
+    assert section["preprocessing"] == {"size": 8, "resize": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+    files = "config.json, preprocessor_config.json"
+    assert section["preprocessing_source"] == {"size": files, "resize": files, "mean": files, "std": files}
+    overridden = open_images(FIXTURES / "digits", subject, per_class=1, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
+    origin = overridden.section()["preprocessing_source"]
+    assert (origin["mean"], origin["std"], origin["size"]) == ("option", "option", files)
+    plain = open_images(FIXTURES / "digits", open_subject(FIXTURES / "resnet8-digits.safetensors"), per_class=1)
+    assert plain.section()["preprocessing_source"]["mean"] == "checkpoint metadata"  # the fixture's own metadata
+    bare = save_safetensors(build_model("resnet8", 10)[0], tmp_path / "bare.safetensors")
+    guessed = open_images(FIXTURES / "digits", open_subject(bare), per_class=1).section()["preprocessing_source"]
+    assert set(guessed.values()) == {"cifar10 default for a 32 px input"}
