@@ -79,8 +79,22 @@ def test_renamed_keys_cover_a_real_transformers_model_when_installed() -> None:
         assert torch.equal(reference(x).logits, ours(x))
 
 
-@pytest.mark.parametrize("name,layer_type,depths", [("resnet18", "basic", [2, 2, 2, 2]),
-                                                    ("resnet50", "bottleneck", [3, 4, 6, 3])])
+def test_hf_bottleneck_loads_the_same_tensors_as_torchvision(tmp_path) -> None:
+    from auditor.subject import open_subject
+
+    model = _randomized("resnet50", 4, seed=7)
+    folder = _save_hf(model, tmp_path / "hf", _config("bottleneck", [3, 4, 6, 3], 4))
+    subject = open_subject(folder, input_size=(32, 32))
+    assert (subject.loaded.arch, subject.loaded.arch_source) == ("resnet50", "config")
+    loaded, reference = subject.loaded.model.state_dict(), model.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(subject.loaded.model(x), model(x))
+
+
+@pytest.mark.parametrize("name,layer_type,depths", [("resnet18", "basic", [2, 2, 2, 2])])
 def test_hf_folder_gives_the_numbers_of_the_torchvision_file(tmp_path, capsys, name, layer_type, depths) -> None:
     model = _randomized(name, 4, seed=7)
     folder = _save_hf(model, tmp_path / "hf", _config(layer_type, depths, 4))
