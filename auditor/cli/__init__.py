@@ -26,7 +26,8 @@ def _register() -> None:
 
     app.command("inspect")(inspect_command)
     app.command("archs")(archs_command)
-    for module_name in ("condition", "extract", "angles", "trajectory", "stability", "audit", "compare", "verify"):
+    for module_name in ("condition", "extract", "angles", "trajectory", "stability", "audit", "compare", "verify",
+                        "data"):
         try:
             module = __import__(f"{__name__}.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -64,9 +64,9 @@ class Device(str, Enum):
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint: .safetensors, or .pt/.pth/.th/.bin (read with weights_only=True).",
+        help="Checkpoint: .safetensors, or .pt/.pth/.th/.bin (read with weights_only=True), or a folder "
+        "saved by Hugging Face transformers / timm (config.json beside model.safetensors).",
         exists=True,
-        dir_okay=False,
         readable=True,
         show_default=False,
     ),
@@ -108,9 +108,8 @@ DataOpt = Annotated[
     Path,
     typer.Option(
         "--data",
-        help="Labeled image folder, one sub-folder per class (ImageFolder layout).",
-        exists=True,
-        file_okay=False,
+        help="Labeled image folder, one sub-folder per class (ImageFolder layout), or the NAME of a "
+        "[data.NAME] source in ./resdyn.toml ([tool.resdyn.data.NAME] in ./pyproject.toml).",
         show_default=False,
     ),
 ]

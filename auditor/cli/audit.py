@@ -19,8 +19,8 @@ __all__ = ["register"]
 
 OptionalDataOpt = Annotated[
     Optional[Path],
-    typer.Option("--data", help="Labeled image folder (class per sub-folder). Without it only the data-free parts run.",
-                 exists=True, file_okay=False),
+    typer.Option("--data", help="Labeled image folder (class per sub-folder), or the NAME of a data source in "
+                 "./resdyn.toml or ./pyproject.toml. Without it only the data-free parts run."),
 ]
 FailOnOpt = Annotated[
     Optional[list[str]],

@@ -31,6 +31,7 @@ _EXAMPLES: dict[str, list[tuple[str, str]]] = {
     ],
     "inspect": [("Show the anatomy of a checkpoint:", "resdyn inspect model.safetensors --input-size 224")],
     "archs": [("List the architectures --arch accepts:", "resdyn archs")],
+    "data": [("Check the data sources of ./resdyn.toml before a long run:", "resdyn data --format json")],
     "condition": [("Exact block condition numbers as JSON:", "resdyn condition model.safetensors --format json -o cond.json")],
     "extract": [("Store stage activations:", "resdyn extract model.safetensors --data images/ -o acts.h5 --per-class 50")],
     "angles": [("Median principal angles per stage:", "resdyn angles acts.h5 --plot angles.png")],
@@ -106,7 +107,11 @@ def _page(name: str, command: Any, version: str, subcommands: dict[str, Any] | N
     for var, meaning in _ENVIRONMENT:
         lines += [".TP", f"\\fB{var}\\fR", _escape(meaning)]
     lines += _section("FILES")
-    lines += [_escape("Checkpoints: .safetensors, or .pt/.pth/.th/.bin read with torch.load(weights_only=True). "
+    lines += [_escape("Checkpoints: .safetensors, or .pt/.pth/.th/.bin read with torch.load(weights_only=True), "
+                      "or a Hugging Face / timm folder (config.json beside model.safetensors). "
+                      "Data: a class-per-folder tree, a .tar/.tar.gz/.zip of one, a path,label CSV, or a source "
+                      "[data.NAME] (keys path, classes, per-class, seed, preset, size, mean, std) in resdyn.toml "
+                      "or [tool.resdyn.data.NAME] in pyproject.toml. "
                       "Activation stores: HDF5 files with format=resdyn-activations. "
                       "Rules: resdyn.toml or [tool.resdyn] in pyproject.toml (fail-on = [...]).")]
     lines += _section("EXAMPLES")

@@ -43,6 +43,9 @@ class Checkpoint:
         safetensors metadata, or scalar entries found beside a torch state dict.
     notes : list of str
         What was unwrapped or stripped, for the report.
+    arch_reason : str or None
+        Set when the architecture in ``metadata`` comes from a ``config.json``
+        beside the weights (Hugging Face, timm): which file and what it says.
     """
 
     path: Path
@@ -51,6 +54,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    arch_reason: str | None = None
 
     @property
     def converted_from(self) -> str | None:
@@ -184,7 +188,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path : str or Path
         ``.safetensors``, or ``.pt`` / ``.pth`` / ``.th`` / ``.bin`` / ``.ckpt``
         (read with ``torch.load(weights_only=True)``). Other names are
-        recognised by their first bytes.
+        recognised by their first bytes. A folder written by Hugging Face
+        ``save_pretrained`` or timm stands for its ``model.safetensors``; a
+        ``config.json`` beside the weights is read (:mod:`auditor.models.layouts`).
 
     Returns
     -------
@@ -195,11 +201,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     CheckpointError
         Missing, unreadable, truncated, unsafe, or not a state dict.
     """
+    from ..models.layouts import apply_layout, weights_in_folder
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file", hint="check the checkpoint path")
+    if path.is_dir():
+        path = weights_in_folder(path)  # a save_pretrained / timm folder
     if not path.is_file():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+        raise CheckpointError(f"{path}: not a regular file, not a checkpoint file")
     suffix = path.suffix.lower()
     fmt = "safetensors" if suffix == ".safetensors" else "torch" if suffix in TORCH_SUFFIXES else None
     fmt = fmt or _sniff(path)
@@ -226,7 +236,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if converted:
         notes.append(f"weights stored as {converted} were converted to float32 for the analysis "
                      "(the report describes the float32 copy)")
-    return Checkpoint(path, file_sha256(path), fmt, state, metadata, tuple(notes))
+    return apply_layout(Checkpoint(path, file_sha256(path), fmt, state, metadata, tuple(notes)))
 
 
 def _converted_dtypes(state: dict[str, torch.Tensor]) -> str | None:

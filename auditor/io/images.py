@@ -254,11 +254,15 @@ class ImageFolderIndex:
     samples : tuple of (str, int)
         POSIX paths relative to ``root`` and labels, grouped by class in
         ``classes`` order, sorted by path within a class.
+    reader : callable or None
+        ``reader(rel) -> bytes`` for a tree inside an archive (``root`` is then
+        the archive); None for a folder.
     """
 
     root: Path
     classes: tuple[str, ...]
     samples: tuple[tuple[str, int], ...]
+    reader: Any = None
 
 
 def _is_image(name: str) -> bool:
@@ -287,7 +291,9 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
     Parameters
     ----------
     root : str or Path
-        Folder holding one sub-folder per class.
+        Folder holding one sub-folder per class; or an archive of one
+        (``.tar``, ``.tar.gz``, ``.zip``, :mod:`auditor.io.archive`); or a
+        ``path,label`` CSV beside flat images (:mod:`auditor.io.labels_csv`).
     classes : sequence of str, optional
         Use only these classes, in this order (labels follow it). Default:
         every sub-folder, sorted by name.
@@ -303,6 +309,14 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
         class that does not exist, or a class listed twice.
     """
     given = Path(root)
+    from .archive import is_archive, scan_archive
+
+    if is_archive(given):  # .tar / .tar.gz / .zip, read in place
+        return ImageFolderIndex(*scan_archive(given, classes))
+    if given.is_file() and given.suffix.lower() == ".csv":  # flat folder + path,label file
+        from .labels_csv import scan_labels_csv
+
+        return ImageFolderIndex(*scan_labels_csv(given, classes))
     if not given.exists():
         raise DataError(f"{given}: no such folder", hint="--data takes a folder with one sub-folder per class")
     if not given.is_dir():
@@ -364,6 +378,8 @@ class ImageSelection:
         None: every image.
     shard : (int, int)
         ``(rank, world)``; this process holds ``selection[rank::world]``.
+    reader : callable or None
+        As in :class:`ImageFolderIndex`.
     """
 
     root: Path
@@ -372,6 +388,7 @@ class ImageSelection:
     seed: int = 0
     per_class: int | None = None
     shard: tuple[int, int] = (0, 1)
+    reader: Any = None
 
 def _class_seed(seed: int, name: str) -> list[int]:
     return [int(seed), zlib.crc32(name.encode())]
@@ -430,7 +447,7 @@ def select_samples(
         picked = np.sort(rng.choice(len(members), size=per_class, replace=False))
         chosen.extend(members[i] for i in picked)
     return ImageSelection(
-        index.root, index.classes, tuple(chosen[rank::world]), int(seed), per_class, (rank, world)
+        index.root, index.classes, tuple(chosen[rank::world]), int(seed), per_class, (rank, world), index.reader
     )
 
 
@@ -572,7 +589,7 @@ class ImageDataset(Dataset):
     def _probe_size(self) -> tuple[int, int]:
         for rel, _ in self.selection.samples:
             try:
-                image = _open_rgb(self.selection.root / rel)
+                image = self._open(rel)
             except Exception:
                 continue
             return (image.height, image.width)
@@ -584,10 +601,18 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.selection.samples)
 
+    def _open(self, rel: str) -> Any:
+        """The image ``rel`` as RGB, from the folder or from the archive's member."""
+        if self.selection.reader is None:
+            return _open_rgb(self.selection.root / rel)
+        import io
+
+        return _open_rgb(io.BytesIO(self.selection.reader(rel)))
+
     def load(self, index: int) -> torch.Tensor:
         """The preprocessed image ``index``; raises on an unreadable file."""
         rel = self.selection.samples[index][0]
-        image = _open_rgb(self.selection.root / rel)
+        image = self._open(rel)
         pre = self.preprocessing
         if pre.resize is not None:
             image = _resize_shorter(image, pre.resize)

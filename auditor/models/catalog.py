@@ -7,7 +7,7 @@ only when a model is actually built.
 
 from __future__ import annotations
 
-__all__ = ["TORCHVISION_CONFIGS", "CIFAR_DEPTHS"]
+__all__ = ["TORCHVISION_CONFIGS", "CIFAR_DEPTHS", "TIMM_CONFIGS"]
 
 # name -> (block type, blocks per stage, extra ResNet kwargs)
 TORCHVISION_CONFIGS: dict[str, tuple[str, list[int], dict[str, int]]] = {
@@ -24,3 +24,17 @@ TORCHVISION_CONFIGS: dict[str, tuple[str, list[int], dict[str, int]]] = {
 }
 
 CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110, 1202)
+
+# timm names that torchvision does not have -> (block type, blocks per stage, deep stem and
+# average-pool shortcuts). timm's resnet18/34/50/101/152 are torchvision's models with the
+# same keys; the ``d`` variants have a deep stem (three 3x3 convolutions, ``conv1.0/3/6``)
+# and average-pool down-sampling shortcuts (``downsample.0`` pool, ``.1`` 1x1 conv, ``.2`` BN).
+TIMM_CONFIGS: dict[str, tuple[str, list[int], bool]] = {
+    "resnet26": ("bottleneck", [2, 2, 2, 2], False),
+    "resnet18d": ("basic", [2, 2, 2, 2], True),
+    "resnet26d": ("bottleneck", [2, 2, 2, 2], True),
+    "resnet34d": ("basic", [3, 4, 6, 3], True),
+    "resnet50d": ("bottleneck", [3, 4, 6, 3], True),
+    "resnet101d": ("bottleneck", [3, 4, 23, 3], True),
+    "resnet152d": ("bottleneck", [3, 8, 36, 3], True),
+}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ArchitectureError
-from .catalog import CIFAR_DEPTHS, TORCHVISION_CONFIGS
+from .catalog import CIFAR_DEPTHS, TIMM_CONFIGS, TORCHVISION_CONFIGS
 
 __all__ = ["Inference", "infer_architecture"]
 
@@ -44,6 +44,26 @@ def _fail(found: str) -> ArchitectureError:
     )
 
 
+def _timm_match(state: dict[str, torch.Tensor], counts: list[int], bottleneck: bool, layout: str) -> Inference | None:
+    """timm's deep-stem / average-pool ResNets and resnet26 (names torchvision does not have)."""
+    deep = "conv1.0.weight" in state
+    avg_down = any(re.match(r"^layer\d+\.0\.downsample\.2\.", k) for k in state)
+    for name, (kind, layers, deep_and_avg) in TIMM_CONFIGS.items():
+        if (kind == "bottleneck") == bottleneck and layers == counts and deep_and_avg == deep == avg_down:
+            if not deep and counts != [2, 2, 2, 2]:
+                continue
+            reason = (
+                f"keys layer1..layer4 with {layout} {kind} blocks, fc head"
+                + (", deep stem conv1.0/3/6 and average-pool shortcuts downsample.1/2 (timm ResNet-D)"
+                   if deep else " (timm's resnet26)")
+            )
+            return Inference(name, state["fc.weight"].shape[0], reason)
+    if deep or avg_down:
+        raise _fail(f"a timm-style ResNet (deep stem {deep}, average-pool shortcuts {avg_down}) with {layout} "
+                    f"{'bottleneck' if bottleneck else 'basic'} blocks that matches no registered name")
+    return None
+
+
 def infer_architecture(state: dict[str, torch.Tensor]) -> Inference:
     """Name the registered architecture whose keys and shapes fit ``state``.
 
@@ -68,6 +88,9 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> Inference:
     if list(stages) == [1, 2, 3, 4] and "fc.weight" in state:
         bottleneck = "layer1.0.conv3.weight" in state
         counts = list(stages.values())
+        timm = _timm_match(state, counts, bottleneck, layout)
+        if timm is not None:
+            return timm
         width = state["layer1.0.conv1.weight"].shape[0]
         conv2 = state["layer1.0.conv2.weight"]
         groups = conv2.shape[0] // conv2.shape[1]

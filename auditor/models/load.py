@@ -28,7 +28,8 @@ class LoadedModel:
     arch : str
         Registry name or ``file.py:factory``.
     arch_source : str
-        ``"--arch"``, ``"metadata"`` or ``"inferred"``.
+        ``"--arch"``, ``"metadata"``, ``"config"`` (a ``config.json`` beside the
+        weights) or ``"inferred"``.
     arch_reason : str
         Evidence for the choice (for inferred architectures).
     spec : ArchSpec
@@ -118,6 +119,8 @@ def load_model(checkpoint: Checkpoint, arch: str | None = None) -> LoadedModel:
     elif checkpoint.metadata.get("arch"):
         arch = checkpoint.metadata["arch"]
         source, reason = "metadata", "from the checkpoint's 'arch' metadata"
+        if checkpoint.arch_reason:  # config.json beside the weights (Hugging Face, timm)
+            source, reason = "config", checkpoint.arch_reason
         if is_factory_reference(arch):
             raise ArchitectureError(
                 f"{checkpoint.path}: metadata names a model file ({arch!r}); "

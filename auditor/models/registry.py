@@ -4,6 +4,8 @@ Names: every torchvision ResNet (``resnet18`` ... ``resnext101_64x4d``) and
 the CIFAR ResNets ``resnet8`` ... ``resnet1202``, each with the paper's
 variants as suffixes: ``_nobn`` (no BatchNorm), ``_plain`` (no shortcuts),
 ``_plain_nobn``; CIFAR names also take ``_optb`` (projection shortcuts).
+timm's ``resnet26`` and ``resnet18d`` ... ``resnet152d`` (deep stem, average-pool
+shortcuts) are registered with timm's key names.
 ``path/to/file.py:factory`` builds a user's own model.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ArchitectureError
-from .catalog import CIFAR_DEPTHS, TORCHVISION_CONFIGS
+from .catalog import CIFAR_DEPTHS, TIMM_CONFIGS, TORCHVISION_CONFIGS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,7 +36,7 @@ class ArchSpec:
     name : str
         Registry name.
     family : str
-        ``"torchvision"``, ``"cifar"`` or ``"custom"``.
+        ``"torchvision"``, ``"timm"``, ``"cifar"`` or ``"custom"``.
     input_size : int
         Default square input size.
     batchnorm, residual : bool
@@ -104,8 +106,19 @@ def _cifar_builder(depth: int, shortcut: str, batchnorm: bool, residual: bool) -
     return build
 
 
+def _timm_builder(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .timm_resnet import timm_resnet
+
+        return timm_resnet(name, num_classes=num_classes)
+
+    return build
+
+
 def _register_builtin() -> None:
     # Names only: torch and torchvision are imported when a model is built.
+    for timm_name in TIMM_CONFIGS:
+        register_model(ArchSpec(timm_name, "timm", 224, True, True, _timm_builder(timm_name), default_classes=1000))
     for bn in (True, False):
         for res in (True, False):
             suffix = _variant_suffix(bn, res)

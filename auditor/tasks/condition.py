@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.conditioning import BlockConditioning, condition_block
+from ..analysis.pooled_projection import pooled_projection
 from ..analysis.spectra import (
     ConvOperator,
     IdentityShortcut,
@@ -202,8 +203,31 @@ def _shortcut_operator(
         return OptionAShortcut(block.input_shape, block.option_a.out_channels, block.option_a.stride, block.option_a.pad_before)
     if block.shortcut == "projection" and len(block.shortcut_convs) == 1:
         conv = block.shortcut_convs[0]
+        if tuple(conv.input_shape) != tuple(block.input_shape):
+            return _pooled_shortcut(modules, block, fold_bn, device)
         return _conv_operator(modules, conv.name, conv.input_shape, conv.bn, fold_bn, device)
     return None  # "none" (plain) or a shortcut we cannot express as an operator
+
+
+def _pooled_shortcut(modules: dict[str, nn.Module], block: BlockInfo, fold_bn: bool, device: torch.device) -> Any:
+    """``Sequential(AvgPool2d(s, s), Conv2d 1x1, BN)`` (timm ResNet-D) as one exact s x s stride-s convolution."""
+    conv = block.shortcut_convs[0]
+    parent, _, index = conv.name.rpartition(".")
+    container = modules.get(parent)
+    before = list(container)[: int(index)] if isinstance(container, nn.Sequential) and index.isdigit() else []
+    pools = [m for m in before if not isinstance(m, nn.Identity)]
+    pool = pools[0] if len(pools) == 1 and isinstance(pools[0], nn.AvgPool2d) else None
+    size = _pair(pool.kernel_size) if pool is not None else (0, 0)
+    if (pool is None or size[0] != size[1] or _pair(pool.stride or pool.kernel_size) != size
+            or _pair(pool.padding) != (0, 0) or conv.kernel != (1, 1) or conv.stride != (1, 1) or conv.groups != 1):
+        raise UsageError(
+            f"block {block.name}: its shortcut projection {conv.name} sees {conv.input_shape}, the block "
+            f"{block.input_shape}, and what lies between is not one average pool: no exact operator",
+            hint="resdyn conditions identity, option A, 1x1 projection and average-pool + 1x1 shortcuts",
+        )
+    scale = _bn_scale(modules[conv.bn]).to(device) if (conv.bn and fold_bn) else None
+    weight = modules[conv.name].weight.detach().to(device=device, dtype=torch.float64)
+    return pooled_projection(weight, size[0], block.input_shape, out_scale=scale, name=f"{parent}")
 
 
 def _layer_spectrum(

@@ -24,6 +24,8 @@ class PreparedImages:
     dataset: ImageDataset
     preprocessing: Preprocessing
     preset: str | None
+    source: Mapping[str, str] | None = None
+    origin: Mapping[str, str] | None = None
 
     def section(self, skipped: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
         """The ``data`` object of the JSON report.
@@ -49,6 +51,10 @@ class PreparedImages:
         }
         if skipped:
             section["skipped"] = [dict(entry) for entry in skipped]
+        if self.source:
+            section["source"] = dict(self.source)
+        if self.origin:
+            section["preprocessing_source"] = dict(self.origin)
         return section
 
 
@@ -77,6 +83,10 @@ def open_images(
 ) -> PreparedImages:
     """Scan ``root``, pick samples, and build the dataset with the right preprocessing.
 
+    ``root`` that is not an existing path names a data source
+    (:mod:`auditor.io.data_sources`); the arguments given override its keys
+    (``seed`` overrides it when not 0, the options' default).
+
     Preprocessing: explicit flags win, then the checkpoint's ``preprocessing``
     metadata, then ``preset`` (default ``cifar10`` for inputs up to 64 px, else
     ``imagenet``).
@@ -87,6 +97,17 @@ def open_images(
         A folder without classes, an empty class, an unknown class, too few images,
         or images whose size does not match the network's input.
     """
+    from ..io.data_sources import resolve_data_source
+
+    source = resolve_data_source(root)
+    caller = {k for k, v in dict(preset=preset, size=size, mean=mean, std=std).items() if v is not None}
+    if source is not None:  # --data NAME: the source's keys, overridden by what the caller gave
+        given = dict(preset=preset, size=size, mean=mean, std=std, classes=classes, per_class=per_class)
+        chosen = {**source.options, **{k: v for k, v in given.items() if v is not None}}
+        preset, size, mean, std = chosen.get("preset"), chosen.get("size"), chosen.get("mean"), chosen.get("std")
+        classes, per_class = chosen.get("classes"), chosen.get("per_class")
+        seed = seed if seed != 0 else chosen.get("seed", 0)  # 0 is the options' default
+        root = source.path
     has_meta = bool(subject.checkpoint.metadata.get("preprocessing"))
     preprocessing = resolve_preprocessing(
         preset, size, mean, std, subject.checkpoint.metadata, default_preset=_default_preset(subject)
@@ -101,7 +122,37 @@ def open_images(
             hint="pass --size (preprocessing) or --input-size (network) so that they agree",
         )
     used = preset or ("checkpoint metadata" if has_meta and size is None and mean is None else _default_preset(subject))
-    return PreparedImages(dataset, preprocessing, used)
+    origin = _preprocessing_origin(subject, preset, size, mean, std, caller, source.name if source else None)
+    return PreparedImages(dataset, preprocessing, used, source.section() if source is not None else None, origin)
+
+
+def _preprocessing_origin(
+    subject: Subject, preset: str | None, size: int | None, mean: Any, std: Any, caller: set[str], source: str | None
+) -> dict[str, str]:
+    """Where each of size, resize, mean, std came from (the precedence of :func:`resolve_preprocessing`)."""
+    def given(key: str) -> str:
+        return "option" if key in caller or source is None else f"data source {source!r}"
+
+    metadata = subject.checkpoint.metadata
+    files = metadata.get("layout_files") or "checkpoint metadata"
+    from_meta = subject.checkpoint.meta_json("preprocessing")
+    default = f"{_default_preset(subject)} default for a {subject.anatomy.input_shape[1]} px input"
+    origin: dict[str, str] = {}
+    for key in ("size", "resize", "mean", "std"):
+        if preset is not None:
+            origin[key] = f"preset {preset} ({given('preset')})"
+        elif isinstance(from_meta, dict) and key in from_meta:
+            origin[key] = files
+        elif metadata.get("preset") in ("imagenet", "cifar10", "none"):
+            origin[key] = f"checkpoint metadata preset {metadata['preset']}"
+        else:
+            origin[key] = default
+    for key, value in (("size", size), ("mean", mean), ("std", std)):
+        if value is not None:
+            origin[key] = given(key)
+    if size is not None:
+        origin["resize"] = f"scaled with size ({origin['resize']})"
+    return origin
 
 
 @dataclass(frozen=True)
