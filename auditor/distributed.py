@@ -121,6 +121,28 @@ def _timeout_seconds() -> float:
     return value
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _all_cores() -> Iterator[None]:
+    """Within: torch uses every core (rank 0 working alone while the others wait).
+
+    Also what a single process uses, and float64 GEMMs round differently with
+    another thread count, so rank 0's numbers equal the single process's.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def init() -> World:
     """Join the ``torchrun`` process group (idempotent); one rank when not launched.
 
@@ -145,8 +167,7 @@ def init() -> World:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, local_size)))
+    torch.set_num_threads(max(1, _cores() // max(1, local_size)))
     backend = "gloo"
     if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
         torch.cuda.set_device(local_rank)
@@ -359,7 +380,8 @@ def compute_shares(
 def on_main(work: Callable[[], T]) -> T:
     """``work()`` on rank 0 only, its result (or failure) given to every rank.
 
-    Single-process: ``work()``.
+    Rank 0 runs it with every core of its machine (the other ranks wait), as a
+    single process would. Single-process: ``work()``.
 
     Raises
     ------
@@ -373,7 +395,7 @@ def on_main(work: Callable[[], T]) -> T:
     value: Any = None
     if here.is_main:
         try:
-            with _local():
+            with _local(), _all_cores():
                 value = work()
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..analysis.angles import StageAngles, median_angles, median_angles_h5
 from ..errors import DataError, StoreError
 from ..io.store import ActivationStore
@@ -260,7 +261,9 @@ def stage_geometry(
     from .extract import extract_activations
 
     def run(path: Path) -> tuple[list[dict[str, Any]], bool, tuple]:
-        reused = _reusable(path, subject)
+        # Under torchrun the ranks share the extraction; rank 0 owns the store
+        # (its path, its cache decision) and reads the angles from it.
+        reused = distributed.on_main(lambda: _reusable(path, subject))
         skipped: tuple = ()
         if not reused:
             result = extract_activations(
@@ -271,10 +274,14 @@ def stage_geometry(
                 progress=extract_progress, overwrite=path.exists(),
             )
             skipped = result.skipped
-        with open_store(path) as store:
-            entries = store_angles(store, center=center, max_pairs=max_pairs, seed=seed,
-                                   subspace_k=subspace_k, progress=angles_progress)
-            skipped = skipped or tuple(store.skipped)
+
+        def angles() -> tuple[list[dict[str, Any]], tuple]:
+            with open_store(path) as store:
+                entries = store_angles(store, center=center, max_pairs=max_pairs, seed=seed,
+                                       subspace_k=subspace_k, progress=angles_progress)
+                return entries, skipped or tuple(store.skipped)
+
+        entries, skipped = distributed.on_main(angles)
         return entries, reused, skipped
 
     if cache is not None:
