@@ -1,0 +1,195 @@
+"""The same commands under torchrun (issue 14): two gloo ranks on CPU give the single process's result.
+
+Each multi-process case launches real processes (``torch.distributed.run``, or two
+ranks started by hand with the variables torchrun sets, to see each rank's own
+exit code and output) and compares with a single-process run of the same
+command: reports equal as parsed JSON (no timestamps in them), stores equal
+dataset by dataset, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from auditor import distributed
+from auditor.cli import run
+from conftest import FIXTURES, ROOT
+
+CHECKPOINT = FIXTURES / "resnet8-digits.safetensors"
+DIGITS = FIXTURES / "digits"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(ROOT), CI="1", **extra)
+    return env
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "auditor", *args]
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _two_ranks(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Two ranks started as torchrun starts them, each with its own exit code and output."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "auditor", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RESDYN_DIST_TIMEOUT="60"),
+        )
+        for rank in (0, 1)
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
+def _single(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    capsys.readouterr()
+    code = run(args)
+    return code, capsys.readouterr().out
+
+
+def _small_digits(root: Path, *, broken: str | None = None) -> Path:
+    """Classes 0 and 1 of the digits, four images each (sorted: class 1 is positions 4..7)."""
+    for name in ("0", "1"):
+        (root / name).mkdir(parents=True)
+        for image in sorted((DIGITS / name).iterdir())[:4]:
+            shutil.copy(image, root / name / image.name)
+    if broken is not None:
+        target = sorted((root / broken).iterdir())[1]
+        target.write_bytes(b"\x89PNG not an image")
+    return root
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as h5:
+        h5.visititems(lambda name, item: found.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+        found["attrs"] = {k: v for k, v in h5.attrs.items() if k != "created"}
+    return found
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def test_split_is_deterministic_balanced_and_complete() -> None:
+    costs = [5.0, 1.0, 1.0, 3.0, 2.0, 2.0, 1.0]
+    shares = distributed.split(costs, 3)
+    assert shares == distributed.split(costs, 3)
+    assert sorted(i for share in shares for i in share) == list(range(len(costs)))
+    assert all(share == sorted(share) for share in shares)
+    loads = [sum(costs[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(costs)  # greedy LPT: within one unit of each other
+    assert distributed.split([1.0] * 4, 2) == [[0, 2], [1, 3]]
+    assert distributed.split([1.0], 3) == [[0], [], []]
+    with pytest.raises(ValueError):
+        distributed.split([1.0], 0)
+
+
+def test_single_process_is_a_plain_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.launched()
+    assert distributed.init() == distributed.World() == distributed.world()
+    calls: list[tuple[int, int]] = []
+    assert distributed.compute(3, lambda i: i * i, progress=lambda d, t: calls.append((d, t))) == [0, 1, 4]
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert distributed.compute_shares(3, lambda units: [u + 1 for u in units]) == [1, 2, 3]
+    assert distributed.on_main(lambda: "x") == "x"
+    assert distributed.agree(1, None) == (1, None)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to split
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "localhost")):
+        monkeypatch.setenv(name, value)
+    assert not distributed.launched()
+
+
+def test_timeout_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from auditor.errors import UsageError
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(UsageError, match="RESDYN_DIST_TIMEOUT"):
+        distributed._timeout_seconds()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "30")
+    assert distributed._timeout_seconds() == 30.0
+
+
+# --------------------------------------------------------------------------- two ranks
+
+
+def test_audit_under_torchrun_equals_one_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """condition (layers, blocks), extract + angles, stability (blocks, trajectory): one report, the same."""
+    args = ["audit", str(CHECKPOINT), "--data", str(DIGITS), "--per-class", "6", "--samples", "6",
+            "--directions", "2", "--power-iterations", "3", "--format", "json"]
+    code, out = _single(args, capsys)
+    assert code == 0
+    two = _torchrun(args, tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads(two.stdout) == json.loads(out)  # one document on stdout: rank 1 printed nothing
+
+
+def test_extract_under_torchrun_writes_the_same_store(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _small_digits(tmp_path / "data", broken="1")  # a skipped image in rank 1's batch
+    common = ["extract", str(CHECKPOINT), "--data", str(data), "--batch-size", "2"]
+    assert _single([*common, "-o", str(tmp_path / "one.h5")], capsys)[0] == 0
+    two = _torchrun([*common, "-o", str(tmp_path / "two.h5")], tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one, other = _datasets(tmp_path / "one.h5"), _datasets(tmp_path / "two.h5")
+    assert one.keys() == other.keys() and "stages/layer3" in one
+    for key in one:
+        if key == "attrs":
+            assert one[key].keys() == other[key].keys()
+            assert all(np.array_equal(one[key][k], other[key][k]) for k in one[key])
+        else:
+            assert np.array_equal(one[key], other[key]), key
+    assert json.loads(one["attrs"]["skipped"])[0]["path"].startswith("1/")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "one.h5", "two.h5"]  # no lock, no partial
+
+
+def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path: Path) -> None:
+    data = _small_digits(tmp_path / "data", broken="1")  # batch 4..7 is rank 1's
+    out = tmp_path / "acts.h5"
+    ranks = _two_ranks(["extract", str(CHECKPOINT), "--data", str(data), "--batch-size", "4", "--strict",
+                        "-o", str(out)], tmp_path)
+    assert [r.returncode for r in ranks] == [2, 2]
+    lines = ranks[0].stderr.strip().splitlines()
+    assert len(lines) == 1, ranks[0].stderr
+    assert lines[0].startswith("resdyn: error: rank 1: ") and "cannot read the image" in lines[0]
+    assert ranks[0].stdout == "" and ranks[1].stdout == "" and ranks[1].stderr == ""
+    assert not out.exists()
+
+
+def test_trajectory_under_torchrun_splits_the_checkpoints(tmp_path: Path) -> None:
+    """Checkpoints split across ranks; each rank computes with one thread, so the
+    single-process run it equals is the one with one thread (float64 GEMMs in the
+    angles round by thread count, in one process too)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for epoch in ("epoch-00", "epoch-03", "epoch-06"):
+        shutil.copy(FIXTURES / "checkpoints" / "resnet8" / f"{epoch}.safetensors", folder)
+    args = ["trajectory", str(folder), "--data", str(DIGITS), "--per-class", "3", "--format", "json"]
+    one = subprocess.run([sys.executable, "-m", "auditor", *args], cwd=tmp_path, capture_output=True, text=True,
+                         env=_env(OMP_NUM_THREADS="1"), timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(args, tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    document = json.loads(two.stdout)
+    assert document == json.loads(one.stdout)
+    assert [point["epoch"] for point in document["series"]] == [0, 3, 6]
