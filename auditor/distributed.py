@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ __all__ = [
     "on_main",
     "agree",
     "TIMEOUT_ENV",
+    "LEDGER_ENV",
 ]
 
 T = TypeVar("T")
@@ -94,6 +96,11 @@ class RankError(AuditorError):
 _SINGLE = World()
 _current: World = _SINGLE
 _local_depth = 0  # > 0 inside a unit of compute(): nested tasks run single-process
+LEDGER_ENV = "RESDYN_DIST_LEDGER"
+# Under torchrun, one entry per split phase: what this rank did and how long it
+# worked and waited; written to $RESDYN_DIST_LEDGER/rank<N>.json by shutdown()
+# when set (bench/bench_distributed.py reads it).
+_ledger: list[dict[str, Any]] = []
 
 
 def launched() -> bool:
@@ -183,6 +190,15 @@ def shutdown() -> None:
     global _current
     if _current.size > 1:
         import torch.distributed as dist
+
+        folder = os.environ.get(LEDGER_ENV)
+        if folder:
+            import json
+            from pathlib import Path
+
+            with contextlib.suppress(OSError):
+                Path(folder, f"rank{_current.rank}.json").write_text(json.dumps(
+                    {"rank": _current.rank, "size": _current.size, "phases": _ledger}, indent=1))
 
         if dist.is_initialized():
             # every rank past its last collective before any closes its connections
@@ -331,6 +347,7 @@ def compute(
                 progress(len(done), len(indices))
         return done
 
+    share.__qualname__ = getattr(work, "__qualname__", "work")  # the ledger's phase name
     return compute_shares(units, share, costs=costs, to_main=to_main)
 
 
@@ -349,10 +366,12 @@ def compute_shares(
     here = world()
     if here.size == 1:
         return work(list(range(units)))
-    shares = split(costs if costs is not None else [1.0] * units, here.size)
+    weights = [float(c) for c in costs] if costs is not None else [1.0] * units
+    shares = split(weights, here.size)
     mine = shares[here.rank]
     status: dict[str, Any] | None = None
     local: list[T] = []
+    started = time.perf_counter()
     try:
         with _local():
             local = list(work(mine)) if mine else []
@@ -362,12 +381,16 @@ def compute_shares(
         raise
     except BaseException as exc:
         status, local = _failure(exc), []
+    worked = time.perf_counter() - started
+    _ledger.append({"phase": getattr(work, "__qualname__", "work"), "units": units, "mine": len(mine),
+                    "cost_share": sum(weights[i] for i in mine) / (sum(weights) or 1.0), "work_s": worked})
     gathered = _gather_to_main((status, local)) if to_main else _all_gather((status, local))
     if to_main:  # rank 0 knows; the others learn of a failure from a broadcast of it
         statuses = [s for s, _ in gathered] if gathered is not None else None
         _raise_first(_all_gather(statuses if here.is_main else None)[0])
     else:
         _raise_first([s for s, _ in gathered])
+    _ledger[-1]["wait_s"] = time.perf_counter() - started - worked
     if gathered is None:
         return []
     results: list[Any] = [None] * units
@@ -393,6 +416,7 @@ def on_main(work: Callable[[], T]) -> T:
         return work()
     status: dict[str, Any] | None = None
     value: Any = None
+    started = time.perf_counter()
     if here.is_main:
         try:
             with _local(), _all_cores():
@@ -401,8 +425,12 @@ def on_main(work: Callable[[], T]) -> T:
             raise
         except BaseException as exc:
             status = _failure(exc)
+    worked = time.perf_counter() - started
     status, value = _all_gather((status, value))[0]
     _raise_first([status])
+    _ledger.append({"phase": getattr(work, "__qualname__", "work"), "units": 1, "mine": int(here.is_main),
+                    "cost_share": float(here.is_main), "work_s": worked,
+                    "wait_s": time.perf_counter() - started - worked, "main_only": True})
     return value
 
 
