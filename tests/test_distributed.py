@@ -41,14 +41,15 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
-def _two_ranks(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+def _two_ranks(args: list[str], cwd: Path, program: tuple[str, ...] | list[str] = ("-m", "auditor"),
+               ) -> list[subprocess.CompletedProcess]:
     """Two ranks started as torchrun starts them, each with its own exit code and output."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "auditor", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, *program, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env=_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RESDYN_DIST_TIMEOUT="60"),
         )
@@ -193,3 +194,41 @@ def test_trajectory_under_torchrun_splits_the_checkpoints(tmp_path: Path) -> Non
     document = json.loads(two.stdout)
     assert document == json.loads(one.stdout)
     assert [point["epoch"] for point in document["series"]] == [0, 3, 6]
+
+
+_KILL_RANK_1 = """
+import os, signal, sys
+from auditor.tasks import extract
+if os.environ["RANK"] == "1":  # SIGKILL rank 1 at its second batch, as the OOM killer would
+    take, calls = extract._Capture.take, []
+    def dying(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return take(self, *args, **kwargs)
+    extract._Capture.take = dying
+from auditor.cli import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_extract_resumes_after_a_rank_was_killed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _small_digits(tmp_path / "data")
+    common = ["extract", str(CHECKPOINT), "--data", str(data), "--batch-size", "1"]
+    out = tmp_path / "two.h5"
+    ranks = _two_ranks([*common, "-o", str(out)], tmp_path, program=["-c", _KILL_RANK_1])
+    assert ranks[1].returncode == -9 and ranks[0].returncode == 2
+    assert "resdyn: error: rank " in ranks[0].stderr and len(ranks[0].stderr.strip().splitlines()) == 1
+    partial = tmp_path / "two.h5.partial"
+    assert not out.exists() and partial.exists()
+    with h5py.File(partial, "r") as h5:
+        assert 0 < int(h5.attrs["written"]) < 8  # rounds before the kill are kept
+    again = _torchrun([*common, "-o", str(out)], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _single([*common, "-o", str(tmp_path / "one.h5")], capsys)[0] == 0
+    one, other = _datasets(tmp_path / "one.h5"), _datasets(out)
+    assert one.keys() == other.keys()
+    for key in one:
+        if key != "attrs":
+            assert np.array_equal(one[key], other[key]), key
+    assert not partial.exists()
