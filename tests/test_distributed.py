@@ -162,6 +162,12 @@ def test_extract_under_torchrun_writes_the_same_store(tmp_path: Path, capsys: py
             assert np.array_equal(one[key], other[key]), key
     assert json.loads(one["attrs"]["skipped"])[0]["path"].startswith("1/")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "one.h5", "two.h5"]  # no lock, no partial
+    # angles of a store: rank 0 reads it with every core, as one process does
+    code, single = _single(["angles", str(tmp_path / "two.h5"), "--format", "json"], capsys)
+    assert code == 0
+    angles = _torchrun(["angles", str(tmp_path / "two.h5"), "--format", "json"], tmp_path)
+    assert angles.returncode == 0, angles.stderr[-2000:]
+    assert json.loads(angles.stdout) == json.loads(single)
 
 
 def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path: Path) -> None:

@@ -115,7 +115,18 @@ def store_angles(
     -------
     list of dict
         ``stages`` entries (see :func:`angles_entry`).
+
+    Notes
+    -----
+    Under torchrun rank 0 computes them with every core of its machine and gives
+    them to the other ranks (the Gram products' rounding depends on the thread
+    count, so this keeps the single process's numbers).
     """
+    if distributed.world().size > 1:
+        return distributed.on_main(lambda: store_angles(
+            store, stages=stages, classes=classes, center=center, max_pairs=max_pairs, seed=seed,
+            subspace_k=subspace_k, progress=progress,
+        ))
     names = list(stages) if stages else list(store.stage_names)
     for name in names:
         store.stage(name)  # refuses unknown stages, naming the ones in the file
