@@ -49,10 +49,12 @@ __all__ = [
     "agree",
     "TIMEOUT_ENV",
     "LEDGER_ENV",
+    "THREADS_ENV",
 ]
 
 T = TypeVar("T")
 TIMEOUT_ENV = "RESDYN_DIST_TIMEOUT"
+THREADS_ENV = "RESDYN_RANK_THREADS"
 _DEFAULT_TIMEOUT_S = 600.0
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 
@@ -128,6 +130,18 @@ def _timeout_seconds() -> float:
     return value
 
 
+def _rank_threads(local_size: int) -> int:
+    """Torch threads per rank: ``RESDYN_RANK_THREADS``, else the cores shared among the machine's ranks."""
+    raw = os.environ.get(THREADS_ENV)
+    if raw is None:
+        return max(1, _cores() // max(1, local_size))
+    if not raw.isdigit() or int(raw) < 1:
+        from .errors import UsageError
+
+        raise UsageError(f"{THREADS_ENV}={raw!r} is not a positive number of threads")
+    return int(raw)
+
+
 def _cores() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -154,9 +168,12 @@ def init() -> World:
     """Join the ``torchrun`` process group (idempotent); one rank when not launched.
 
     Uses gloo for the Python objects exchanged (CPU tensors), with NCCL for CUDA
-    tensors when CUDA is available (``cuda:LOCAL_RANK`` becomes the current
-    device), a collective timeout of ``RESDYN_DIST_TIMEOUT`` seconds, and
-    ``cores / LOCAL_WORLD_SIZE`` torch threads per rank.
+    tensors when the machine has a GPU per local rank (``cuda:LOCAL_RANK`` becomes
+    the current device, so ``--device cuda`` means it), a collective timeout of
+    ``RESDYN_DIST_TIMEOUT`` seconds, and ``cores / LOCAL_WORLD_SIZE`` torch threads
+    per rank. ``RESDYN_RANK_THREADS`` overrides the latter: some float64 products
+    (MKL GEMMs, the spectra's chunking) round by thread count, in one process too, so
+    ranks with the single process's thread count reproduce its last digits.
 
     Returns
     -------
@@ -174,9 +191,10 @@ def init() -> World:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    torch.set_num_threads(max(1, _cores() // max(1, local_size)))
+    torch.set_num_threads(_rank_threads(local_size))
     backend = "gloo"
-    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+    # NCCL needs a GPU of its own per rank; every rank of a machine decides alike
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_size:
         torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
     if not dist.is_initialized():

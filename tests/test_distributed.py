@@ -122,7 +122,7 @@ def test_single_process_is_a_plain_loop(monkeypatch: pytest.MonkeyPatch) -> None
     assert not distributed.launched()
 
 
-def test_timeout_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timeout_and_threads_variables_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     from auditor.errors import UsageError
 
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
@@ -130,6 +130,13 @@ def test_timeout_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         distributed._timeout_seconds()
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "30")
     assert distributed._timeout_seconds() == 30.0
+    monkeypatch.setenv(distributed.THREADS_ENV, "0")
+    with pytest.raises(UsageError, match="RESDYN_RANK_THREADS"):
+        distributed._rank_threads(2)
+    monkeypatch.setenv(distributed.THREADS_ENV, "3")
+    assert distributed._rank_threads(2) == 3
+    monkeypatch.delenv(distributed.THREADS_ENV)
+    assert distributed._rank_threads(2) == max(1, distributed._cores() // 2)
 
 
 # --------------------------------------------------------------------------- two ranks
