@@ -3,12 +3,13 @@
 Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR`` in
 the environment) the command line calls :func:`init` once: a ``torch.distributed``
 process group (gloo for the Python objects the ranks exchange, NCCL alongside it
-when CUDA is available), ``cuda:LOCAL_RANK`` as each rank's CUDA device, and
-``cores / local world size`` torch threads per rank. The tasks then split their
-units of work (layers, blocks, checkpoints, batches of images) with
+when the machine has a GPU per local rank), ``cuda:LOCAL_RANK`` as each rank's CUDA
+device, and ``cores / local world size`` torch threads per rank. The tasks then
+split their units of work (layers, blocks, checkpoints, batches of images) with
 :func:`split`, compute their own with :func:`compute`, and every rank gets the
-results of all, in the single-process order: the numbers are the single
-process's, only the wall time changes.
+results of all, in the single-process order: each unit is computed as one process
+computes it, only the wall time changes (float64 products that round by thread
+count round as in one process with the rank's thread count; see :func:`init`).
 
 Failures. A unit that raises on one rank is caught there and travels with the
 results: every rank then raises :class:`RankError` ("rank 1: <cause>"), so no

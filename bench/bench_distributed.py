@@ -146,7 +146,7 @@ def main() -> None:
     print(f"\n{'':<16} {'best wall s':>12} {'vs N=1':>7}   runs")
     for name, runs in walls.items():
         print(f"{name:<16} {min(runs):12.1f} {min(runs) / best1:7.2f}x   {' '.join(f'{w:.1f}' for w in runs)}")
-    print(f"(the last row: one process with the threads of one rank, the same CPU per process as N=2)")
+    print("(the last row: one process with the threads of one rank, the same CPU per process as N=2)")
 
     print("\nN = 1: rank 0 does every unit of every phase (100 %).")
     print("N = 2, best run: each rank's share per phase (units, share of the estimated cost, work s, wait s)")

@@ -127,6 +127,12 @@ def _run_ranks(argv: list[str] | None, debug: bool) -> int:
     except AuditorError as exc:
         print(f"resdyn: error: rank {fail.rank}: {exc.one_line(flag_for)}", file=sys.stderr)
         return int(ExitCode.ERROR)
+    except Exception as exc:  # no rendezvous (a wrong MASTER_ADDR, a peer that never came)
+        if debug:
+            raise
+        print(f"resdyn: error: rank {fail.rank}: cannot join the torchrun process group "
+              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", file=sys.stderr)
+        return int(ExitCode.ERROR)
     try:
         with contextlib.ExitStack() as stack:
             if not here.is_main:

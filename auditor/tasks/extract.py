@@ -518,8 +518,11 @@ def _extract_ranks(
         capture.buffers = {s.name: torch.empty((batch_size, *s.shape), dtype=torch.float32) for s in specs}
         empty = {s.name: np.empty((0, *s.shape), dtype=np.float32) for s in specs}
 
-        def forward(_: int) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, str]]]:
+        def forward(start: int) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, str]]]:
             batch = next(loader)
+            handled = batch.indices.tolist() + [position for position, _ in batch.failures]
+            if min(handled) != start:  # this rank's batches in order: t * world + rank
+                raise RuntimeError(f"loader batch at {min(handled)}, expected {start}")
             failures = []
             for position, failure in batch.failures:
                 if failure.fatal or strict:
@@ -534,11 +537,15 @@ def _extract_ranks(
         try:
             for first in range(0, len(starts), here.size):
                 batches = min(here.size, len(starts) - first)
-                rows = distributed.compute(batches, forward, to_main=True)
+
+                def batch_rows(unit: int, first: int = first) -> tuple:
+                    return forward(starts[first + unit])  # split() gives unit r of a round to rank r
+
+                rows = distributed.compute(batches, batch_rows, to_main=True)
 
                 def append(rows: list = rows) -> None:
-                    for batch in rows:
-                        writer.append(*batch)
+                    for done in rows:
+                        writer.append(*done)
 
                 distributed.on_main(append)
                 if progress is not None:
