@@ -245,3 +245,17 @@ def test_extract_resumes_after_a_rank_was_killed(tmp_path: Path, capsys: pytest.
         if key != "attrs":
             assert np.array_equal(one[key], other[key]), key
     assert not partial.exists()
+
+
+def test_rank_0_refusing_the_output_ends_every_rank(tmp_path: Path) -> None:
+    """An error in rank 0's own part (the store exists) reaches every rank; the hint keeps its flag."""
+    data = _small_digits(tmp_path / "data")
+    out = tmp_path / "acts.h5"
+    out.write_bytes(b"an earlier result")
+    ranks = _two_ranks(["extract", str(CHECKPOINT), "--data", str(data), "-o", str(out)], tmp_path)
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert ranks[0].stderr.strip().splitlines() == [
+        f"resdyn: error: rank 0: {out} already exists Hint: pass --overwrite to replace it, or choose another "
+        "output path"
+    ]
+    assert ranks[1].stderr == "" and out.read_bytes() == b"an earlier result"
