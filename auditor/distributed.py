@@ -204,8 +204,16 @@ def init() -> World:
     return _current
 
 
-def shutdown() -> None:
-    """Leave the process group (if :func:`init` joined one)."""
+def shutdown(*, together: bool = True) -> None:
+    """Leave the process group (if :func:`init` joined one).
+
+    Parameters
+    ----------
+    together : bool
+        Every rank is leaving now (after :func:`agree`): wait for all first. False
+        when this rank leaves on its own (an exception): a barrier would pair with
+        another collective of the others.
+    """
     global _current
     if _current.size > 1:
         import torch.distributed as dist
@@ -222,8 +230,9 @@ def shutdown() -> None:
         if dist.is_initialized():
             # every rank past its last collective before any closes its connections
             # (a peer that tears down first can abort the other's gloo threads)
-            with contextlib.suppress(Exception):
-                dist.barrier()
+            if together:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             dist.destroy_process_group()
     _current = _SINGLE
 

@@ -122,6 +122,7 @@ def _run_ranks(argv: list[str] | None, debug: bool) -> int:
     from .. import distributed
 
     fail = _Failures(int(os.environ.get("RANK", 0)))
+    together = False  # whether every rank reached the end (RESDYN_DEBUG lets an error escape)
     try:
         here = distributed.init()
     except AuditorError as exc:
@@ -144,12 +145,13 @@ def _run_ranks(argv: list[str] | None, debug: bool) -> int:
             warnings.simplefilter("default")
             code = _run(argv, debug, fail)
             code, failure = distributed.agree(code, fail.failure)
+            together = True
             if failure is not None and here.is_main:
                 print(f"resdyn: error: {failure[1]}", file=sys.stderr)
             if code in (ExitCode.OK, ExitCode.RULE_FAILED) and here.is_main:
                 _show_warnings(caught)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=together)
     return code
 
 
