@@ -259,3 +259,26 @@ def test_rank_0_refusing_the_output_ends_every_rank(tmp_path: Path) -> None:
         "output path"
     ]
     assert ranks[1].stderr == "" and out.read_bytes() == b"an earlier result"
+
+
+def test_stability_of_some_blocks_equals_those_of_the_full_run() -> None:
+    """``only_blocks`` / ``with_trajectory`` (the units ranks share): the same numbers as a full run."""
+    import torch
+
+    from auditor.analysis.stability import measure_stability
+    from auditor.subject import open_subject
+
+    subject = open_subject(CHECKPOINT)
+    images = torch.randn((3, *subject.anatomy.input_shape), generator=torch.Generator().manual_seed(5))
+    options = dict(directions=2, power_iterations=2, seed=7)
+    full = measure_stability(subject.loaded.model, subject.anatomy, images, **options)
+    part = measure_stability(subject.loaded.model, subject.anatomy, images, **options, only_blocks=[1],
+                             with_trajectory=False)
+    rest = measure_stability(subject.loaded.model, subject.anatomy, images, **options, only_blocks=[])
+    assert [b.name for b in part.blocks] == [full.blocks[1].name]
+    assert part.blocks[0].to_dict(include_ratios=True) == full.blocks[1].to_dict(include_ratios=True)
+    assert [b.to_dict() for b in part.batchnorm] == [b.to_dict() for b in full.batchnorm
+                                                     if b.block == full.blocks[1].name]
+    assert part.trajectory.runs == 0 and part.trajectory.points == ()
+    assert rest.blocks == () and rest.trajectory.to_dict() == full.trajectory.to_dict()
+    assert [b.to_dict() for b in rest.batchnorm] == [b.to_dict() for b in full.batchnorm if b.block is None]
