@@ -58,6 +58,8 @@ TIMEOUT_ENV = "RESDYN_DIST_TIMEOUT"
 THREADS_ENV = "RESDYN_RANK_THREADS"
 _DEFAULT_TIMEOUT_S = 600.0
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+_LOST_HINT = (f"another rank ended or hangs: see torchrun's report of the ranks; {TIMEOUT_ENV} sets how many "
+              "seconds a rank waits for the others")
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ def _all_gather(value: Any) -> list[Any]:
         dist.all_gather_object(gathered, value)
     except Exception as exc:  # gloo / NCCL report a lost peer or a timeout as RuntimeError subclasses
         raise RankError(_current.rank, f"lost contact with the other ranks ({' '.join(str(exc).split())[:200]})",
-                        hint="another rank ended first: see its message, or torchrun's report") from exc
+                        hint=_LOST_HINT) from exc
     return gathered
 
 
@@ -319,7 +321,7 @@ def _gather_to_main(value: Any) -> list[Any] | None:
         dist.gather_object(value, gathered, dst=0)
     except Exception as exc:
         raise RankError(_current.rank, f"lost contact with the other ranks ({' '.join(str(exc).split())[:200]})",
-                        hint="another rank ended first: see its message, or torchrun's report") from exc
+                        hint=_LOST_HINT) from exc
     return gathered
 
 

@@ -282,3 +282,39 @@ def test_stability_of_some_blocks_equals_those_of_the_full_run() -> None:
     assert part.trajectory.runs == 0 and part.trajectory.points == ()
     assert rest.blocks == () and rest.trajectory.to_dict() == full.trajectory.to_dict()
     assert [b.to_dict() for b in rest.batchnorm] == [b.to_dict() for b in full.batchnorm if b.block is None]
+
+
+_HANG_RANK_1 = """
+import os, sys, time
+from auditor.tasks import extract
+if os.environ["RANK"] == "1":  # rank 1 hangs in its first batch
+    extract._Capture.take = lambda *args, **kwargs: time.sleep(3600)
+from auditor.cli import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_no_rank_waits_forever_for_a_hung_one(tmp_path: Path) -> None:
+    data = _small_digits(tmp_path / "data")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HANG_RANK_1, "extract", str(CHECKPOINT), "--data", str(data), "--batch-size",
+             "2", "-o", str(tmp_path / "acts.h5")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RESDYN_DIST_TIMEOUT="2"),
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        _, err = ranks[0].communicate(timeout=120)  # the collective timeout ends rank 0
+    finally:
+        ranks[1].kill()  # torchrun would end the hung one
+        ranks[1].communicate()
+    assert ranks[0].returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resdyn: error: rank 0: lost contact with the other ranks")
+    assert "RESDYN_DIST_TIMEOUT" in lines[0]
+    assert not (tmp_path / "acts.h5").exists()
