@@ -142,6 +142,7 @@ def test_timeout_and_threads_variables_are_checked(monkeypatch: pytest.MonkeyPat
 # --------------------------------------------------------------------------- two ranks
 
 
+@pytest.mark.slow
 def test_audit_under_torchrun_equals_one_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """condition (layers, blocks), extract + angles, stability (blocks, trajectory): one report, the same."""
     args = ["audit", str(CHECKPOINT), "--data", str(DIGITS), "--per-class", "6", "--samples", "6",
@@ -153,6 +154,7 @@ def test_audit_under_torchrun_equals_one_process(tmp_path: Path, capsys: pytest.
     assert json.loads(two.stdout) == json.loads(out)  # one document on stdout: rank 1 printed nothing
 
 
+@pytest.mark.slow
 def test_extract_under_torchrun_writes_the_same_store(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _small_digits(tmp_path / "data", broken="1")  # a skipped image in rank 1's batch
     common = ["extract", str(CHECKPOINT), "--data", str(data), "--batch-size", "2"]
@@ -177,6 +179,7 @@ def test_extract_under_torchrun_writes_the_same_store(tmp_path: Path, capsys: py
     assert json.loads(angles.stdout) == json.loads(single)
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path: Path) -> None:
     data = _small_digits(tmp_path / "data", broken="1")  # batch 4..7 is rank 1's
     out = tmp_path / "acts.h5"
@@ -190,6 +193,7 @@ def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_trajectory_under_torchrun_splits_the_checkpoints(tmp_path: Path) -> None:
     """Checkpoints split across ranks; each rank computes with one thread, so the
     single-process run it equals is the one with one thread (float64 GEMMs in the
@@ -225,6 +229,7 @@ sys.exit(run(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_extract_resumes_after_a_rank_was_killed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _small_digits(tmp_path / "data")
     common = ["extract", str(CHECKPOINT), "--data", str(data), "--batch-size", "1"]
@@ -247,6 +252,7 @@ def test_extract_resumes_after_a_rank_was_killed(tmp_path: Path, capsys: pytest.
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_rank_0_refusing_the_output_ends_every_rank(tmp_path: Path) -> None:
     """An error in rank 0's own part (the store exists) reaches every rank; the hint keeps its flag."""
     data = _small_digits(tmp_path / "data")
@@ -294,6 +300,7 @@ sys.exit(run(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_no_rank_waits_forever_for_a_hung_one(tmp_path: Path) -> None:
     data = _small_digits(tmp_path / "data")
     with socket.socket() as probe:
