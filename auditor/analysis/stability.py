@@ -84,7 +84,7 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1156,6 +1156,8 @@ def measure_stability(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int | None = None,
+    only_blocks: Collection[int] | None = None,
+    with_trajectory: bool = True,
 ) -> StabilityReport:
     """Measure how blocks amplify small perturbations of real activations.
 
@@ -1199,6 +1201,13 @@ def measure_stability(
         as fit in a budget of ``2**22`` elements per tensor (a quarter for the products).
         The numbers do not depend on it: exactly in float64; in float32 up to rounding
         (oneDNN picks its kernels by batch size), about ``1e-5`` relative in ``r``.
+    only_blocks : collection of int, optional
+        Measure only these blocks (indices into ``anatomy.blocks``; default all), for
+        work split across processes: each block's numbers are those of a full run
+        (its random stream depends on its index only).
+    with_trajectory : bool
+        Measure the end-to-end trajectory and the BatchNorm layers outside blocks;
+        when False the report's ``trajectory`` is empty (no points, 0 runs).
 
     Returns
     -------
@@ -1262,12 +1271,16 @@ def measure_stability(
     inner = {b: [n for n in bns if _inside(n, b)] for b in block_names}
     outer = [n for n in bns if not any(_inside(n, b) for b in block_names)]
 
-    total = len(anatomy.blocks) + 1
+    chosen = set(range(len(anatomy.blocks)) if only_blocks is None else only_blocks)
+    total = len(chosen) + int(with_trajectory)
     done = 0
     block_results: list[BlockStability] = []
     bn_results: list[BatchNormStability] = []
     # 3. Block by block, capturing inputs in groups that fit in memory.
     for group in _capture_groups(anatomy, x.shape[0]):
+        group = [index for index in group if index in chosen]
+        if not group:
+            continue
         inputs = _capture(work, modules, x, [anatomy.blocks[i].name for i in group], batch_size)
         for index in group:
             info = anatomy.blocks[index]
@@ -1285,13 +1298,15 @@ def measure_stability(
                 progress(done, total)
 
     # 4. The trajectory of one input perturbation through the whole network.
-    trajectory, outer_results = _trajectory(
-        work, modules, anatomy, x, outer, eps=eps, directions=directions, seed=seed, dtype=dtype,
-        batch_size=batch_size,
-    )
-    done += 1
-    if progress is not None:
-        progress(done, total)
+    trajectory, outer_results = Trajectory((), None, None, None, 0), []
+    if with_trajectory:
+        trajectory, outer_results = _trajectory(
+            work, modules, anatomy, x, outer, eps=eps, directions=directions, seed=seed, dtype=dtype,
+            batch_size=batch_size,
+        )
+        done += 1
+        if progress is not None:
+            progress(done, total)
 
     notes = []
     if not anatomy.blocks:

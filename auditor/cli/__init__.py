@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 
@@ -63,9 +64,24 @@ def flag_for(remedy: Remedy) -> str:
     return flag if remedy.value is True else f"{flag} {remedy.value}"
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, rank: int | None = None) -> int:
     print(f"resdyn: error: {message}", file=sys.stderr)
     return int(ExitCode.ERROR)
+
+
+class _Failures:
+    """Under torchrun: records this rank's one-line error instead of printing it (see :func:`_run_ranks`)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.failure: tuple[int, str] | None = None
+
+    def __call__(self, message: str, rank: int | None = None) -> int:
+        origin = self.rank if rank is None else rank
+        if rank is None:
+            message = f"rank {origin}: {message}"
+        self.failure = (origin, message)
+        return int(ExitCode.ERROR)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -77,6 +93,10 @@ def run(argv: list[str] | None = None) -> int:
     they appear as Python prints them.
     """
     debug = bool(os.environ.get("RESDYN_DEBUG"))
+    from ..distributed import launched
+
+    if launched():
+        return _run_ranks(argv, debug)
     if debug:
         return _run(argv, debug)
     import warnings
@@ -86,6 +106,53 @@ def run(argv: list[str] | None = None) -> int:
         code = _run(argv, debug)
     if code in (ExitCode.OK, ExitCode.RULE_FAILED):
         _show_warnings(caught)
+    return code
+
+
+def _run_ranks(argv: list[str] | None, debug: bool) -> int:
+    """One rank of a ``torchrun`` run: every rank works, rank 0 alone speaks and writes.
+
+    Ranks other than 0 run with stdout and stderr sent to the null device (their
+    tracebacks stay visible with ``RESDYN_DEBUG=1``). At the end the ranks agree
+    on one exit code: 2 with one line naming the lowest failing rank when any
+    failed, else rank 0's.
+    """
+    import contextlib
+    import warnings
+
+    from .. import distributed
+
+    fail = _Failures(int(os.environ.get("RANK", 0)))
+    together = False  # whether every rank reached the end (RESDYN_DEBUG lets an error escape)
+    try:
+        here = distributed.init()
+    except AuditorError as exc:
+        print(f"resdyn: error: rank {fail.rank}: {exc.one_line(flag_for)}", file=sys.stderr)
+        return int(ExitCode.ERROR)
+    except Exception as exc:  # no rendezvous (a wrong MASTER_ADDR, a peer that never came)
+        if debug:
+            raise
+        print(f"resdyn: error: rank {fail.rank}: cannot join the torchrun process group "
+              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", file=sys.stderr)
+        return int(ExitCode.ERROR)
+    try:
+        with contextlib.ExitStack() as stack:
+            if not here.is_main:
+                sink = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(sink))
+                if not debug:
+                    stack.enter_context(contextlib.redirect_stderr(sink))
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("default")
+            code = _run(argv, debug, fail)
+            code, failure = distributed.agree(code, fail.failure)
+            together = True
+            if failure is not None and here.is_main:
+                print(f"resdyn: error: {failure[1]}", file=sys.stderr)
+            if code in (ExitCode.OK, ExitCode.RULE_FAILED) and here.is_main:
+                _show_warnings(caught)
+    finally:
+        distributed.shutdown(together=together)
     return code
 
 
@@ -102,14 +169,15 @@ def _show_warnings(caught: list) -> None:
             print(f"warning: {text}", file=sys.stderr)
 
 
-def _run(argv: list[str] | None, debug: bool) -> int:
+def _run(argv: list[str] | None, debug: bool, fail: Callable[..., int] = _fail) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="resdyn", standalone_mode=False)
     except AuditorError as exc:
         if debug:
             raise
-        return _fail(exc.one_line(flag_for))
+        origin = getattr(exc, "rank", None)  # a distributed.RankError already names its rank
+        return fail(exc.one_line(flag_for)) if origin is None else fail(exc.one_line(flag_for), origin)
     except typer.Exit as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
     except typer.Abort:
@@ -124,7 +192,7 @@ def _run(argv: list[str] | None, debug: bool) -> int:
             raise
         context = getattr(exc, "ctx", None)
         where = f" (see '{context.command_path} --help')" if context is not None else ""
-        return _fail(" ".join(exc.format_message().split()) + where)
+        return fail(" ".join(exc.format_message().split()) + where)
     except KeyboardInterrupt:
         print("resdyn: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
@@ -133,7 +201,7 @@ def _run(argv: list[str] | None, debug: bool) -> int:
     except Exception as exc:  # an internal error: still one line and exit 2
         if debug:
             raise
-        return _fail(f"internal error: {type(exc).__name__}: {exc}. Set RESDYN_DEBUG=1 for the traceback.")
+        return fail(f"internal error: {type(exc).__name__}: {exc}. Set RESDYN_DEBUG=1 for the traceback.")
     return int(result) if isinstance(result, int) else int(ExitCode.OK)
 
 

@@ -58,8 +58,12 @@ def emit(
     table: Callable[[Mapping[str, Any]], list[RenderableType]],
     markdown: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> None:
-    """Render ``document`` in ``fmt`` to stdout, or atomically to ``output``."""
+    """Render ``document`` in ``fmt`` to stdout, or atomically to ``output`` (under torchrun: rank 0 only)."""
+    from ..distributed import world
     from ..report.document import dumps, write_atomic
+
+    if not world().is_main:
+        return
 
     checkpoint = document.get("checkpoint")
     if isinstance(checkpoint, Mapping) and checkpoint.get("converted_from"):  # every format, on stderr

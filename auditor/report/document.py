@@ -122,7 +122,14 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename (see :func:`atomic_output`)."""
+    """Write ``text`` to ``path`` through a temporary sibling and a rename (see :func:`atomic_output`).
+
+    Under ``torchrun`` only rank 0 writes; the call does nothing on the others.
+    """
+    from ..distributed import world
+
+    if not world().is_main:
+        return
     with atomic_output(path) as temporary:
         temporary.write_bytes(text.encode() if isinstance(text, str) else text)
 

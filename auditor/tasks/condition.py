@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import distributed
 from ..analysis.conditioning import BlockConditioning, condition_block
 from ..analysis.pooled_projection import pooled_projection
 from ..analysis.spectra import (
@@ -257,6 +258,23 @@ def _layer_spectrum(
     )
 
 
+def _cost(modules: dict[str, nn.Module], name: str, input_shape: tuple[int, ...]) -> float:
+    """Estimated cost of a layer's spectrum (for splitting work across ranks): frequencies x SVD size."""
+    weight = getattr(modules.get(name), "weight", None)
+    if weight is None or weight.dim() < 2:
+        return 1.0
+    rows, cols = int(weight.shape[0]), int(weight[0].numel())
+    frequencies = math.prod(int(s) for s in input_shape[1:]) if weight.dim() == 4 else 1
+    return float(frequencies * rows * cols * min(rows, cols))
+
+
+def _shifted(progress: Progress | None, offset: int, total: int) -> Progress | None:
+    """``progress`` of a phase that starts after ``offset`` of ``total`` steps."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(offset + done, total)
+
+
 def condition(
     subject: Subject,
     *,
@@ -300,37 +318,49 @@ def condition(
             if conv.bn:
                 pairs.setdefault(conv.name, conv.bn)
     layers = subject.anatomy.layers
-    total = len(layers) + len(subject.anatomy.blocks)
-    spectra = []
-    # circular (M_i, m_i) of each layer, keyed by (name, folded BN, input shape):
-    # the blocks reuse them instead of computing every spectrum a second time
-    circular_extremes: dict[tuple[str, str | None, tuple[int, ...]], tuple[float, float]] = {}
-    for index, layer in enumerate(layers):
+    blocks_info = subject.anatomy.blocks
+    total = len(layers) + len(blocks_info)
+
+    def layer_spectrum(index: int) -> LayerSpectrum:
+        layer = layers[index]
         bn = pairs.get(layer.name) if fold_bn else None
         if layer.kind == "conv":
             op = _conv_operator(modules, layer.name, layer.input_shape, bn, fold_bn, target)
         else:
             op = linear_operator(modules[layer.name].weight.detach().to(target, torch.float64), name=layer.name)
-        spectrum = _layer_spectrum(op, layer, boundary, bn, keep_spectra)
-        spectra.append(spectrum)
+        return _layer_spectrum(op, layer, boundary, bn, keep_spectra)
+
+    # Layers, then blocks, each split across the ranks under torchrun (one rank: a loop).
+    spectra = distributed.compute(
+        len(layers), layer_spectrum, costs=[_cost(modules, layer.name, layer.input_shape) for layer in layers],
+        progress=_shifted(progress, 0, total),
+    )
+    # circular (M_i, m_i) of each layer, keyed by (name, folded BN, input shape):
+    # the blocks reuse them instead of computing every spectrum a second time
+    circular_extremes: dict[tuple[str, str | None, tuple[int, ...]], tuple[float, float]] = {}
+    for layer, spectrum in zip(layers, spectra):
         if spectrum.method == "fft-circular":
+            bn = pairs.get(layer.name) if fold_bn else None
             circular_extremes[(layer.name, bn, tuple(layer.input_shape))] = (spectrum.sigma_max, spectrum.sigma_min)
-        if progress:
-            progress(index + 1, total)
-    blocks = []
-    for index, block in enumerate(subject.anatomy.blocks):
+
+    def block_conditioning(index: int) -> BlockConditioning:
+        block = blocks_info[index]
         convs = [
             _conv_operator(modules, c.name, c.input_shape, c.bn, fold_bn, target) for c in block.convs
         ]
         keys = [(c.name, c.bn if fold_bn else None, tuple(c.input_shape)) for c in block.convs]
         known = [circular_extremes.get(key) for key in keys]
         shortcut = _shortcut_operator(modules, block, fold_bn, target)
-        blocks.append(condition_block(
+        return condition_block(
             convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
             layer_extremes=None if None in known else known, full_spectra=full_spectra,
-        ))
-        if progress:
-            progress(len(layers) + index + 1, total)
+        )
+
+    blocks = distributed.compute(
+        len(blocks_info), block_conditioning,
+        costs=[sum(_cost(modules, c.name, c.input_shape) for c in (*b.convs, *b.shortcut_convs)) for b in blocks_info],
+        progress=_shifted(progress, len(layers), total),
+    )
     return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks, subject)
 
 
@@ -347,7 +377,15 @@ def save_spectra(path: str | Path, report: ConditionReport) -> None:
     ------
     OutputError
         Any I/O failure, naming ``path``; nothing is left behind.
+
+    Notes
+    -----
+    Under ``torchrun`` only rank 0 writes; the call does nothing on the others.
     """
+    from ..distributed import world
+
+    if not world().is_main:
+        return
     import h5py
 
     from ..report.document import atomic_output

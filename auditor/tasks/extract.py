@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from .. import distributed
 from ..errors import ArchitectureError, DataError, UsageError
-from ..io.images import ImageDataset, make_loader
+from ..io.images import ImageDataset, collate_images, make_loader
 from ..io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
 from ..models.anatomy import Anatomy, StageSpec
 
@@ -394,6 +396,10 @@ def extract_activations(
         compression=compression,
     )
     total = len(dataset)
+    if distributed.world().size > 1:
+        return _extract_ranks(model, specs, dataset, out_path, header, overwrite=overwrite, device=target,
+                              batch_size=batch_size, workers=workers, strict=strict, progress=progress,
+                              started=started)
     with StoreWriter(out_path, header, overwrite=overwrite) as writer:
         resumed_from = writer.consumed
         if progress is not None:
@@ -463,3 +469,101 @@ def _run(
         capture.remove()
         background.stop()
     background.check()
+
+
+def _extract_ranks(
+    model: nn.Module,
+    specs: Sequence[StageSpec],
+    dataset: ImageDataset,
+    out_path: str | Path,
+    header: StoreHeader,
+    *,
+    overwrite: bool,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    strict: bool,
+    progress: ProgressCallback | None,
+    started: float,
+) -> ExtractResult:
+    """:func:`extract_activations` under torchrun: batches round-robin across ranks, rank 0 writes.
+
+    Rank 0 alone opens the store (lock, ``.partial``, resume) and tells the others
+    where to start. The remaining samples are cut into the single process's
+    batches; in round ``t`` rank ``r`` runs batch ``t * world + r``, rank 0 gathers
+    the round's rows and appends them in batch order: the same appends as one
+    process makes, so the same file. A failure on any rank ends every rank (the
+    partial file stays for a resume, as after a kill of any rank).
+    """
+    here = distributed.world()
+    total = len(dataset)
+    writer: StoreWriter | None = None
+
+    def open_writer() -> int:
+        nonlocal writer
+        writer = StoreWriter(out_path, header, overwrite=overwrite)
+        return writer.consumed
+
+    try:
+        resumed_from = distributed.on_main(open_writer)
+        if progress is not None:
+            progress(resumed_from, total)
+        starts = list(range(resumed_from, total, batch_size))
+        mine = [list(range(a, min(a + batch_size, total))) for a in starts[here.rank :: here.size]]
+        cuda = device.type == "cuda"
+        model.eval().to(device)
+        loader = iter(DataLoader(dataset, batch_sampler=mine, num_workers=workers, collate_fn=collate_images,
+                                 pin_memory=cuda, prefetch_factor=2 if workers > 0 else None))
+        capture = _Capture(model, specs)
+        capture.buffers = {s.name: torch.empty((batch_size, *s.shape), dtype=torch.float32) for s in specs}
+        empty = {s.name: np.empty((0, *s.shape), dtype=np.float32) for s in specs}
+
+        def forward(start: int) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, str]]]:
+            batch = next(loader)
+            handled = batch.indices.tolist() + [position for position, _ in batch.failures]
+            if min(handled) != start:  # this rank's batches in order: t * world + rank
+                raise RuntimeError(f"loader batch at {min(handled)}, expected {start}")
+            failures = []
+            for position, failure in batch.failures:
+                if failure.fatal or strict:
+                    raise _failure_error(dataset, position, failure.reason, failure.fatal)
+                failures.append((position, failure.reason))
+            if batch.images is None:
+                return empty, [], failures
+            with torch.inference_mode():
+                model(batch.images.to(device, non_blocking=cuda))
+            return capture.take(specs, len(batch.indices)), batch.indices.tolist(), failures
+
+        try:
+            for first in range(0, len(starts), here.size):
+                batches = min(here.size, len(starts) - first)
+
+                def batch_rows(unit: int, first: int = first) -> tuple:
+                    return forward(starts[first + unit])  # split() gives unit r of a round to rank r
+
+                rows = distributed.compute(batches, batch_rows, to_main=True)
+
+                def append(rows: list = rows) -> None:
+                    for done in rows:
+                        writer.append(*done)
+
+                distributed.on_main(append)
+                if progress is not None:
+                    progress(min(total, starts[first + batches - 1] + batch_size), total)
+        finally:
+            capture.remove()
+
+        def finish() -> tuple[Path, tuple[dict[str, str], ...], int]:
+            path = writer.finish()
+            return path, tuple(writer.skipped), writer.written
+
+        path, skipped, written = distributed.on_main(finish)
+    finally:
+        if writer is not None:
+            writer.close()
+    if progress is not None:
+        progress(total, total)
+    return ExtractResult(
+        Path(path), written, tuple(s.name for s in specs), skipped,
+        time.perf_counter() - started, resumed_from, str(device),
+    )

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..analysis.angles import StageAngles, median_angles, median_angles_h5
 from ..errors import DataError, StoreError
 from ..io.store import ActivationStore
@@ -114,7 +115,18 @@ def store_angles(
     -------
     list of dict
         ``stages`` entries (see :func:`angles_entry`).
+
+    Notes
+    -----
+    Under torchrun rank 0 computes them with every core of its machine and gives
+    them to the other ranks (the Gram products' rounding depends on the thread
+    count, so this keeps the single process's numbers).
     """
+    if distributed.world().size > 1:
+        return distributed.on_main(lambda: store_angles(
+            store, stages=stages, classes=classes, center=center, max_pairs=max_pairs, seed=seed,
+            subspace_k=subspace_k, progress=progress,
+        ))
     names = list(stages) if stages else list(store.stage_names)
     for name in names:
         store.stage(name)  # refuses unknown stages, naming the ones in the file
@@ -260,8 +272,10 @@ def stage_geometry(
     from .extract import extract_activations
 
     def run(path: Path) -> tuple[list[dict[str, Any]], bool, tuple]:
+        # Under torchrun the ranks share the extraction; rank 0 owns the store
+        # (its path, its cache decision) and reads the angles from it.
         skipped: tuple = ()
-        while not (reused := _reusable(path, subject)):
+        while not (reused := distributed.on_main(lambda: _reusable(path, subject))):
             try:
                 result = extract_activations(
                     subject.loaded.model, subject.anatomy, images.dataset, path,
@@ -271,14 +285,18 @@ def stage_geometry(
                     progress=extract_progress, overwrite=path.exists(),
                 )
             except (StoreBusyError, StoreExistsError):  # another process sharing the cache writes it:
-                wait_for_writer(path)  # wait, then reuse (or resume) its store
+                wait_for_writer(path)  # wait, then reuse (or resume) its store (under torchrun: RankError, refused)
                 continue
             skipped = result.skipped
             break
-        with open_store(path) as store:
-            entries = store_angles(store, center=center, max_pairs=max_pairs, seed=seed,
-                                   subspace_k=subspace_k, progress=angles_progress)
-            skipped = skipped or tuple(store.skipped)
+
+        def angles() -> tuple[list[dict[str, Any]], tuple]:
+            with open_store(path) as store:
+                entries = store_angles(store, center=center, max_pairs=max_pairs, seed=seed,
+                                       subspace_k=subspace_k, progress=angles_progress)
+                return entries, skipped or tuple(store.skipped)
+
+        entries, skipped = distributed.on_main(angles)
         return entries, reused, skipped
 
     if cache is not None:

@@ -7,10 +7,13 @@ here unless the caller has them) and calls
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import distributed
 from ..analysis.stability import StabilityReport
 from ..errors import UsageError
 from ..subject import Subject
@@ -113,8 +116,41 @@ def subject_stability(
     sample = sample_images(images, samples, seed)
     if bounds is None:
         bounds = condition(subject, device=device, progress=condition_progress).bounds()
-    report = measure_stability(
-        subject.loaded.model, subject.anatomy, sample.images, eps=eps, directions=directions, seed=seed,
-        power_iterations=power_iterations, bounds=bounds, progress=progress, device=device,
-    )
+    options = dict(eps=eps, directions=directions, seed=seed, power_iterations=power_iterations, bounds=bounds,
+                   progress=progress, device=device)
+    if distributed.world().size == 1:
+        report = measure_stability(subject.loaded.model, subject.anatomy, sample.images, **options)
+    else:
+        report = _split_stability(subject, sample.images, options)
     return StabilityResult(subject, images, report, samples, sample.skipped)
+
+
+def _split_stability(subject: Subject, images: Any, options: dict[str, Any]) -> StabilityReport:
+    """:func:`measure_stability` with its blocks and its trajectory split across the ranks (torchrun).
+
+    Units ``0 .. L-1`` are the blocks, unit ``L`` the trajectory; every block draws
+    its random stream from ``seed + index`` alone, so each unit's numbers equal the
+    single-process run's, and the report is put together in its order.
+    """
+    from ..analysis.stability import measure_stability
+
+    anatomy = subject.anatomy
+    count = len(anatomy.blocks)
+    directions, iterations = int(options["directions"]), int(options["power_iterations"])
+    # cost in block passes of one sample: 1 + K random runs and about 5 per power step
+    costs = [math.prod(b.input_shape) * (1 + directions + 5 * iterations) for b in anatomy.blocks]
+    costs.append(sum(math.prod(b.input_shape) for b in anatomy.blocks) * (1 + directions))
+
+    def share(units: list[int]) -> list[tuple[str, StabilityReport]]:
+        report = measure_stability(subject.loaded.model, anatomy, images, **options,
+                                   only_blocks=[u for u in units if u < count], with_trajectory=count in units)
+        return [(anatomy.blocks[u].name if u < count else "", report) for u in units]
+
+    parts = distributed.compute_shares(count + 1, share, costs=costs)
+    blocks, batchnorm = [], []
+    for name, report in parts[:count]:
+        blocks.extend(b for b in report.blocks if b.name == name)
+        batchnorm.extend(b for b in report.batchnorm if b.block == name)
+    last = parts[count][1]
+    outer = [b for b in last.batchnorm if b.block is None]
+    return dataclasses.replace(last, blocks=tuple(blocks), batchnorm=tuple(outer + batchnorm))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..errors import InputError
 from ..subject import Subject
 
@@ -167,15 +168,13 @@ def trajectory(
     subjects = [open_subject(p, arch=arch, input_size=input_size) for p in paths]
     order, epochs, note = order_checkpoints(subjects)
     stage_names = list(stages) if stages else None
-    series = []
-    skipped: tuple = ()
-    images: Any = None
-    for done, index in enumerate(order):
+
+    def point(done: int) -> tuple[dict[str, Any], tuple, Any]:
+        index = order[done]
         subject = subjects[index]
         images = open_images(data, subject, **chosen)
         result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=seed, device=device)
-        skipped = skipped or result.skipped  # the same images for every checkpoint
-        series.append({
+        entry = {
             "epoch": epochs[index] if epochs[index] is not None else done,
             "checkpoint": str(paths[index]),
             "sha256": subject.checkpoint.sha256,
@@ -183,8 +182,13 @@ def trajectory(
             "store": str(result.store) if result.store else None,
             "reused_store": result.reused,
             "stages": result.stages,
-        })
-        if progress is not None:
-            progress(done + 1, len(order))
+        }
+        return entry, result.skipped, images if done == len(order) - 1 else None
+
+    # one unit per checkpoint, split across the ranks under torchrun (one rank: a loop)
+    points = distributed.compute(len(order), point, progress=progress)
+    series = [entry for entry, _, _ in points]
+    skipped = next((s for _, s, _ in points if s), ())  # the same images for every checkpoint
+    images = points[-1][2]
     config = {"seed": seed, "per_class": chosen.get("per_class"), "stages": stage_names}
     return TrajectoryResult(series, images.section(skipped), config, note, skipped)
