@@ -185,7 +185,8 @@ def _part_ww(single_blas: bool) -> dict:
 def _eigen_problems(ops) -> dict[int, int]:
     """Size -> count of the Hermitian eigenvalue problems resdyn solves (one per
     half-plane frequency and group of each layer that is not a single tap)."""
-    from auditor.analysis.spectra import _half_plane, to_polyphase
+    from auditor.analysis.frequencies import half_plane
+    from auditor.analysis.spectra import to_polyphase
 
     problems: dict[int, int] = {}
     for op in ops:
@@ -197,7 +198,7 @@ def _eigen_problems(ops) -> dict[int, int]:
             continue
         m = min(c_out // coarse.groups, c_in_g)
         _, h, w = coarse.input_shape
-        problems[m] = problems.get(m, 0) + len(_half_plane(h, w)[0]) * coarse.groups
+        problems[m] = problems.get(m, 0) + len(half_plane(h, w)[0]) * coarse.groups
     return problems
 
 
@@ -208,7 +209,7 @@ def _part_floor() -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from auditor.analysis.spectra import _parallel
+    from auditor.analysis.batched import parallel_map
 
     ops = _operators(_model())
     problems = _eigen_problems(ops)
@@ -223,7 +224,7 @@ def _part_floor() -> dict:
     start = time.perf_counter()
     cpu = time.process_time()
     with threadpool_limits(limits=1, user_api="blas"):
-        _parallel(np.linalg.eigvalsh, batches, THREADS)
+        parallel_map(np.linalg.eigvalsh, batches, THREADS)
     return {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
             "peak_rss_mib": _peak_rss_mib(), "layers": len(ops),
             "baseline": "LAPACK floor: eigvalsh alone on " + ", ".join(

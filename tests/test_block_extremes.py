@@ -169,7 +169,7 @@ def test_results_do_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
     convs = _bottleneck(12, 4, 8, seed=5)
     one = fast.block_extremes(convs, IdentityShortcut((12, 8, 8)))
-    monkeypatch.setattr(fast, "_workers", lambda: 3)
+    monkeypatch.setattr(fast, "worker_count", lambda: 3)
     three = fast.block_extremes(convs, IdentityShortcut((12, 8, 8)))
     assert three.residual.sigma_min == pytest.approx(one.residual.sigma_min, rel=1e-9)
     assert three.residual.sigma_max == pytest.approx(one.residual.sigma_max, rel=1e-9)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auditor.analysis import spectra
+from auditor.analysis.frequencies import half_plane
 from auditor.analysis.spectra import (
     ConvOperator,
     conv_extreme_singular_values,
@@ -89,8 +90,8 @@ def test_circular_spectrum_equals_dense_svd(case: str) -> None:
 def test_both_gram_routes_are_exercised_and_exact() -> None:
     # 3x3 on 8x8: autocorrelation route; 5x5 on 6x6: frequency matrices P P^H
     auto, direct = _op(4, 4, 3, 8, seed=1), _op(4, 4, 5, 6, seed=2)
-    assert spectra._autocorrelation_pairs(3, 3) < 4 * len(spectra._half_plane(8, 8)[0])
-    assert spectra._autocorrelation_pairs(5, 5) >= 4 * len(spectra._half_plane(6, 6)[0])
+    assert spectra._autocorrelation_pairs(3, 3) < 4 * len(half_plane(8, 8)[0])
+    assert spectra._autocorrelation_pairs(5, 5) >= 4 * len(half_plane(6, 6)[0])
     for op in (auto, direct):
         _assert_spectrum(conv_singular_values(op), _reference(_dense(_circular, op)))
 
@@ -165,7 +166,7 @@ def test_polyphase_keeps_groups() -> None:
 
 def test_half_plane_multiplicities_cover_the_grid() -> None:
     for h, w in [(1, 1), (2, 2), (3, 4), (7, 7), (8, 6)]:
-        u, v, mult = spectra._half_plane(h, w)
+        u, v, mult = half_plane(h, w)
         assert mult.sum() == h * w
         full = set(zip(u.tolist(), v.tolist())) | {((-a) % h, (-b) % w) for a, b in zip(u.tolist(), v.tolist())}
         assert len(full) == h * w

@@ -50,17 +50,15 @@ import numpy as np
 import torch
 
 from .lanczos import DEFAULT_TOL, largest_eigenvalues
-from .spectra import (
-    _blas_single_thread,
-    _chunks,
-    _half_plane,
-    _parallel,
-    _phases,
-    _sigma_of_matrices,
-    _tap_offsets,
-    _torch_single_thread,
-    _workers,
+from .batched import (
+    blas_single_thread,
+    chunk_slices,
+    parallel_map,
+    sigma_of_matrices,
+    torch_single_thread,
+    worker_count,
 )
+from .frequencies import frequency_phases, half_plane, tap_offsets
 
 __all__ = ["OperatorExtremes", "BlockExtremes", "block_extremes", "LANCZOS_MIN_SIDE"]
 
@@ -200,7 +198,7 @@ class _Kernel:
     def __init__(self, weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int],
                  device: torch.device) -> None:
         rows, cols, kh, kw = weight.shape
-        dh, dw = _tap_offsets(kh, kw, padding)
+        dh, dw = tap_offsets(kh, kw, padding)
         self.rows, self.cols, self.grid = rows, cols, grid
         taps = weight.reshape(rows, cols, kh * kw).transpose(2, 0, 1)
         keep = np.flatnonzero(np.abs(taps).reshape(kh * kw, -1).max(axis=1) > 0)
@@ -223,7 +221,7 @@ class _Factor:
         self.rows, self.cols = kernel.rows, kernel.cols
         if self.shared is None:
             device = kernel.device
-            self.phases = torch.from_numpy(_phases(u, v, kernel.grid, *kernel.offsets)).to(device)  # (F, T)
+            self.phases = torch.from_numpy(frequency_phases(u, v, kernel.grid, *kernel.offsets)).to(device)  # (F, T)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(cols, F, m) -> (rows, F, m)."""
@@ -380,7 +378,7 @@ def _shortcut_lu(block: Any, device: torch.device) -> tuple[torch.Tensor, torch.
 def _frequency_independent(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int]) -> bool:
     """Whether a kernel has a single nonzero tap at offset zero (modulo the grid): one matrix for all frequencies."""
     kh, kw = weight.shape[2:]
-    dh, dw = _tap_offsets(kh, kw, padding)
+    dh, dw = tap_offsets(kh, kw, padding)
     nonzero = np.flatnonzero(np.abs(weight).max(axis=(0, 1)).ravel() > 0)
     return nonzero.size <= 1 and all(dh[t] % grid[0] == 0 and dw[t] % grid[1] == 0 for t in nonzero)
 
@@ -441,7 +439,7 @@ def _dense(block: Any, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarr
 
     if not len(u):
         return np.zeros((0, 1))
-    return _sigma_of_matrices(_block_matrices(block, residual, u, v))
+    return sigma_of_matrices(_block_matrices(block, residual, u, v))
 
 
 @dataclass
@@ -543,7 +541,7 @@ def _operator_extremes(block: Any, residual: bool, plan: _Plan, device: torch.de
     n, rank, structural_zero = plan.n, plan.rank, plan.structural_zero
     s_lu = _shortcut_lu(block, device) if residual and not structural_zero else False
     lanczos = plan.lanczos and (structural_zero or s_lu is not False)
-    workers = 1 if device.type != "cpu" else _workers()
+    workers = 1 if device.type != "cpu" else worker_count()
     if lanczos:
         if 0 < block.identity_size <= _REDUCE_MAX_CHANNELS:
             # identity blocks: Lanczos in the reduced space (Q^T A Q of width <= 2w,
@@ -554,7 +552,7 @@ def _operator_extremes(block: Any, residual: bool, plan: _Plan, device: torch.de
         vector = max(max(w.shape[:2]) for w in block.weights)
         width = max(w.shape[0] for w in block.weights[1:-1]) if len(block.weights) > 2 else 0
         item = 16 * (48 * vector + width * width)
-        u, v, _ = _half_plane(*block.grid)
+        u, v, _ = half_plane(*block.grid)
 
         def one(part: slice) -> _ChunkResult:
             return _chunk_extremes(block, kernels, residual, u[part], v[part], part.start, not structural_zero,
@@ -565,16 +563,16 @@ def _operator_extremes(block: Any, residual: bool, plan: _Plan, device: torch.de
         block = reduced() if residual else _with_compressed_ends(block)
         weights = block.weights
         item = 16 * 4 * (max(w.shape[0] * w.shape[1] for w in weights) + weights[-1].shape[0] * weights[0].shape[1])
-        u, v, _ = _half_plane(*block.grid)
+        u, v, _ = half_plane(*block.grid)
 
         def one(part: slice) -> _ChunkResult:
             return _chunk_dense(block, residual, u[part], v[part])
 
-    parts = _chunks(len(u), item, workers, budget=1 << 26)
+    parts = chunk_slices(len(u), item, workers, budget=1 << 26)
     # numpy's BLAS (symbols of the dense path) and torch on one thread each:
     # the parallelism is over frequency chunks
-    with _blas_single_thread(), _torch_single_thread() if device.type == "cpu" else nullcontext():
-        results = _parallel(one, parts, workers)
+    with blas_single_thread(), torch_single_thread() if device.type == "cpu" else nullcontext():
+        results = parallel_map(one, parts, workers)
     top = max(r.top for r in results)
     bottom = 0.0 if structural_zero else min(r.bottom for r in results)
     extra = block.extra_residual if residual else block.extra_plain

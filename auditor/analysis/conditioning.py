@@ -28,18 +28,19 @@ import torch
 
 from ..errors import InputError, UsageError
 from .block_extremes import block_extremes
+from .batched import (
+    blas_single_thread,
+    chunk_slices,
+    parallel_map,
+    sigma_of_matrices,
+    torch_single_thread,
+    worker_count,
+)
+from .frequencies import half_plane, kernel_symbols
 from .spectra import (
     ConvOperator,
     IdentityShortcut,
     OptionAShortcut,
-    _blas_single_thread,
-    _chunks,
-    _half_plane,
-    _parallel,
-    _sigma_of_matrices,
-    _symbols,
-    _torch_single_thread,
-    _workers,
     conv_singular_values,
     to_polyphase,
 )
@@ -350,14 +351,14 @@ def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut, *, reduce: 
 def _block_matrices(block: _ReducedBlock, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The per-frequency matrices (n_freq, rows, cols) of the plain or the residual operator."""
     factors = block.weights if residual else block.plain_weights
-    product = _symbols(factors[0], block.paddings[0], block.grid, u, v)
+    product = kernel_symbols(factors[0], block.paddings[0], block.grid, u, v)
     for weight, padding in zip(factors[1:], block.paddings[1:]):
-        product = _symbols(weight, padding, block.grid, u, v) @ product
+        product = kernel_symbols(weight, padding, block.grid, u, v) @ product
     if residual:
         if block.identity_size:
             product[:, np.arange(block.identity_size), np.arange(block.identity_size)] += 1.0
         else:
-            product += _symbols(block.short_weight, block.short_padding, block.grid, u, v)
+            product += kernel_symbols(block.short_weight, block.short_padding, block.grid, u, v)
     return product
 
 
@@ -368,20 +369,20 @@ def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectr
     the same per-frequency factors.
     """
     block = _reduce_block(convs, shortcut)
-    u, v, mult = _half_plane(*block.grid)
+    u, v, mult = half_plane(*block.grid)
 
     # 3. per frequency chunk: chain products, shortcut, singular values
     def chunk(part: slice) -> tuple[np.ndarray, np.ndarray | None]:
-        plain = _sigma_of_matrices(_block_matrices(block, False, u[part], v[part]))
+        plain = sigma_of_matrices(_block_matrices(block, False, u[part], v[part]))
         if shortcut is None:
             return plain, None
-        return plain, _sigma_of_matrices(_block_matrices(block, True, u[part], v[part]))
+        return plain, sigma_of_matrices(_block_matrices(block, True, u[part], v[part]))
 
-    workers = _workers()
+    workers = worker_count()
     weights = block.weights
     largest = max(wt.shape[0] * wt.shape[1] for wt in weights) + weights[-1].shape[0] * weights[0].shape[1]
-    with _blas_single_thread(), _torch_single_thread():
-        results = _parallel(chunk, _chunks(len(u), 16 * 4 * largest, workers), workers)
+    with blas_single_thread(), torch_single_thread():
+        results = parallel_map(chunk, chunk_slices(len(u), 16 * 4 * largest, workers), workers)
     residual = None if shortcut is None else np.concatenate([r[1] for r in results])
     return _Spectra(np.concatenate([r[0] for r in results]), residual, mult, block.extra_plain,
                     block.extra_residual, block.side)

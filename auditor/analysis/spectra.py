@@ -37,19 +37,25 @@ References
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from ..errors import InputError, UsageError
+from .batched import (
+    blas_single_thread,
+    chunk_slices,
+    parallel_map,
+    sigma_from_gram,
+    sigma_of_matrices,
+    torch_single_thread,
+    worker_count,
+)
+from .frequencies import frequency_phases, half_plane, kernel_symbols
 
 __all__ = [
     "ConvOperator",
@@ -65,12 +71,6 @@ __all__ = [
 ]
 
 BOUNDARIES = ("circular", "zero")
-
-# A frequency whose Gram eigenvalues span more than this ratio is recomputed
-# with an SVD of the frequency matrix itself: squaring loses about
-# eps * lambda_max / lambda_min relative accuracy on the smallest value, so the
-# Gram route is kept only where that error stays below ~1e-8.
-_GRAM_MIN_RATIO = 1e-8
 
 
 # ---------------------------------------------------------------- operators
@@ -382,51 +382,6 @@ def _circular_grid(op: ConvOperator) -> tuple[int, int]:
     return h // op.stride[0], w // op.stride[1]
 
 
-def _half_plane(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One frequency of each conjugate pair ``(u, v) ~ (-u, -v)`` on an h x w grid.
-
-    Returns ``(u, v, multiplicity)``; multiplicities are 1 for self-conjugate
-    frequencies, 2 otherwise, and sum to ``h * w``.
-    """
-    u, v = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    u, v = u.ravel(), v.ravel()
-    # lexicographic representative: keep (u, v) if it is <= (-u mod h, -v mod w)
-    nu, nv = (-u) % h, (-v) % w
-    keep = (v < nv) | ((v == nv) & (u <= nu))
-    self_conj = (u == nu) & (v == nv)
-    return u[keep], v[keep], np.where(self_conj, 1, 2)[keep]
-
-
-def _phases(u: np.ndarray, v: np.ndarray, grid: tuple[int, int], dh: np.ndarray, dw: np.ndarray) -> np.ndarray:
-    """``exp(-2 pi i (u dh / H + v dw / W))``, shape (n_freq, n_offsets), for offset pairs (dh, dw)."""
-    h, w = grid
-    # exact integer reduction before scaling keeps the angles accurate on large grids
-    angle = 2 * np.pi * ((np.multiply.outer(u, dh) % h) / h + (np.multiply.outer(v, dw) % w) / w)
-    return np.exp(-1j * angle)
-
-
-def _tap_offsets(kh: int, kw: int, padding: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Spatial offsets ``(a - p_h, b - p_w)`` of every tap, row-major."""
-    a, b = np.meshgrid(np.arange(kh) - padding[0], np.arange(kw) - padding[1], indexing="ij")
-    return a.ravel(), b.ravel()
-
-
-def _symbols(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int],
-             u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``P(u, v) = sum_ab K[..., a, b] exp(-2 pi i (u (a - p_h) / H + v (b - p_w) / W))``.
-
-    ``weight`` has shape (..., kh, kw); the result (n_freq, ...), complex128.
-    This is the 2-D DFT of the kernel placed at its offsets (``fft2`` of the
-    zero-padded kernel), evaluated only at the requested frequencies as one
-    (n_freq x taps) @ (taps x rest) product: no gather, no transpose, and
-    exact when the kernel is larger than the grid (offsets wrap).
-    """
-    kh, kw = weight.shape[-2:]
-    e = _phases(u, v, grid, *_tap_offsets(kh, kw, padding))
-    taps = weight.reshape(-1, kh * kw).T.astype(np.complex128)
-    return (e @ taps).reshape(len(u), *weight.shape[:-2])
-
-
 def _half_offsets(kh: int, kw: int) -> list[tuple[int, int]]:
     """Offset differences ``d = a - b`` of a kh x kw kernel with ``d >= 0`` lexicographically."""
     return [(dh, dw) for dh in range(kh) for dw in range(-kw + 1, kw) if dh > 0 or dw >= 0]
@@ -467,7 +422,7 @@ def _autocorrelation(weight: np.ndarray, workers: int) -> tuple[np.ndarray, np.n
 
     sym = np.empty((len(offsets), groups * m * m))
     anti = np.empty((len(offsets) - 1, groups * m * m))
-    for index, product in enumerate(_parallel(one, offsets, workers)):
+    for index, product in enumerate(parallel_map(one, offsets, workers)):
         if index == 0:  # d = 0 comes first and is symmetric
             sym[0] = product.reshape(-1)
             continue
@@ -490,88 +445,13 @@ def _gram_from_autocorrelation(sym: np.ndarray, anti: np.ndarray, phases: np.nda
     return gram.reshape(-1, m, m)
 
 
-# ---------------------------------------------------------------- batched linear algebra
-
-
-def _blas_single_thread() -> Any:
-    """Context that limits BLAS to one thread.
-
-    It acts on the BLAS libraries loaded when it is entered (numpy's; scipy's
-    once ``scipy.linalg`` is imported): import before entering.
-
-    The batched LAPACK work is parallelised over frequencies by our own worker
-    threads; a multi-threaded BLAS inside each call oversubscribes the cores
-    and, on a loaded machine, runs an order of magnitude slower.
-    """
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _workers() -> int:
-    """Worker threads for the batched LAPACK work: torch's thread setting."""
-    return max(1, torch.get_num_threads())
-
-
-@contextmanager
-def _torch_single_thread() -> Iterator[None]:
-    """Run torch on one thread, then restore the caller's setting.
-
-    Lanczos applies the operator hundreds of times to one vector; for such
-    tiny convolutions the OpenMP barriers of a multi-threaded torch cost
-    100x the work on a busy machine (35 ms instead of 0.1 ms measured).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _parallel(function: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
-    """``[function(item) for item in items]`` on ``workers`` threads (numpy releases the GIL)."""
-    if workers <= 1 or len(items) <= 1:
-        return [function(item) for item in items]
-    with ThreadPoolExecutor(min(workers, len(items))) as pool:
-        return list(pool.map(function, items))
-
-
-def _chunks(count: int, item_bytes: int, workers: int, budget: int = 1 << 25) -> list[slice]:
-    """Split ``count`` items into ``k * workers`` near-equal slices of at most ~``budget`` bytes."""
-    per_worker = max(1, math.ceil(count * item_bytes / (budget * workers)))
-    edges = np.linspace(0, count, min(count, per_worker * workers) + 1).round().astype(int)
-    return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
-
-
-def _sigma_from_gram(gram: np.ndarray, matrices: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Singular values, descending, from Gram matrices ``P P^H`` of shape (batch, m, m).
-
-    ``matrices(index)`` returns the matrices ``P`` of the given rows; it is
-    called for the rows whose eigenvalues span more than ``1 / _GRAM_MIN_RATIO``,
-    where squaring would cost accuracy, and those rows get an SVD of ``P``.
-    """
-    # torch's LAPACK (MKL in the CPU wheels) is ~20 % faster than numpy's here
-    lam = torch.linalg.eigvalsh(torch.from_numpy(gram)).numpy()[:, ::-1]
-    sigma = np.sqrt(np.clip(lam, 0.0, None))
-    top = lam[:, 0]
-    redo = np.flatnonzero((lam[:, -1] < _GRAM_MIN_RATIO * top) & (top > 0))
-    if redo.size:
-        sigma[redo] = np.linalg.svd(matrices(redo), compute_uv=False)
-    return sigma
-
-
-def _sigma_of_matrices(p: np.ndarray) -> np.ndarray:
-    """Singular values, descending, of a batch of matrices (batch, r, c): min(r, c) each."""
-    if p.shape[1] > p.shape[2]:
-        p = p.conj().transpose(0, 2, 1)  # smaller side first
-    if p.shape[1] < 8:  # tiny: the SVD itself is cheapest
-        return np.linalg.svd(p, compute_uv=False)
-    return _sigma_from_gram(p @ p.conj().transpose(0, 2, 1), lambda index: p[index])
+# ---------------------------------------------------------------- spectra of matrix batches
 
 
 def _matrix_singular_values(matrix: np.ndarray) -> np.ndarray:
     """Singular values, descending, of one real (r, c) matrix: min(r, c) of them."""
-    with _blas_single_thread():
-        return _sigma_of_matrices(matrix[None])[0]
+    with blas_single_thread():
+        return sigma_of_matrices(matrix[None])[0]
 
 
 def _repeated_spectrum(blocks: np.ndarray, per_block: int, repeats: int) -> np.ndarray:
@@ -664,7 +544,7 @@ def conv_singular_values(
         )
     if dtype != torch.float64:
         raise UsageError(f"dtype must be torch.float64, got {dtype}")
-    workers = _workers()
+    workers = worker_count()
     h, w = _circular_grid(op)
     phases = op.stride[0] * op.stride[1]
     # 1. one matrix for every frequency: a 1x1 kernel, strided or not, is K at
@@ -680,13 +560,13 @@ def conv_singular_values(
         # 3. a single tap after polyphase (e.g. 2x2 stride 2): one matrix as well
         return _repeated_spectrum(frequencies.blocks_at_every_frequency, frequencies.m, h * w)
     # 4. half-plane frequencies; Gram matrices of the smaller side; eigenvalues
-    with _blas_single_thread(), _torch_single_thread():
+    with blas_single_thread(), torch_single_thread():
         frequencies.prepare()
 
         def chunk(part: slice) -> np.ndarray:
-            return _sigma_from_gram(frequencies.gram(part), lambda index: frequencies.matrices(part, index))
+            return sigma_from_gram(frequencies.gram(part), lambda index: frequencies.matrices(part, index))
 
-        sigma = np.concatenate(_parallel(chunk, frequencies.parts(), workers))
+        sigma = np.concatenate(parallel_map(chunk, frequencies.parts(), workers))
     sigma = sigma.reshape(len(frequencies.u), frequencies.groups * frequencies.m)
     return np.sort(np.repeat(sigma, frequencies.mult, axis=0).ravel())[::-1]
 
@@ -716,7 +596,7 @@ class _FrequencyGrams:
             self.blocks_at_every_frequency = _drop_zero_lines(np.ascontiguousarray(blocks[..., 0, 0]))
             return
         self.blocks = np.ascontiguousarray(blocks)
-        self.u, self.v, self.mult = _half_plane(*self.grid)
+        self.u, self.v, self.mult = half_plane(*self.grid)
         self.use_auto = _autocorrelation_pairs(kh, kw) < 4 * len(self.u)  # vs 4 real products per frequency
 
     def prepare(self) -> None:
@@ -726,21 +606,21 @@ class _FrequencyGrams:
 
     def parts(self) -> list[slice]:
         """Frequency chunks for the worker threads, within the memory budget."""
-        return _chunks(len(self.u), self.groups * self.m * max(self.m, self.n) * 16 * 3, self.workers)
+        return chunk_slices(len(self.u), self.groups * self.m * max(self.m, self.n) * 16 * 3, self.workers)
 
     def matrices(self, part: slice, index: np.ndarray) -> np.ndarray:
         """``P`` of the rows ``index`` (frequency-major, then group) of a chunk: (len(index), m, n)."""
         groups = self.groups
-        p = _symbols(self.blocks, self.padding, self.grid, self.u[part][index // groups], self.v[part][index // groups])
+        p = kernel_symbols(self.blocks, self.padding, self.grid, self.u[part][index // groups], self.v[part][index // groups])
         return p[np.arange(len(index)), index % groups]
 
     def gram(self, part: slice) -> np.ndarray:
         """Gram matrices of a chunk, (frequencies * groups, m, m), frequency-major."""
         u, v = self.u[part], self.v[part]
         if not self.use_auto:
-            p = _symbols(self.blocks, self.padding, self.grid, u, v).reshape(-1, self.m, self.n)
+            p = kernel_symbols(self.blocks, self.padding, self.grid, u, v).reshape(-1, self.m, self.n)
             return p @ p.conj().transpose(0, 2, 1)
-        return _gram_from_autocorrelation(self.sym, self.anti, _phases(u, v, self.grid, self.dh, self.dw), self.m)
+        return _gram_from_autocorrelation(self.sym, self.anti, frequency_phases(u, v, self.grid, self.dh, self.dw), self.m)
 
 
 # ---------------------------------------------------------------- zero padding
@@ -842,7 +722,7 @@ def _shift_invert_min(ab: np.ndarray, lam_max: float, tol: float) -> tuple[float
 
 
 def _zero_padded_extremes(op: ConvOperator, tol: float, maxiter: int | None) -> Extremes:
-    # imported before _blas_single_thread(): that limits the BLAS libraries loaded so far
+    # imported before blas_single_thread(): that limits the BLAS libraries loaded so far
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     gram, shape, radius = _zero_padded_gram(op)
@@ -853,7 +733,7 @@ def _zero_padded_extremes(op: ConvOperator, tol: float, maxiter: int | None) -> 
         batch = torch.from_numpy(np.ascontiguousarray(x.reshape(n, -1).T)).reshape(-1, c, h, w)
         return gram(batch).reshape(batch.shape[0], n).numpy().T
 
-    with _blas_single_thread(), _torch_single_thread():
+    with blas_single_thread(), torch_single_thread():
         # 1. small: the dense Gram matrix, all eigenvalues
         if n <= _DENSE_LIMIT:
             dense = apply(np.eye(n))
