@@ -39,14 +39,17 @@ class Remedy:
 
     A hint names it with the placeholder ``{remedy}``; a Python caller reads
     ``overwrite=True``, the command line spells it as its flag (``--overwrite``).
+    ``value=None`` stands for a value the caller chooses (``arch=...``,
+    ``--arch``); ``value=False`` turns a flag off (``strict=False``, "without
+    ``--strict``").
     """
 
     argument: str
     value: object = True
 
     def python(self) -> str:
-        """``argument=value``."""
-        return f"{self.argument}={self.value!r}"
+        """``argument=value`` (``argument=...`` for a value of the caller's choosing, ``value=None``)."""
+        return f"{self.argument}=..." if self.value is None else f"{self.argument}={self.value!r}"
 
 
 class AuditorError(Exception):

@@ -56,7 +56,7 @@ def parse_input_size(text: str | None) -> tuple[int, int] | None:
         sizes *= 2
     if len(sizes) != 2 or min(sizes) < 1:
         raise UsageError(
-            f"--input-size {text!r} is not a size", hint="use H or H,W with positive integers, e.g. 32 or 224,224"
+            f"input size {text!r} is not a size", hint="use H or H,W with positive integers, e.g. 32 or 224,224"
         )
     return sizes[0], sizes[1]
 

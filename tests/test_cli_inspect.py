@@ -49,7 +49,7 @@ def test_inspect_output_file_is_atomic(tiny_checkpoint: Path, tmp_path: Path, ca
         (["inspect", "missing.safetensors"], "does not exist"),
         (["inspect", "{tiny}", "--arch", "resnet21"], "unknown architecture 'resnet21'"),
         (["inspect", "{tiny}", "--arch", "resnet8_nobn"], "missing keys: conv1.bias"),
-        (["inspect", "{tiny}", "--input-size", "abc"], "--input-size 'abc' is not a size"),
+        (["inspect", "{tiny}", "--input-size", "abc"], "input size 'abc' is not a size"),
         (["inspect", "{tiny}", "--format", "xml"], "Invalid value for '--format'"),
         (["inspect", "{notckpt}"], "not a checkpoint"),
     ],

@@ -72,7 +72,7 @@ def test_help_needs_no_heavy_import(args: list[str]) -> None:
         (["audit", "missing.safetensors"], "does not exist"),
         (["audit", str(FIXTURES / "resnet8-digits.safetensors"), "--fail-on", "garbage"], "malformed rule 'garbage'"),
         (["audit", "--bogus"], "No such option: --bogus"),
-        (["inspect", str(FIXTURES / "resnet8-digits.safetensors"), "--input-size", "0"], "--input-size '0'"),
+        (["inspect", str(FIXTURES / "resnet8-digits.safetensors"), "--input-size", "0"], "input size '0'"),
         (["audit", str(FIXTURES / "resnet8-digits.safetensors"), "--mean", "1,2"], "--mean '1,2'"),
         (["condition", str(FIXTURES / "resnet8-digits.safetensors"), "--boundary", "zero", "--save-spectra", "s.h5"],
          "--save-spectra needs --boundary circular"),

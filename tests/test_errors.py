@@ -31,3 +31,35 @@ def test_a_rule_that_needs_images_names_the_data_argument() -> None:
         assert "pass --data DIR" in error.one_line(flag_for)
     else:
         raise AssertionError("a data rule without data was accepted")
+
+
+def test_remedies_without_a_fixed_value_or_turning_a_flag_off() -> None:
+    chosen = Remedy("arch", None)
+    assert chosen.python() == "arch=..." and flag_for(chosen) == "--arch"
+    off = Remedy("strict", False)
+    assert off.python() == "strict=False" and flag_for(off) == "without --strict"
+
+
+def test_library_errors_reach_the_command_line_with_flags(tmp_path, capsys) -> None:
+    """A remedy raised deep in the library (select_samples) is spelled as the flag by the CLI."""
+    from conftest import FIXTURES, run_cli
+
+    code, out, err = run_cli(["extract", FIXTURES / "resnet8-digits.safetensors", "--data", FIXTURES / "digits",
+                              "--per-class", "100000", "-o", tmp_path / "a.h5"], capsys)
+    assert code == 2 and out == ""
+    assert "Hint: lower --per-class" in err and "per_class=" not in err
+
+
+def test_no_library_error_names_a_command_line_flag() -> None:
+    """Hints and messages outside ``auditor/cli`` name arguments through a Remedy, never as ``--flags``."""
+    import re
+    from pathlib import Path
+
+    import auditor
+
+    root = Path(auditor.__file__).parent
+    pattern = re.compile(r"""(?:hint=|Error\()f?["'][^"'\n]*--[a-z]""")
+    offenders = [f"{path.relative_to(root)}:{number}"
+                 for path in root.rglob("*.py") if "cli" not in path.relative_to(root).parts
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from auditor.tasks import extract as extract_module
-from auditor.errors import ArchitectureError, DataError, StoreError, UsageError
+from auditor.errors import ArchitectureError, DataError, Remedy, StoreError, UsageError
 from auditor.tasks.extract import extract_activations, resolve_device, resolve_stages
 from auditor.io.images import ImageDataset, PRESETS, resolve_preprocessing, scan_image_folder, select_samples
 from auditor.io.store import open_store
@@ -295,7 +295,7 @@ def test_corrupt_image_skipped_or_strict(tmp_path: Path) -> None:
         assert store.skipped[0]["path"] == "b/002.png" and store.skipped[0]["reason"]
     with pytest.raises(DataError, match="002.png: cannot read the image") as info:
         _extract(_InPlace(), dataset, tmp_path / "strict.h5", strict=True)
-    assert "--strict" in info.value.hint
+    assert info.value.remedy == Remedy("strict", False) and "strict=False" in info.value.one_line()
     assert not (tmp_path / "strict.h5").exists()
 
 
@@ -312,7 +312,7 @@ def test_float16_overflow_detected(tmp_path: Path) -> None:
     anatomy = Anatomy((3, 8, 8), (), (), (StageSpec("act", "act", "output", (4, 8, 8)),), None)
     with pytest.raises(StoreError, match=r"'act'.*\|x\| = .*e\+0[5-7]") as info:
         _extract(_InPlace(scale=1e6), dataset, tmp_path / "h.h5", dtype="float16", anatomy=anatomy)
-    assert "float32 or bfloat16" in info.value.hint
+    assert info.value.remedy == Remedy("dtype", "float32") and "bfloat16" in info.value.hint
     assert not (tmp_path / "h.h5").exists() and not (tmp_path / "h.h5.partial").exists()
     # the hint works as given: no --overwrite needed, nothing left in the way
     assert _extract(_InPlace(scale=1e6), dataset, tmp_path / "h.h5", dtype="float32", anatomy=anatomy).samples == 6

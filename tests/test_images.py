@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from auditor.errors import DataError, UsageError
+from auditor.errors import DataError, Remedy, UsageError
 from auditor.io.images import (
     PRESETS,
     ImageDataset,
@@ -187,7 +187,7 @@ def test_select_errors(tmp_path: Path) -> None:
     index = scan_image_folder(_make_folder(tmp_path, {"a": 4, "b": 2}))
     with pytest.raises(DataError, match="'b' has 2 images") as info:
         select_samples(index, per_class=3)
-    assert "--per-class" in info.value.hint
+    assert info.value.remedy == Remedy("per_class", 2) and "per_class=2" in info.value.one_line()
     for shard in [(1, 1), (-1, 2), (0, 0)]:
         with pytest.raises(UsageError):
             select_samples(index, shard=shard)

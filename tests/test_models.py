@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.errors import ArchitectureError, CheckpointError
+from auditor.errors import ArchitectureError, CheckpointError, Remedy
 from auditor.io.checkpoint import load_checkpoint
 from auditor.models.anatomy import analyze_anatomy
 from auditor.models.infer import infer_architecture
@@ -73,7 +73,7 @@ def test_uninferable_names_what_it_found() -> None:
     state = {"features.0.weight": torch.zeros(8, 3, 3, 3), "classifier.weight": torch.zeros(10, 8)}
     with pytest.raises(ArchitectureError, match="no residual stages.*features.0.weight") as info:
         infer_architecture(state)
-    assert "--arch" in info.value.one_line()
+    assert info.value.remedy == Remedy("arch", None) and "arch=..." in info.value.one_line()
 
 
 @pytest.mark.parametrize(

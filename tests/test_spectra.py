@@ -179,7 +179,7 @@ def test_circular_needs_divisible_sizes() -> None:
     op = _op(3, 3, 3, 7, stride=2)
     with pytest.raises(InputError, match="circular model does not apply") as info:
         conv_singular_values(op)
-    assert "--boundary zero" in info.value.one_line()
+    assert "boundary='zero'" in info.value.one_line()
 
 
 def test_invalid_operators_are_refused() -> None:

@@ -143,7 +143,7 @@ def test_nonfinite_and_overflow_refused(tmp_path: Path) -> None:
     with writer:
         with pytest.raises(StoreError, match="'stem'.*reach .x. = [0-9.]+e\\+06") as info:
             writer.append(_rows([0, 1], scale=1e6), [0, 1])
-        assert "float32 or bfloat16" in info.value.hint
+        assert info.value.remedy == Remedy("dtype", "float32") and "bfloat16" in info.value.hint
         assert writer.written == 0
         writer.append(_rows([0, 1], scale=1e4), [0, 1])  # 1e4 * N(0,1) < 65504
         bad = _rows([2])

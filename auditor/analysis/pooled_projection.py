@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, Remedy
 from .spectra import ConvOperator
 
 __all__ = ["pooled_projection"]
@@ -62,7 +62,8 @@ def pooled_projection(
         raise InputError(
             f"{name}: average-pool shortcut on a {height}x{width} input: the last window of an odd size "
             f"averages fewer pixels (ceil_mode), which no convolution does, so the block has no exact operator",
-            hint=f"pass --input-size with every stage's size a multiple of {pool} (e.g. a multiple of 32)",
+            hint=f"pass {{remedy}} with every stage's size a multiple of {pool} (e.g. a multiple of 32)",
+            remedy=Remedy("input_size", None),
         )
     kernel = (weight / float(pool * pool)).expand(-1, -1, pool, pool).contiguous()
     return ConvOperator(kernel, input_shape, stride=(pool, pool), padding=(0, 0), out_scale=out_scale, name=name)

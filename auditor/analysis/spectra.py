@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, Remedy, UsageError
 from .batched import (
     blas_single_thread,
     chunk_slices,
@@ -341,7 +341,7 @@ def to_polyphase(op: ConvOperator, factor: int | tuple[int, int]) -> ConvOperato
         raise InputError(
             f"layer {op.name!r}: input {op.input_shape} is not divisible by {(fh, fw)}, "
             "so the circular model does not apply",
-            hint="use --boundary zero",
+            hint="use {remedy}", remedy=Remedy("boundary", "zero"),
         )
     if (fh, fw) == (1, 1):
         return op
@@ -377,7 +377,7 @@ def _circular_grid(op: ConvOperator) -> tuple[int, int]:
         raise InputError(
             f"layer {op.name!r}: input {op.input_shape} is not divisible by the stride "
             f"{op.stride}, so the circular model does not apply",
-            hint="use --boundary zero",
+            hint="use {remedy}", remedy=Remedy("boundary", "zero"),
         )
     return h // op.stride[0], w // op.stride[1]
 

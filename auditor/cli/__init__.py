@@ -61,7 +61,9 @@ def _root(
 def flag_for(remedy: Remedy) -> str:
     """The command-line spelling of a library remedy: ``overwrite=True`` -> ``--overwrite``, ``data='DIR'`` -> ``--data DIR``."""
     flag = "--" + remedy.argument.replace("_", "-")
-    return flag if remedy.value is True else f"{flag} {remedy.value}"
+    if remedy.value is False:
+        return f"without {flag}"
+    return flag if remedy.value is True or remedy.value is None else f"{flag} {remedy.value}"
 
 
 def _fail(message: str, rank: int | None = None) -> int:

@@ -33,7 +33,7 @@ def is_archive(path: str | Path) -> bool:
 
 
 def _refuse(path: Path, what: str) -> DataError:
-    return DataError(f"{path}: {what}", hint="--data takes a .tar, .tar.gz or .zip of a class-per-folder tree, "
+    return DataError(f"{path}: {what}", hint="an image archive is a .tar, .tar.gz or .zip of a class-per-folder tree, "
                      "with plain files and folders only, all inside the archive")
 
 

@@ -163,5 +163,5 @@ def resolve_data_source(text: str | Path, start: Path | None = None) -> DataSour
         return sources[str(text)]
     known = (f"sources in {file}: {', '.join(sorted(sources))}" if sources
              else "no [data.NAME] in ./resdyn.toml nor [tool.resdyn.data.NAME] in ./pyproject.toml")
-    raise DataError(f"--data {text}: does not exist, and no data source has that name",
+    raise DataError(f"{text}: does not exist, and no data source has that name",
                     hint=f"known {known}" if sources else known)

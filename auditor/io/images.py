@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, Remedy, UsageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -142,7 +142,7 @@ def _from_metadata(raw: str, base: Preprocessing) -> Preprocessing:
     except json.JSONDecodeError as exc:
         raise UsageError(
             f"checkpoint metadata 'preprocessing' is not JSON ({exc.msg})",
-            hint="pass --preset, --size, --mean and --std explicitly",
+            hint="give the preprocessing explicitly: a preset, or size, mean and std",
         ) from None
     if not isinstance(data, dict):
         raise UsageError("checkpoint metadata 'preprocessing' must be a JSON object")
@@ -161,9 +161,9 @@ def _validated(pre: Preprocessing) -> Preprocessing:
     if resize is not None and size is not None and resize < size:
         raise UsageError(f"resize ({resize}) must not be smaller than the crop size ({size})")
     if resize is not None and size is None:
-        raise UsageError("resize needs a crop size", hint="pass --size")
+        raise UsageError("resize needs a crop size", hint="pass {remedy}", remedy=Remedy("size", None))
     if (pre.mean is None) != (pre.std is None):
-        raise UsageError("mean and std go together: give both or neither", hint="pass --mean and --std")
+        raise UsageError("mean and std go together: give both or neither", hint="pass both")
     mean = None if pre.mean is None else _triple(pre.mean, "mean", positive=False)
     std = None if pre.std is None else _triple(pre.std, "std", positive=True)
     return Preprocessing(size, resize, mean, std, pre.preset)
@@ -318,9 +318,9 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
 
         return ImageFolderIndex(*scan_labels_csv(given, classes))
     if not given.exists():
-        raise DataError(f"{given}: no such folder", hint="--data takes a folder with one sub-folder per class")
+        raise DataError(f"{given}: no such folder", hint="the images are a folder with one sub-folder per class")
     if not given.is_dir():
-        raise DataError(f"{given}: not a folder", hint="--data takes a folder with one sub-folder per class")
+        raise DataError(f"{given}: not a folder", hint="the images are a folder with one sub-folder per class")
     path = given.resolve()
     known = sorted(
         entry.name for entry in os.scandir(path)
@@ -441,7 +441,7 @@ def select_samples(
             raise DataError(
                 f"class {index.classes[label]!r} has {len(members)} images, fewer than the "
                 f"{per_class} per class requested",
-                hint=f"lower --per-class to {len(members)} or add images",
+                hint="lower {remedy} or add images", remedy=Remedy("per_class", len(members)),
             )
         rng = np.random.default_rng(_class_seed(seed, index.classes[label]))
         picked = np.sort(rng.choice(len(members), size=per_class, replace=False))

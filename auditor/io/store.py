@@ -640,7 +640,7 @@ class StoreWriter:
                 raise StoreError(
                     f"stage {spec.name!r} ({spec.location}): activations reach "
                     f"|x| = {largest:.4g}, beyond float16's range ({_FLOAT16_MAX:.0f})",
-                    hint="use --dtype float32 or bfloat16",
+                    hint="use {remedy} (or bfloat16)", remedy=Remedy("dtype", "float32"),
                 )
             return cast.numpy()
         cast = tensor.to(torch.bfloat16)
@@ -648,7 +648,7 @@ class StoreWriter:
             raise StoreError(
                 f"stage {spec.name!r} ({spec.location}): activations reach |x| = {largest:.4g}, "
                 "beyond bfloat16's range",
-                hint="use --dtype float32",
+                hint="use {remedy}", remedy=Remedy("dtype", "float32"),
             )
         return cast.view(torch.int16).numpy().view(np.uint16)
 

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, Remedy
 
 __all__ = [
     "LayerInfo",
@@ -204,7 +204,7 @@ def _trace_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[s
         raise ArchitectureError(
             f"the network cannot take input size {input_shape[1]}x{input_shape[2]} "
             f"({type(exc).__name__}: {first[:200]})",
-            hint="pass --input-size with the size the model was trained on",
+            hint="pass {remedy} with the size the model was trained on", remedy=Remedy("input_size", None),
         ) from exc
     finally:
         for handle in handles:

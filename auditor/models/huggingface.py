@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, Remedy
 from .catalog import TORCHVISION_CONFIGS
 
 __all__ = ["HFResNet", "is_hf_resnet_config", "read_hf_resnet", "hf_to_torchvision"]
@@ -127,7 +127,8 @@ def _arch_from_config(config: dict[str, Any], where: Path) -> tuple[str, str]:
     def refuse(field: str, value: Any, want: str) -> CheckpointError:
         return CheckpointError(
             f"{where}: {field} = {value!r}; resdyn reads Hugging Face ResNets that are torchvision ResNets ({want})",
-            hint="convert the model to torchvision layout and pass --arch path/to/model.py:factory",
+            hint="convert the model to torchvision layout and pass {remedy}",
+            remedy=Remedy("arch", "path/to/model.py:factory"),
         )
 
     layer_type = config.get("layer_type", "bottleneck")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, Remedy
 from .catalog import CIFAR_DEPTHS, TIMM_CONFIGS, TORCHVISION_CONFIGS
 
 __all__ = ["Inference", "infer_architecture"]
@@ -40,7 +40,7 @@ def _blocks_per_stage(keys: list[str]) -> dict[int, int]:
 def _fail(found: str) -> ArchitectureError:
     return ArchitectureError(
         f"cannot infer the architecture: {found}",
-        hint="pass --arch NAME (see 'resdyn archs') or --arch path/to/model.py:factory",
+        hint="pass {remedy}: a name from 'resdyn archs' or path/to/model.py:factory", remedy=Remedy("arch", None),
     )
 
 

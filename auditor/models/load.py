@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import ArchitectureError, CheckpointError
+from ..errors import ArchitectureError, CheckpointError, Remedy
 from ..io.checkpoint import Checkpoint
 from .infer import infer_architecture
 from .registry import ArchSpec, build_model, is_factory_reference
@@ -80,7 +80,8 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, arch: str) -> None:
             parts.append(f"unexpected keys: {_list(unexpected)}")
         raise CheckpointError(
             f"{checkpoint.path}: weights do not match architecture {arch!r}; " + "; ".join(parts),
-            hint="pass the right --arch (a _nobn, _plain or _optb variant?) or check the checkpoint",
+            hint="pass the right {remedy} (a _nobn, _plain or _optb variant?) or check the checkpoint",
+            remedy=Remedy("arch", None),
         )
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
@@ -91,7 +92,7 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, arch: str) -> None:
         raise CheckpointError(
             f"{checkpoint.path}: weights do not match architecture {arch!r}; "
             f"shape mismatches (checkpoint vs model): {_list(mismatched, 4)}",
-            hint="pass the right --arch (depth, width, number of classes)",
+            hint="pass the right {remedy} (depth, width, number of classes)", remedy=Remedy("arch", None),
         )
     for key in list(state):
         if expected[key].is_floating_point():
@@ -125,7 +126,7 @@ def load_model(checkpoint: Checkpoint, arch: str | None = None) -> LoadedModel:
             raise ArchitectureError(
                 f"{checkpoint.path}: metadata names a model file ({arch!r}); "
                 "resdyn does not import code named by a checkpoint",
-                hint="pass --arch path/to/model.py:factory explicitly",
+                hint="pass {remedy} explicitly", remedy=Remedy("arch", "path/to/model.py:factory"),
             )
     else:
         inference = infer_architecture(checkpoint.state_dict)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, Remedy
 from .catalog import CIFAR_DEPTHS, TIMM_CONFIGS, TORCHVISION_CONFIGS
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def get_arch(name: str) -> ArchSpec:
         raise ArchitectureError(
             f"unknown architecture {name!r} (known: {known}, and variants with "
             "_nobn, _plain, _plain_nobn, _optb)",
-            hint="run 'resdyn archs' or pass --arch path/to/model.py:factory",
+            hint="see 'resdyn archs' for the names, or pass {remedy}", remedy=Remedy("arch", "path/to/model.py:factory"),
         ) from None
 
 
@@ -151,7 +151,7 @@ def _load_factory(reference: str) -> Callable[..., nn.Module]:
     if not path.is_file():
         raise ArchitectureError(
             f"model file {str(path)!r} does not exist",
-            hint="--arch takes a registered name or path/to/model.py:factory",
+            hint="an architecture is a registered name or path/to/model.py:factory",
         )
     module_name = f"_resdyn_user_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -169,7 +169,7 @@ def _load_factory(reference: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise ArchitectureError(
             f"{str(path)!r} has no callable {factory_name!r}",
-            hint="--arch path/to/model.py:factory names a function returning an nn.Module",
+            hint="path/to/model.py:factory names a function returning an nn.Module",
         )
     return factory
 

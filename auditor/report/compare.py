@@ -21,10 +21,10 @@ def load_report(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a JSON document ({exc})", hint="pass reports written with --format json") from None
+        raise InputError(f"{path}: not a JSON document ({exc})", hint="pass JSON reports written by resdyn") from None
     tool = document.get("tool") if isinstance(document, dict) else None
     if not isinstance(tool, dict) or tool.get("name") != "resdyn":
-        raise InputError(f"{path}: not a resdyn report", hint="pass reports written with --format json")
+        raise InputError(f"{path}: not a resdyn report", hint="pass JSON reports written by resdyn")
     version = str(document.get("schema_version", ""))
     if version.split(".")[0] != SCHEMA_VERSION:
         raise InputError(f"{path}: schema_version {version!r} is not supported (this resdyn reads {SCHEMA_VERSION})")
@@ -46,7 +46,7 @@ def _check_schema(path: Path, document: dict[str, Any]) -> None:
     if len(message) > 120:
         message = message[:117] + "..."
     raise InputError(f"{path}: not a valid resdyn report (at {where}: {message})",
-                     hint="pass reports written by resdyn --format json, unedited")
+                     hint="pass JSON reports written by resdyn, unedited")
 
 
 def _value(metric: str, document: Mapping[str, Any]) -> float | None:

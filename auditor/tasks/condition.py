@@ -308,7 +308,7 @@ def condition(
         slow reference) instead of the fast extremes; same numbers.
     """
     if boundary not in BOUNDARIES:
-        raise UsageError(f"--boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
+        raise UsageError(f"boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
     target = torch.device(device)
     model = subject.loaded.model
     modules = dict(model.named_modules())

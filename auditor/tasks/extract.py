@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import distributed
-from ..errors import ArchitectureError, DataError, UsageError
+from ..errors import ArchitectureError, DataError, Remedy, UsageError
 from ..io.images import ImageDataset, collate_images, make_loader
 from ..io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
 from ..models.anatomy import Anatomy, StageSpec
@@ -91,7 +91,7 @@ def resolve_device(device: str) -> torch.device:
     except (RuntimeError, ValueError):
         raise UsageError(f"unknown device {device!r}", hint="use cpu, cuda, cuda:N or auto") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available", hint="use --device cpu")
+        raise UsageError(f"device {device!r} asked for, but CUDA is not available", hint="use {remedy}", remedy=Remedy("device", "cpu"))
     return resolved
 
 
@@ -114,7 +114,8 @@ def resolve_stages(anatomy: Anatomy, stages: Sequence[str] | None = None) -> tup
             raise UsageError(f"stage listed more than once: {', '.join(twice)}")
         specs = [anatomy.stage(n) for n in names]
     if not specs:
-        raise UsageError("no stages to extract", hint="the anatomy found no stages; pass --stages")
+        raise UsageError("no stages to extract", hint="the anatomy found no stages; pass {remedy}",
+                         remedy=Remedy("stages", None))
     return tuple(specs)
 
 
@@ -284,7 +285,7 @@ def _failure_error(dataset: ImageDataset, position: int, reason: str, fatal: boo
         return DataError(f"{path}: {reason}")
     return DataError(
         f"{path}: cannot read the image ({reason})",
-        hint="fix or remove the file, or run without --strict to skip unreadable images",
+        hint="fix or remove the file, or skip unreadable images ({remedy})", remedy=Remedy("strict", False),
     )
 
 

@@ -119,7 +119,7 @@ def open_images(
         raise DataError(
             f"images become {'x'.join(map(str, dataset.input_shape))} after preprocessing but the network "
             f"was set up for {'x'.join(map(str, subject.anatomy.input_shape))}",
-            hint="pass --size (preprocessing) or --input-size (network) so that they agree",
+            hint="make the preprocessing size and the network's input size agree",
         )
     used = preset or ("checkpoint metadata" if has_meta and size is None and mean is None else _default_preset(subject))
     origin = _preprocessing_origin(subject, preset, size, mean, std, caller, source.name if source else None)

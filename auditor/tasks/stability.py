@@ -69,9 +69,9 @@ def check_stability_options(*, eps: float, directions: int, samples: int) -> Non
         ``eps`` outside (0, 1); ``directions`` or ``samples`` below 1.
     """
     if not (0 < eps < 1):
-        raise UsageError(f"--eps {eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
+        raise UsageError(f"eps {eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
     if directions < 1 or samples < 1:
-        raise UsageError("--directions and --samples must be at least 1")
+        raise UsageError(f"directions ({directions}) and samples ({samples}) must be at least 1")
 
 
 def subject_stability(
