@@ -19,7 +19,11 @@ import pytest
 
 from conftest import FIXTURES, ROOT
 
-HEAVY = ("torch", "torchvision", "numpy", "scipy", "h5py", "matplotlib", "jsonschema", "safetensors")
+# pydantic: typer 0.29 imports it to coerce every option value (+50 ms a call, why
+# pyproject caps typer below 0.29); typer.rich_utils / rich.markdown: typer's rich help
+# (+60 ms), off with rich_markup_mode=None.
+HEAVY = ("torch", "torchvision", "numpy", "scipy", "h5py", "matplotlib", "jsonschema", "safetensors",
+         "pydantic", "typer.rich_utils", "rich.markdown")
 
 # Runs the CLI in-process (auditor.cli.run, as the console entry does) and reports,
 # as the last line of stdout, its exit code and which heavy modules it imported.
