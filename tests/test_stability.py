@@ -614,3 +614,38 @@ def test_directions_drawn_in_chunks_equal_one_draw(shape):
     assert torch.equal(got, want[:8])
     np.testing.assert_array_equal(norms, want.flatten(1).norm(dim=1).numpy())
     assert torch.equal(torch.randn(5, generator=directions.generator, dtype=torch.float32), after)
+
+
+def test_concatenate_equals_cat_keeps_the_memory_format_and_frees_the_chunks():
+    g = torch.Generator().manual_seed(0)
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        chunks = [torch.randn(rows, 3, 4, 5, generator=g).contiguous(memory_format=memory_format) for rows in (2, 1, 3)]
+        want = torch.cat(chunks)
+        got = stability._concatenate(chunks)
+        assert torch.equal(got, want) and chunks == []
+        assert got.is_contiguous(memory_format=memory_format)
+
+
+def test_capture_stops_the_forward_pass_after_the_last_needed_block(resnet20, anatomy20):
+    """Inputs of the first stage's blocks need no layer after them: the head never runs."""
+    modules = dict(resnet20.named_modules())
+    names = [b.name for b in anatomy20.blocks if b.stage == "layer1"]
+    x = _images(5)
+    calls = []
+    head = modules["layer3"].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        inputs = stability._capture(resnet20, modules, x, names, batch_size=2)
+    finally:
+        head.remove()
+    assert calls == []
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}  # those of full forward passes, same batches
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].clone())) for n in names]
+    try:
+        with torch.no_grad():
+            for rows in (slice(0, 2), slice(2, 4), slice(4, 5)):
+                resnet20(x[rows])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in names:
+        assert torch.equal(inputs[name], torch.cat(seen[name]))

@@ -428,6 +428,25 @@ def _inside(name: str, block: str) -> bool:
     return name.startswith(block + ".")
 
 
+def _concatenate(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(chunks)`` in the chunks' memory format, emptying ``chunks`` as it goes."""
+    first = chunks[0]
+    if len(chunks) == 1:
+        return chunks.pop()
+    channels_last = first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(
+        memory_format=torch.channels_last)
+    out = torch.empty((sum(c.shape[0] for c in chunks), *first.shape[1:]), dtype=first.dtype, device=first.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    start = 0
+    chunks.reverse()
+    while chunks:
+        chunk = chunks.pop()
+        out[start:start + chunk.shape[0]].copy_(chunk)
+        start += chunk.shape[0]
+        del chunk
+    return out
+
+
 class _Taps:
     """Hooks on module inputs / outputs.
 
@@ -487,8 +506,9 @@ class _Taps:
                     self.refs[point] = []
 
     def freeze_reference(self) -> None:
-        """Concatenate the reference chunks."""
-        self.refs = {k: torch.cat(v) if v else None for k, v in self.refs.items()}
+        """Concatenate the reference chunks, each freed once copied (not ``torch.cat``,
+        which holds every chunk and the result at once: twice the references)."""
+        self.refs = {k: _concatenate(v) if v else None for k, v in self.refs.items()}
         self.mode = "off"
 
     def reset(self) -> None:
@@ -668,6 +688,10 @@ def _device(device: Any) -> torch.device:
 # --------------------------------------------------------------------------- steps
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass whose remaining layers are not needed."""
+
+
 def _capture(
     model: nn.Module, modules: Mapping[str, nn.Module], images: torch.Tensor, names: Sequence[str],
     batch_size: int | None = None,
@@ -675,10 +699,26 @@ def _capture(
     """Input of each named block for all images (one forward pass in chunks)."""
     taps = _Taps(modules, [(n, "in") for n in names])
     size = _rows_per_chunk(images.shape[1:]) if batch_size is None else batch_size
+
+    def stop_when_all_seen(module: nn.Module, args: tuple) -> None:
+        # registered after the taps' own hooks, so this block's input is already kept
+        if len(taps._seen) == len(names):
+            raise _StopForward
+
     with taps, torch.no_grad():
-        for rows in _chunks(images.shape[0], size):
-            taps.start("reference")
-            model(images[rows])
+        # The forward pass stops once every named block has its input: the
+        # layers after the group's last block are never run.
+        stops = [modules[n].register_forward_pre_hook(stop_when_all_seen) for n in names]
+        try:
+            for rows in _chunks(images.shape[0], size):
+                taps.start("reference")
+                try:
+                    model(images[rows])
+                except _StopForward:
+                    pass
+        finally:
+            for handle in stops:
+                handle.remove()
         taps.freeze_reference()
     missing = [n for n in names if taps.refs.get((n, "in")) is None]
     if missing:
