@@ -51,15 +51,28 @@ def test_library_errors_reach_the_command_line_with_flags(tmp_path, capsys) -> N
 
 
 def test_no_library_error_names_a_command_line_flag() -> None:
-    """Hints and messages outside ``auditor/cli`` name arguments through a Remedy, never as ``--flags``."""
+    """Messages and hints raised outside ``auditor/cli`` name arguments through a Remedy, never as ``--flags``."""
+    import ast
     import re
     from pathlib import Path
 
     import auditor
 
+    flag = re.compile(r"(?<![\w-])--[a-z]")
     root = Path(auditor.__file__).parent
-    pattern = re.compile(r"""(?:hint=|Error\()f?["'][^"'\n]*--[a-z]""")
-    offenders = [f"{path.relative_to(root)}:{number}"
-                 for path in root.rglob("*.py") if "cli" not in path.relative_to(root).parts
-                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = []
+    for path in root.rglob("*.py"):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            texts = [k.value for k in node.keywords if k.arg == "hint"]
+            if name.endswith("Error") and node.args:
+                texts.append(node.args[0])
+            for text in texts:
+                for part in ast.walk(text):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str) and flag.search(part.value):
+                        offenders.append(f"{path.relative_to(root)}:{part.lineno}: {part.value!r}")
     assert offenders == []

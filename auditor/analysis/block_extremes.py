@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lanczos import DEFAULT_TOL, largest_eigenvalues
 from .batched import (
     blas_single_thread,
     chunk_slices,
@@ -59,6 +58,7 @@ from .batched import (
     worker_count,
 )
 from .frequencies import frequency_phases, half_plane, tap_offsets
+from .lanczos import DEFAULT_TOL, largest_eigenvalues
 
 __all__ = ["OperatorExtremes", "BlockExtremes", "block_extremes", "LANCZOS_MIN_SIDE"]
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ..errors import InputError, UsageError
-from .block_extremes import block_extremes
 from .batched import (
     blas_single_thread,
     chunk_slices,
@@ -36,6 +35,7 @@ from .batched import (
     torch_single_thread,
     worker_count,
 )
+from .block_extremes import block_extremes
 from .frequencies import half_plane, kernel_symbols
 from .spectra import (
     ConvOperator,

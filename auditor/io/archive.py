@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import DataError
+from .class_choice import choose_classes
 
 __all__ = ["ARCHIVE_SUFFIXES", "is_archive", "ArchiveReader", "scan_archive"]
 
@@ -172,16 +173,9 @@ def scan_archive(path: str | Path, classes: Any = None) -> tuple[Path, tuple[str
     if not known:
         raise DataError(f"{archive}: no class folders with images" + (" (the images lie at its top level)" if loose else ""),
                         hint="put the images of each class in a folder named after the class")
-    chosen = known if classes is None else [str(c) for c in classes]
-    missing = [c for c in chosen if c not in tree]
-    if missing:
-        raise DataError(f"{archive}: no class folder {', '.join(repr(m) for m in missing)}",
-                        hint=f"known classes: {', '.join(known)}")
-    twice = sorted({c for c in chosen if chosen.count(c) > 1})
-    if twice:
-        raise DataError(f"class listed more than once: {', '.join(twice)}")
+    chosen = choose_classes(known, classes, str(archive), "no class folder")
     samples = tuple((rel, label) for label, name in enumerate(chosen) for rel in sorted(tree[name]))
-    return archive, tuple(chosen), samples, _PrefixedReader(reader, prefix)
+    return archive, chosen, samples, _PrefixedReader(reader, prefix)
 
 
 class _PrefixedReader:

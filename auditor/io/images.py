@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import DataError, Remedy, UsageError
+from .class_choice import choose_classes
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -332,21 +333,7 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
             f"{given}: no class folders" + (" (the images lie directly in it)" if loose else ""),
             hint="put the images of each class in a sub-folder named after the class",
         )
-    if classes is None:
-        chosen = known
-    else:
-        chosen = [str(c) for c in classes]
-        if not chosen:
-            raise DataError("the list of classes is empty", hint=f"known classes: {', '.join(known)}")
-        twice = sorted({c for c in chosen if chosen.count(c) > 1})
-        if twice:
-            raise DataError(f"class listed more than once: {', '.join(twice)}")
-        missing = [c for c in chosen if c not in known]
-        if missing:
-            raise DataError(
-                f"{given}: no class folder {', '.join(repr(m) for m in missing)}",
-                hint=f"known classes: {', '.join(known)}",
-            )
+    chosen = choose_classes(known, classes, str(given), "no class folder")
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(chosen):
         files = _class_files(path, name)
@@ -354,7 +341,7 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
             raise DataError(
                 f"{given}: class folder {name!r} holds no images",
                 hint=f"image extensions: {', '.join(IMAGE_EXTENSIONS)}; remove the folder or "
-                "choose classes with --classes",
+                "leave the class out",
             )
         samples.extend((f, label) for f in files)
     return ImageFolderIndex(path, tuple(chosen), tuple(samples))
@@ -626,7 +613,7 @@ class ImageDataset(Dataset):
             if image.height < height or image.width < width:
                 raise _ConfigError(
                     f"image is {image.width}x{image.height}, smaller than the {width}x{height} crop "
-                    "(use a preset that resizes, or a smaller --size)"
+                    "(use a preset that resizes, or a smaller crop size)"
                 )
             image = _center_crop(image, height, width)
         # True IEEE division (torch turns division by a scalar into a multiplication

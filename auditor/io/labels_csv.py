@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import DataError
+from .class_choice import choose_classes
 
 __all__ = ["scan_labels_csv"]
 
@@ -72,13 +73,6 @@ def scan_labels_csv(path: str | Path, classes: Any = None) -> tuple[Path, tuple[
     known = sorted(by_class)
     if not known:
         raise DataError(f"{given}: the labels file names no image", hint="rows path,label")
-    chosen = known if classes is None else [str(c) for c in classes]
-    missing = [c for c in chosen if c not in by_class]
-    if missing:
-        raise DataError(f"{given}: no image labeled {', '.join(repr(m) for m in missing)}",
-                        hint=f"known classes: {', '.join(known)}")
-    twice = sorted({c for c in chosen if chosen.count(c) > 1})
-    if twice:
-        raise DataError(f"class listed more than once: {', '.join(twice)}")
+    chosen = choose_classes(known, classes, str(given), "no image labeled")
     samples = tuple((rel, label) for label, name in enumerate(chosen) for rel in sorted(by_class[name]))
-    return root, tuple(chosen), samples
+    return root, chosen, samples

@@ -628,7 +628,7 @@ class StoreWriter:
             raise StoreError(
                 f"stage {spec.name!r} ({spec.location}): {bad} activations are NaN or inf",
                 hint="the network overflows on these inputs; check the checkpoint and the "
-                "preprocessing (--preset, --mean, --std)",
+                "preprocessing (preset, mean, std)",
             )
         largest = max(-low, high)
         if dtype == "float32":
