@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._options import ArchOpt, CheckpointArg, Format, FormatOpt, InputSizeOpt, OutputOpt
 
-if TYPE_CHECKING:
-    from ..subject import Subject
-
-__all__ = ["inspect_command", "archs_command", "inspect_document"]
+__all__ = ["inspect_command", "archs_command"]
 
 # The library (torch) is imported in the command bodies, so that ``resdyn --help`` stays instant.
-
-
-def inspect_document(subject: Subject) -> dict[str, Any]:
-    """The ``inspect`` report."""
-    from ..report.document import report_header
-    from ..report.sections import anatomy_sections
-
-    return {
-        **report_header("inspect", subject, input_shape=False),  # input_shape comes with the anatomy
-        "input_size_source": subject.input_size_source,
-        **anatomy_sections(subject.anatomy),
-    }
 
 
 def _markdown(doc: dict[str, Any]) -> str:
@@ -40,11 +25,15 @@ def inspect_command(
     output: OutputOpt = None,
 ) -> None:
     """Show the architecture, residual blocks, stages and layer shapes of a checkpoint."""
+    from ..subject import parse_input_size
+
+    size = parse_input_size(input_size)  # a malformed size fails before torch is imported
+    from ..report.sections import inspect_document
     from ..report.tables import inspect_tables
-    from ..subject import open_subject, parse_input_size
+    from ..subject import open_subject
     from ._output import emit
 
-    subject = open_subject(checkpoint, arch=arch, input_size=parse_input_size(input_size))
+    subject = open_subject(checkpoint, arch=arch, input_size=size)
     emit(inspect_document(subject), fmt, output, table=inspect_tables, markdown=_markdown)
 
 

@@ -11,7 +11,7 @@ from ..errors import InputError
 from .document import SCHEMA_VERSION
 from .verdict import METRICS, Rule
 
-__all__ = ["load_report", "compare_reports", "evaluate_changes"]
+__all__ = ["load_report", "compare_reports", "evaluate_changes", "compare_document"]
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -93,3 +93,34 @@ def evaluate_changes(rules: Iterable[Rule], comparison: Mapping[str, Any]) -> di
         failed = rule.holds(change)
         results.append({"rule": str(rule), "metric": rule.metric, "value": change, "passed": not failed})
     return {"passed": all(r["passed"] for r in results), "rules": results}
+
+
+def compare_document(path_a: Path, path_b: Path, rules: Iterable[Rule] = ()) -> dict[str, Any]:
+    """The ``compare`` report of two JSON reports: both sides, the comparison and, with rules, the verdict.
+
+    Parameters
+    ----------
+    path_a, path_b : Path
+        Reports written by resdyn (JSON).
+    rules : iterable of Rule
+        Rules on the change ``B - A`` (see :func:`auditor.report.verdict.parse_rule`).
+
+    Raises
+    ------
+    InputError
+        A file that is not a resdyn report (see :func:`load_report`).
+    """
+    from .document import report_header
+
+    rules = list(rules)
+    a, b = load_report(path_a), load_report(path_b)
+    comparison = compare_reports(a, b)
+
+    def side(path: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
+        checkpoint = doc.get("checkpoint", {})
+        return {"path": str(path), "arch": checkpoint.get("arch"), "sha256": checkpoint.get("sha256")}
+
+    document = {**report_header("compare"), "a": side(path_a, a), "b": side(path_b, b), "comparison": comparison}
+    if rules:
+        document["verdict"] = evaluate_changes(rules, comparison)
+    return document

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..models.anatomy import Anatomy, BlockInfo, ConvInfo, LayerInfo, StageSpec
 
-__all__ = ["layer_entry", "block_entry", "anatomy_stage_entry", "anatomy_sections"]
+if TYPE_CHECKING:
+    from ..subject import Subject
+
+__all__ = ["layer_entry", "block_entry", "anatomy_stage_entry", "anatomy_sections", "inspect_document"]
 
 
 def layer_entry(layer: LayerInfo) -> dict[str, Any]:
@@ -77,4 +80,15 @@ def anatomy_sections(anatomy: Anatomy) -> dict[str, Any]:
         "stages": stages,
         "penultimate": anatomy_stage_entry(anatomy.penultimate) if anatomy.penultimate else None,
         "notes": list(anatomy.notes),
+    }
+
+
+def inspect_document(subject: Subject) -> dict[str, Any]:
+    """The ``inspect`` report: the header, where the input size came from, and the anatomy."""
+    from .document import report_header
+
+    return {
+        **report_header("inspect", subject, input_shape=False),  # input_shape comes with the anatomy
+        "input_size_source": subject.input_size_source,
+        **anatomy_sections(subject.anatomy),
     }
