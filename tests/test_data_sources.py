@@ -10,6 +10,7 @@ import pytest
 
 from auditor.errors import DataError, UsageError
 from auditor.io.data_sources import load_data_sources, resolve_data_source
+from auditor.io.store import open_store
 
 from conftest import FIXTURES, run_cli, run_json
 
@@ -139,3 +140,21 @@ def test_source_seed_chooses_the_images_as_the_seed_option_does(tmp_path, monkey
     other = open_images(DIGITS, subject, per_class=3, seed=0)
     assert named.dataset.samples == direct.dataset.samples != other.dataset.samples
     assert named.dataset.root == direct.dataset.root
+
+
+def test_a_seed_given_overrides_the_source_seed_zero_included(tmp_path, capsys, monkeypatch) -> None:
+    from auditor.subject import open_subject
+    from auditor.tasks.images import open_images
+
+    _project(tmp_path, '[data.s]\npath = "data/digits"\nper-class = 3\nseed = 11\n')
+    monkeypatch.chdir(tmp_path)
+    subject = open_subject(CHECKPOINT)
+    zero = open_images(DIGITS, subject, per_class=3, seed=0)
+    assert open_images("s", subject, seed=0).dataset.samples == zero.dataset.samples
+    assert open_images("s", subject).dataset.samples != zero.dataset.samples
+    for args, seed in ((["--seed", "0"], 0), ([], 11)):  # the command line: a flag given wins, 0 included
+        out_file = tmp_path / f"x{len(args)}.h5"
+        code, _, err = run_cli(["extract", CHECKPOINT, "--data", "s", *args, "-o", out_file, "--no-progress"], capsys)
+        assert code == 0, err
+        with open_store(out_file) as store:
+            assert store.attrs["seed"] == seed

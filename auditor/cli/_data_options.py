@@ -30,7 +30,11 @@ MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalization me
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalization std, three positive numbers a,b,c.")]
 ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to use, in this order.")]
 PerClassOpt = Annotated[Optional[int], typer.Option("--per-class", min=1, help="Images per class, sampled with --seed (default: all).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+SeedOpt = Annotated[
+    Optional[int],
+    typer.Option("--seed", help="Seed of every random choice (default 0; a data source's own seed picks its images).",
+                 show_default=False),
+]
 
 
 def parse_triple(text: str | None, option: str) -> tuple[float, float, float] | None:
@@ -53,7 +57,7 @@ def image_options(
     std: str | None,
     classes: str | None,
     per_class: int | None,
-    seed: int,
+    seed: int | None,
 ) -> dict:
     """The keyword arguments of :func:`auditor.tasks.images.open_images` from the shared options."""
     chosen = split_list(classes)

@@ -64,7 +64,7 @@ def audit_command(
     std: StdOpt = None,
     classes: ClassesOpt = None,
     per_class: PerClassOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     stages: StagesOpt = None,
     center: CenterOpt = False,
     max_pairs: MaxPairsOpt = None,

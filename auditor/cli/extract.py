@@ -54,7 +54,7 @@ def extract_command(
     std: StdOpt = None,
     classes: ClassesOpt = None,
     per_class: PerClassOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     stages: StagesOpt = None,
     dtype: DTypeOpt = DType.float32,
     compression: CompressionOpt = Compression.none,

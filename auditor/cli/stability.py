@@ -39,7 +39,7 @@ def stability_command(
     directions: DirectionsOpt = 4,
     samples: SamplesOpt = 32,
     power_iterations: PowerOpt = 8,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     preset: PresetOpt = None,
     size: SizeOpt = None,
     mean: MeanOpt = None,
@@ -68,7 +68,8 @@ def stability_command(
     with progress_bar("stability", enabled=not no_progress and fmt is not Format.json) as update:
         result = subject_stability(
             subject, images, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
-            seed=seed, device=resolve_device(device), condition_progress=update, progress=update,
+            seed=0 if seed is None else seed, device=resolve_device(device), condition_progress=update,
+            progress=update,
         )
     if result.skipped:
         warn(skipped_message(images.dataset.root, result.skipped))

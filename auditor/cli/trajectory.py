@@ -78,7 +78,7 @@ def trajectory_command(
     std: StdOpt = None,
     classes: ClassesOpt = None,
     per_class: PerClassOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     cache: CacheOpt = None,
     plot: PlotOpt = None,
     device: DeviceOpt = Device.cpu,

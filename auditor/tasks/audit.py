@@ -37,7 +37,7 @@ class AuditOptions:
     std: tuple[float, float, float] | None = None
     classes: tuple[str, ...] | None = None
     per_class: int | None = None
-    seed: int = 0
+    seed: int | None = None  # None: 0, and a data source's own seed for its images
     stages: tuple[str, ...] | None = None
     center: bool = False
     max_pairs: int | None = None
@@ -51,9 +51,15 @@ class AuditOptions:
     device: str = "cpu"
     cache: Path | None = None
 
+    @property
+    def random_seed(self) -> int:
+        """The seed of the draws after the image selection (angle pairs, stability samples and directions)."""
+        return 0 if self.seed is None else self.seed
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe copy (paths as strings)."""
+        """JSON-safe copy (paths as strings; ``seed`` as used by the draws, the images' seed is in ``data``)."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["seed"] = self.random_seed
         out["cache"] = str(self.cache) if self.cache else None
         for key in ("input_size", "mean", "std", "classes", "stages"):
             out[key] = list(out[key]) if out[key] is not None else None
@@ -176,7 +182,7 @@ def audit(
         start = time.perf_counter()
         geometry = stage_geometry(
             subject, images, cache=opts.cache, stages=opts.stages, center=opts.center, max_pairs=opts.max_pairs,
-            seed=opts.seed, subspace_k=opts.subspace, batch_size=opts.batch_size, workers=opts.workers,
+            seed=opts.random_seed, subspace_k=opts.subspace, batch_size=opts.batch_size, workers=opts.workers,
             device=opts.device, extract_progress=phase("extract"), angles_progress=phase("angles"),
         )
         timings["extract+angles"] = time.perf_counter() - start
@@ -194,7 +200,7 @@ def audit(
         start = time.perf_counter()
         stability = subject_stability(
             subject, images, eps=opts.eps, directions=opts.directions, samples=opts.samples,
-            power_iterations=opts.power_iterations, seed=opts.seed, device=opts.device,
+            power_iterations=opts.power_iterations, seed=opts.random_seed, device=opts.device,
             bounds=conditioning.bounds(), progress=phase("stability"),
         )
         timings["stability"] = time.perf_counter() - start

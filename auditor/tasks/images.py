@@ -79,13 +79,13 @@ def open_images(
     std: Sequence[float] | None = None,
     classes: Sequence[str] | None = None,
     per_class: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> PreparedImages:
     """Scan ``root``, pick samples, and build the dataset with the right preprocessing.
 
     ``root`` that is not an existing path names a data source
     (:mod:`auditor.io.data_sources`); the arguments given override its keys
-    (``seed`` overrides it when not 0, the options' default).
+    (``seed`` overrides it when given; None: the source's seed, else 0).
 
     Preprocessing: explicit flags win, then the checkpoint's ``preprocessing``
     metadata, then ``preset`` (default ``cifar10`` for inputs up to 64 px, else
@@ -106,8 +106,9 @@ def open_images(
         chosen = {**source.options, **{k: v for k, v in given.items() if v is not None}}
         preset, size, mean, std = chosen.get("preset"), chosen.get("size"), chosen.get("mean"), chosen.get("std")
         classes, per_class = chosen.get("classes"), chosen.get("per_class")
-        seed = seed if seed != 0 else chosen.get("seed", 0)  # 0 is the options' default
         root = source.path
+    if seed is None:  # the source's seed, else 0; a seed the caller gives wins, 0 included
+        seed = source.options.get("seed", 0) if source is not None else 0
     has_meta = bool(subject.checkpoint.metadata.get("preprocessing"))
     preprocessing = resolve_preprocessing(
         preset, size, mean, std, subject.checkpoint.metadata, default_preset=_default_preset(subject)

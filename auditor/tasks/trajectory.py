@@ -126,7 +126,7 @@ def trajectory(
     input_size: tuple[int, int] | None = None,
     stages: Sequence[str] | None = None,
     image_options: dict[str, Any] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     cache: Path | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
@@ -146,7 +146,9 @@ def trajectory(
     image_options : dict, optional
         Keyword arguments of :func:`auditor.tasks.images.open_images` (preset, size,
         mean, std, classes, per_class); ``seed`` is added.
-    seed : int
+    seed : int or None
+        Seed of the image selection and of the angles' pair sampling; None: 0, and a
+        data source's own seed for its images.
     cache : Path, optional
         Keep the activation stores here and reuse them (see :func:`auditor.tasks.geometry.stage_geometry`).
     device : str
@@ -161,7 +163,8 @@ def trajectory(
     from .geometry import stage_geometry
     from .images import open_images
 
-    chosen = {**(image_options or {}), "seed": seed}
+    chosen = {**(image_options or {}), "seed": seed}  # None: a data source's seed picks the images
+    random_seed = 0 if seed is None else seed
     paths = collect_checkpoints(checkpoints)
     if not paths:
         raise InputError("no checkpoints given")
@@ -173,7 +176,7 @@ def trajectory(
         index = order[done]
         subject = subjects[index]
         images = open_images(data, subject, **chosen)
-        result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=seed, device=device)
+        result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=random_seed, device=device)
         entry = {
             "epoch": epochs[index] if epochs[index] is not None else done,
             "checkpoint": str(paths[index]),
@@ -190,5 +193,5 @@ def trajectory(
     series = [entry for entry, _, _ in points]
     skipped = next((s for _, s, _ in points if s), ())  # the same images for every checkpoint
     images = points[-1][2]
-    config = {"seed": seed, "per_class": chosen.get("per_class"), "stages": stage_names}
+    config = {"seed": random_seed, "per_class": chosen.get("per_class"), "stages": stage_names}
     return TrajectoryResult(series, images.section(skipped), config, note, skipped)
