@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, InputError, StoreError, UsageError
+from ..io.integrity import damage_hint, fails_checksum
 
 __all__ = ["StageAngles", "median_angles", "median_angles_h5"]
 
@@ -331,10 +332,10 @@ class _Rows:
             where = getattr(getattr(self.data, "file", None), "filename", None)
             name = getattr(self.data, "name", None) or type(self.data).__name__
             place = f"{where}: {name!r}" if where else repr(name)
-            if "filter returned failure" in str(exc) and getattr(self.data, "fletcher32", False):
-                raise StoreError(  # HDF5's words for a chunk that fails its checksum
+            if fails_checksum(self.data, exc):
+                raise StoreError(
                     f"{place}: the store is damaged, rows {s}:{e} fail their Fletcher-32 checksum",
-                    hint=f"'resdyn verify {where or 'STORE'}' lists the damage; extract the activations again",
+                    hint=damage_hint(where or "STORE"),
                 ) from exc
             raise StoreError(
                 f"{place}: cannot read rows {s}:{e}: {exc}",

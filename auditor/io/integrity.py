@@ -35,7 +35,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChunkProblem", "has_checksums", "chunk_problems", "first_problem", "io_cause", "detach_file"]
+__all__ = [
+    "ChunkProblem",
+    "has_checksums",
+    "fails_checksum",
+    "damage_hint",
+    "chunk_problems",
+    "first_problem",
+    "io_cause",
+    "detach_file",
+]
 
 # Rows read at once while scanning (whole chunks, about this many bytes).
 _SCAN_BYTES = 8 * 1024 * 1024
@@ -77,6 +86,20 @@ def has_checksums(dataset: Any) -> bool:
     return bool(getattr(dataset, "fletcher32", False))
 
 
+def fails_checksum(dataset: Any, exc: BaseException) -> bool:
+    """Whether a failed read of ``dataset`` is a chunk failing its Fletcher-32 check.
+
+    HDF5 says only "filter returned failure during read"; on a dataset whose one
+    checking filter is Fletcher-32 that is the checksum (module docstring).
+    """
+    return has_checksums(dataset) and "filter returned failure" in str(exc)
+
+
+def damage_hint(path: Any) -> str:
+    """What to do about a store that fails its checks."""
+    return f"'resdyn verify {path}' lists the damage; extract the activations again"
+
+
 def _key(dataset: Any) -> str:
     return str(dataset.name).lstrip("/")
 
@@ -114,7 +137,7 @@ def _check_chunk(dataset: Any, start: int, stop: int, buffer: np.ndarray | None,
     try:
         block = _read(dataset, start, stop, buffer)
     except (OSError, RuntimeError) as exc:
-        if has_checksums(dataset) and "filter returned failure" in str(exc):
+        if fails_checksum(dataset, exc):
             return ChunkProblem(key, start, stop, "checksum", "the chunk fails its Fletcher-32 checksum")
         return ChunkProblem(key, start, stop, "unreadable", f"cannot be read ({' '.join(str(exc).split())})")
     if finite:

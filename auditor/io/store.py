@@ -66,7 +66,7 @@ import torch
 from .._version import __version__
 from ..errors import OutputError, Remedy, StoreError
 from ..models.anatomy import StageSpec
-from .integrity import ChunkProblem, detach_file, first_problem, has_checksums, io_cause
+from .integrity import ChunkProblem, damage_hint, detach_file, fails_checksum, first_problem, has_checksums, io_cause
 
 __all__ = [
     "FORMAT",
@@ -871,7 +871,7 @@ class ActivationStore:
         try:
             self.labels = np.asarray(file["samples/label"][()], dtype=np.int64)
         except (OSError, RuntimeError) as exc:
-            raise _damaged(path, "samples/label", exc) from None
+            raise _damaged(path, file["samples/label"], exc) from None
         self.paths = [_plain(p) for p in file["samples/path"][()]]
         stages = file["stages"]
         self.checksums = has_checksums(file["samples/label"]) and all(
@@ -934,12 +934,10 @@ def _refuse(path: Path, key: str, problem: str, hint: str | None = None) -> Stor
     return StoreError(f"{path}: {problem} (key {key!r})", hint=hint)
 
 
-def _damaged(path: Path, key: str, exc: BaseException) -> StoreError:
-    """The error for a read of ``key`` that failed (a chunk that fails its checksum, ...)."""
-    cause = "a chunk fails its Fletcher-32 checksum" if "filter returned failure" in str(exc) else (
-        " ".join(str(exc).split()))
-    return _refuse(path, key, f"the store is damaged, {cause}",
-                   f"'resdyn verify {path}' lists the damage; extract the activations again")
+def _damaged(path: Path, dataset: Any, exc: BaseException) -> StoreError:
+    """The error for a read of ``dataset`` that failed (a chunk that fails its checksum, ...)."""
+    cause = "a chunk fails its Fletcher-32 checksum" if fails_checksum(dataset, exc) else " ".join(str(exc).split())
+    return _refuse(path, str(dataset.name).lstrip("/"), f"the store is damaged, {cause}", damage_hint(path))
 
 
 class UnverifiedStoreWarning(UserWarning):
@@ -1022,7 +1020,7 @@ def open_store(path: str | Path, *, warn_unverified: bool = True) -> ActivationS
         digest = store.attrs.get("rows_sha256")
         if digest is not None and digest != rows_digest(store.labels, store.paths):
             raise _refuse(path, "samples/path", "the store is damaged, the sample list does not match rows_sha256",
-                          f"'resdyn verify {path}' lists the damage; extract the activations again")
+                          damage_hint(path))
         if warn_unverified and not store.checksums:
             warnings.warn(
                 f"{path}: written without checksums (store format {version}), so damage in it cannot be "
