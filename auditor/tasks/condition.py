@@ -226,9 +226,9 @@ def _pooled_shortcut(modules: dict[str, nn.Module], block: BlockInfo, fold_bn: b
             f"{block.input_shape}, and what lies between is not one average pool: no exact operator",
             hint="resdyn conditions identity, option A, 1x1 projection and average-pool + 1x1 shortcuts",
         )
-    scale = _bn_scale(modules[conv.bn]).to(device) if (conv.bn and fold_bn) else None
-    weight = modules[conv.name].weight.detach().to(device=device, dtype=torch.float64)
-    return pooled_projection(weight, size[0], block.input_shape, out_scale=scale, name=f"{parent}")
+    projection = _conv_operator(modules, conv.name, conv.input_shape, conv.bn, fold_bn, device)
+    return pooled_projection(projection.weight, size[0], block.input_shape, out_scale=projection.out_scale,
+                             name=parent)
 
 
 def _layer_spectrum(
