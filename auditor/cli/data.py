@@ -21,16 +21,14 @@ DirOpt = Annotated[
 def _describe(source: Any) -> dict[str, Any]:
     """A source's entry: its keys, and the classes and images its path holds (or why it cannot be read)."""
     from ..errors import AuditorError
-    from ..io.images import scan_image_folder, select_samples
+    from ..io.images import images_per_class, scan_image_folder, select_samples
 
     entry: dict[str, Any] = {"name": source.name, "path": str(source.path),
                              **{k: list(v) if isinstance(v, tuple) else v for k, v in source.options.items()}}
     try:
         index = scan_image_folder(source.path, source.options.get("classes"))
-        counts = {name: 0 for name in index.classes}
-        for _, label in index.samples:
-            counts[index.classes[label]] += 1
-        entry.update(classes=list(index.classes), images_per_class=counts, images=len(index.samples))
+        entry.update(classes=list(index.classes), images_per_class=images_per_class(index.classes, index.samples),
+                     images=len(index.samples))
         select_samples(index, source.options.get("per_class"), source.options.get("seed", 0))
         entry["ok"] = True
     except AuditorError as exc:

@@ -38,6 +38,7 @@ __all__ = [
     "Preprocessing",
     "resolve_preprocessing",
     "ImageFolderIndex",
+    "images_per_class",
     "scan_image_folder",
     "ImageSelection",
     "select_samples",
@@ -264,6 +265,14 @@ class ImageFolderIndex:
     classes: tuple[str, ...]
     samples: tuple[tuple[str, int], ...]
     reader: Any = None
+
+
+def images_per_class(classes: Sequence[str], samples: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """How many of ``samples`` (``(path, label)`` pairs) each class holds, in ``classes`` order."""
+    counts = {name: 0 for name in classes}
+    for _, label in samples:
+        counts[classes[label]] += 1
+    return counts
 
 
 def _is_image(name: str) -> bool:

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..io.images import ImageDataset, ImageFailure, Preprocessing, resolve_preprocessing, scan_image_folder, select_samples
+from ..io.images import (
+    ImageDataset,
+    ImageFailure,
+    Preprocessing,
+    images_per_class,
+    resolve_preprocessing,
+    scan_image_folder,
+    select_samples,
+)
 from ..subject import Subject
 
 __all__ = ["PreparedImages", "ImageSample", "open_images", "sample_images", "skipped_message"]
@@ -34,9 +42,7 @@ class PreparedImages:
         ``{path, reason}`` as the activation store lists them) are listed, not counted.
         """
         label_of = {path: label for path, label in self.dataset.samples}
-        counts: dict[str, int] = {name: 0 for name in self.dataset.classes}
-        for _, label in self.dataset.samples:
-            counts[self.dataset.classes[label]] += 1
+        counts = images_per_class(self.dataset.classes, self.dataset.samples)
         for entry in skipped:
             label = label_of.get(entry["path"])
             if label is not None:
