@@ -40,7 +40,7 @@ def angles_command(
     center: CenterOpt = False,
     subspace: SubspaceOpt = None,
     max_pairs: MaxPairsOpt = None,
-    seed: SeedOpt = None,
+    seed: SeedOpt = 0,
     plot: PlotOpt = None,
     fmt: FormatOpt = Format.table,
     output: OutputOpt = None,
@@ -53,7 +53,7 @@ def angles_command(
     with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:
         result = store_geometry(
             store_path, stages=split_list(stages), classes=split_list(classes), center=center,
-            max_pairs=max_pairs, seed=0 if seed is None else seed, subspace_k=subspace, progress=update,
+            max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
         )
     document = result.to_document()
     entries = result.stages
