@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, UsageError
+from .config_file import CONFIG_FILES, resdyn_section
 
 __all__ = ["DataSource", "load_data_sources", "resolve_data_source"]
 
@@ -58,18 +59,7 @@ class DataSource:
 
 
 def _tables(candidate: Path) -> dict[str, Any] | None:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib  # type: ignore[no-redef]
-
-    try:
-        data = tomllib.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{candidate}: not valid TOML ({' '.join(str(exc).split())})") from None
-    if candidate.name == "pyproject.toml":
-        data = data.get("tool", {}).get("resdyn", {})
-    tables = data.get("data")
+    tables = (resdyn_section(candidate) or {}).get("data")
     if tables is None:
         return None
     if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
@@ -138,7 +128,7 @@ def load_data_sources(start: Path | None = None) -> tuple[dict[str, DataSource],
         Invalid TOML, an unknown key, a source without ``path``, a value of the wrong type.
     """
     folder = (start or Path.cwd()).resolve()
-    for candidate in (folder / "resdyn.toml", folder / "pyproject.toml"):
+    for candidate in (folder / name for name in CONFIG_FILES):
         if not candidate.is_file():
             continue
         tables = _tables(candidate)

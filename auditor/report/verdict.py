@@ -182,22 +182,15 @@ def rules_from_config(path: Path | None, start: Path | None = None) -> tuple[lis
     With ``path`` given it must exist; otherwise the current directory is
     searched (``resdyn.toml`` first).
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib  # type: ignore[no-redef]
+    from ..io.config_file import CONFIG_FILES, resdyn_section
 
-    candidates = [path] if path else [(start or Path.cwd()) / "resdyn.toml", (start or Path.cwd()) / "pyproject.toml"]
+    candidates = [path] if path else [(start or Path.cwd()) / name for name in CONFIG_FILES]
     for candidate in candidates:
         if candidate is None or not candidate.is_file():
             if path is not None:
                 raise UsageError(f"config file {str(path)!r} does not exist")
             continue
-        try:
-            data = tomllib.loads(candidate.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{candidate}: not valid TOML ({exc})") from None
-        section = data.get("tool", {}).get("resdyn") if candidate.name == "pyproject.toml" else data.get("tool", {}).get("resdyn", data)
+        section = resdyn_section(candidate)
         if section is None:
             continue
         rules = section.get("fail-on", section.get("fail_on", []))
