@@ -38,14 +38,9 @@ def _summary(doc: dict[str, Any]) -> str:
 
 
 def _lines(doc: dict[str, Any]) -> list[str]:
-    return [_summary(doc)] + [f"{doc['store']['path']}: {_problem_line(p)}" for p in doc["problems"]]
+    from ..io.verify import problem_line
 
-
-def _problem_line(problem: dict[str, Any]) -> str:
-    where = problem["key"] or ""
-    if problem["rows"]:
-        where += f" rows {problem['rows'][0]}:{problem['rows'][1]}"
-    return f"{where}: {problem['problem']}" if where else problem["problem"]
+    return [_summary(doc)] + [f"{doc['store']['path']}: {problem_line(p)}" for p in doc["problems"]]
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
@@ -80,7 +75,7 @@ def verify_command(
     else:
         emit(document, fmt, output, table=_tables, markdown=_markdown)
     if not check.ok:
-        first = _problem_line(document["problems"][0])
+        first = check.problems[0].line()
         more = len(check.problems) - 1
         raise StoreError(f"{store_path}: {first}" + (f" (and {more} more problem(s))" if more else ""))
 

@@ -37,6 +37,7 @@ import numpy as np
 
 __all__ = [
     "ChunkProblem",
+    "attribute_value",
     "has_checksums",
     "fails_checksum",
     "damage_hint",
@@ -79,6 +80,21 @@ class ChunkProblem:
     def line(self) -> str:
         """``stages/x rows a:b: detail``."""
         return f"{self.key} rows {self.start}:{self.stop}: {self.detail}"
+
+
+def attribute_value(value: Any) -> Any:
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return [attribute_value(v) for v in value.tolist()] if value.dtype.kind in "OS" else value.tolist()
+    return value
 
 
 def has_checksums(dataset: Any) -> bool:

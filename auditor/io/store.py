@@ -66,7 +66,16 @@ import torch
 from .._version import __version__
 from ..errors import OutputError, Remedy, StoreError
 from ..models.anatomy import StageSpec
-from .integrity import ChunkProblem, damage_hint, detach_file, fails_checksum, first_problem, has_checksums, io_cause
+from .integrity import (
+    ChunkProblem,
+    attribute_value,
+    damage_hint,
+    detach_file,
+    fails_checksum,
+    first_problem,
+    has_checksums,
+    io_cause,
+)
 
 __all__ = [
     "FORMAT",
@@ -191,23 +200,8 @@ class StoreHeader:
 # --------------------------------------------------------------------------- helpers
 
 
-def _plain(value: Any) -> Any:
-    """An HDF5 attribute value as a plain Python value."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OS" else value.tolist()
-    return value
-
-
 def _same(a: Any, b: Any) -> bool:
-    return _plain(a) == _plain(b)
+    return attribute_value(a) == attribute_value(b)
 
 
 def _fsync(path: Path) -> None:
@@ -492,7 +486,7 @@ class StoreWriter:
             )
         try:
             written = int(f.attrs["written"])
-            skipped = json.loads(_plain(f.attrs["skipped"]))
+            skipped = json.loads(attribute_value(f.attrs["skipped"]))
             datasets = [f[key] for key in self._dataset_keys()]
             positions = self._skipped_positions(written, skipped)
         except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
@@ -564,7 +558,7 @@ class StoreWriter:
         samples = self.header.samples
         expected = [samples[p] for p in range(written + len(skipped)) if p not in skipped][:good]
         try:
-            paths = [_plain(p) for p in f["samples/path"][:good]]
+            paths = [attribute_value(p) for p in f["samples/path"][:good]]
             labels = np.asarray(f["samples/label"][:good])
             mismatch = next((i for i, ((rel, label), p, l) in enumerate(zip(expected, paths, labels))
                              if rel != p or int(label) != int(l)), None)
@@ -600,7 +594,7 @@ class StoreWriter:
     def _readable_partial(self) -> bool:
         try:
             with h5py.File(self.partial_path, "r") as f:
-                return _plain(f.attrs.get("format")) == FORMAT and int(f.attrs["written"]) >= 0
+                return attribute_value(f.attrs.get("format")) == FORMAT and int(f.attrs["written"]) >= 0
         except Exception:  # noqa: BLE001  any failure: it cannot be resumed
             return False
 
@@ -764,7 +758,7 @@ class StoreWriter:
             )
         try:
             labels = np.asarray(f["samples/label"][()])
-            paths = [_plain(p) for p in f["samples/path"][()]]
+            paths = [attribute_value(p) for p in f["samples/path"][()]]
             f.attrs["rows_sha256"] = rows_digest(labels, paths)
             f.attrs["complete"] = True
             f.flush()
@@ -866,13 +860,13 @@ class ActivationStore:
     def __init__(self, path: Path, file: h5py.File) -> None:
         self.path = path
         self._file = file
-        self.attrs = {k: _plain(v) for k, v in file.attrs.items()}
-        self.classes = [_plain(c) for c in file["classes"][()]]
+        self.attrs = {k: attribute_value(v) for k, v in file.attrs.items()}
+        self.classes = [attribute_value(c) for c in file["classes"][()]]
         try:
             self.labels = np.asarray(file["samples/label"][()], dtype=np.int64)
         except (OSError, RuntimeError) as exc:
             raise _damaged(path, file["samples/label"], exc) from None
-        self.paths = [_plain(p) for p in file["samples/path"][()]]
+        self.paths = [attribute_value(p) for p in file["samples/path"][()]]
         stages = file["stages"]
         self.checksums = has_checksums(file["samples/label"]) and all(
             has_checksums(stages[name]) for name in stages
@@ -915,7 +909,7 @@ class ActivationStore:
                 hint=f"stages in the file: {', '.join(self.stage_names)}",
             )
         dataset = self._file["stages"][name]
-        if _plain(dataset.attrs.get("encoding")) == "bfloat16":
+        if attribute_value(dataset.attrs.get("encoding")) == "bfloat16":
             return _BFloat16Stage(dataset)
         return dataset
 
@@ -990,12 +984,12 @@ def open_store(path: str | Path, *, warn_unverified: bool = True) -> ActivationS
         raise StoreError(f"{path}: cannot open as HDF5 ({exc})") from None
     try:
         attrs = file.attrs
-        if _plain(attrs.get("format")) != FORMAT:
+        if attribute_value(attrs.get("format")) != FORMAT:
             raise _refuse(
-                path, "format", f"not a resdyn activation store (format={_plain(attrs.get('format'))!r})",
+                path, "format", f"not a resdyn activation store (format={attribute_value(attrs.get('format'))!r})",
                 "pass a store written by 'resdyn extract'",
             )
-        version = str(_plain(attrs.get("format_version", "")))
+        version = str(attribute_value(attrs.get("format_version", "")))
         major = version.split(".")[0]
         if major != FORMAT_VERSION.split(".")[0]:
             raise _refuse(
@@ -1003,7 +997,7 @@ def open_store(path: str | Path, *, warn_unverified: bool = True) -> ActivationS
                 f"(this resdyn reads {FORMAT_VERSION.split('.')[0]}.x)",
                 "upgrade resdyn or extract the activations again",
             )
-        if not bool(_plain(attrs.get("complete", False))):
+        if not bool(attribute_value(attrs.get("complete", False))):
             raise _refuse(
                 path, "complete", "the store is incomplete",
                 "rerun the extract command to finish it",

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .integrity import chunk_problems, has_checksums
+from .integrity import attribute_value, chunk_problems, has_checksums
 
-__all__ = ["Problem", "StoreCheck", "verify_store"]
+__all__ = ["Problem", "StoreCheck", "problem_line", "verify_store"]
 
 SPECTRA_FORMAT = "resdyn-spectra"
 _ACTIVATION_ATTRS = ("written", "skipped", "complete")
@@ -58,14 +58,19 @@ class Problem:
 
     def line(self) -> str:
         """The problem in one line (without the file name)."""
-        where = self.key or ""
-        if self.rows is not None:
-            where += f" rows {self.rows[0]}:{self.rows[1]}"
-        return f"{where}: {self.message}" if where else self.message
+        return problem_line(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """``{"key", "rows", "problem"}`` for the JSON report."""
         return {"key": self.key, "rows": list(self.rows) if self.rows else None, "problem": self.message}
+
+
+def problem_line(entry: Mapping[str, Any]) -> str:
+    """One problem of a ``verify`` report (``{"key", "rows", "problem"}``) in one line, without the file name."""
+    where = entry["key"] or ""
+    if entry["rows"]:
+        where += f" rows {entry['rows'][0]}:{entry['rows'][1]}"
+    return f"{where}: {entry['problem']}" if where else entry["problem"]
 
 
 @dataclass
@@ -127,12 +132,6 @@ class StoreCheck:
         }
 
 
-def _plain(value: Any) -> Any:
-    from .store import _plain as plain
-
-    return plain(value)
-
-
 def verify_store(path: str | Path, *, progress: Callable[[int, int], None] | None = None) -> StoreCheck:
     """Check a store written by resdyn; never raises for a damaged or foreign file.
 
@@ -173,8 +172,8 @@ def verify_store(path: str | Path, *, progress: Callable[[int, int], None] | Non
         return check
     with file:
         try:
-            check.format = _plain(file.attrs.get("format"))
-            check.format_version = _plain(file.attrs.get("format_version"))
+            check.format = attribute_value(file.attrs.get("format"))
+            check.format_version = attribute_value(file.attrs.get("format_version"))
         except (OSError, RuntimeError) as exc:
             check.problem(None, f"the root attributes cannot be read ({' '.join(str(exc).split())})")
             return check
@@ -212,15 +211,15 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
             check.problem(key, "a required dataset is missing")
     if check.problems:
         return [k for k in ("samples/label",) if k in file]
-    check.complete = bool(_plain(attrs["complete"]))
-    written = int(_plain(attrs["written"]))
+    check.complete = bool(attribute_value(attrs["complete"]))
+    written = int(attribute_value(attrs["written"]))
     try:
-        skipped = json.loads(_plain(attrs["skipped"]))
-        listed = json.loads(_plain(attrs["stages"]))
+        skipped = json.loads(attribute_value(attrs["skipped"]))
+        listed = json.loads(attribute_value(attrs["stages"]))
     except (ValueError, TypeError):
         check.problem("skipped", "the 'skipped' or 'stages' attribute is not valid JSON")
         skipped, listed = [], []
-    selected = int(_plain(attrs["num_selected"]))
+    selected = int(attribute_value(attrs["num_selected"]))
     if not check.complete:
         check.problem("complete", f"incomplete: an unfinished extraction ({written + len(skipped)} of {selected} "
                                   "samples handled); rerun the same extract command to resume it")
@@ -233,7 +232,7 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
             check.problem(key, f"{ds.shape[0]} rows, 'written' says {written}")
     stages = file["stages"]
     check.stages = list(stages.keys())
-    dtype = _plain(attrs["dtype"])
+    dtype = attribute_value(attrs["dtype"])
     for entry in listed:
         name, location, shape = entry[0], entry[1], tuple(entry[2])
         key = f"stages/{name}"
@@ -246,10 +245,10 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
             continue
         if ds.shape[0] != written:
             check.problem(key, f"{ds.shape[0]} rows, 'written' says {written}")
-        if _plain(ds.attrs.get("module_path")) != location:
-            check.problem(key, f"module_path {_plain(ds.attrs.get('module_path'))!r}, expected {location!r}")
-        if _plain(ds.attrs.get("encoding")) != dtype:
-            check.problem(key, f"encoding {_plain(ds.attrs.get('encoding'))!r}, the store's dtype is {dtype!r}")
+        if attribute_value(ds.attrs.get("module_path")) != location:
+            check.problem(key, f"module_path {attribute_value(ds.attrs.get('module_path'))!r}, expected {location!r}")
+        if attribute_value(ds.attrs.get("encoding")) != dtype:
+            check.problem(key, f"encoding {attribute_value(ds.attrs.get('encoding'))!r}, the store's dtype is {dtype!r}")
     unlisted = sorted(set(check.stages) - {entry[0] for entry in listed})
     for name in unlisted:
         check.problem(f"stages/{name}", "a stage not listed in the 'stages' attribute")
@@ -257,7 +256,7 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
     try:
         classes = len(file["classes"][()])
         labels = np.asarray(labels_ds[()])
-        paths = [_plain(p) for p in paths_ds[()]]
+        paths = [attribute_value(p) for p in paths_ds[()]]
     except (OSError, RuntimeError):
         return keys  # the chunk scan names the damaged rows
     bad = np.flatnonzero((labels < 0) | (labels >= classes))
@@ -265,7 +264,7 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
         check.problem("samples/label", f"{bad.size} labels outside 0..{classes - 1} (first at row {bad[0]})")
     if len(set(paths)) != len(paths) or not all(paths):
         check.problem("samples/path", "empty or repeated sample paths")
-    digest = _plain(attrs.get("rows_sha256"))
+    digest = attribute_value(attrs.get("rows_sha256"))
     if digest is not None and digest != rows_digest(labels, paths):
         check.problem("samples/path", "the sample list (paths and labels) does not match rows_sha256")
     elif digest is None and check.complete and str(check.format_version) != "1.0":
