@@ -112,11 +112,16 @@ def hf_to_torchvision(state: dict[str, torch.Tensor], path: Path) -> dict[str, t
     return renamed
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def load_json(path: Path) -> Any:
+    """The JSON value in ``path`` (a config file beside a checkpoint)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data = load_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return data

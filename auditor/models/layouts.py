@@ -53,10 +53,9 @@ def _config(path: Path) -> dict[str, Any] | None:
     candidate = path.with_name("config.json")
     if not candidate.is_file():
         return None
-    try:
-        data = json.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{candidate}: not a readable JSON file ({exc})") from None
+    from .huggingface import load_json
+
+    data = load_json(candidate)
     return data if isinstance(data, dict) else None
 
 
