@@ -505,6 +505,10 @@ class _Taps:
                 if not isinstance(self.refs.get(point), list):
                     self.refs[point] = []
 
+    def recorded_all(self) -> bool:
+        """Whether every tapped point has recorded its tensor in the current forward pass."""
+        return len(self._seen) == len(self.points)
+
     def freeze_reference(self) -> None:
         """Concatenate the reference chunks, each freed once copied (not ``torch.cat``,
         which holds every chunk and the result at once: twice the references)."""
@@ -702,7 +706,7 @@ def _capture(
 
     def stop_when_all_seen(module: nn.Module, args: tuple) -> None:
         # registered after the taps' own hooks, so this block's input is already kept
-        if len(taps._seen) == len(names):
+        if taps.recorded_all():
             raise _StopForward
 
     with taps, torch.no_grad():
