@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from auditor.analysis.conditioning import block_singular_values, condition_block
@@ -115,6 +115,7 @@ def test_indivisible_grid_is_refused() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.05, 20.0), channels=st.integers(1, 4))
+@example(seed=8307, scale=5.0, channels=4)  # found by hypothesis: rounding of 1.3e-9 on kappa_paper_plain
 def test_properties(seed: int, scale: float, channels: int) -> None:
     convs = [_op(channels, channels, 3, 4, seed=seed), _op(channels, channels, 3, 4, seed=seed + 1)]
     result = condition_block(convs, IdentityShortcut((channels, 4, 4)))
@@ -131,4 +132,6 @@ def test_properties(seed: int, scale: float, channels: int) -> None:
     again = condition_block(scaled, IdentityShortcut((channels, 4, 4)))
     if result.kappa_linear_plain is not None and again.kappa_linear_plain is not None:
         assert again.kappa_linear_plain == pytest.approx(result.kappa_linear_plain, rel=1e-6)
-    assert again.kappa_paper_plain == pytest.approx(result.kappa_paper_plain, rel=1e-9)
+    # four layer extremes, each documented to ~1e-8 relative (conv_singular_values: Gram
+    # eigenvalues, SVD below GRAM_MIN_RATIO); a 1e-9 bound failed at seed=8307, scale=5, channels=4
+    assert again.kappa_paper_plain == pytest.approx(result.kappa_paper_plain, rel=4e-8)
