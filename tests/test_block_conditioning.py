@@ -135,3 +135,31 @@ def test_properties(seed: int, scale: float, channels: int) -> None:
     # four layer extremes, each documented to ~1e-8 relative (conv_singular_values: Gram
     # eigenvalues, SVD below GRAM_MIN_RATIO); a 1e-9 bound failed at seed=8307, scale=5, channels=4
     assert again.kappa_paper_plain == pytest.approx(result.kappa_paper_plain, rel=4e-8)
+
+
+@pytest.mark.parametrize("stride_on", [None, 0, 1])
+def test_folded_chain_matrices_equal_the_product_of_the_factors(stride_on: int | None) -> None:
+    """The dense path folds 1x1 factors into the 3x3 taps: same per-frequency matrices as the product."""
+    from auditor.analysis.conditioning import _block_matrices, _reduce_block
+    from auditor.analysis.frequencies import half_plane, kernel_symbols
+
+    strides = [2 if i == stride_on else 1 for i in range(3)]
+    convs = [_op(4, 6, 1, 8, stride=strides[0], padding=0, scale=True, seed=31)]
+    size = 8 // strides[0]
+    convs.append(_op(4, 4, 3, size, stride=strides[1], scale=True, seed=32))
+    convs.append(_op(6, 4, 1, size // strides[1], padding=0, scale=True, seed=33))
+    shortcut = IdentityShortcut((6, 8, 8)) if stride_on is None else \
+        _op(6, 6, 1, 8, stride=2, padding=0, scale=True, seed=34)
+    block = _reduce_block(convs, shortcut, reduce=False)
+    u, v, _ = half_plane(*block.grid)
+    for residual in (False, True):
+        factors = block.weights if residual else block.plain_weights
+        product = kernel_symbols(factors[0], block.paddings[0], block.grid, u, v)
+        for weight, padding in zip(factors[1:], block.paddings[1:]):
+            product = kernel_symbols(weight, padding, block.grid, u, v) @ product
+        if residual and block.identity_size:
+            product[:, np.arange(6), np.arange(6)] += 1.0
+        elif residual:
+            product += kernel_symbols(block.short_weight, block.short_padding, block.grid, u, v)
+        np.testing.assert_allclose(_block_matrices(block, residual, u, v), product, rtol=0, atol=1e-12)
+        assert len(block.folded[residual]) == 1  # one kernel per frequency, nothing left to multiply

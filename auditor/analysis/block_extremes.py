@@ -505,7 +505,7 @@ def _with_compressed_ends(block: Any) -> Any:
     from .conditioning import _compress_ends
 
     plain_weights, extra_plain = _compress_ends(block.weights)
-    return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain)
+    return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain, folded={})
 
 
 @dataclass(frozen=True)
@@ -561,7 +561,7 @@ def _operator_extremes(block: Any, residual: bool, plan: _Plan, device: torch.de
         # 4. dense, on the reduced matrices, exactly as the full spectrum (the
         #    plain branch needs only its end factors compressed)
         block = reduced() if residual else _with_compressed_ends(block)
-        weights = block.weights
+        weights = block.weights if residual else block.plain_weights  # the factors the chunks multiply
         item = 16 * 4 * (max(w.shape[0] * w.shape[1] for w in weights) + weights[-1].shape[0] * weights[0].shape[1])
         u, v, _ = half_plane(*block.grid)
 

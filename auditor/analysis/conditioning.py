@@ -36,7 +36,7 @@ from .batched import (
     worker_count,
 )
 from .block_extremes import block_extremes
-from .frequencies import half_plane, kernel_symbols
+from .frequencies import half_plane, kernel_symbols, tap_offsets
 from .spectra import (
     ConvOperator,
     IdentityShortcut,
@@ -293,6 +293,8 @@ class _ReducedBlock:
     grid: tuple[int, int]
     side: int
     has_shortcut: bool
+    # per operator (plain / residual): its chain with the frequency-independent factors folded in
+    folded: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut, *, reduce: bool = True) -> _ReducedBlock:
@@ -348,11 +350,54 @@ def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut, *, reduce: 
                          identity_size, extra_residual, (h, w), max(n_out, n_in), shortcut is not None)
 
 
+def _single_tap(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int]) -> np.ndarray | None:
+    """The matrix of a kernel whose only nonzero tap sits at offset zero on the grid (the same at every
+    frequency), else None."""
+    kh, kw = weight.shape[2:]
+    dh, dw = tap_offsets(kh, kw, padding)
+    nonzero = np.flatnonzero(np.abs(weight).max(axis=(0, 1)).ravel() > 0)
+    if nonzero.size != 1 or dh[nonzero[0]] % grid[0] or dw[nonzero[0]] % grid[1]:
+        return None
+    return weight.reshape(*weight.shape[:2], kh * kw)[:, :, nonzero[0]]
+
+
+def _fold_chain(factors: Sequence[np.ndarray], paddings: Sequence[tuple[int, int]],
+                grid: tuple[int, int]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """The chain ``W_k ... W_1`` with every frequency-independent factor multiplied into a neighbour.
+
+    With one multi-tap kernel ``K`` between constant matrices ``L`` and ``R``
+    (a bottleneck's 1x1 convolutions), ``L K(u) R`` is the symbol of the kernel
+    with taps ``L K_t R``: one (rows x cols) matrix per frequency instead of a
+    product of three. Chains with several multi-tap kernels keep them apart.
+    """
+    chain: list[tuple[np.ndarray, tuple[int, int]]] = []
+    pending: np.ndarray | None = None  # constant factors not yet folded (applied first)
+    for weight, padding in zip(factors, paddings):
+        matrix = _single_tap(weight, padding, grid)
+        if matrix is not None:
+            pending = matrix if pending is None else matrix @ pending
+            if chain:  # fold into the kernel before it
+                last, last_padding = chain[-1]
+                chain[-1] = (np.einsum("rc,cd...->rd...", pending, last), last_padding)
+                pending = None
+            continue
+        if pending is not None:
+            weight = np.einsum("rc...,cd->rd...", weight, pending)
+            pending = None
+        chain.append((weight, padding))
+    if pending is not None:
+        chain.append((pending[:, :, None, None], (0, 0)))
+    return chain
+
+
 def _block_matrices(block: _ReducedBlock, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The per-frequency matrices (n_freq, rows, cols) of the plain or the residual operator."""
-    factors = block.weights if residual else block.plain_weights
-    product = kernel_symbols(factors[0], block.paddings[0], block.grid, u, v)
-    for weight, padding in zip(factors[1:], block.paddings[1:]):
+    if residual not in block.folded:
+        factors = block.weights if residual else block.plain_weights
+        block.folded[residual] = _fold_chain(factors, block.paddings, block.grid)
+    chain = block.folded[residual]
+    product = kernel_symbols(chain[0][0], chain[0][1], block.grid, u, v)
+    for weight, padding in chain[1:]:
         product = kernel_symbols(weight, padding, block.grid, u, v) @ product
     if residual:
         if block.identity_size:
