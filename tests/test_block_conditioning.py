@@ -163,3 +163,29 @@ def test_folded_chain_matrices_equal_the_product_of_the_factors(stride_on: int |
             product += kernel_symbols(block.short_weight, block.short_padding, block.grid, u, v)
         np.testing.assert_allclose(_block_matrices(block, residual, u, v), product, rtol=0, atol=1e-12)
         assert len(block.folded[residual]) == 1  # one kernel per frequency, nothing left to multiply
+
+
+@pytest.mark.parametrize("shortcut_kind", ["identity", "projection"])
+def test_reductions_are_exact_with_a_basis_larger_than_the_span(shortcut_kind: str, monkeypatch) -> None:
+    """The reductions need only an orthonormal basis containing the span (what the QR basis guarantees)."""
+    import auditor.analysis.conditioning as conditioning
+
+    exact_basis = conditioning._basis
+
+    def one_direction_too_many(matrix: np.ndarray) -> np.ndarray:
+        q = exact_basis(matrix)
+        extra = np.random.default_rng(0).standard_normal(matrix.shape[0])
+        extra -= q @ (q.T @ extra)
+        return np.concatenate([q, (extra / np.linalg.norm(extra))[:, None]], axis=1)
+
+    monkeypatch.setattr(conditioning, "_basis", one_direction_too_many)
+    convs = [_op(2, 8, 1, 4, padding=0, scale=True, seed=41), _op(2, 2, 3, 4, seed=42),
+             _op(8, 2, 1, 4, padding=0, scale=True, seed=43)]
+    if shortcut_kind == "identity":
+        shortcut = IdentityShortcut((8, 4, 4))
+        matrix = _dense(lambda x: _branch(convs)(x) + x, (8, 4, 4))
+    else:
+        shortcut = _op(8, 8, 1, 4, padding=0, seed=44)
+        shortcut = ConvOperator(shortcut.weight[:, :3].repeat(1, 3, 1, 1)[:, :8], (8, 4, 4), padding=(0, 0))
+        matrix = _dense(lambda x: _branch(convs)(x) + _circular_conv(x, shortcut), (8, 4, 4))
+    _compare(block_singular_values(convs, shortcut), matrix)

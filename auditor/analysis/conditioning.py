@@ -436,13 +436,27 @@ def _block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> _Spectr
 def _basis(matrix: np.ndarray) -> np.ndarray:
     """Orthonormal basis of the column space (rank tolerance of ``matrix_rank``).
 
-    The SVD runs in torch (MKL on CPU): on these 2048 x 1024 matrices it is
-    several times faster than numpy's, and this is on every block's path.
+    A Householder QR gives it when no ``|R_ii|`` is small against the
+    largest column norm, at a third of the cost of an SVD on these
+    2048 x 1024 matrices; otherwise the SVD decides the rank. The reductions
+    that use the basis stay exact with any orthonormal ``Q`` whose span
+    contains the column space (a direction too many only moves a singular
+    value 1, or 0, from the extra values into the reduced matrix), so the QR
+    needs no rank guarantee. Both run in torch (MKL on CPU, several times
+    faster than numpy's LAPACK here).
     """
-    u_, s_, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(matrix), full_matrices=False))
+    tensor = torch.from_numpy(matrix)
+    tolerance = max(matrix.shape) * np.finfo(float).eps
+    if matrix.shape[1] <= matrix.shape[0] and matrix.size:
+        q, r = torch.linalg.qr(tensor)
+        diagonal = r.diagonal().abs()
+        # |R_ii| >= sigma_min; a margin of 1e4 over the SVD's tolerance keeps the same rank decision
+        if float(diagonal.min()) > 1e4 * tolerance * float(torch.linalg.vector_norm(tensor, dim=0).max()):
+            return q.numpy()
+    u_, s_, _ = (t.numpy() for t in torch.linalg.svd(tensor, full_matrices=False))
     if not s_.size or s_[0] == 0:
         return u_[:, :0]
-    return u_[:, : int(np.sum(s_ > max(matrix.shape) * np.finfo(float).eps * s_[0]))]
+    return u_[:, : int(np.sum(s_ > tolerance * s_[0]))]
 
 
 def _compress_ends(weights: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
