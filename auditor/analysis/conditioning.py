@@ -297,6 +297,16 @@ class _ReducedBlock:
     folded: dict = field(default_factory=dict, repr=False, compare=False)
 
 
+def _left(matrix: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``matrix`` times every tap of ``weight`` (rows, cols, kh, kw): one BLAS product (einsum would not use BLAS)."""
+    return (matrix @ weight.reshape(weight.shape[0], -1)).reshape(matrix.shape[0], *weight.shape[1:])
+
+
+def _right(weight: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Every tap of ``weight`` (rows, cols, kh, kw) times ``matrix``: one BLAS product."""
+    return np.ascontiguousarray((weight.transpose(0, 2, 3, 1) @ matrix).transpose(0, 3, 1, 2))
+
+
 def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut, *, reduce: bool = True) -> _ReducedBlock:
     """Steps 1 and 3-4 of :func:`block_singular_values`: coarse-grid factors, exact reductions.
 
@@ -331,8 +341,7 @@ def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut, *, reduce: 
         #     V = range(W_1^T) + range(W_k) and maps V to itself: keep Q^T A Q
         q = _basis(np.concatenate([first.T, last], axis=1))
         if q.shape[1] < identity_size:
-            weights = [np.einsum("oc...,cr->or...", weights[0], q), *weights[1:-1],
-                       np.einsum("cr,co...->ro...", q, weights[-1])]
+            weights = [_right(weights[0], q), *weights[1:-1], _left(q.T, weights[-1])]
             extra_residual = np.ones(identity_size - q.shape[1])
             identity_size = q.shape[1]
     elif single_tap and short_weight is not None and short_weight.shape[2:] == (1, 1):
@@ -342,8 +351,7 @@ def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut, *, reduce: 
         q_out = _basis(np.concatenate([last, short], axis=1))
         q_in = _basis(np.concatenate([first.T, short.T], axis=1))
         if q_out.shape[1] < n_out or q_in.shape[1] < n_in:
-            weights = [np.einsum("oc...,cr->or...", weights[0], q_in), *weights[1:-1],
-                       np.einsum("cr,co...->ro...", q_out, weights[-1])]
+            weights = [_right(weights[0], q_in), *weights[1:-1], _left(q_out.T, weights[-1])]
             short_weight = (q_out.T @ short @ q_in)[:, :, None, None]
             extra_residual = np.zeros(min(n_out, n_in) - min(q_out.shape[1], q_in.shape[1]))
     return _ReducedBlock(weights, paddings, plain_weights, extra_plain, short_weight, short_padding,
@@ -363,12 +371,15 @@ def _single_tap(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, i
 
 def _fold_chain(factors: Sequence[np.ndarray], paddings: Sequence[tuple[int, int]],
                 grid: tuple[int, int]) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    """The chain ``W_k ... W_1`` with every frequency-independent factor multiplied into a neighbour.
+    """The chain ``W_k ... W_1`` with its factors multiplied together once, as kernels, where that is cheaper.
 
     With one multi-tap kernel ``K`` between constant matrices ``L`` and ``R``
     (a bottleneck's 1x1 convolutions), ``L K(u) R`` is the symbol of the kernel
     with taps ``L K_t R``: one (rows x cols) matrix per frequency instead of a
-    product of three. Chains with several multi-tap kernels keep them apart.
+    product of three. Chains with several multi-tap kernels keep them apart
+    (composing a basic block's two 3x3 kernels into one 5x5 kernel measured
+    10 % faster on ResNet-18's 56 x 56 blocks and up to 70 % slower on its
+    7 x 7 ones, where 81 tap products cost more than 25 frequencies).
     """
     chain: list[tuple[np.ndarray, tuple[int, int]]] = []
     pending: np.ndarray | None = None  # constant factors not yet folded (applied first)
@@ -378,11 +389,11 @@ def _fold_chain(factors: Sequence[np.ndarray], paddings: Sequence[tuple[int, int
             pending = matrix if pending is None else matrix @ pending
             if chain:  # fold into the kernel before it
                 last, last_padding = chain[-1]
-                chain[-1] = (np.einsum("rc,cd...->rd...", pending, last), last_padding)
+                chain[-1] = (_left(pending, last), last_padding)
                 pending = None
             continue
         if pending is not None:
-            weight = np.einsum("rc...,cd->rd...", weight, pending)
+            weight = _right(weight, pending)
             pending = None
         chain.append((weight, padding))
     if pending is not None:

@@ -55,5 +55,12 @@ def kernel_symbols(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int
     """
     kh, kw = weight.shape[-2:]
     e = frequency_phases(u, v, grid, *tap_offsets(kh, kw, padding))
-    taps = weight.reshape(-1, kh * kw).T.astype(np.complex128)
-    return (e @ taps).reshape(len(u), *weight.shape[:-2])
+    taps = weight.reshape(-1, kh * kw).T
+    if np.iscomplexobj(taps):
+        return (e @ taps).reshape(len(u), *weight.shape[:-2])
+    # real taps: two real products (a complex @ real product in numpy skips BLAS)
+    taps = np.ascontiguousarray(taps, dtype=np.float64)
+    out = np.empty((len(u), taps.shape[1]), dtype=np.complex128)
+    out.real = np.ascontiguousarray(e.real) @ taps
+    out.imag = np.ascontiguousarray(e.imag) @ taps
+    return out.reshape(len(u), *weight.shape[:-2])
