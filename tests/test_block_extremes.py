@@ -70,8 +70,11 @@ def _bottleneck(c: int, width: int, hw: int, *, stride: int = 1, stride_first: b
     return [first, middle, last]
 
 
+@pytest.mark.parametrize("reduce_up_to", [1024, 0], ids=["reduced", "wide"])
 @pytest.mark.parametrize("bn", [False, True])
-def test_identity_bottleneck(min_side: int, bn: bool) -> None:
+def test_identity_bottleneck(min_side: int, bn: bool, reduce_up_to: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "wide": as ResNet-50's 2048-channel blocks, the residual unreduced and the plain branch compressed alone
+    monkeypatch.setattr(fast, "_REDUCE_MAX_CHANNELS", reduce_up_to)
     convs = _bottleneck(12, 4, 6, bn=bn)
     found = _check(convs, IdentityShortcut((12, 6, 6)))
     assert found.plain.sigma_min == 0.0  # rank <= 4 < 12 at every frequency
