@@ -253,3 +253,29 @@ def test_whole_bottleneck_network_fast_equals_full_spectra(monkeypatch: pytest.M
                 assert x == pytest.approx(y, rel=1e-6), (a.name, key)
         assert (a.lemma1_upper_holds, a.lemma1_lower_holds) == (b.lemma1_upper_holds, b.lemma1_lower_holds)
         assert a.sigma_linear_plain[0] == pytest.approx(b.sigma_linear_plain[0], rel=1e-7)
+
+
+def test_lanczos_returns_its_ritz_vector() -> None:
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(3, 20, 20, dtype=torch.complex128, generator=g)
+    b = a.mH @ a
+    run = largest_eigenvalues(lambda x: (b @ x.unsqueeze(-1)).squeeze(-1), torch.randn(3, 20, dtype=torch.complex128,
+                                                                                      generator=g))
+    v = run.vector
+    assert torch.allclose(torch.linalg.vector_norm(v, dim=1), torch.ones(3, dtype=torch.float64))
+    gap = torch.linalg.vector_norm((b @ v.unsqueeze(-1)).squeeze(-1) - run.value[:, None] * v, dim=1)
+    assert torch.allclose(gap, run.residual, rtol=1e-6, atol=1e-10 * float(run.value.max()))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_single_precision_warm_start_changes_nothing(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 warm start only moves the float64 run's starting vector: same extremes."""
+    monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    convs = _bottleneck(12, 4, 6, bn=True, seed=seed)
+    shortcut = IdentityShortcut((12, 6, 6))
+    warm = fast.block_extremes(convs, shortcut)
+    monkeypatch.setattr(fast, "WARM_START_STEPS", 0)
+    cold = fast.block_extremes(convs, shortcut)
+    for a, b in ((warm.plain, cold.plain), (warm.residual, cold.residual)):
+        assert a.sigma_max == pytest.approx(b.sigma_max, rel=1e-9)
+        assert a.sigma_min == pytest.approx(b.sigma_min, rel=1e-6)

@@ -44,12 +44,15 @@ class LanczosResult:
         ``residual <= tol * value`` (or an exact invariant subspace was found).
     steps : int
         Operator applications per batch row.
+    vector : torch.Tensor of shape (batch, n) or None
+        The unit Ritz vectors of ``value`` (a warm start for another run).
     """
 
     value: torch.Tensor
     residual: torch.Tensor
     converged: torch.Tensor
     steps: int
+    vector: torch.Tensor | None = None
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -183,10 +186,12 @@ def largest_eigenvalues(
                 done = (res <= tol * theta.abs()) | (res == 0)
                 if bool(done.all()):
                     break
-        if bool(done.all()) or coefficients is None:
+        if coefficients is None:
             break
-        # 4. restart from the Ritz vector
+        # 4. restart from the Ritz vector (also returned at the end)
         k = coefficients.shape[1]
         vector = _combine(coefficients.to(start.dtype), basis[:, :k])
         vector = vector / torch.linalg.vector_norm(vector, dim=1, keepdim=True).clamp_min(torch.finfo(real).tiny)
-    return LanczosResult(best, residual, done, steps)
+        if bool(done.all()):
+            break
+    return LanczosResult(best, residual, done, steps, vector)
