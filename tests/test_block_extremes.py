@@ -279,3 +279,23 @@ def test_single_precision_warm_start_changes_nothing(seed: int, monkeypatch: pyt
     for a, b in ((warm.plain, cold.plain), (warm.residual, cold.residual)):
         assert a.sigma_max == pytest.approx(b.sigma_max, rel=1e-9)
         assert a.sigma_min == pytest.approx(b.sigma_min, rel=1e-6)
+
+
+def test_warm_start_keeps_the_random_start_where_single_precision_breaks_down() -> None:
+    start = torch.randn(3, 5, dtype=torch.complex128, generator=torch.Generator().manual_seed(3))
+
+    calls = []
+
+    def apply(x: torch.Tensor) -> torch.Tensor:  # row 1 blows up in single precision (a singular K(u))
+        calls.append(1)
+        out = x * torch.arange(1, 6, dtype=x.real.dtype)
+        if len(calls) > 2:
+            out[1] = float("nan")
+        return out
+
+    warm = fast._warm_start(apply, start)
+    assert bool(torch.isfinite(torch.view_as_real(warm)).all())
+    assert warm.dtype == torch.complex128
+    # the broken row starts where it would have (its random vector, to single precision)
+    direction = start[1] / torch.linalg.vector_norm(start[1])
+    assert float(torch.linalg.vector_norm(warm[1] / torch.linalg.vector_norm(warm[1]) - direction)) < 1e-6

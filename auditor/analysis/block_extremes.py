@@ -69,8 +69,9 @@ __all__ = ["OperatorExtremes", "BlockExtremes", "block_extremes", "LANCZOS_MIN_S
 # layer1 identity blocks: 1.42 -> 1.06 s; it tied there with 70 float64 steps);
 # at 256 it is 2-3x faster, at 1024 ten times. Every CIFAR block stays dense.
 LANCZOS_MIN_SIDE = 100
-# The largest values' Lanczos first runs up to this many single-precision steps (to a
-# relative residual of WARM_START_TOL), then refines in double precision (0: no warm start).
+# Each Lanczos run (largest values, and the Woodbury smallest) first runs up to this many
+# single-precision steps (to a relative residual of WARM_START_TOL), then refines in double
+# precision from their Ritz vectors (0: no warm start).
 WARM_START_STEPS = 24
 WARM_START_TOL = 1e-4
 # Identity blocks up to this many channels run Lanczos on the reduced operator
@@ -342,10 +343,18 @@ class _Woodbury:
         self.k_lu, self.k_pivots, info = torch.linalg.lu_factor_ex(k)
         self.singular = info > 0  # (F,): K(u) singular, so is A(u)
 
+    def _single(self) -> tuple[Any, Any]:
+        """The LU factors of ``S`` and ``K(u)`` rounded to single precision (cached; warm start only)."""
+        if not hasattr(self, "_lu32"):
+            s_lu = None if self.s_lu is None else (self.s_lu[0].float(), self.s_lu[1])
+            self._lu32 = (s_lu, self.k_lu.to(torch.complex64))
+        return self._lu32
+
     def _s_solve_real(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
         if self.s_lu is None:
             return x
-        return torch.linalg.lu_solve(*self.s_lu, x, adjoint=adjoint)
+        s_lu = self._single()[0] if x.dtype == torch.float32 else self.s_lu
+        return torch.linalg.lu_solve(*s_lu, x, adjoint=adjoint)
 
     def _s_solve(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """``S^{-1}`` (or ``S^{-H}``) on a complex (n, F, m) batch, S real."""
@@ -357,7 +366,8 @@ class _Woodbury:
 
     def _k_solve(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """``K(u)^{-1}`` (or ``^{-H}``) per frequency on (p, F, m)."""
-        solved = torch.linalg.lu_solve(self.k_lu, self.k_pivots, x.permute(1, 0, 2), adjoint=adjoint)
+        k_lu = self._single()[1] if x.dtype == torch.complex64 else self.k_lu
+        solved = torch.linalg.lu_solve(k_lu, self.k_pivots, x.permute(1, 0, 2), adjoint=adjoint)
         return solved.permute(1, 0, 2)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,6 +475,26 @@ def _dense(block: Any, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarr
     return sigma_of_matrices(_block_matrices(block, residual, u, v))
 
 
+def _warm_start(apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor) -> torch.Tensor:
+    """Starting vectors refined by a single-precision Lanczos run (see :data:`WARM_START_STEPS`).
+
+    Only the double-precision run that follows decides (its own convergence
+    test). Single precision may overflow where ``K(u)`` is nearly singular
+    (kappa 1e8 and more): rows whose warm vector is not finite keep their
+    random start, and a run whose small eigenproblem fails on such values
+    leaves every row its random start.
+    """
+    if not WARM_START_STEPS:
+        return start
+    try:
+        warm = largest_eigenvalues(apply, start.to(torch.complex64), tol=WARM_START_TOL, max_dim=WARM_START_STEPS,
+                                   restarts=0).vector.to(start.dtype)
+    except torch.linalg.LinAlgError:
+        return start
+    finite = torch.isfinite(torch.view_as_real(warm)).all(dim=-1).all(dim=-1)
+    return torch.where(finite[:, None], warm, start)
+
+
 @dataclass
 class _ChunkResult:
     top: float
@@ -486,12 +516,7 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
     # 2. largest: Lanczos on the Gram operator of the smaller side, warm-started by a
     #    single-precision run (half the cost a step) whose Ritz vectors the double-precision
     #    run refines: its own convergence test decides, as without the warm start
-    start = _start(len(u), min(op.rows, op.cols), offset, device)
-    if WARM_START_STEPS:
-        warm = largest_eigenvalues(op.gram, start.to(torch.complex64), tol=WARM_START_TOL,
-                                   max_dim=WARM_START_STEPS, restarts=0)
-        start = warm.vector.to(torch.complex128)
-    run = largest_eigenvalues(op.gram, start)
+    run = largest_eigenvalues(op.gram, _warm_start(op.gram, _start(len(u), min(op.rows, op.cols), offset, device)))
     theta = run.value.clamp_min(0).cpu().numpy()
     bound = (run.value + run.residual).cpu().numpy()
     top = float(theta.max())
@@ -505,7 +530,8 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
         return _ChunkResult(top, top_method, math.inf, "")
     # 3. smallest: Woodbury inverse, Lanczos on A^{-H} A^{-1}
     inverse = _Woodbury(op, s_lu)
-    run = largest_eigenvalues(inverse.inverse_gram, _start(len(u), op.cols, offset, device, stream=1))
+    run = largest_eigenvalues(inverse.inverse_gram, _warm_start(inverse.inverse_gram,
+                                                                _start(len(u), op.cols, offset, device, stream=1)))
     theta = run.value.cpu().numpy()
     ok = run.converged.cpu().numpy() & ~inverse.singular.cpu().numpy() & (theta > 0)
     safe = np.where(ok, theta, 1.0)
