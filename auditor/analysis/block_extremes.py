@@ -57,7 +57,7 @@ from .batched import (
     torch_single_thread,
     worker_count,
 )
-from .frequencies import frequency_phases, half_plane, tap_offsets
+from .frequencies import constant_tap, frequency_phases, half_plane, tap_offsets
 from .lanczos import DEFAULT_TOL, largest_eigenvalues
 
 __all__ = ["OperatorExtremes", "BlockExtremes", "block_extremes", "LANCZOS_MIN_SIDE"]
@@ -215,13 +215,12 @@ class _Kernel:
         dh, dw = tap_offsets(kh, kw, padding)
         self.rows, self.cols, self.grid = rows, cols, grid
         taps = weight.reshape(rows, cols, kh * kw).transpose(2, 0, 1)
-        keep = np.flatnonzero(np.abs(taps).reshape(kh * kw, -1).max(axis=1) > 0)
-        if keep.size == 0:
-            keep = np.array([0])
         self.shared: _Shared | None = None
-        if keep.size == 1 and dh[keep[0]] % grid[0] == 0 and dw[keep[0]] % grid[1] == 0:
-            self.shared = _Shared(taps[keep[0]], device)
+        tap = constant_tap(weight, padding, grid)
+        if tap is not None:
+            self.shared = _Shared(taps[tap], device)
             return
+        keep = np.flatnonzero(np.abs(taps).reshape(kh * kw, -1).max(axis=1) > 0)
         self.taps = [_Shared(taps[t], device) for t in keep]
         self.offsets = (dh[keep], dw[keep])
         self.device = device
@@ -408,14 +407,6 @@ def _shortcut_lu(block: Any, device: torch.device) -> tuple[torch.Tensor, torch.
     return lu, pivots
 
 
-def _frequency_independent(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int]) -> bool:
-    """Whether a kernel has a single nonzero tap at offset zero (modulo the grid): one matrix for all frequencies."""
-    kh, kw = weight.shape[2:]
-    dh, dw = tap_offsets(kh, kw, padding)
-    nonzero = np.flatnonzero(np.abs(weight).max(axis=(0, 1)).ravel() > 0)
-    return nonzero.size <= 1 and all(dh[t] % grid[0] == 0 and dw[t] % grid[1] == 0 for t in nonzero)
-
-
 def _woodbury_applies(block: Any, residual: bool) -> bool:
     """``A = S + L M(u) R`` square, with ``L``, ``R`` the same at every frequency and ``S`` identity or constant."""
     weights = block.weights
@@ -423,8 +414,8 @@ def _woodbury_applies(block: Any, residual: bool) -> bool:
         residual
         and len(weights) >= 3
         and weights[-1].shape[0] == weights[0].shape[1]
-        and _frequency_independent(weights[0], block.paddings[0], block.grid)
-        and _frequency_independent(weights[-1], block.paddings[-1], block.grid)
+        and constant_tap(weights[0], block.paddings[0], block.grid) is not None
+        and constant_tap(weights[-1], block.paddings[-1], block.grid) is not None
         and (block.identity_size > 0 or block.short_weight is not None)
     )
 

@@ -36,7 +36,7 @@ from .batched import (
     worker_count,
 )
 from .block_extremes import block_extremes
-from .frequencies import half_plane, kernel_symbols, tap_offsets
+from .frequencies import constant_tap, half_plane, kernel_symbols
 from .spectra import (
     ConvOperator,
     IdentityShortcut,
@@ -358,17 +358,6 @@ def _reduce_block(convs: Sequence[ConvOperator], shortcut: Shortcut, *, reduce: 
                          identity_size, extra_residual, (h, w), max(n_out, n_in), shortcut is not None)
 
 
-def _single_tap(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int]) -> np.ndarray | None:
-    """The matrix of a kernel whose only nonzero tap sits at offset zero on the grid (the same at every
-    frequency), else None."""
-    kh, kw = weight.shape[2:]
-    dh, dw = tap_offsets(kh, kw, padding)
-    nonzero = np.flatnonzero(np.abs(weight).max(axis=(0, 1)).ravel() > 0)
-    if nonzero.size != 1 or dh[nonzero[0]] % grid[0] or dw[nonzero[0]] % grid[1]:
-        return None
-    return weight.reshape(*weight.shape[:2], kh * kw)[:, :, nonzero[0]]
-
-
 def _fold_chain(factors: Sequence[np.ndarray], paddings: Sequence[tuple[int, int]],
                 grid: tuple[int, int]) -> list[tuple[np.ndarray, tuple[int, int]]]:
     """The chain ``W_k ... W_1`` with its factors multiplied together once, as kernels, where that is cheaper.
@@ -384,8 +373,9 @@ def _fold_chain(factors: Sequence[np.ndarray], paddings: Sequence[tuple[int, int
     chain: list[tuple[np.ndarray, tuple[int, int]]] = []
     pending: np.ndarray | None = None  # constant factors not yet folded (applied first)
     for weight, padding in zip(factors, paddings):
-        matrix = _single_tap(weight, padding, grid)
-        if matrix is not None:
+        tap = constant_tap(weight, padding, grid)
+        if tap is not None:
+            matrix = weight.reshape(*weight.shape[:2], -1)[:, :, tap]
             pending = matrix if pending is None else matrix @ pending
             if chain:  # fold into the kernel before it
                 last, last_padding = chain[-1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["half_plane", "frequency_phases", "tap_offsets", "kernel_symbols"]
+__all__ = ["half_plane", "frequency_phases", "tap_offsets", "constant_tap", "kernel_symbols"]
 
 
 def half_plane(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,6 +41,24 @@ def tap_offsets(kh: int, kw: int, padding: tuple[int, int]) -> tuple[np.ndarray,
     """Spatial offsets ``(a - p_h, b - p_w)`` of every tap, row-major."""
     a, b = np.meshgrid(np.arange(kh) - padding[0], np.arange(kw) - padding[1], indexing="ij")
     return a.ravel(), b.ravel()
+
+
+def constant_tap(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int]) -> int | None:
+    """The tap whose matrix is the kernel's symbol at every frequency, else None.
+
+    That is the only nonzero tap of ``weight`` (..., kh, kw) when its offset is
+    zero on the grid (its phase is 1 everywhere); an all-zero kernel is its
+    tap 0 (the zero matrix) at every frequency.
+    """
+    kh, kw = weight.shape[-2:]
+    nonzero = np.flatnonzero(np.abs(weight).reshape(-1, kh * kw).max(axis=0) > 0)
+    if nonzero.size == 0:
+        return 0
+    if nonzero.size > 1:
+        return None
+    dh, dw = tap_offsets(kh, kw, padding)
+    tap = int(nonzero[0])
+    return tap if dh[tap] % grid[0] == 0 and dw[tap] % grid[1] == 0 else None
 
 
 def kernel_symbols(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int],
