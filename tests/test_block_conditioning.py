@@ -162,7 +162,17 @@ def test_folded_chain_matrices_equal_the_product_of_the_factors(stride_on: int |
         elif residual:
             product += kernel_symbols(block.short_weight, block.short_padding, block.grid, u, v)
         np.testing.assert_allclose(_block_matrices(block, residual, u, v), product, rtol=0, atol=1e-12)
-        assert len(block.folded[residual]) == 1  # one kernel per frequency, nothing left to multiply
+        folded = block.folded[id(factors)][1]
+        assert len(folded) == 1  # one kernel per frequency, nothing left to multiply
+    # a copy with other plain factors shares the cache but not its entries
+    import dataclasses
+
+    compressed = [factor[:, :, ::-1] for factor in block.plain_weights]  # any other list of factors
+    other = dataclasses.replace(block, plain_weights=compressed)
+    product = kernel_symbols(compressed[0], block.paddings[0], block.grid, u, v)
+    for weight, padding in zip(compressed[1:], block.paddings[1:]):
+        product = kernel_symbols(weight, padding, block.grid, u, v) @ product
+    np.testing.assert_allclose(_block_matrices(other, False, u, v), product, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shortcut_kind", ["identity", "projection"])

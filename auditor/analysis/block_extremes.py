@@ -552,7 +552,7 @@ def _with_compressed_ends(block: Any) -> Any:
     from .conditioning import _compress_ends
 
     plain_weights, extra_plain = _compress_ends(block.weights)
-    return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain, folded={})
+    return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain)
 
 
 @dataclass(frozen=True)

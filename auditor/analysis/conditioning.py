@@ -293,7 +293,8 @@ class _ReducedBlock:
     grid: tuple[int, int]
     side: int
     has_shortcut: bool
-    # per operator (plain / residual): its chain with the frequency-independent factors folded in
+    # the folded chain of each factor list, keyed by the list's id and kept with it (a list
+    # that replaces another, as dataclasses.replace does, never hits a stale entry)
     folded: dict = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -393,10 +394,11 @@ def _fold_chain(factors: Sequence[np.ndarray], paddings: Sequence[tuple[int, int
 
 def _block_matrices(block: _ReducedBlock, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The per-frequency matrices (n_freq, rows, cols) of the plain or the residual operator."""
-    if residual not in block.folded:
-        factors = block.weights if residual else block.plain_weights
-        block.folded[residual] = _fold_chain(factors, block.paddings, block.grid)
-    chain = block.folded[residual]
+    factors = block.weights if residual else block.plain_weights
+    cached = block.folded.get(id(factors))
+    if cached is None or cached[0] is not factors:
+        cached = block.folded[id(factors)] = (factors, _fold_chain(factors, block.paddings, block.grid))
+    chain = cached[1]
     product = kernel_symbols(chain[0][0], chain[0][1], block.grid, u, v)
     for weight, padding in chain[1:]:
         product = kernel_symbols(weight, padding, block.grid, u, v) @ product
