@@ -44,6 +44,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -166,11 +167,16 @@ class _Shared:
         if cols.size < self.cols:
             self.col_index = torch.from_numpy(cols).to(device)
 
-    def _product(self, small: torch.Tensor, x: torch.Tensor, out_rows: int,
+    @cached_property
+    def _small_single(self) -> torch.Tensor:
+        """``small`` in float32, for the single-precision warm start (see :func:`_warm_start`)."""
+        return self.small.float()
+
+    def _product(self, transpose: bool, x: torch.Tensor, out_rows: int,
                  take: torch.Tensor | None, put: torch.Tensor | None) -> torch.Tensor:
         _, f, m = x.shape
-        if x.dtype == torch.complex64:  # the single-precision warm start (see _chunk_extremes)
-            small = self._single(small)
+        small = self._small_single if x.dtype == torch.complex64 else self.small
+        small = small.T if transpose else small
         if self.period > 1:
             p = self.period
             y = _real_matmul(small, x.reshape(x.shape[0] // p, p * f, m))
@@ -182,22 +188,16 @@ class _Shared:
         out[put] = y
         return out
 
-    def _single(self, small: torch.Tensor) -> torch.Tensor:
-        """``small`` or its transpose in float32 (cached)."""
-        if not hasattr(self, "_small32"):
-            self._small32 = self.small.float()
-        return self._small32 if small is self.small else self._small32.T
-
     @property
     def matrix(self) -> torch.Tensor:
         """The whole (rows, cols) matrix on the device."""
         return torch.from_numpy(np.ascontiguousarray(self._dense)).to(self.device)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product(self.small, x, self.rows, self.col_index, self.row_index)
+        return self._product(False, x, self.rows, self.col_index, self.row_index)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return self._product(self.small.T, y, self.cols, self.row_index, self.col_index)
+        return self._product(True, y, self.cols, self.row_index, self.col_index)
 
 
 class _Kernel:
@@ -236,13 +236,13 @@ class _Factor:
             device = kernel.device
             self.phases = torch.from_numpy(frequency_phases(u, v, kernel.grid, *kernel.offsets)).to(device)  # (F, T)
 
+    @cached_property
+    def _phases_single(self) -> torch.Tensor:
+        return self.phases.to(torch.complex64)
+
     def _phases(self, x: torch.Tensor) -> torch.Tensor:
         """The (F, T) phases in ``x``'s precision."""
-        if x.dtype == self.phases.dtype:
-            return self.phases
-        if not hasattr(self, "_phases64"):
-            self._phases64 = self.phases.to(torch.complex64)
-        return self._phases64
+        return self._phases_single if x.dtype == torch.complex64 else self.phases
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(cols, F, m) -> (rows, F, m)."""
@@ -342,17 +342,16 @@ class _Woodbury:
         self.k_lu, self.k_pivots, info = torch.linalg.lu_factor_ex(k)
         self.singular = info > 0  # (F,): K(u) singular, so is A(u)
 
+    @cached_property
     def _single(self) -> tuple[Any, Any]:
-        """The LU factors of ``S`` and ``K(u)`` rounded to single precision (cached; warm start only)."""
-        if not hasattr(self, "_lu32"):
-            s_lu = None if self.s_lu is None else (self.s_lu[0].float(), self.s_lu[1])
-            self._lu32 = (s_lu, self.k_lu.to(torch.complex64))
-        return self._lu32
+        """The LU factors of ``S`` and ``K(u)`` rounded to single precision (warm start only)."""
+        s_lu = None if self.s_lu is None else (self.s_lu[0].float(), self.s_lu[1])
+        return s_lu, self.k_lu.to(torch.complex64)
 
     def _s_solve_real(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
         if self.s_lu is None:
             return x
-        s_lu = self._single()[0] if x.dtype == torch.float32 else self.s_lu
+        s_lu = self._single[0] if x.dtype == torch.float32 else self.s_lu
         return torch.linalg.lu_solve(*s_lu, x, adjoint=adjoint)
 
     def _s_solve(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
@@ -365,7 +364,7 @@ class _Woodbury:
 
     def _k_solve(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """``K(u)^{-1}`` (or ``^{-H}``) per frequency on (p, F, m)."""
-        k_lu = self._single()[1] if x.dtype == torch.complex64 else self.k_lu
+        k_lu = self._single[1] if x.dtype == torch.complex64 else self.k_lu
         solved = torch.linalg.lu_solve(k_lu, self.k_pivots, x.permute(1, 0, 2), adjoint=adjoint)
         return solved.permute(1, 0, 2)
 
