@@ -453,7 +453,8 @@ def _basis(matrix: np.ndarray) -> np.ndarray:
     if matrix.shape[1] <= matrix.shape[0] and matrix.size:
         q, r = torch.linalg.qr(tensor)
         diagonal = r.diagonal().abs()
-        # |R_ii| >= sigma_min; a margin of 1e4 over the SVD's tolerance keeps the same rank decision
+        # min |R_ii| bounds sigma_min from above only, so Q may keep a nearly dependent
+        # direction (harmless, see above); a small R_ii sends the decision to the SVD
         if float(diagonal.min()) > 1e4 * tolerance * float(torch.linalg.vector_norm(tensor, dim=0).max()):
             return q.numpy()
     u_, s_, _ = (t.numpy() for t in torch.linalg.svd(tensor, full_matrices=False))
