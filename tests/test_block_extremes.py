@@ -293,9 +293,79 @@ def test_warm_start_keeps_the_random_start_where_single_precision_breaks_down() 
             out[1] = float("nan")
         return out
 
-    warm = fast._warm_start(apply, start)
+    warm, _ = fast._warm_start(apply, start)
     assert bool(torch.isfinite(torch.view_as_real(warm)).all())
     assert warm.dtype == torch.complex128
     # the broken row starts where it would have (its random vector, to single precision)
     direction = start[1] / torch.linalg.vector_norm(start[1])
     assert float(torch.linalg.vector_norm(warm[1] / torch.linalg.vector_norm(warm[1]) - direction)) < 1e-6
+
+
+def _batch(seed: int, count: int = 5, n: int = 24) -> torch.Tensor:
+    """Hermitian PSD matrices with spread-out top eigenvalues (count, n, n)."""
+    a = torch.randn(count, n, n, dtype=torch.complex128, generator=torch.Generator().manual_seed(seed))
+    return a.mH @ a * torch.arange(1, count + 1, dtype=D)[:, None, None]
+
+
+def test_lanczos_row_results_do_not_depend_on_the_batch() -> None:
+    """A converged row is frozen: alone or among others, with or without restriction, the same Ritz pair."""
+    b = _batch(11)
+    start = torch.randn(5, 24, dtype=torch.complex128, generator=torch.Generator().manual_seed(12))
+    together = largest_eigenvalues(_apply(b), start)
+    restricted = largest_eigenvalues(_apply(b), start, restrict=lambda rows: _apply(b[rows]))
+    for i in range(5):
+        alone = largest_eigenvalues(_apply(b[i:i + 1]), start[i:i + 1])
+        for run in (together, restricted):
+            assert run.value[i].item() == pytest.approx(alone.value.item(), rel=1e-13)
+            assert run.residual[i].item() == pytest.approx(alone.residual.item(), rel=1e-6, abs=1e-12)
+            assert bool(run.converged[i]) and bool(alone.converged[0])
+            torch.testing.assert_close(run.vector[i], alone.vector[0], rtol=0, atol=1e-10)
+
+
+def test_lanczos_restricts_the_operator_to_the_rows_still_running() -> None:
+    """Rows that converge early stop costing products: ``restrict`` gets ever fewer rows."""
+    b = _batch(13, count=8)
+    b[:4] = torch.diag_embed(torch.arange(1.0, 25.0, dtype=D)).to(b.dtype)  # converge at once from e_24
+    start = torch.randn(8, 24, dtype=torch.complex128, generator=torch.Generator().manual_seed(14))
+    start[:4] = 0
+    start[:4, -1] = 1
+    seen: list[int] = []
+
+    def restrict(rows: torch.Tensor):
+        seen.append(len(rows))
+        return _apply(b[rows])
+
+    run = largest_eigenvalues(_apply(b), start, restrict=restrict)
+    assert seen and seen[0] == 4 and all(x <= 4 for x in seen)
+    torch.testing.assert_close(run.value, torch.linalg.eigvalsh(b)[:, -1], rtol=1e-8, atol=0)
+
+
+def test_candidates_keep_every_row_whose_top_may_be_the_largest() -> None:
+    """Rows are ruled out only when rho + residual (double precision) is below the best rho."""
+    b = torch.zeros(3, 4, 4, dtype=torch.complex128)
+    b[0] = torch.diag(torch.tensor([2.0, 1.0, 0.5, 0.1])).to(b.dtype)   # exact top vector: rho 2
+    b[1] = torch.diag(torch.tensor([1.5, 1.0, 0.5, 0.1])).to(b.dtype)   # exact top vector, below: ruled out
+    b[2] = torch.diag(torch.tensor([10.0, 1.0, 0.5, 0.1])).to(b.dtype)  # a poor vector: rho < 2, top 10
+    vectors = torch.zeros(3, 4, dtype=torch.complex128)
+    vectors[0, 0] = vectors[1, 0] = 1
+    vectors[2, 0], vectors[2, 1] = 0.2, 1.0
+    y = vectors[2] / torch.linalg.vector_norm(vectors[2])
+    assert float((y.conj() @ b[2] @ y).real) < 2  # the poor vector's Rayleigh quotient alone would rule it out
+    assert fast._candidates(_apply(b), vectors).tolist() == [0, 2]
+
+
+def test_frequencies_are_pruned_and_the_extremes_do_not_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The double-precision runs see fewer frequencies than the single-precision ones; same extremes."""
+    monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    sizes: dict[torch.dtype, list[int]] = {torch.complex64: [], torch.complex128: []}
+    original = fast.largest_eigenvalues
+
+    def spy(apply, start, **options):
+        sizes[start.dtype].append(len(start))
+        return original(apply, start, **options)
+
+    monkeypatch.setattr(fast, "largest_eigenvalues", spy)
+    convs = _bottleneck(12, 4, 8, bn=True, seed=3)
+    found = _check(convs, IdentityShortcut((12, 8, 8)))
+    assert "woodbury-lanczos" in found.residual.method
+    assert sum(sizes[torch.complex128]) < sum(sizes[torch.complex64])
