@@ -596,6 +596,30 @@ def test_blocks_with_functional_relu_fall_back_to_forward_mode_ad():
     assert not stability._Linearized(block).at(x).matches(reference, v)
 
 
+def test_the_linearization_verdict_holds_for_every_later_batch(monkeypatch):
+    """One comparison with forward-mode AD per block: later batches use (or refuse) the linearization unchecked."""
+    jvp_calls = []
+    original = torch.func.jvp
+    monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
+    block = _bottleneck_block()
+    x, v = _images(4, shape=(4, 6, 6)).double(), _images(4, seed=8, shape=(4, 6, 6)).double()
+    linearized = stability._Linearized(block)
+    together, _ = stability._power_iteration(block, x, v, 5, 0.0)
+    jvp_calls.clear()
+    parts = [stability._power_iteration(block, x[i:i + 2], v[i:i + 2], 5, 0.0, linearized)[0] for i in (0, 2)]
+    assert linearized.exact is True and len(jvp_calls) == 1
+    torch.testing.assert_close(torch.cat(parts), together, rtol=1e-12, atol=0)
+    # a block the linearization does not fit: refused once, forward-mode AD for every product after
+    torch.manual_seed(0)
+    relu_block = ReluBlock(2).double().eval()
+    x, v = _images(4, shape=(2, 4, 4)).double(), _images(4, seed=9, shape=(2, 4, 4)).double()
+    linearized = stability._Linearized(relu_block)
+    jvp_calls.clear()
+    for i in (0, 2):
+        stability._power_iteration(relu_block, x[i:i + 2], v[i:i + 2], 3, 0.0, linearized)
+    assert linearized.exact is False and len(jvp_calls) == 6
+
+
 @pytest.mark.parametrize("shape", [(4, 6, 6), (3, 5, 5)])  # 144 = 9 * 16 elements per row; 75 (drawn at once)
 def test_directions_drawn_in_chunks_equal_one_draw(shape):
     """The perturbation stream does not depend on how the runs are chunked (module docstring recipe)."""

@@ -554,18 +554,19 @@ def _batch_maximum(apply: Callable[[torch.Tensor], torch.Tensor],
 
     The report needs the largest over all frequencies only. A
     single-precision run on every row (:func:`_warm_start`), then the rows
-    that :func:`_candidates` cannot rule out (and those of ``keep``, a
-    boolean mask) run in double precision from their warm vectors: returns
-    those rows' indices and their run.
+    that :func:`_candidates` cannot rule out, those whose single-precision
+    run did not converge and those of ``keep`` (a boolean mask) run in double
+    precision from their warm vectors: returns those rows' indices and their
+    run.
     """
     vectors, warm = _warm_start(apply, start, restrict)
     if warm is None:
         return torch.arange(len(start), device=start.device), largest_eigenvalues(apply, vectors, restrict=restrict)
-    rows = _candidates(apply, vectors)
-    if keep is not None:
-        mask = keep.clone()
-        mask[rows] = True
-        rows = torch.nonzero(mask).flatten()
+    # only a row whose single-precision run converged may be ruled out (its Ritz pair is
+    # then trusted as the top one, as the double-precision run trusts its own)
+    mask = ~warm.converged if keep is None else keep | ~warm.converged
+    mask[_candidates(apply, vectors)] = True
+    rows = torch.nonzero(mask).flatten()
     if len(rows) == len(start):
         return rows, largest_eigenvalues(apply, vectors, restrict=restrict)
     run = largest_eigenvalues(restrict(rows), vectors[rows], restrict=lambda part: restrict(rows[part]))

@@ -802,7 +802,11 @@ class _Linearized:
     (a measure-zero set; there ``jvp`` takes one one-sided derivative, this the
     other). Whether a block has only these parts is not assumed: :meth:`matches`
     compares one product with ``torch.func.jvp`` and the caller falls back to it.
+    That is a property of the block's parts, not of the point: ``exact`` keeps the
+    verdict of the first comparison (None before it) for every later batch of points.
     """
+
+    exact: bool | None = None
 
     def __init__(self, block: nn.Module) -> None:
         masks: list[list[torch.Tensor]] = []
@@ -864,7 +868,8 @@ def _power_iteration(
         ``g_k = ||J_i v_k||``; its vector and estimate are frozen from then on.
     linearized : _Linearized, optional
         ``_Linearized(block)``, built once per block by the caller (two copies
-        of the block); built here when omitted.
+        of the block, and the verdict of its one comparison with forward-mode
+        AD); built here when omitted.
 
     Returns
     -------
@@ -889,16 +894,18 @@ def _power_iteration(
         _, vjp_fn = torch.func.vjp(fn, x)
         v = v / _row_norms(v).clamp_min(tiny).reshape(shape)
         # J v by one forward pass of the linearized block where that is exact
-        # (checked against forward-mode AD on the first product), else by jvp
-        linear: _Linearized | None = (linearized or _Linearized(block)).at(x)
+        # (checked against forward-mode AD on the block's first product), else by jvp
+        linearized = linearized or _Linearized(block)
+        linear = None if linearized.exact is False else linearized.at(x)
         for step in range(iterations):
             # 1. u = J v; ||u|| is the gain of the unit vector v.
-            if linear is not None and step > 0:
+            if linear is not None and (step > 0 or linear.exact):
                 u = linear(v)
             else:
                 _, u = torch.func.jvp(fn, (x,), (v,))
-                if linear is not None and not linear.matches(u, v):
-                    linear = None
+                if linear is not None:
+                    linear.exact = linear.matches(u, v)
+                    linear = linear if linear.exact else None
             new = torch.maximum(gain, _row_norms(u))
             # 2. Convergence test on the rows still running; frozen rows keep their value.
             if step > 0 and tolerance > 0:
