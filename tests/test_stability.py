@@ -673,3 +673,19 @@ def test_capture_stops_the_forward_pass_after_the_last_needed_block(resnet20, an
             hook.remove()
     for name in names:
         assert torch.equal(inputs[name], torch.cat(seen[name]))
+
+
+def test_distances_broadcast_repeated_references_as_a_gather_would():
+    g = torch.Generator().manual_seed(21)
+    reference = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    index = torch.arange(1, 4).repeat_interleave(3)  # samples 1..3, three runs each
+    runs = torch.randn(9, 3, 4, 4, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    layout = stability._repeats(index)
+    assert layout == (1, 4, 3)
+    want = torch.linalg.vector_norm((runs - reference[index]).flatten(1), dim=1)
+    torch.testing.assert_close(stability._distances(runs, reference, index, layout), want, rtol=1e-14, atol=0)
+    # a chunk that starts inside a sample has no such layout: gathered
+    ragged = torch.tensor([1, 2, 2, 2, 3])
+    assert stability._repeats(ragged) is None
+    torch.testing.assert_close(stability._distances(runs[:5], reference, ragged),
+                               torch.linalg.vector_norm((runs[:5] - reference[ragged]).flatten(1), dim=1))

@@ -342,6 +342,35 @@ def _row_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))  # any memory format, no copy
 
 
+def _repeats(index: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(first, stop, k)`` when ``index`` is ``first, .., first, first + 1, .., stop - 1`` each ``k`` times."""
+    n = index.numel()
+    if not n:
+        return None
+    first = int(index[0])
+    count = int(index[-1]) - first + 1
+    if count <= 0 or n % count:
+        return None
+    k = n // count
+    expected = torch.arange(first, first + count, device=index.device).repeat_interleave(k)
+    return (first, first + count, k) if torch.equal(index, expected) else None
+
+
+def _distances(runs: torch.Tensor, reference: torch.Tensor, index: torch.Tensor,
+               layout: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``||runs[j] - reference[index[j]]||`` per row.
+
+    When ``index`` repeats consecutive samples ``k`` times each (``layout``, see
+    :func:`_repeats`), the references are broadcast over the ``k`` runs of their
+    sample instead of gathered into a copy: the same differences, one pass less.
+    """
+    if layout is None:
+        return _row_norms(runs - reference[index])
+    first, stop, k = layout
+    difference = runs.unflatten(0, (stop - first, k)) - reference[first:stop].unsqueeze(1)
+    return torch.linalg.vector_norm(difference, dim=tuple(range(2, difference.dim()))).reshape(-1)
+
+
 def _stats(values: np.ndarray) -> tuple[float | None, float | None, float | None]:
     """(min, median, max) of finite ``values``; Nones when empty."""
     values = values[np.isfinite(values)]
@@ -461,7 +490,9 @@ class _Taps:
         self.points = list(points)
         self.mode = "off"
         self.index: torch.Tensor | None = None
+        self.layout: tuple[int, int, int] | None = None
         self.refs: dict[tuple[str, str], Any] = {}
+        self.ref_norms: dict[tuple[str, str], Any] = {}
         self.delta: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in self.points}
         self.norm: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in self.points}
         self._seen: set[tuple[str, str]] = set()
@@ -499,6 +530,7 @@ class _Taps:
     def start(self, mode: str, index: torch.Tensor | None = None) -> None:
         """Prepare one forward pass in ``mode`` ("reference" or "compare")."""
         self.mode, self.index = mode, index
+        self.layout = None if index is None else _repeats(index)
         self._seen.clear()
         if mode == "reference":
             for point in self.points:
@@ -513,11 +545,12 @@ class _Taps:
         """Concatenate the reference chunks, each freed once copied (not ``torch.cat``,
         which holds every chunk and the result at once: twice the references)."""
         self.refs = {k: _concatenate(v) if v else None for k, v in self.refs.items()}
+        self.ref_norms = {k: None if v is None else _row_norms(v) for k, v in self.refs.items()}
         self.mode = "off"
 
     def reset(self) -> None:
         """Forget references and comparisons."""
-        self.refs = {}
+        self.refs, self.ref_norms = {}, {}
         self.delta = {p: [] for p in self.points}
         self.norm = {p: [] for p in self.points}
 
@@ -531,11 +564,10 @@ class _Taps:
         ref = self.refs.get(key)
         if ref is None or self.index is None:
             return
-        ref = ref[self.index]
-        if ref.shape != tensor.shape:
+        if (len(self.index), *ref.shape[1:]) != tensor.shape:
             return
-        self.delta[key].append(_row_norms(tensor.detach() - ref))
-        self.norm[key].append(_row_norms(ref))
+        self.delta[key].append(_distances(tensor.detach(), ref, self.index, self.layout))
+        self.norm[key].append(self.ref_norms[key][self.index])
 
     def relative(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
         """(||Δ||, ||ref||) per compared row, as float64 arrays."""
@@ -988,6 +1020,7 @@ def _measure_block(
 
     taps = _Taps(modules, [(b, w) for b in bn_names for w in ("in", "out")])
     size = _rows_per_chunk(info.input_shape, info.output_shape)
+    size = max(k, size - size % k)  # whole samples: each chunk's references broadcast over its runs
     if batch_size is not None:
         size = batch_size * k
     with taps, torch.no_grad():
@@ -1005,7 +1038,7 @@ def _measure_block(
             sample = torch.arange(rows.start, rows.stop, device=device) // k
             taps.start("compare", sample)
             out = block(x[sample] + d.take(rows.stop - rows.start))
-            deltas.append(_row_norms(out - fx[sample]))
+            deltas.append(_distances(out, fx, sample, taps.layout))
         da = torch.cat(deltas)
     dn = d.finish()
     v0 = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32).to(device, dtype)
@@ -1120,6 +1153,7 @@ def _trajectory(
     taps = _Taps(modules, points)
     shapes = [tuple(anatomy.input_shape)] + [b.input_shape for b in anatomy.blocks]
     step = _rows_per_chunk(*shapes, *(b.output_shape for b in anatomy.blocks))
+    step = max(k, step - step % k)  # whole samples (see _distances)
     # Clean references of a group of samples are held for every tapped point.
     group = max(1, step // (len(points) // 4 + 1) // k)
     if batch_size is not None:
