@@ -532,6 +532,12 @@ def test_batch_size_does_not_change_the_numbers(resnet20, anatomy20, dtype):
         assert u.worst_unconverged == v.worst_unconverged
     for p, q in zip(whole.trajectory.points, one.trajectory.points):
         assert math.isclose(p.median, q.median, rel_tol=rtol)
+    # the BatchNorm references are held per group of samples: the same ratios
+    assert [b.name for b in whole.batchnorm] == [b.name for b in one.batchnorm] and whole.batchnorm
+    for p, q in zip(whole.batchnorm, one.batchnorm):
+        assert (p.n, p.excluded) == (q.n, q.excluded)
+        for key in ("ratio_min", "ratio_median", "ratio_max", "before_median", "after_median"):
+            assert math.isclose(getattr(p, key), getattr(q, key), rel_tol=rtol), (p.name, key)
 
 
 @pytest.mark.parametrize(

@@ -1023,22 +1023,28 @@ def _measure_block(
     size = max(k, size - size % k)  # whole samples: each chunk's references broadcast over its runs
     if batch_size is not None:
         size = batch_size * k
+    f_norms, inactive_parts, deltas = [], [], []
     with taps, torch.no_grad():
-        # 2. Clean outputs f(x_l), with BatchNorm references.
-        clean = []
-        for rows in _chunks(n_samples, size):
+        # A group of `size` samples at a time: its clean outputs and BatchNorm references
+        # are held only while its runs compare with them (the same chunks, hence the same
+        # numbers, as all clean passes first; a ResNet-50 layer1 block's references for 32
+        # samples would take 0.5 GB).
+        for group in _chunks(n_samples, size):
+            # 2. Clean outputs f(x_l), with BatchNorm references.
+            taps.refs = {}
             taps.start("reference")
-            clean.append(block(x[rows].clone()))
-        taps.freeze_reference()
-        fx = torch.cat(clean)
-        f_norms = _row_norms(fx)
-        # 3. Perturbed outputs f(x_l + d), run j = i * K + k.
-        deltas = []
-        for rows in _chunks(runs, size):
-            sample = torch.arange(rows.start, rows.stop, device=device) // k
-            taps.start("compare", sample)
-            out = block(x[sample] + d.take(rows.stop - rows.start))
-            deltas.append(_distances(out, fx, sample, taps.layout))
+            fx = block(x[group].clone())
+            taps.freeze_reference()
+            f_norms.append(_row_norms(fx))
+            inactive_parts.append((fx == 0).reshape(fx.shape[0], -1).double().mean(dim=1))
+            # 3. Perturbed outputs f(x_l + d), run j = i * K + k.
+            for rows in _chunks(len(range(group.start * k, group.stop * k)), size):
+                sample = torch.arange(rows.start, rows.stop, device=device) // k
+                taps.start("compare", sample)
+                out = block(x[group][sample] + d.take(rows.stop - rows.start))
+                deltas.append(_distances(out, fx, sample, taps.layout))
+            del fx
+        f_norms = torch.cat(f_norms)
         da = torch.cat(deltas)
     dn = d.finish()
     v0 = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32).to(device, dtype)
@@ -1100,7 +1106,7 @@ def _measure_block(
         worst_share_paper = _share(worst, kappa_paper)
         worst_share_linear = _share(worst, kappa_linear)
 
-    inactive = (fx == 0).reshape(n_samples, -1).double().mean(dim=1).cpu().numpy()
+    inactive = torch.cat(inactive_parts).cpu().numpy()
     result = BlockStability(
         name=info.name,
         stage=info.stage,
