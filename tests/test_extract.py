@@ -368,3 +368,22 @@ def test_stage_subset_and_workers(tmp_path: Path) -> None:
         assert a.stage_names == ["act"]
         np.testing.assert_array_equal(a.stage("act")[()], b.stage("act")[()])
         assert a.paths == b.paths
+
+
+@pytest.mark.parametrize(("batch_size", "sets"), [(6, 1), (4, 2), (1, 5)])
+def test_buffer_sets_never_outnumber_the_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 batch_size: int, sets: int) -> None:
+    """Each set holds a batch of every stage: a set no batch can fill is memory for nothing."""
+    made = []
+    original = extract_module._BufferPool.__init__
+
+    def spy(self, specs, size, count, **kw):
+        made.append(count)
+        original(self, specs, size, count, **kw)
+
+    monkeypatch.setattr(extract_module._BufferPool, "__init__", spy)
+    dataset = _tiny_dataset(tmp_path / "data")  # 6 images
+    _extract(_InPlace(), dataset, tmp_path / "acts.h5", batch_size=batch_size)
+    assert made == [sets]
+    with open_store(tmp_path / "acts.h5") as store:
+        assert len(store.paths) == 6
