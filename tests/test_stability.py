@@ -695,3 +695,10 @@ def test_distances_broadcast_repeated_references_as_a_gather_would():
     assert stability._repeats(ragged) is None
     torch.testing.assert_close(stability._distances(runs[:5], reference, ragged),
                                torch.linalg.vector_norm((runs[:5] - reference[ragged]).flatten(1), dim=1))
+
+
+def test_kept_values_are_exact_python_floats():
+    values = torch.tensor([1 / 3, 2.0 ** -30, 7.25], dtype=torch.float32)
+    kept = stability._kept(values)
+    assert all(type(v) is float for v in kept)
+    assert np.array_equal(np.asarray(kept), values.double().numpy())
