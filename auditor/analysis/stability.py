@@ -506,9 +506,9 @@ class _Taps:
         self.index: torch.Tensor | None = None
         self.layout: tuple[int, int, int] | None = None
         self.refs: dict[tuple[str, str], Any] = {}
-        self.ref_norms: dict[tuple[str, str], Any] = {}
-        self.delta: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in self.points}
-        self.norm: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in self.points}
+        self.ref_norms: dict[tuple[str, str], torch.Tensor | None] = {}
+        self.delta: dict[tuple[str, str], list[float]] = {p: [] for p in self.points}
+        self.norm: dict[tuple[str, str], list[float]] = {p: [] for p in self.points}
         self._seen: set[tuple[str, str]] = set()
         self._handles: list[Any] = []
 
