@@ -446,7 +446,8 @@ class _Directions:
         start, self.taken = self.taken, self.taken + rows
         d = self._draw(rows) if self._all is None else self._all[start:self.taken]
         scale = self.eps * self.reference[start:self.taken] / _row_norms(d)
-        d = (d * scale.reshape(-1, *([1] * len(self.shape)))).to(self.device, self.dtype)
+        # in place: the rows are this call's own (a fresh draw, or rows of the single draw taken once)
+        d = d.mul_(scale.reshape(-1, *([1] * len(self.shape)))).to(self.device, self.dtype)
         self.norms.extend(_kept(_row_norms(d)))
         return d
 
