@@ -560,13 +560,13 @@ def _batch_maximum(apply: Callable[[torch.Tensor], torch.Tensor],
     run.
     """
     vectors, warm = _warm_start(apply, start, restrict)
-    if warm is None:
-        return torch.arange(len(start), device=start.device), largest_eigenvalues(apply, vectors, restrict=restrict)
-    # only a row whose single-precision run converged may be ruled out (its Ritz pair is
-    # then trusted as the top one, as the double-precision run trusts its own)
-    mask = ~warm.converged if keep is None else keep | ~warm.converged
-    mask[_candidates(apply, vectors)] = True
-    rows = torch.nonzero(mask).flatten()
+    rows = torch.arange(len(start), device=start.device)
+    if warm is not None:
+        # only a row whose single-precision run converged may be ruled out (its Ritz pair is
+        # then trusted as the top one, as the double-precision run trusts its own)
+        mask = ~warm.converged if keep is None else keep | ~warm.converged
+        mask[_candidates(apply, vectors)] = True
+        rows = torch.nonzero(mask).flatten()
     if len(rows) == len(start):
         return rows, largest_eigenvalues(apply, vectors, restrict=restrict)
     run = largest_eigenvalues(restrict(rows), vectors[rows], restrict=lambda part: restrict(rows[part]))
@@ -771,4 +771,3 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
     plain = _operator_extremes(block, False, plans[False], device, reduced)
     residual = _operator_extremes(block, True, plans[True], device, reduced) if block.has_shortcut else None
     return BlockExtremes(plain, residual, block.side)
-
