@@ -84,7 +84,7 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -409,6 +409,12 @@ def _rows_per_chunk(*shapes: Sequence[int], budget: int | None = None) -> int:
 
 def _chunks(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _group_runs(samples: slice, k: int, size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The ``k`` runs of each sample of ``samples``, ``size`` runs at a time: each run's sample, group-local."""
+    for rows in _chunks((samples.stop - samples.start) * k, size):
+        yield torch.arange(rows.start, rows.stop, device=device) // k
 
 
 class _Directions:
@@ -1055,10 +1061,9 @@ def _measure_block(
             f_norms.extend(_kept(_row_norms(fx)))
             inactive.extend(_kept((fx == 0).reshape(fx.shape[0], -1).double().mean(dim=1)))
             # 3. Perturbed outputs f(x_l + d), run j = i * K + k.
-            for rows in _chunks(len(range(group.start * k, group.stop * k)), size):
-                sample = torch.arange(rows.start, rows.stop, device=device) // k
+            for sample in _group_runs(group, k, size, device):
                 taps.start("compare", sample)
-                out = block(x[group][sample] + d.take(rows.stop - rows.start))
+                out = block(x[group][sample] + d.take(len(sample)))
                 deltas.extend(_kept(_distances(out, fx, sample, taps.layout)))
             del fx
     dn = d.finish()
@@ -1190,12 +1195,9 @@ def _trajectory(
             clean = model(images[samples])
             taps.freeze_reference()
             # 3. Perturbed passes of the group's runs.
-            group_runs = slice(samples.start * k, samples.stop * k)
-            sample = torch.arange(group_runs.start, group_runs.stop, device=device) // k
-            for rows in _chunks(group_runs.stop - group_runs.start, step):
-                local = sample[rows] - samples.start
+            for local in _group_runs(samples, k, step, device):
                 taps.start("compare", local)
-                out = model(images[sample[rows]] + d.take(rows.stop - rows.start))
+                out = model(images[samples][local] + d.take(len(local)))
                 if (
                     isinstance(clean, torch.Tensor) and clean.dim() == 2
                     and isinstance(out, torch.Tensor) and out.shape[0] == local.shape[0]
