@@ -2,8 +2,8 @@
 
 ``resdyn --help``, usage errors and shell completion (which runs the program at
 every Tab) must not pay for torch, torchvision or the numpy-based libraries;
-torch comes with the first command that needs it, torchvision only with a
-torchvision architecture. Each case runs in a fresh interpreter, since this
+torch comes with the first command that needs it, torchvision never (its
+ResNets are rebuilt in auditor.models.resnet_layout; see test_resnet_layout.py). Each case runs in a fresh interpreter, since this
 test process has long imported torch. No wall-clock assertions: see
 bench/bench_startup.py for the timings.
 """

@@ -1,8 +1,8 @@
-"""Names and shapes of the built-in architectures, without torch or torchvision.
+"""Names and shapes of the built-in architectures, without torch.
 
 The registry and the architecture inference read these; the builders
-(:mod:`.torchvision_resnet`, :mod:`.cifar_resnet`) import torch and torchvision
-only when a model is actually built.
+(:mod:`.torchvision_resnet`, :mod:`.cifar_resnet`) import torch only when a
+model is actually built (and never torchvision: see :mod:`.resnet_layout`).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def _variant_suffix(batchnorm: bool, residual: bool) -> str:
 
 def _torchvision_builder(name: str, batchnorm: bool, residual: bool) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
-        from .torchvision_resnet import torchvision_resnet  # torchvision only for these
+        from .torchvision_resnet import torchvision_resnet  # torch only when built
 
         return torchvision_resnet(name, num_classes=num_classes, batchnorm=batchnorm, residual=residual)
 
@@ -116,7 +116,7 @@ def _timm_builder(name: str) -> Callable[[int], nn.Module]:
 
 
 def _register_builtin() -> None:
-    # Names only: torch and torchvision are imported when a model is built.
+    # Names only: torch is imported when a model is built.
     for timm_name in TIMM_CONFIGS:
         register_model(ArchSpec(timm_name, "timm", 224, True, True, _timm_builder(timm_name), default_classes=1000))
     for bn in (True, False):

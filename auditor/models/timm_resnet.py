@@ -2,7 +2,7 @@
 
 timm (``pytorch-image-models``) builds ``resnet26`` and the ``d`` variants
 (``resnet18d`` ... ``resnet152d``, "ResNet-D" of He et al., *Bag of Tricks*,
-2019) from the torchvision blocks with two changes, both reproduced here so
+2019) from the torchvision blocks (:mod:`.resnet_layout`) with two changes, both reproduced here so
 that a timm state dict loads unchanged:
 
 - deep stem: ``conv1`` is ``Sequential(conv3x3(3, 32, stride 2), BN, ReLU,
@@ -19,8 +19,7 @@ On even sizes the pool is an exact 2x2 average, so pool + 1x1 convolution is a
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet as tv
-
+from . import resnet_layout as tv
 from .catalog import TIMM_CONFIGS
 
 __all__ = ["TIMM_CONFIGS", "timm_resnet"]

@@ -1,7 +1,9 @@
 """torchvision ResNets with the paper's variants: without BatchNorm, and plain.
 
-The standard models are torchvision's own classes, so torchvision checkpoints
-load unchanged. ``batchnorm=False`` replaces every BatchNorm with an identity
+The standard models are torchvision's classes as rebuilt in
+:mod:`.resnet_layout` (same keys, same forward, same seeded initialisation,
+without importing torchvision), so torchvision checkpoints load unchanged.
+``batchnorm=False`` replaces every BatchNorm with an identity
 and gives each convolution a bias; ``residual=False`` drops every shortcut
 (including the projection of down-sampling blocks).
 """
@@ -12,8 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tv
 
+from . import resnet_layout as tv
 from .catalog import TORCHVISION_CONFIGS
 
 __all__ = ["TORCHVISION_CONFIGS", "torchvision_resnet"]
