@@ -369,3 +369,19 @@ def test_frequencies_are_pruned_and_the_extremes_do_not_move(monkeypatch: pytest
     found = _check(convs, IdentityShortcut((12, 8, 8)))
     assert "woodbury-lanczos" in found.residual.method
     assert sum(sizes[torch.complex128]) < sum(sizes[torch.complex64])
+
+
+def test_triangular_end_cores_keep_every_singular_value() -> None:
+    # QR cores of the plain branch's 1x1 ends (the Lanczos path) against the SVD cores
+    # (the full spectrum's): all singular values at every frequency, and the dropped zeros
+    from auditor.analysis.conditioning import _reduce_block
+    from auditor.analysis.frequencies import half_plane
+
+    block = _reduce_block(_bottleneck(12, 4, 6, seed=5), IdentityShortcut((12, 6, 6)), reduce=False)
+    triangular, svd = fast._with_triangular_ends(block), fast._with_compressed_ends(block)
+    assert [w.shape for w in triangular.plain_weights] == [w.shape for w in svd.plain_weights]
+    assert triangular.plain_weights[0].shape[:2] == (4, 4) and triangular.plain_weights[-1].shape[:2] == (4, 4)
+    np.testing.assert_array_equal(triangular.extra_plain, svd.extra_plain)
+    u, v, _ = half_plane(*block.grid)
+    expected = fast._dense(svd, False, u, v)
+    np.testing.assert_allclose(fast._dense(triangular, False, u, v), expected, rtol=1e-12, atol=1e-12 * expected.max())

@@ -51,7 +51,7 @@ def constant_tap(weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, 
     tap 0 (the zero matrix) at every frequency.
     """
     kh, kw = weight.shape[-2:]
-    nonzero = np.flatnonzero(np.abs(weight).reshape(-1, kh * kw).max(axis=0) > 0)
+    nonzero = np.flatnonzero(weight.reshape(-1, kh * kw).any(axis=0))
     if nonzero.size == 0:
         return 0
     if nonzero.size > 1:
