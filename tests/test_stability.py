@@ -603,27 +603,72 @@ def test_blocks_with_functional_relu_fall_back_to_forward_mode_ad():
 
 
 def test_the_linearization_verdict_holds_for_every_later_batch(monkeypatch):
-    """One comparison with forward-mode AD per block: later batches use (or refuse) the linearization unchecked."""
-    jvp_calls = []
-    original = torch.func.jvp
+    """One comparison with autograd per block: later batches use (or refuse) the linearization unchecked."""
+    jvp_calls, checks = [], []
+    original, original_check = torch.func.jvp, stability._reverse_jvp
     monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(stability, "_reverse_jvp", lambda *a: checks.append(1) or original_check(*a))
     block = _bottleneck_block()
     x, v = _images(4, shape=(4, 6, 6)).double(), _images(4, seed=8, shape=(4, 6, 6)).double()
     linearized = stability._Linearized(block)
     together, _ = stability._power_iteration(block, x, v, 5, 0.0)
-    jvp_calls.clear()
+    checks.clear()
     parts = [stability._power_iteration(block, x[i:i + 2], v[i:i + 2], 5, 0.0, linearized)[0] for i in (0, 2)]
-    assert linearized.exact is True and len(jvp_calls) == 1
+    assert linearized.exact is True and len(checks) == 1 and not jvp_calls
     torch.testing.assert_close(torch.cat(parts), together, rtol=1e-12, atol=0)
     # a block the linearization does not fit: refused once, forward-mode AD for every product after
     torch.manual_seed(0)
     relu_block = ReluBlock(2).double().eval()
     x, v = _images(4, shape=(2, 4, 4)).double(), _images(4, seed=9, shape=(2, 4, 4)).double()
     linearized = stability._Linearized(relu_block)
-    jvp_calls.clear()
+    checks.clear()
     for i in (0, 2):
         stability._power_iteration(relu_block, x[i:i + 2], v[i:i + 2], 3, 0.0, linearized)
-    assert linearized.exact is False and len(jvp_calls) == 6
+    assert linearized.exact is False and len(checks) == 1 and len(jvp_calls) == 5
+
+
+@pytest.mark.parametrize("make", ["bottleneck", "functional_relu"])
+def test_autograd_products_equal_torch_func(make):
+    """J v by reverse mode twice and J^T u by one reverse pass, against torch.func's jvp and vjp."""
+    torch.manual_seed(0)
+    block = _bottleneck_block() if make == "bottleneck" else ReluBlock(2).double().eval()
+    shape = (4, 6, 6) if make == "bottleneck" else (2, 4, 4)
+    x, v = _images(3, shape=shape).double(), _images(3, seed=12, shape=shape).double()
+
+    def fn(t):
+        return block(t.clone())
+
+    out, reference = torch.func.jvp(fn, (x,), (v,))
+    torch.testing.assert_close(stability._reverse_jvp(fn, x, v), reference, rtol=1e-12, atol=1e-12)
+    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    _, vjp_reference = torch.func.vjp(fn, x)
+    apply = stability._vjp(fn, x)
+    torch.testing.assert_close(apply(u), vjp_reference(u)[0], rtol=0, atol=0)
+    torch.testing.assert_close(apply(2 * u), vjp_reference(2 * u)[0], rtol=0, atol=0)  # reusable
+    # an output that does not depend on the input: zero products, no autograd error
+    assert not stability._reverse_jvp(lambda t: torch.ones(3, 2), x, v).any()
+    assert not stability._vjp(lambda t: torch.ones(3, 2), x)(torch.ones(3, 2)).any()
+
+
+def test_power_iteration_does_not_import_torch_dynamo():
+    """The stability of a bottleneck network in a fresh interpreter never loads torch._dynamo (1.5 s, 150 MB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from auditor.analysis import stability\n"
+        "from auditor.models.resnet_layout import Bottleneck\n"
+        "torch.manual_seed(0)\n"
+        "block = stability._jacobian_copy(Bottleneck(8, 2).eval())\n"
+        "x, v = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)\n"
+        "gain, _ = stability._power_iteration(block, x, v, 4, 0.0)\n"
+        "assert stability._Linearized(block).exact is None and gain.gt(0).all()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 6), (3, 5, 5)])  # 144 = 9 * 16 elements per row; 75 (drawn at once)

@@ -7,8 +7,9 @@ is run on ``x_l`` and ``x_l + d``, and the amplification
     r = (||f(x_l + d) - f(x_l)|| / ||f(x_l)||) / (||d|| / ||x_l||)
 
 is measured. Lemma 2 predicts ``1/kappa <= r <= kappa``. Besides seeded random
-directions, a few power iterations on ``J^T J`` (J the block's Jacobian at x_l,
-through ``torch.func.jvp`` / ``torch.func.vjp``) find the worst direction. Lemma 3
+directions, a few power iterations on ``J^T J`` (J the block's Jacobian at x_l:
+``J v`` by the linearized block, checked against autograd, ``J^T u`` by autograd)
+find the worst direction. Lemma 3
 (BatchNorm) is checked per BatchNorm layer by comparing the relative perturbation
 at its input and at its output. Finally one input perturbation per run is followed
 through the whole network: the relative error after every block (the trajectory of
@@ -340,6 +341,48 @@ class StabilityReport:
 def _row_norms(t: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of each row (first axis) over all other axes."""
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))  # any memory format, no copy
+
+
+def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``u -> J(x)^T u`` of ``fn`` by reverse-mode autograd, from one recorded forward pass.
+
+    ``torch.autograd.grad`` rather than ``torch.func.vjp`` (the same products): the
+    first use of ``torch.func`` imports ``torch._dynamo``, which cost every audit
+    1.5 s and 150 MB here.
+    """
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = fn(leaf)
+
+    def apply(u: torch.Tensor) -> torch.Tensor:
+        if not out.requires_grad:  # the output does not depend on x
+            return torch.zeros_like(x)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(out, leaf, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(x) if grad is None else grad
+
+    return apply
+
+
+def _reverse_jvp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J(x) v`` of ``fn`` by reverse mode twice, without forward-mode AD.
+
+    ``g(u) = J^T u`` is linear in ``u`` with derivative ``J^T``, so ``J v`` is the
+    gradient of ``<g(u), v>`` with respect to ``u`` (taken at ``u = 0``). Costs
+    about three forward passes; used once per block, to check the linearization
+    (:meth:`_Linearized.matches`), with autograd's own derivative rules.
+    """
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = fn(leaf)
+        if not out.requires_grad:
+            return torch.zeros_like(out)
+        probe = torch.zeros_like(out, requires_grad=True)
+        (grad,) = torch.autograd.grad(out, leaf, probe, create_graph=True, allow_unused=True)
+        if grad is None or not grad.requires_grad:  # J = 0, or J^T u does not depend on u
+            return torch.zeros_like(out)
+        (product,) = torch.autograd.grad(grad, probe, v, allow_unused=True)
+    return torch.zeros_like(out) if product is None else product.detach()
 
 
 def _kept(values: torch.Tensor) -> list[float]:
@@ -852,9 +895,10 @@ class _Linearized:
     and every additive constant (biases, BatchNorm shifts) removed: its Jacobian
     product costs one forward pass, where ``torch.func.jvp`` costs 4-8 (measured
     on ResNet-50 blocks at 224 px). Exact at points where no ReLU input is zero
-    (a measure-zero set; there ``jvp`` takes one one-sided derivative, this the
+    (a measure-zero set; there autograd takes one one-sided derivative, this the
     other). Whether a block has only these parts is not assumed: :meth:`matches`
-    compares one product with ``torch.func.jvp`` and the caller falls back to it.
+    compares one product with autograd's (:func:`_reverse_jvp`) and the caller
+    falls back to ``torch.func.jvp`` for every product where they differ.
     That is a property of the block's parts, not of the point: ``exact`` keeps the
     verdict of the first comparison (None before it) for every later batch of points.
     """
@@ -893,7 +937,7 @@ class _Linearized:
             return self.linear(v)
 
     def matches(self, jvp: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether the product equals forward-mode AD's ``jvp = J v`` to working precision."""
+        """Whether the product equals autograd's ``jvp = J v`` to working precision."""
         mine = self(v)
         if mine.shape != jvp.shape:
             return False
@@ -921,8 +965,8 @@ def _power_iteration(
         ``g_k = ||J_i v_k||``; its vector and estimate are frozen from then on.
     linearized : _Linearized, optional
         ``_Linearized(block)``, built once per block by the caller (two copies
-        of the block, and the verdict of its one comparison with forward-mode
-        AD); built here when omitted.
+        of the block, and the verdict of its one comparison with autograd);
+        built here when omitted.
 
     Returns
     -------
@@ -944,21 +988,22 @@ def _power_iteration(
         # Forward-mode AD loads decompositions through torch.jit.script once per
         # process, which warns (FutureWarning); the library prints nothing.
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        _, vjp_fn = torch.func.vjp(fn, x)
+        vjp_fn = _vjp(fn, x)
         v = v / _row_norms(v).clamp_min(tiny).reshape(shape)
         # J v by one forward pass of the linearized block where that is exact
-        # (checked against forward-mode AD on the block's first product), else by jvp
+        # (checked against autograd on the block's first product), else by forward-mode AD
         linearized = linearized or _Linearized(block)
         linear = None if linearized.exact is False else linearized.at(x)
         for step in range(iterations):
             # 1. u = J v; ||u|| is the gain of the unit vector v.
             if linear is not None and (step > 0 or linear.exact):
                 u = linear(v)
+            elif linear is not None:  # the block's one check of its linearization
+                u = _reverse_jvp(fn, x, v)
+                linear.exact = linear.matches(u, v)
+                linear = linear if linear.exact else None
             else:
                 _, u = torch.func.jvp(fn, (x,), (v,))
-                if linear is not None:
-                    linear.exact = linear.matches(u, v)
-                    linear = linear if linear.exact else None
             new = torch.maximum(gain, _row_norms(u))
             # 2. Convergence test on the rows still running; frozen rows keep their value.
             if step > 0 and tolerance > 0:
@@ -970,7 +1015,7 @@ def _power_iteration(
             if step == iterations - 1 or bool(converged.all()):
                 break
             # 3. w = J^T u (reverse mode); 4. v = w / ||w|| on the running rows.
-            (w,) = vjp_fn(u)
+            w = vjp_fn(u)
             norms = _row_norms(w).reshape(shape)
             running = (~converged).reshape(shape) & (norms > 0)
             v = torch.where(running, w / norms.clamp_min(tiny), v)
