@@ -747,3 +747,21 @@ def test_kept_values_are_exact_python_floats():
     kept = stability._kept(values)
     assert all(type(v) is float for v in kept)
     assert np.array_equal(np.asarray(kept), values.double().numpy())
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_cifar_blocks_take_the_linearized_products(shortcut, monkeypatch):
+    """The bundled CIFAR ResNets' blocks call a ReLU module: no forward-mode AD per product, same J v."""
+    from auditor.models.cifar_resnet import CifarBasicBlock
+
+    torch.manual_seed(0)
+    block = stability._jacobian_copy(CifarBasicBlock(4, 8, 2, shortcut=shortcut).eval().double())
+    x, v = _images(3, shape=(4, 6, 6)).double(), _images(3, seed=13, shape=(4, 6, 6)).double()
+    linear = stability._Linearized(block).at(x)
+    _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
+    assert linear.matches(reference, v) and len(linear.relus) == 1 and len(linear.relus[0].masks) == 2
+    jvp_calls = []
+    original = torch.func.jvp
+    monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
+    stability._power_iteration(block, x, v, 4, 0.0)
+    assert not jvp_calls
