@@ -378,7 +378,7 @@ def test_triangular_end_cores_keep_every_singular_value() -> None:
     from auditor.analysis.frequencies import half_plane
 
     block = _reduce_block(_bottleneck(12, 4, 6, seed=5), IdentityShortcut((12, 6, 6)), reduce=False)
-    triangular, svd = fast._with_triangular_ends(block), fast._with_compressed_ends(block)
+    triangular, svd = fast._with_compressed_ends(block, triangular=True), fast._with_compressed_ends(block)
     assert [w.shape for w in triangular.plain_weights] == [w.shape for w in svd.plain_weights]
     assert triangular.plain_weights[0].shape[:2] == (4, 4) and triangular.plain_weights[-1].shape[:2] == (4, 4)
     np.testing.assert_array_equal(triangular.extra_plain, svd.extra_plain)

@@ -646,36 +646,16 @@ def _reduced_side(block: Any, residual: bool, rank: int) -> int:
     return rank
 
 
-def _with_compressed_ends(block: Any) -> Any:
-    """The block with the plain branch's single-tap end factors replaced by their SVD cores (the dense path's)."""
+def _with_compressed_ends(block: Any, *, triangular: bool = False) -> Any:
+    """The block with the plain branch's single-tap end factors replaced by their SVD (or QR) cores.
+
+    See :func:`auditor.analysis.conditioning._compress_ends`: the dense path keeps
+    the full spectrum's SVD cores, the Lanczos path takes the cheaper QR cores.
+    """
     from .conditioning import _compress_ends
 
-    plain_weights, extra_plain = _compress_ends(block.weights)
+    plain_weights, extra_plain = _compress_ends(block.weights, triangular=triangular)
     return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain)
-
-
-def _with_triangular_ends(block: Any) -> Any:
-    """The block with the plain branch's single-tap end factors replaced by triangular QR cores.
-
-    A wide first factor ``W_1`` (w x n, w < n) is ``R^T Q^T`` with ``Q``
-    (n x w) orthonormal columns (QR of ``W_1^T``), so ``X W_1 (X W_1)^H =
-    X R^T (X R^T)^H``: ``sigma(X W_1) = sigma(X R^T)``; a tall last factor
-    ``W_k = Q R`` gives ``sigma(W_k Y) = sigma(R Y)``. The same nonzero singular
-    values as the SVD cores of :func:`_with_compressed_ends`, from a
-    Householder QR without vectors (backward stable): ResNet-50's layer4
-    plain branch, 2048 x 512 factors, 0.38 -> 0.04 s.
-    """
-    weights = list(block.weights)
-    rows, cols = weights[-1].shape[0], weights[0].shape[1]
-    first, last = weights[0], weights[-1]
-    if first.shape[2:] == (1, 1) and first.shape[0] < first.shape[1]:
-        core = torch.linalg.qr(torch.from_numpy(np.ascontiguousarray(first[:, :, 0, 0].T)), mode="r").R
-        weights[0] = core.T.numpy()[:, :, None, None]
-    if len(weights) > 1 and last.shape[2:] == (1, 1) and last.shape[0] > last.shape[1]:
-        core = torch.linalg.qr(torch.from_numpy(np.ascontiguousarray(last[:, :, 0, 0])), mode="r").R
-        weights[-1] = core.numpy()[:, :, None, None]
-    kept = min(weights[-1].shape[0], weights[0].shape[1])
-    return dataclasses.replace(block, plain_weights=weights, extra_plain=np.zeros(min(rows, cols) - kept))
 
 
 @dataclass(frozen=True)
@@ -720,7 +700,7 @@ def _operator_extremes(block: Any, residual: bool, plan: _Plan, device: torch.de
         elif block.identity_size and not residual:
             # wider identity blocks: the plain branch alone compressed to w x w (its
             # end factors' QR cores; a stride-1 bottleneck has no polyphase structure to lose)
-            block = _with_triangular_ends(block)
+            block = _with_compressed_ends(block, triangular=True)
         kernels = _Kernels(block, residual, device)
         # memory per frequency: the Lanczos basis (48 vectors) and K(u) (width^2), complex128
         vector = max(max(w.shape[:2]) for w in block.weights)

@@ -463,7 +463,7 @@ def _basis(matrix: np.ndarray) -> np.ndarray:
     return u_[:, : int(np.sum(s_ > tolerance * s_[0]))]
 
 
-def _compress_ends(weights: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+def _compress_ends(weights: list[np.ndarray], *, triangular: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
     """The plain chain with single-tap end factors replaced by their SVD cores.
 
     A frequency-independent first factor ``W_1 = U S V^T`` (up to a unit
@@ -472,17 +472,35 @@ def _compress_ends(weights: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndar
     nonzero singular values from matrices no larger than the bottleneck. The
     zeros this drops (``min(rows, cols)`` minus the compressed count) are
     returned to be added back at every frequency.
+
+    ``triangular=True`` takes QR cores instead: ``W_1 = R^T Q^T`` (QR of
+    ``W_1^T``, ``Q`` with orthonormal columns) gives ``sigma(X W_1) =
+    sigma(X R^T)`` and ``W_k = Q R`` gives ``sigma(W_k Y) = sigma(R Y)``. The
+    same singular values from a Householder QR without vectors (backward
+    stable): on ResNet-50's layer4 plain branch (2048 x 512 factors) 0.04 s
+    instead of 0.38 s. The full spectrum keeps the SVD cores (its numbers to
+    the bit); the Lanczos extremes take these.
     """
     rows, cols = weights[-1].shape[0], weights[0].shape[1]
     factors = list(weights)
     first = factors[0]
     if first.shape[2:] == (1, 1) and first.shape[0] < first.shape[1]:
-        u_, s_, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(first[:, :, 0, 0]), full_matrices=False))
-        factors[0] = (u_ * s_)[:, :, None, None]
+        matrix = torch.from_numpy(first[:, :, 0, 0])
+        if triangular:
+            core = torch.linalg.qr(matrix.T.contiguous(), mode="r").R.T.numpy()
+        else:
+            u_, s_, _ = (t.numpy() for t in torch.linalg.svd(matrix, full_matrices=False))
+            core = u_ * s_
+        factors[0] = core[:, :, None, None]
     last = factors[-1]
     if len(factors) > 1 and last.shape[2:] == (1, 1) and last.shape[0] > last.shape[1]:
-        _, s_, vh = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(last[:, :, 0, 0]), full_matrices=False))
-        factors[-1] = (s_[:, None] * vh)[:, :, None, None]
+        matrix = torch.from_numpy(last[:, :, 0, 0])
+        if triangular:
+            core = torch.linalg.qr(matrix.contiguous(), mode="r").R.numpy()
+        else:
+            _, s_, vh = (t.numpy() for t in torch.linalg.svd(matrix, full_matrices=False))
+            core = s_[:, None] * vh
+        factors[-1] = core[:, :, None, None]
     kept = min(factors[-1].shape[0], factors[0].shape[1])
     return factors, np.zeros(min(rows, cols) - kept)
 
