@@ -605,9 +605,9 @@ def test_blocks_with_functional_relu_fall_back_to_forward_mode_ad():
 def test_the_linearization_verdict_holds_for_every_later_batch(monkeypatch):
     """One comparison with autograd per block: later batches use (or refuse) the linearization unchecked."""
     jvp_calls, checks = [], []
-    original, original_check = torch.func.jvp, stability._reverse_jvp
+    original, original_check = torch.func.jvp, stability._Reverse.jvp
     monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(stability, "_reverse_jvp", lambda *a: checks.append(1) or original_check(*a))
+    monkeypatch.setattr(stability._Reverse, "jvp", lambda self, v: checks.append(1) or original_check(self, v))
     block = _bottleneck_block()
     x, v = _images(4, shape=(4, 6, 6)).double(), _images(4, seed=8, shape=(4, 6, 6)).double()
     linearized = stability._Linearized(block)
@@ -639,15 +639,16 @@ def test_autograd_products_equal_torch_func(make):
         return block(t.clone())
 
     out, reference = torch.func.jvp(fn, (x,), (v,))
-    torch.testing.assert_close(stability._reverse_jvp(fn, x, v), reference, rtol=1e-12, atol=1e-12)
+    reverse = stability._Reverse(fn, x)
+    torch.testing.assert_close(reverse.jvp(v), reference, rtol=1e-12, atol=1e-12)
     u = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
     _, vjp_reference = torch.func.vjp(fn, x)
-    apply = stability._vjp(fn, x)
-    torch.testing.assert_close(apply(u), vjp_reference(u)[0], rtol=0, atol=0)
-    torch.testing.assert_close(apply(2 * u), vjp_reference(2 * u)[0], rtol=0, atol=0)  # reusable
+    torch.testing.assert_close(reverse.vjp(u), vjp_reference(u)[0], rtol=0, atol=0)
+    torch.testing.assert_close(reverse.vjp(2 * u), vjp_reference(2 * u)[0], rtol=0, atol=0)  # reusable
     # an output that does not depend on the input: zero products, no autograd error
-    assert not stability._reverse_jvp(lambda t: torch.ones(3, 2), x, v).any()
-    assert not stability._vjp(lambda t: torch.ones(3, 2), x)(torch.ones(3, 2)).any()
+    constant = stability._Reverse(lambda t: torch.ones(3, 2), x)
+    assert not constant.jvp(v).any()
+    assert not constant.vjp(torch.ones(3, 2)).any()
 
 
 def test_power_iteration_does_not_import_torch_dynamo():

@@ -343,46 +343,45 @@ def _row_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))  # any memory format, no copy
 
 
-def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``u -> J(x)^T u`` of ``fn`` by reverse-mode autograd, from one recorded forward pass.
+class _Reverse:
+    """Jacobian products of ``fn`` at ``x`` by reverse-mode autograd, from one recorded forward pass.
 
-    ``torch.autograd.grad`` rather than ``torch.func.vjp`` (the same products): the
+    ``torch.autograd.grad`` rather than ``torch.func`` (the same products): the
     first use of ``torch.func`` imports ``torch._dynamo``, which cost every audit
     1.5 s and 150 MB here.
     """
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        out = fn(leaf)
 
-    def apply(u: torch.Tensor) -> torch.Tensor:
-        if not out.requires_grad:  # the output does not depend on x
-            return torch.zeros_like(x)
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(out, leaf, u, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(x) if grad is None else grad
+            self.leaf = x.detach().requires_grad_(True)
+            self.out = fn(self.leaf)
 
-    return apply
+    def vjp(self, u: torch.Tensor) -> torch.Tensor:
+        """``J^T u``."""
+        if not self.out.requires_grad:  # the output does not depend on x
+            return torch.zeros_like(self.leaf)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.out, self.leaf, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.leaf) if grad is None else grad
 
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v`` by reverse mode twice, without forward-mode AD.
 
-def _reverse_jvp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``J(x) v`` of ``fn`` by reverse mode twice, without forward-mode AD.
-
-    ``g(u) = J^T u`` is linear in ``u`` with derivative ``J^T``, so ``J v`` is the
-    gradient of ``<g(u), v>`` with respect to ``u`` (taken at ``u = 0``). Costs
-    about three forward passes; used once per block, to check the linearization
-    (:meth:`_Linearized.matches`), with autograd's own derivative rules.
-    """
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        out = fn(leaf)
-        if not out.requires_grad:
-            return torch.zeros_like(out)
-        probe = torch.zeros_like(out, requires_grad=True)
-        (grad,) = torch.autograd.grad(out, leaf, probe, create_graph=True, allow_unused=True)
-        if grad is None or not grad.requires_grad:  # J = 0, or J^T u does not depend on u
-            return torch.zeros_like(out)
-        (product,) = torch.autograd.grad(grad, probe, v, allow_unused=True)
-    return torch.zeros_like(out) if product is None else product.detach()
+        ``g(u) = J^T u`` is linear in ``u`` with derivative ``J^T``, so ``J v`` is
+        the gradient of ``<g(u), v>`` with respect to ``u`` (taken at ``u = 0``).
+        About two more passes; used once per block, to check the linearization
+        (:meth:`_Linearized.matches`) with autograd's own derivative rules.
+        """
+        if not self.out.requires_grad:
+            return torch.zeros_like(self.out)
+        with torch.enable_grad():
+            probe = torch.zeros_like(self.out, requires_grad=True)
+            (grad,) = torch.autograd.grad(self.out, self.leaf, probe, create_graph=True, retain_graph=True,
+                                          allow_unused=True)
+            if grad is None or not grad.requires_grad:  # J = 0, or J^T u does not depend on u
+                return torch.zeros_like(self.out)
+            (product,) = torch.autograd.grad(grad, probe, v, allow_unused=True)
+        return torch.zeros_like(self.out) if product is None else product.detach()
 
 
 def _kept(values: torch.Tensor) -> list[float]:
@@ -897,7 +896,7 @@ class _Linearized:
     on ResNet-50 blocks at 224 px). Exact at points where no ReLU input is zero
     (a measure-zero set; there autograd takes one one-sided derivative, this the
     other). Whether a block has only these parts is not assumed: :meth:`matches`
-    compares one product with autograd's (:func:`_reverse_jvp`) and the caller
+    compares one product with autograd's (:meth:`_Reverse.jvp`) and the caller
     falls back to ``torch.func.jvp`` for every product where they differ.
     That is a property of the block's parts, not of the point: ``exact`` keeps the
     verdict of the first comparison (None before it) for every later batch of points.
@@ -988,7 +987,7 @@ def _power_iteration(
         # Forward-mode AD loads decompositions through torch.jit.script once per
         # process, which warns (FutureWarning); the library prints nothing.
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        vjp_fn = _vjp(fn, x)
+        reverse = _Reverse(fn, x)
         v = v / _row_norms(v).clamp_min(tiny).reshape(shape)
         # J v by one forward pass of the linearized block where that is exact
         # (checked against autograd on the block's first product), else by forward-mode AD
@@ -999,7 +998,7 @@ def _power_iteration(
             if linear is not None and (step > 0 or linear.exact):
                 u = linear(v)
             elif linear is not None:  # the block's one check of its linearization
-                u = _reverse_jvp(fn, x, v)
+                u = reverse.jvp(v)
                 linear.exact = linear.matches(u, v)
                 linear = linear if linear.exact else None
             else:
@@ -1015,7 +1014,7 @@ def _power_iteration(
             if step == iterations - 1 or bool(converged.all()):
                 break
             # 3. w = J^T u (reverse mode); 4. v = w / ||w|| on the running rows.
-            w = vjp_fn(u)
+            w = reverse.vjp(u)
             norms = _row_norms(w).reshape(shape)
             running = (~converged).reshape(shape) & (norms > 0)
             v = torch.where(running, w / norms.clamp_min(tiny), v)
