@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import DataError
 from .class_choice import choose_classes
+from .image_kinds import is_image
 
 __all__ = ["ARCHIVE_SUFFIXES", "is_archive", "ArchiveReader", "scan_archive"]
 
@@ -146,8 +147,6 @@ def scan_archive(path: str | Path, classes: Any = None) -> tuple[Path, tuple[str
     DataError
         Not an archive, a hostile member, no class folders, an empty or unknown class.
     """
-    from .images import _is_image
-
     archive = Path(path).resolve()
     reader = ArchiveReader(archive)
     files = reader.files()
@@ -164,9 +163,9 @@ def scan_archive(path: str | Path, classes: Any = None) -> tuple[Path, tuple[str
         rel = name[len(prefix):] if name.startswith(prefix) else name
         parts = rel.split("/")
         if len(parts) == 1:
-            loose = loose or _is_image(parts[0])
+            loose = loose or is_image(parts[0])
             continue
-        if any(part.startswith(".") for part in parts[:-1]) or not _is_image(parts[-1]):
+        if any(part.startswith(".") for part in parts[:-1]) or not is_image(parts[-1]):
             continue
         tree.setdefault(parts[0], []).append(rel)
     known = sorted(tree)

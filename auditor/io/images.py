@@ -30,7 +30,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import DataError, Remedy, UsageError
+from .archive import is_archive, scan_archive
 from .class_choice import choose_classes
+from .image_kinds import IMAGE_EXTENSIONS, is_image
+from .labels_csv import scan_labels_csv
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -48,8 +51,6 @@ __all__ = [
     "collate_images",
     "make_loader",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -275,10 +276,6 @@ def images_per_class(classes: Sequence[str], samples: Sequence[tuple[str, int]])
     return counts
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _class_files(root: Path, name: str) -> list[str]:
     """Image paths under ``root/name`` (recursively), relative to root, sorted."""
     found = []
@@ -291,7 +288,7 @@ def _class_files(root: Path, name: str) -> list[str]:
         seen.add(real)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         rel = Path(directory).relative_to(root).as_posix()
-        found.extend(f"{rel}/{f}" for f in files if _is_image(f))
+        found.extend(f"{rel}/{f}" for f in files if is_image(f))
     return sorted(found)
 
 
@@ -319,13 +316,9 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
         class that does not exist, or a class listed twice.
     """
     given = Path(root)
-    from .archive import is_archive, scan_archive
-
     if is_archive(given):  # .tar / .tar.gz / .zip, read in place
         return ImageFolderIndex(*scan_archive(given, classes))
     if given.is_file() and given.suffix.lower() == ".csv":  # flat folder + path,label file
-        from .labels_csv import scan_labels_csv
-
         return ImageFolderIndex(*scan_labels_csv(given, classes))
     if not given.exists():
         raise DataError(f"{given}: no such folder", hint="the images are a folder with one sub-folder per class")
@@ -337,7 +330,7 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
         if entry.is_dir() and not entry.name.startswith(".")
     )
     if not known:
-        loose = any(_is_image(e.name) for e in os.scandir(path) if e.is_file())
+        loose = any(is_image(e.name) for e in os.scandir(path) if e.is_file())
         raise DataError(
             f"{given}: no class folders" + (" (the images lie directly in it)" if loose else ""),
             hint="put the images of each class in a sub-folder named after the class",
