@@ -32,7 +32,7 @@ __all__ = [
 
 _LAZY = {
     "audit": "auditor.tasks.audit",
-    "load_checkpoint": "auditor.io.checkpoint",
+    "load_checkpoint": "auditor.models.load",
     "load_model": "auditor.models.load",
     "analyze_anatomy": "auditor.models.anatomy",
     "open_subject": "auditor.subject",

@@ -84,9 +84,8 @@ def open_subject(
     input_size : (int, int), optional
         Input height and width; default from metadata, else the family's.
     """
-    from .io.checkpoint import load_checkpoint
     from .models.anatomy import analyze_anatomy
-    from .models.load import load_model
+    from .models.load import load_checkpoint, load_model
 
     checkpoint = load_checkpoint(path)
     loaded = load_model(checkpoint, arch)

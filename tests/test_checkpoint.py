@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from auditor.errors import CheckpointError
-from auditor.io.checkpoint import load_checkpoint
+from auditor.io.checkpoint import read_checkpoint
+from auditor.models.load import load_checkpoint
 from auditor.models.registry import build_model
 
 from conftest import CHECKPOINTS, needs_shared, save_safetensors
@@ -68,6 +69,8 @@ def test_missing_and_directory(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope.safetensors")
     with pytest.raises(CheckpointError, match="directory"):
         load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a regular file"):  # the reader reads files only
+        read_checkpoint(tmp_path)
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:

@@ -88,8 +88,7 @@ def _extract(model: nn.Module, dataset: ImageDataset, out: Path, **kw) -> object
 def resnet20() -> nn.Module:
     if not RESNET20.is_file():
         pytest.skip(f"{RESNET20} is absent")
-    from auditor.io.checkpoint import load_checkpoint
-    from auditor.models.load import load_model
+    from auditor.models.load import load_checkpoint, load_model
 
     return load_model(load_checkpoint(RESNET20)).model
 

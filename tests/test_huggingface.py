@@ -126,7 +126,7 @@ def test_hf_activations_equal_torchvision(tmp_path) -> None:
 
 
 def test_hf_preprocessor_config_sets_the_preprocessing(tmp_path) -> None:
-    from auditor.io.checkpoint import load_checkpoint
+    from auditor.models.load import load_checkpoint
 
     processor = {"crop_pct": 0.875, "do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.4, 0.3],
                  "image_std": [0.2, 0.25, 0.3], "resample": 3, "size": {"shortest_edge": 96}}
@@ -171,7 +171,7 @@ def test_folder_without_weights_is_refused(tmp_path, capsys) -> None:
 
 
 def test_timm_config_json_names_the_architecture_and_preprocessing(tmp_path) -> None:
-    from auditor.io.checkpoint import load_checkpoint
+    from auditor.models.load import load_checkpoint
     from auditor.subject import open_subject
 
     torch.manual_seed(0)

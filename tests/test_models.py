@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from auditor.errors import ArchitectureError, CheckpointError, Remedy
-from auditor.io.checkpoint import load_checkpoint
 from auditor.models.anatomy import analyze_anatomy
 from auditor.models.infer import infer_architecture
-from auditor.models.load import load_model
+from auditor.models.load import load_checkpoint, load_model
 from auditor.models.registry import build_model, get_arch, list_models
 from auditor.models.torchvision_resnet import TORCHVISION_CONFIGS
 

@@ -407,8 +407,7 @@ def _real_images(n: int) -> torch.Tensor:
 @pytest.mark.shared
 @pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"real checkpoint not found: {CHECKPOINT}")
 def test_real_resnet20(capfd):
-    from auditor.io.checkpoint import load_checkpoint
-    from auditor.models.load import load_model
+    from auditor.models.load import load_checkpoint, load_model
 
     model = load_model(load_checkpoint(CHECKPOINT)).model
     anatomy = analyze_anatomy(model, (3, 32, 32))

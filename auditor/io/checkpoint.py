@@ -1,7 +1,9 @@
-"""Read checkpoints safely: safetensors, or torch files with ``weights_only=True``.
+"""Read checkpoint files safely: safetensors, or torch files with ``weights_only=True``.
 
 A pickle that wants to run code is refused by torch's restricted unpickler and
-never executed.
+never executed. This module reads one file and knows nothing of model layouts:
+a saved-model folder and the ``config.json`` beside the weights are
+:func:`auditor.models.load.load_checkpoint`'s business (:mod:`auditor.models.layouts`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["Checkpoint", "load_checkpoint", "file_sha256"]
+__all__ = ["Checkpoint", "read_checkpoint", "file_sha256"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
@@ -180,34 +182,30 @@ def _strip_prefixes(state: dict[str, torch.Tensor], notes: list[str]) -> dict[st
     return state
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a checkpoint file without executing code.
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read one checkpoint file without executing code.
 
     Parameters
     ----------
     path : str or Path
         ``.safetensors``, or ``.pt`` / ``.pth`` / ``.th`` / ``.bin`` / ``.ckpt``
         (read with ``torch.load(weights_only=True)``). Other names are
-        recognised by their first bytes. A folder written by Hugging Face
-        ``save_pretrained`` or timm stands for its ``model.safetensors``; a
-        ``config.json`` beside the weights is read (:mod:`auditor.models.layouts`).
+        recognised by their first bytes.
 
     Returns
     -------
     Checkpoint
+        The file's tensors and metadata as stored (wrapper prefixes removed);
+        no ``config.json`` beside it is read (:func:`auditor.models.load.load_checkpoint` does).
 
     Raises
     ------
     CheckpointError
-        Missing, unreadable, truncated, unsafe, or not a state dict.
+        Missing, not a regular file, unreadable, truncated, unsafe, or not a state dict.
     """
-    from ..models.layouts import apply_layout, weights_in_folder
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file", hint="check the checkpoint path")
-    if path.is_dir():
-        path = weights_in_folder(path)  # a save_pretrained / timm folder
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file, not a checkpoint file")
     suffix = path.suffix.lower()
@@ -236,7 +234,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if converted:
         notes.append(f"weights stored as {converted} were converted to float32 for the analysis "
                      "(the report describes the float32 copy)")
-    return apply_layout(Checkpoint(path, file_sha256(path), fmt, state, metadata, tuple(notes)))
+    return Checkpoint(path, file_sha256(path), fmt, state, metadata, tuple(notes))
 
 
 def _converted_dtypes(state: dict[str, torch.Tensor]) -> str | None:

@@ -1,17 +1,19 @@
-"""Turn a checkpoint into an ``nn.Module`` in eval mode, with strict key matching."""
+"""Load a checkpoint in resdyn's layout and turn it into an ``nn.Module`` in eval mode, with strict key matching."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from ..errors import ArchitectureError, CheckpointError, Remedy
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, read_checkpoint
 from .infer import infer_architecture
+from .layouts import apply_layout, weights_in_folder
 from .registry import ArchSpec, build_model, is_factory_reference
 
-__all__ = ["LoadedModel", "load_model"]
+__all__ = ["LoadedModel", "load_checkpoint", "load_model"]
 
 # Buffers that older checkpoints omit and eval mode never reads.
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -45,6 +47,33 @@ class LoadedModel:
     spec: ArchSpec
     num_classes: int
     parameters: int
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a checkpoint without executing code, in resdyn's layout.
+
+    Parameters
+    ----------
+    path : str or Path
+        A checkpoint file (:func:`auditor.io.checkpoint.read_checkpoint` reads
+        it), or a folder written by Hugging Face ``save_pretrained`` or timm,
+        which stands for its ``model.safetensors``. A ``config.json`` beside
+        the weights is read (:mod:`auditor.models.layouts`).
+
+    Returns
+    -------
+    Checkpoint
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unreadable, truncated, unsafe, not a state dict, or a
+        ``config.json`` that disagrees with the weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = weights_in_folder(path)  # a save_pretrained / timm folder
+    return apply_layout(read_checkpoint(path))
 
 
 def _num_classes(checkpoint: Checkpoint) -> int | None:
