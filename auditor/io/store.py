@@ -65,7 +65,6 @@ import torch
 
 from .._version import __version__
 from ..errors import OutputError, Remedy, StoreError
-from ..models.anatomy import StageSpec
 from .integrity import (
     ChunkProblem,
     attribute_value,
@@ -76,6 +75,7 @@ from .integrity import (
     has_checksums,
     io_cause,
 )
+from .stage_spec import StageSpec
 
 __all__ = [
     "FORMAT",
