@@ -82,6 +82,7 @@ __all__ = [
     "FORMAT_VERSION",
     "DTYPES",
     "COMPRESSIONS",
+    "PROVENANCE_KEYS",
     "StoreHeader",
     "StoreWriter",
     "StoreBusyError",
@@ -102,7 +103,7 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 _BFLOAT16_MAX = float(torch.finfo(torch.bfloat16).max)
 _STORED_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 # Attributes that must match for a partial file to be resumed.
-_PROVENANCE_KEYS = (
+PROVENANCE_KEYS = (
     "format_version", "tool_version", "checkpoint_sha256", "arch", "data_root", "preset",
     "preprocessing", "seed", "per_class", "shard", "dtype", "compression", "samples_sha256",
     "num_selected", "stages",
@@ -472,7 +473,7 @@ class StoreWriter:
         expected = self.header.provenance()
         try:
             differs = [
-                k for k in ("format", *_PROVENANCE_KEYS)
+                k for k in ("format", *PROVENANCE_KEYS)
                 if not _same(f.attrs.get(k), FORMAT if k == "format" else expected[k])
             ]
         except (OSError, RuntimeError) as exc:

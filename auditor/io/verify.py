@@ -200,10 +200,10 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
     """Steps 2 and 3 of the module docstring; the numeric datasets to read back."""
     import h5py
 
-    from .store import _PROVENANCE_KEYS, rows_digest
+    from .store import PROVENANCE_KEYS, rows_digest
 
     attrs = file.attrs
-    missing = [k for k in (*_PROVENANCE_KEYS, *_ACTIVATION_ATTRS) if k not in attrs]
+    missing = [k for k in (*PROVENANCE_KEYS, *_ACTIVATION_ATTRS) if k not in attrs]
     for key in missing:
         check.problem(key, "a required attribute is missing")
     for key in ("classes", "samples/path", "samples/label", "stages"):
