@@ -37,24 +37,35 @@ def inspect_command(
     emit(inspect_document(subject), fmt, output, table=inspect_tables, markdown=_markdown)
 
 
+def _natural(name: str) -> list[Any]:
+    """Sort key that orders the numbers in a name by value: resnet14 before resnet110."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def archs_command(fmt: FormatOpt = Format.table) -> None:
-    """List the registered architectures (use one with --arch)."""
+    """List the registered architectures by family, with each block's equation where known (use one with --arch)."""
     from ..models.registry import get_arch, list_models
 
-    rows = [get_arch(name) for name in list_models()]
+    rows = sorted((get_arch(name) for name in list_models()), key=lambda s: (s.family, _natural(s.name)))
     if fmt is Format.json:
         import json
 
         print(json.dumps([{"name": s.name, "family": s.family, "input_size": s.input_size,
-                           "batchnorm": s.batchnorm, "residual": s.residual} for s in rows], indent=2))
+                           "batchnorm": s.batchnorm, "residual": s.residual, "equation": s.equation or None}
+                          for s in rows], indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="Registered architectures", title_justify="left")
-    for column in ("name", "family", "input", "BatchNorm", "shortcuts"):
+    table.add_column("name", no_wrap=True)
+    for column in ("family", "input", "BatchNorm", "shortcuts", "block equation"):
         table.add_column(column)
-    for spec in rows:
+    for index, spec in enumerate(rows):
+        if index and spec.family != rows[index - 1].family:
+            table.add_section()
         table.add_row(spec.name, spec.family, str(spec.input_size),
-                      "yes" if spec.batchnorm else "no", "yes" if spec.residual else "no (plain)")
+                      "yes" if spec.batchnorm else "no", "yes" if spec.residual else "no (plain)", spec.equation)
     Console().print(table)

@@ -7,7 +7,7 @@ model is actually built (and never torchvision: see :mod:`.resnet_layout`).
 
 from __future__ import annotations
 
-__all__ = ["TORCHVISION_CONFIGS", "CIFAR_DEPTHS", "TIMM_CONFIGS"]
+__all__ = ["TORCHVISION_CONFIGS", "CIFAR_DEPTHS", "TIMM_CONFIGS", "PAPER_DEPTHS", "PAPER_FORMS", "BLOCK_EQUATIONS"]
 
 # name -> (block type, blocks per stage, extra ResNet kwargs)
 TORCHVISION_CONFIGS: dict[str, tuple[str, list[int], dict[str, int]]] = {
@@ -37,4 +37,22 @@ TIMM_CONFIGS: dict[str, tuple[str, list[int], bool]] = {
     "resnet50d": ("bottleneck", [3, 4, 6, 3], True),
     "resnet101d": ("bottleneck", [3, 4, 23, 3], True),
     "resnet152d": ("bottleneck", [3, 8, 36, 3], True),
+}
+
+# The paper's Figure 1 modules (paper_plainN, paper_resN, paper_resbnN; .paper_modules) and the
+# CIFAR pre-activation ResNets (preactresnetN; .preact_resnet) have the depths of torchvision's
+# resnet18/34/50/101, whose block type and blocks per stage (TORCHVISION_CONFIGS) they share.
+PAPER_DEPTHS = (18, 34, 50, 101)
+# form -> Figure 1 panel: (a) plain pre-activation, (b) ResNet without BN, (c) pre-activation ResNet
+PAPER_FORMS = {"plain": "a", "res": "b", "resbn": "c"}
+# (form, block type) -> the block's map x -> x' (W: a convolution; in "res" it has a bias; σ: ReLU;
+# BNk normalises the input of Wk). A block that changes the shape adds Ws x instead of x (Ws: the
+# 1x1 strided projection "shortcut"; in "resbn" it is applied to σ(BN1 x)). preactresnetN: "resbn".
+BLOCK_EQUATIONS: dict[tuple[str, str], str] = {
+    ("plain", "basic"): "x' = W2 σ(BN2(W1 σ(BN1 x)))",
+    ("plain", "bottleneck"): "x' = W3 σ(BN3(W2 σ(BN2(W1 σ(BN1 x)))))",
+    ("res", "basic"): "x' = σ(W2 σ(W1 x)) + x",
+    ("res", "bottleneck"): "x' = σ(W3 σ(W2 σ(W1 x))) + x",
+    ("resbn", "basic"): "x' = W2 σ(BN2(W1 σ(BN1 x))) + x",
+    ("resbn", "bottleneck"): "x' = W3 σ(BN3(W2 σ(BN2(W1 σ(BN1 x))))) + x",
 }

@@ -6,6 +6,10 @@ variants as suffixes: ``_nobn`` (no BatchNorm), ``_plain`` (no shortcuts),
 ``_plain_nobn``; CIFAR names also take ``_optb`` (projection shortcuts).
 timm's ``resnet26`` and ``resnet18d`` ... ``resnet152d`` (deep stem, average-pool
 shortcuts) are registered with timm's key names.
+The paper's Figure 1 modules on torchvision's stem and stages are ``paper_plainN``
+(a), ``paper_resN`` (b) and ``paper_resbnN`` (c), N in 18, 34, 50, 101 (family
+``"paper"``); the CIFAR pre-activation ResNets are ``preactresnet18/34/50/101``
+(family ``"cifar-preact"``). Their specs carry the block's equation.
 ``path/to/file.py:factory`` builds a user's own model.
 """
 
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ArchitectureError, Remedy
-from .catalog import CIFAR_DEPTHS, TIMM_CONFIGS, TORCHVISION_CONFIGS
+from .catalog import BLOCK_EQUATIONS, CIFAR_DEPTHS, PAPER_DEPTHS, PAPER_FORMS, TIMM_CONFIGS, TORCHVISION_CONFIGS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,13 +40,17 @@ class ArchSpec:
     name : str
         Registry name.
     family : str
-        ``"torchvision"``, ``"timm"``, ``"cifar"`` or ``"custom"``.
+        ``"torchvision"``, ``"timm"``, ``"cifar"``, ``"paper"``, ``"cifar-preact"`` or ``"custom"``.
     input_size : int
         Default square input size.
     batchnorm, residual : bool
         Which variant this is.
     builder : callable
         ``builder(num_classes) -> nn.Module``.
+    default_classes : int
+        Classes when none are given.
+    equation : str
+        The residual block's map ``x -> x'`` where registered (``""`` otherwise).
     """
 
     name: str
@@ -52,6 +60,7 @@ class ArchSpec:
     residual: bool
     builder: Callable[[int], nn.Module]
     default_classes: int = 10
+    equation: str = ""
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -115,6 +124,37 @@ def _timm_builder(name: str) -> Callable[[int], nn.Module]:
     return build
 
 
+def _paper_builder(form: str, depth: int) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .paper_modules import paper_resnet
+
+        return paper_resnet(form, depth, num_classes=num_classes)
+
+    return build
+
+
+def _preact_builder(depth: int) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .preact_resnet import preact_resnet
+
+        return preact_resnet(depth, num_classes=num_classes)
+
+    return build
+
+
+def _register_paper_and_preact() -> None:
+    """``paper_{plain,res,resbn}N`` (Figure 1 a-c, torchvision layout) and ``preactresnetN`` (CIFAR)."""
+    for depth in PAPER_DEPTHS:
+        kind = TORCHVISION_CONFIGS[f"resnet{depth}"][0]
+        for form in PAPER_FORMS:
+            register_model(ArchSpec(
+                f"paper_{form}{depth}", "paper", 224, form != "res", form != "plain",
+                _paper_builder(form, depth), default_classes=1000, equation=BLOCK_EQUATIONS[form, kind],
+            ))
+        register_model(ArchSpec(f"preactresnet{depth}", "cifar-preact", 32, True, True, _preact_builder(depth),
+                                equation=BLOCK_EQUATIONS["resbn", kind]))
+
+
 def _register_builtin() -> None:
     # Names only: torch is imported when a model is built.
     for timm_name in TIMM_CONFIGS:
@@ -140,6 +180,7 @@ def _register_builtin() -> None:
                             _cifar_builder(depth, sc, bn, res),
                         )
                     )
+    _register_paper_and_preact()
 
 
 _register_builtin()
