@@ -450,12 +450,17 @@ def _shortcut_lu(block: Any, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def _woodbury_applies(block: Any, residual: bool) -> bool:
-    """``A = S + L M(u) R`` square, with ``L``, ``R`` the same at every frequency and ``S`` identity or constant."""
+    """``A = S + L M(u) R`` square, with ``L``, ``R`` the same at every frequency and ``S`` identity or constant.
+
+    Only where ``K`` (of the middle width) is narrower than ``A``: an inverted
+    bottleneck (MobileNet, EfficientNet: middle 6x wider) takes the dense path.
+    """
     weights = block.weights
     return (
         residual
         and len(weights) >= 3
         and weights[-1].shape[0] == weights[0].shape[1]
+        and max(w.shape[0] for w in weights[:-1]) < weights[-1].shape[0]
         and constant_tap(weights[0], block.paddings[0], block.grid) is not None
         and constant_tap(weights[-1], block.paddings[-1], block.grid) is not None
         and (block.identity_size > 0 or block.short_weight is not None)

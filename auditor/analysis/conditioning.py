@@ -298,13 +298,32 @@ class _ReducedBlock:
     folded: dict = field(default_factory=dict, repr=False, compare=False)
 
 
+def _channel_diagonal(weight: np.ndarray) -> np.ndarray | None:
+    """The (channels, taps) diagonals of a kernel that is diagonal in channels at every tap (depthwise), else None."""
+    rows, cols = weight.shape[:2]
+    if rows != cols or rows < 2:
+        return None
+    taps = weight.reshape(rows, cols, -1)
+    diagonal = taps[np.arange(rows), np.arange(rows)]
+    return diagonal if np.count_nonzero(taps) == np.count_nonzero(diagonal) else None
+
+
 def _left(matrix: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """``matrix`` times every tap of ``weight`` (rows, cols, kh, kw): one BLAS product (einsum would not use BLAS)."""
+    """``matrix`` times every tap of ``weight`` (rows, cols, kh, kw): one BLAS product (einsum would not use BLAS).
+
+    A depthwise kernel scales the matrix's columns instead (no product).
+    """
+    diagonal = _channel_diagonal(weight)
+    if diagonal is not None:
+        return (matrix[:, :, None] * diagonal[None]).reshape(matrix.shape[0], *weight.shape[1:])
     return (matrix @ weight.reshape(weight.shape[0], -1)).reshape(matrix.shape[0], *weight.shape[1:])
 
 
 def _right(weight: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Every tap of ``weight`` (rows, cols, kh, kw) times ``matrix``: one BLAS product."""
+    """Every tap of ``weight`` (rows, cols, kh, kw) times ``matrix``: one BLAS product (depthwise: a row scaling)."""
+    diagonal = _channel_diagonal(weight)
+    if diagonal is not None:
+        return (diagonal[:, None, :] * matrix[:, :, None]).reshape(weight.shape[0], matrix.shape[1], *weight.shape[2:])
     return np.ascontiguousarray((weight.transpose(0, 2, 3, 1) @ matrix).transpose(0, 3, 1, 2))
 
 
@@ -372,23 +391,30 @@ def _fold_chain(factors: Sequence[np.ndarray], paddings: Sequence[tuple[int, int
     7 x 7 ones, where 81 tap products cost more than 25 frequencies).
     """
     chain: list[tuple[np.ndarray, tuple[int, int]]] = []
-    pending: np.ndarray | None = None  # constant factors not yet folded (applied first)
+    pending: np.ndarray | None = None  # constant factors not yet folded, multiplied together first
+
+    def flush() -> None:  # fold the pending constants into the kernel before them
+        last, last_padding = chain[-1]
+        chain[-1] = (_left(pending, last), last_padding)
+
     for weight, padding in zip(factors, paddings):
         tap = constant_tap(weight, padding, grid)
         if tap is not None:
             matrix = weight.reshape(*weight.shape[:2], -1)[:, :, tap]
             pending = matrix if pending is None else matrix @ pending
-            if chain:  # fold into the kernel before it
-                last, last_padding = chain[-1]
-                chain[-1] = (_left(pending, last), last_padding)
-                pending = None
             continue
         if pending is not None:
-            weight = _right(weight, pending)
+            if chain:
+                flush()
+            else:
+                weight = _right(weight, pending)
             pending = None
         chain.append((weight, padding))
     if pending is not None:
-        chain.append((pending[:, :, None, None], (0, 0)))
+        if chain:
+            flush()
+        else:
+            chain.append((pending[:, :, None, None], (0, 0)))
     return chain
 
 

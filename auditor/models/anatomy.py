@@ -19,7 +19,7 @@ Works on any ``nn.Module``, not only registered names:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ArchitectureError, Remedy
+from .block_graph import RULES, Factor, PathLayer, PathReading, is_gate_module, read_path, trace_block
 
 __all__ = [
     "LayerInfo",
@@ -57,11 +58,28 @@ class LayerInfo:
     bias: bool
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    dilation: tuple[int, int] = (1, 1)
 
 
 @dataclass(frozen=True)
 class ConvInfo:
-    """A convolution inside a block; ``bn`` is the BatchNorm applied to its output."""
+    """A convolution (or a Linear layer applied at every position) inside a block.
+
+    Attributes
+    ----------
+    bn : str or None
+        The BatchNorm applied directly to its output (the report's ``batchnorm``).
+    input_shape : tuple of int
+        ``(C, H, W)``, channels first also for a per-position Linear layer.
+    dilation : tuple of int
+    linear : bool
+        A Linear layer at every position: a 1x1 convolution with its weight.
+    pre, post : tuple of Factor
+        The per-channel factors of the linearization folded into it: ``pre`` on
+        its input (a pre-activation block's first normalization), ``post`` on
+        its output (every factor up to the next layer or the branch's end,
+        ``bn`` first when there is one). See :mod:`.block_graph`.
+    """
 
     name: str
     in_channels: int
@@ -72,6 +90,10 @@ class ConvInfo:
     groups: int
     bn: str | None
     input_shape: tuple[int, int, int]
+    dilation: tuple[int, int] = (1, 1)
+    linear: bool = False
+    pre: tuple[Factor, ...] = ()
+    post: tuple[Factor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,12 @@ class BlockInfo:
         Convolutions of a projection shortcut.
     option_a : OptionAInfo or None
     input_shape, output_shape : tuple of int
+    linearization : tuple of (rule, module paths)
+        The rules of :data:`auditor.models.block_graph.RULES` the block's
+        linearization applied, and where.
+    uncovered : tuple of str
+        Parts no rule covers (named, never dropped): the block has no exact
+        linear operator and ``condition`` refuses it.
     """
 
     name: str
@@ -111,6 +139,8 @@ class BlockInfo:
     option_a: OptionAInfo | None = None
     input_shape: tuple[int, int, int] = (0, 0, 0)
     output_shape: tuple[int, int, int] = (0, 0, 0)
+    linearization: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    uncovered: tuple[str, ...] = ()
 
     @property
     def batchnorm(self) -> bool:
@@ -212,6 +242,17 @@ def _trace_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[s
     return shapes
 
 
+def _padding(module: nn.Conv2d) -> tuple[int, int]:
+    """The padding per axis; ``padding="same"`` (stride 1) as the number it stands for."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0)
+        kh, kw = _pair(module.kernel_size)
+        dh, dw = _pair(module.dilation)
+        return (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+    return _pair(module.padding)
+
+
 def _layers(model: nn.Module, shapes: dict[str, tuple]) -> tuple[LayerInfo, ...]:
     layers = []
     for name, module in model.named_modules():
@@ -222,8 +263,8 @@ def _layers(model: nn.Module, shapes: dict[str, tuple]) -> tuple[LayerInfo, ...]
             layers.append(
                 LayerInfo(
                     name, "conv", module.in_channels, module.out_channels,
-                    _pair(module.kernel_size), _pair(module.stride), _pair(module.padding),
-                    module.groups, module.bias is not None, inp, out,
+                    _pair(module.kernel_size), _pair(module.stride), _padding(module),
+                    module.groups, module.bias is not None, inp, out, _pair(module.dilation),
                 )
             )
         elif isinstance(module, nn.Linear):
@@ -239,8 +280,10 @@ def _layers(model: nn.Module, shapes: dict[str, tuple]) -> tuple[LayerInfo, ...]
 # --------------------------------------------------------------------------- blocks
 
 
-def _count_convs(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.Conv2d) for m in module.modules())
+def _count_layers(module: nn.Module) -> tuple[int, int]:
+    """(convolutions, convolutions + Linear layers) inside ``module``."""
+    convs = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+    return convs, convs + sum(isinstance(m, nn.Linear) for m in module.modules())
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -261,11 +304,43 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _trace(module: nn.Module) -> fx.GraphModule | None:
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces only a module's own forward: its children are calls, not inlined."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return "." not in module_qualified_name or super().is_leaf_module(m, module_qualified_name)
+
+
+def _adds_own_input(module: nn.Module) -> bool:
+    """True when the module's own forward adds (a function of) its input to its output.
+
+    Its children are not looked into: a stage that runs residual blocks is
+    not itself a block, although its first input reaches every add inside.
+    """
     try:
-        return fx.symbolic_trace(module)
-    except Exception:  # data-dependent control flow: fall back to names
+        graph = _ChildrenAsLeaves().trace(module)
+    except Exception:
+        return True  # cannot tell: let the full trace decide
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return False
+    source = placeholders[0]
+    return any(
+        _is_add(node) and all(source in _ancestors(a) for a in node.args[:2])
+        for node in graph.nodes
+    )
+
+
+def _residual_add(graph_module: fx.GraphModule) -> tuple[fx.Node, fx.Node] | None:
+    """(the last add whose both operands depend on the block input, that input)."""
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
         return None
+    source = placeholders[0]
+    for node in reversed(list(graph_module.graph.nodes)):
+        if _is_add(node) and all(source in _ancestors(a) for a in node.args[:2]):
+            return node, source
+    return None
 
 
 def _conv_nodes(graph_module: fx.GraphModule, nodes: set[fx.Node]) -> list[fx.Node]:
@@ -274,34 +349,6 @@ def _conv_nodes(graph_module: fx.GraphModule, nodes: set[fx.Node]) -> list[fx.No
         n for n in graph_module.graph.nodes
         if n in nodes and n.op == "call_module" and isinstance(modules.get(n.target), nn.Conv2d)
     ]
-
-
-def _residual_split(
-    graph_module: fx.GraphModule,
-) -> tuple[list[fx.Node], list[fx.Node], fx.Node | None] | None:
-    """(main-branch conv nodes, shortcut conv nodes, shortcut node) of the last residual add."""
-    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    if not placeholders:
-        return None
-    source = placeholders[0]
-    for node in reversed(list(graph_module.graph.nodes)):
-        if not _is_add(node):
-            continue
-        left, right = node.args[0], node.args[1]
-        if not (isinstance(left, fx.Node) and isinstance(right, fx.Node)):
-            continue
-        left_anc, right_anc = _ancestors(left), _ancestors(right)
-        if source not in left_anc or source not in right_anc:
-            continue
-        left_convs = _conv_nodes(graph_module, left_anc)
-        right_convs = _conv_nodes(graph_module, right_anc)
-        main, short = (left, right) if len(left_convs) >= len(right_convs) else (right, left)
-        main_convs = _conv_nodes(graph_module, _ancestors(main))
-        short_convs = _conv_nodes(graph_module, _ancestors(short))
-        if len(main_convs) < 1:
-            continue
-        return main_convs, short_convs, short
-    return None
 
 
 def _bn_after(graph_module: fx.GraphModule, conv: fx.Node) -> str | None:
@@ -352,49 +399,27 @@ def _probe_option_a(function: nn.Module, input_shape: tuple[int, int, int]) -> O
     return None
 
 
-def _conv_info(
-    path: str, module: nn.Conv2d, bn: str | None, shapes: dict[str, tuple]
-) -> ConvInfo:
+def _conv_info(path: str, module: nn.Conv2d, bn: str | None, shapes: dict[str, tuple]) -> ConvInfo:
+    """ConvInfo of a convolution found by ancestry (where a branch is not one chain): its BatchNorm after it."""
     return ConvInfo(
         path, module.in_channels, module.out_channels, _pair(module.kernel_size),
-        _pair(module.stride), _pair(module.padding), module.groups, bn, shapes[path][0],
+        _pair(module.stride), _padding(module), module.groups, bn, shapes[path][0],
+        _pair(module.dilation), post=() if bn is None else (Factor("batchnorm", bn),),
     )
 
 
-def _describe_block(
-    model_modules: dict[str, nn.Module], path: str, module: nn.Module, shapes: dict[str, tuple]
-) -> BlockInfo | None:
-    """BlockInfo for ``module`` when it is a residual block; None otherwise."""
-    graph_module = _trace(module)
-    if graph_module is None:
-        return None
-    split = _residual_split(graph_module)
-    if split is None:
-        return None
-    main, short_convs, short = split
-    sub = dict(module.named_modules())
-
-    def info(node: fx.Node) -> ConvInfo:
-        target = str(node.target)
-        return _conv_info(f"{path}.{target}", sub[target], _full(path, _bn_after(graph_module, node)), shapes)
-
-    convs = tuple(info(n) for n in main)
-    in_shape, out_shape = shapes[path]
-    option_a = None
-    if short_convs:
-        kind = "projection"
-    elif short is not None and short.op == "placeholder":
-        kind = "identity"
-    else:
-        function = _shortcut_function(graph_module, short)
-        has_params = any(True for _ in function.parameters())
-        option_a = None if has_params else _probe_option_a(function, in_shape)
-        if option_a is not None and option_a.stride == 1 and option_a.out_channels == in_shape[0]:
-            kind, option_a = "identity", None
-        else:
-            kind = "option_a" if option_a is not None else "other"
-    return BlockInfo(
-        path, "", convs, kind, tuple(info(n) for n in short_convs), option_a, in_shape, out_shape
+def _layer_info(layer: PathLayer, module: nn.Module, shapes: dict[str, tuple]) -> ConvInfo:
+    """ConvInfo of a layer that :func:`read_path` placed, with its factors."""
+    bn = layer.post[0].path if layer.post and layer.post[0].kind == "batchnorm" else None
+    shape = shapes[layer.path][0]
+    if isinstance(module, nn.Linear):  # channels last: (H, W, C)
+        return ConvInfo(
+            layer.path, module.in_features, module.out_features, (1, 1), (1, 1), (0, 0), 1, bn,
+            (shape[2], shape[0], shape[1]), (1, 1), True, layer.pre, layer.post,
+        )
+    return ConvInfo(
+        layer.path, module.in_channels, module.out_channels, _pair(module.kernel_size), _pair(module.stride),
+        _padding(module), module.groups, bn, shape, _pair(module.dilation), False, layer.pre, layer.post,
     )
 
 
@@ -402,23 +427,114 @@ def _full(prefix: str, name: str | None) -> str | None:
     return None if name is None else f"{prefix}.{name}"
 
 
-def _plain_block(path: str, module: nn.Module, shapes: dict[str, tuple]) -> BlockInfo:
-    graph_module = _trace(module)
-    convs: list[ConvInfo] = []
-    if graph_module is not None:
-        sub = dict(module.named_modules())
-        nodes = set(graph_module.graph.nodes)
-        for node in _conv_nodes(graph_module, nodes):
-            target = str(node.target)
-            convs.append(
-                _conv_info(f"{path}.{target}", sub[target], _full(path, _bn_after(graph_module, node)), shapes)
-            )
-    else:
-        for name, child in module.named_modules():
-            if isinstance(child, nn.Conv2d):
-                convs.append(_conv_info(f"{path}.{name}", child, None, shapes))
+_DROP_CLASSES = ("StochasticDepth", "DropPath", "DropBlock2d")
+
+
+def _linearization(module: nn.Module, path: str, *readings: PathReading) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The rules applied on the block's branches, in :data:`RULES` order, with the modules."""
+    applied: dict[str, list[str]] = {}
+    for reading in readings:
+        for rule, paths in reading.applied.items():
+            applied.setdefault(rule, []).extend(p for p in paths if p not in applied[rule])
+    # stochastic depth and dropout leave no node in an eval-mode trace: name them from the modules
+    for name, child in module.named_modules():
+        if type(child).__name__ in _DROP_CLASSES or isinstance(child, (nn.Dropout, nn.Dropout2d)):
+            full = _full(path, name) if name else path
+            if full not in applied.setdefault("dropout", []):
+                applied["dropout"].append(full)
+    return tuple((rule, tuple(applied[rule])) for rule in RULES if applied.get(rule))
+
+
+def _describe_block(
+    model_modules: dict[str, nn.Module], path: str, module: nn.Module, shapes: dict[str, tuple]
+) -> BlockInfo | None:
+    """BlockInfo for ``module`` when it is a residual block; None otherwise."""
+    if not _adds_own_input(module):
+        return None
     in_shape, out_shape = shapes[path]
-    return BlockInfo(path, "", tuple(convs), "none", (), None, in_shape, out_shape)
+    graph_module = trace_block(module, in_shape)
+    if graph_module is None:
+        return None
+    found = _residual_add(graph_module)
+    if found is None:
+        return None
+    add, source = found
+    operands = list(add.args[:2])
+    readings = [read_path(graph_module, operand, source, path) for operand in operands]
+    sub = dict(module.named_modules())
+    convs_of = [_conv_nodes(graph_module, _ancestors(operand)) for operand in operands]
+    # the main branch: the operand with more layers (convolutions by ancestry when a walk stops early)
+    weight = [max(len(r.layers), len(c)) for r, c in zip(readings, convs_of)]
+    main_index = 0 if weight[0] >= weight[1] else 1
+    main, short = readings[main_index], readings[1 - main_index]
+    short_node = operands[1 - main_index]
+    if not convs_of[main_index] and not main.layers:
+        return None
+
+    def by_ancestry(node: fx.Node) -> ConvInfo:
+        target = str(node.target)
+        return _conv_info(f"{path}.{target}", sub[target], _full(path, _bn_after(graph_module, node)), shapes)
+
+    if main.reached_input and not main.uncovered:
+        convs = tuple(_layer_info(layer, model_modules[layer.path], shapes) for layer in main.layers)
+    else:
+        convs = tuple(by_ancestry(n) for n in convs_of[main_index])
+    option_a = None
+    uncovered = list(main.uncovered)
+    if short.reached_input and not short.uncovered and short.layers:
+        kind = "projection"
+        short_convs = tuple(_layer_info(layer, model_modules[layer.path], shapes) for layer in short.layers)
+    elif short.reached_input and not short.uncovered and not short.leading:
+        kind, short_convs = "identity", ()
+    else:
+        short_convs = tuple(by_ancestry(n) for n in convs_of[1 - main_index])
+        if short_convs:
+            kind = "projection"
+        elif short_node.op == "placeholder":
+            kind = "identity"
+        else:
+            function = _shortcut_function(graph_module, short_node)
+            has_params = any(True for _ in function.parameters())
+            option_a = None if has_params else _probe_option_a(function, in_shape)
+            if option_a is not None and option_a.stride == 1 and option_a.out_channels == in_shape[0]:
+                kind, option_a = "identity", None
+            else:
+                kind = "option_a" if option_a is not None else "other"
+    return BlockInfo(
+        path, "", convs, kind, short_convs, option_a, in_shape, out_shape,
+        _linearization(module, path, main, short), tuple(uncovered),
+    )
+
+
+def _plain_block(
+    model_modules: dict[str, nn.Module], path: str, module: nn.Module, shapes: dict[str, tuple]
+) -> BlockInfo:
+    in_shape, out_shape = shapes[path]
+    graph_module = trace_block(module, in_shape)
+    convs: tuple[ConvInfo, ...] = ()
+    linearization: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    uncovered: tuple[str, ...] = ()
+    if graph_module is not None:
+        output = next(n for n in graph_module.graph.nodes if n.op == "output")
+        source = next((n for n in graph_module.graph.nodes if n.op == "placeholder"), None)
+        reading = read_path(graph_module, output.args[0], source, path)
+        if reading.reached_input and not reading.uncovered:
+            convs = tuple(_layer_info(layer, model_modules[layer.path], shapes) for layer in reading.layers)
+        else:
+            sub = dict(module.named_modules())
+            convs = tuple(
+                _conv_info(f"{path}.{n.target}", sub[str(n.target)], _full(path, _bn_after(graph_module, n)), shapes)
+                for n in _conv_nodes(graph_module, set(graph_module.graph.nodes))
+            )
+            uncovered = tuple(reading.uncovered) or ("its output does not follow one chain of layers from its input",)
+        linearization = _linearization(module, path, reading)
+    else:
+        convs = tuple(
+            _conv_info(f"{path}.{name}", child, None, shapes)
+            for name, child in module.named_modules() if isinstance(child, nn.Conv2d)
+        )
+        uncovered = ("it cannot be traced symbolically (torch.fx)",)
+    return BlockInfo(path, "", convs, "none", (), None, in_shape, out_shape, linearization, uncovered)
 
 
 def _find_blocks(
@@ -427,7 +543,8 @@ def _find_blocks(
     blocks: list[BlockInfo] = []
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        if _count_convs(child) < 2 or path not in shapes:
+        convs, layers = _count_layers(child)
+        if convs < 1 or layers < 2 or path not in shapes or shapes[path][0] is None:
             continue
         if isinstance(child, _CONTAINERS):
             blocks.extend(_find_blocks(child, path, modules, shapes))
@@ -436,36 +553,41 @@ def _find_blocks(
         if block is not None:
             blocks.append(block)
             continue
+        if is_gate_module(child, shapes[path][0]):
+            continue  # a squeeze-and-excitation gate: part of the block around it
         inner = _find_blocks(child, path, modules, shapes)
-        blocks.extend(inner if inner else [_plain_block(path, child, shapes)])
+        blocks.extend(inner if inner else [_plain_block(modules, path, child, shapes)])
     return blocks
 
 
 def _with_stage(block: BlockInfo) -> BlockInfo:
-    stage = block.name.rpartition(".")[0] or "blocks"
-    return BlockInfo(
-        block.name, stage, block.convs, block.shortcut, block.shortcut_convs,
-        block.option_a, block.input_shape, block.output_shape,
-    )
+    return replace(block, stage=block.name.rpartition(".")[0] or "blocks")
 
 
 # --------------------------------------------------------------------------- stages
+
+
+def _stage_point(model: nn.Module, block: BlockInfo, shapes: dict[str, tuple]) -> StageSpec:
+    """The stage that ends with ``block``: named by its group when the block ends the group."""
+    group = block.stage
+    container = dict(model.named_modules()).get(group) if group != "blocks" else None
+    children = list(container.named_children()) if container is not None else []
+    if children and f"{group}.{children[-1][0]}" == block.name and group in shapes:
+        return StageSpec(group, group, "output", shapes[group][1])
+    return StageSpec(block.name, block.name, "output", block.output_shape)
 
 
 def _stages(
     model: nn.Module, blocks: list[BlockInfo], shapes: dict[str, tuple]
 ) -> list[StageSpec]:
     if blocks:
+        # the input of the first block, then the last block before each change of resolution
+        # (a down-sampling block, or down-sampling layers between blocks) and the last block
         first = blocks[0]
         stages = [StageSpec("stem", first.name, "input", first.input_shape)]
-        groups: dict[str, BlockInfo] = {}
-        for block in blocks:
-            groups[block.stage] = block  # keeps the last block of each group
-        for stage, last in groups.items():
-            if stage in shapes and stage != "blocks":
-                stages.append(StageSpec(stage, stage, "output", shapes[stage][1]))
-            else:
-                stages.append(StageSpec(stage, last.name, "output", last.output_shape))
+        for block, following in zip(blocks, [*blocks[1:], None]):
+            if following is None or following.output_shape[1:] != block.output_shape[1:]:
+                stages.append(_stage_point(model, block, shapes))
         return stages
     # No blocks: the last top-level 4-D output before the spatial size shrinks.
     outputs = [

@@ -22,11 +22,33 @@ def _sigmas(block: Mapping[str, Any]) -> str:
     return " ".join(f"{fmt_num(s['max'], 3)}/{fmt_num(s['min'], 3)}" for s in block.get("sigma", []))
 
 
+# the caption's words for each rule of the linearization (auditor.models.block_graph.RULES)
+_RULE_LABELS = {
+    "activation": "activations as identity",
+    "batchnorm": "BN eval affine",
+    "layernorm": "LayerNorm as its affine part",
+    "groupnorm": "GroupNorm as its affine part",
+    "gate": "SE gates as 1",
+    "scale": "layer scale kept",
+    "dropout": "drop path as identity",
+    "per_position_linear": "per-position Linear as 1x1 conv",
+}
+
+
+def linearization_caption(blocks: list[Mapping[str, Any]]) -> str:
+    """The rules the blocks' linearizations applied, in rule order (reports without them: ReLU)."""
+    used = {entry["rule"] for block in blocks for entry in block.get("linearization", [])}
+    if not used:
+        return "ReLU as identity"
+    return ", ".join(label for rule, label in _RULE_LABELS.items() if rule in used)
+
+
 def blocks_table(doc: Mapping[str, Any]) -> Table:
     """Blocks in order, stages as groups, the worst block highlighted."""
     summary = doc.get("summary", {})
     worst = summary.get("worst_block")
-    table = Table(title="Block conditioning (circular boundary, linearized: ReLU as identity)", title_justify="left")
+    caption = linearization_caption(doc["blocks"])
+    table = Table(title=f"Block conditioning (circular boundary, linearized: {caption})", title_justify="left")
     for column, justify in [
         ("block", "left"), ("shortcut", "left"), ("sigma max/min per conv", "left"),
         ("kappa paper res", "right"), ("kappa paper plain", "right"), ("kappa exact res", "right"),

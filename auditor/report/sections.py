@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..models.anatomy import Anatomy, BlockInfo, ConvInfo, LayerInfo, StageSpec
+from ..models.block_graph import RULES
 
 if TYPE_CHECKING:
     from ..subject import Subject
 
-__all__ = ["layer_entry", "block_entry", "anatomy_stage_entry", "anatomy_sections", "inspect_document"]
+__all__ = ["layer_entry", "linearization_entries", "block_entry", "anatomy_stage_entry", "anatomy_sections", "inspect_document"]
 
 
 def layer_entry(layer: LayerInfo) -> dict[str, Any]:
@@ -30,7 +31,7 @@ def layer_entry(layer: LayerInfo) -> dict[str, Any]:
 
 
 def _conv_entry(conv: ConvInfo) -> dict[str, Any]:
-    return {
+    entry: dict[str, Any] = {
         "name": conv.name,
         "in_channels": conv.in_channels,
         "out_channels": conv.out_channels,
@@ -41,6 +42,21 @@ def _conv_entry(conv: ConvInfo) -> dict[str, Any]:
         "batchnorm": conv.bn,
         "input_shape": list(conv.input_shape),
     }
+    if conv.dilation != (1, 1):
+        entry["dilation"] = list(conv.dilation)
+    if conv.linear:
+        entry["per_position_linear"] = True
+    if conv.pre or conv.post:
+        entry["factors"] = {
+            "input": [{"kind": f.kind, "path": f.path} for f in conv.pre],
+            "output": [{"kind": f.kind, "path": f.path} for f in conv.post],
+        }
+    return entry
+
+
+def linearization_entries(block: BlockInfo) -> list[dict[str, Any]]:
+    """The block's ``linearization``: each rule applied, what it does, and where."""
+    return [{"rule": rule, "does": RULES[rule], "modules": list(paths)} for rule, paths in block.linearization]
 
 
 def block_entry(block: BlockInfo) -> dict[str, Any]:
@@ -53,7 +69,10 @@ def block_entry(block: BlockInfo) -> dict[str, Any]:
         "input_shape": list(block.input_shape),
         "output_shape": list(block.output_shape),
         "convs": [_conv_entry(c) for c in block.convs],
+        "linearization": linearization_entries(block),
     }
+    if block.uncovered:
+        entry["uncovered"] = list(block.uncovered)
     if block.shortcut_convs:
         entry["shortcut_convs"] = [_conv_entry(c) for c in block.shortcut_convs]
     if block.option_a is not None:

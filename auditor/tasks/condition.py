@@ -30,8 +30,10 @@ from ..analysis.spectra import (
     conv_singular_values,
     linear_operator,
 )
-from ..errors import UsageError
-from ..models.anatomy import BlockInfo, LayerInfo
+from ..errors import ArchitectureError, UsageError
+from ..models.anatomy import BlockInfo, ConvInfo, LayerInfo
+from ..models.block_graph import Factor
+from ..report.sections import linearization_entries
 from ..subject import Subject
 
 __all__ = ["LayerSpectrum", "ConditionReport", "condition", "save_spectra", "BOUNDARIES"]
@@ -136,6 +138,7 @@ class ConditionReport:
         for info, cond in zip(self.block_info, self.blocks):
             entry = {"name": info.name, "stage": info.stage, "shortcut": info.shortcut}
             entry.update({k: v for k, v in cond.to_dict().items() if k not in ("name", "stage")})
+            entry["linearization"] = linearization_entries(info)
             entries.append(entry)
         return entries
 
@@ -179,19 +182,100 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def _tensor_at(modules: dict[str, nn.Module], path: str) -> torch.Tensor:
+    owner, _, attribute = path.rpartition(".")
+    value = getattr(modules[owner], attribute)
+    return value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+def _factor_scale(modules: dict[str, nn.Module], factor: Factor, channels: int) -> torch.Tensor:
+    """The per-channel diagonal (``channels`` float64 entries) a factor of the linearization stands for."""
+    if factor.kind == "batchnorm":
+        scale = _bn_scale(modules[factor.path])
+    elif factor.kind in ("layernorm", "groupnorm"):
+        norm = modules[factor.path]
+        # the normalization as identity, its affine part gamma kept (beta shifts, it does not scale)
+        scale = norm.weight.detach().double() if norm.weight is not None else torch.ones(channels, dtype=torch.float64)
+    else:
+        scale = _tensor_at(modules, factor.path).double().reshape(-1)
+    if scale.numel() == 1:
+        scale = scale.expand(channels)
+    if scale.numel() != channels:
+        raise UsageError(
+            f"{factor.path}: a {factor.kind} factor of {scale.numel()} entries on {channels} channels is not a "
+            "per-channel diagonal, so the block has no exact linear operator"
+        )
+    return scale
+
+
+def _product(modules: dict[str, nn.Module], factors: tuple[Factor, ...], channels: int,
+             fold_bn: bool) -> torch.Tensor | None:
+    kept = [f for f in factors if fold_bn or f.kind != "batchnorm"]
+    if not kept:
+        return None
+    out = torch.ones(channels, dtype=torch.float64)
+    for factor in kept:
+        out = out * _factor_scale(modules, factor, channels)
+    return out
+
+
+def _dilated(weight: torch.Tensor, dilation: tuple[int, int]) -> torch.Tensor:
+    """A dilated kernel as the plain kernel it equals: taps ``d`` apart, zeros between."""
+    if dilation == (1, 1):
+        return weight
+    c_out, c_in, kh, kw = weight.shape
+    full = weight.new_zeros(c_out, c_in, dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    full[:, :, :: dilation[0], :: dilation[1]] = weight
+    return full
+
+
+def _input_scaled(weight: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
+    """``W diag(scale)``: each input channel's taps times its factor (groups: channel ``g c_g + j``)."""
+    c_out, c_in_g = weight.shape[:2]
+    per_group = scale.reshape(groups, c_in_g).repeat_interleave(c_out // groups, dim=0)  # (c_out, c_in_g)
+    return weight * per_group.to(weight)[:, :, None, None]
+
+
+def _layer_operator(modules: dict[str, nn.Module], conv: ConvInfo, fold_bn: bool, device: torch.device) -> ConvOperator:
+    """A block's convolution (or per-position Linear) with its factors of the linearization folded in."""
+    module = modules[conv.name]
+    weight = module.weight.detach().to(torch.float64)
+    if conv.linear:
+        weight = weight[:, :, None, None]
+    pre = _product(modules, conv.pre, conv.in_channels, fold_bn)
+    if pre is not None:
+        weight = _input_scaled(weight, pre, conv.groups)
+    post = _product(modules, conv.post, conv.out_channels, fold_bn)
+    return ConvOperator(
+        weight=_dilated(weight, conv.dilation).to(device),
+        input_shape=tuple(int(s) for s in conv.input_shape),
+        stride=conv.stride,
+        padding=conv.padding,
+        groups=conv.groups,
+        out_scale=None if post is None else post.to(device),
+        name=conv.name,
+    )
+
+
+def _folded(conv: ConvInfo, fold_bn: bool) -> str | None:
+    """The report's ``batchnorm_folded``: the BatchNorms folded into a block's layer."""
+    names = [f.path for f in (*conv.pre, *conv.post) if f.kind == "batchnorm"] if fold_bn else []
+    return ", ".join(names) or None
+
+
 def _conv_operator(
-    modules: dict[str, nn.Module], name: str, input_shape: tuple[int, ...], bn: str | None, fold_bn: bool, device: torch.device
+    modules: dict[str, nn.Module], layer: LayerInfo, bn: str | None, fold_bn: bool, device: torch.device
 ) -> ConvOperator:
-    conv = modules[name]
+    """A convolution outside the blocks, with the BatchNorm after it folded in when asked."""
     scale = _bn_scale(modules[bn]).to(device) if (bn and fold_bn) else None
     return ConvOperator(
-        weight=conv.weight.detach().to(device=device, dtype=torch.float64),
-        input_shape=tuple(int(s) for s in input_shape),
-        stride=_pair(conv.stride),
-        padding=_pair(conv.padding),
-        groups=conv.groups,
+        weight=_dilated(modules[layer.name].weight.detach().to(dtype=torch.float64), layer.dilation).to(device),
+        input_shape=tuple(int(s) for s in layer.input_shape),
+        stride=layer.stride,
+        padding=layer.padding,
+        groups=layer.groups,
         out_scale=scale,
-        name=name,
+        name=layer.name,
     )
 
 
@@ -206,7 +290,7 @@ def _shortcut_operator(
         conv = block.shortcut_convs[0]
         if tuple(conv.input_shape) != tuple(block.input_shape):
             return _pooled_shortcut(modules, block, fold_bn, device)
-        return _conv_operator(modules, conv.name, conv.input_shape, conv.bn, fold_bn, device)
+        return _layer_operator(modules, conv, fold_bn, device)
     return None  # "none" (plain) or a shortcut we cannot express as an operator
 
 
@@ -226,7 +310,7 @@ def _pooled_shortcut(modules: dict[str, nn.Module], block: BlockInfo, fold_bn: b
             f"{block.input_shape}, and what lies between is not one average pool: no exact operator",
             hint="resdyn conditions identity, option A, 1x1 projection and average-pool + 1x1 shortcuts",
         )
-    projection = _conv_operator(modules, conv.name, conv.input_shape, conv.bn, fold_bn, device)
+    projection = _layer_operator(modules, conv, fold_bn, device)
     return pooled_projection(projection.weight, size[0], block.input_shape, out_scale=projection.out_scale,
                              name=parent)
 
@@ -256,6 +340,18 @@ def _layer_spectrum(
         layer.name, layer.kind, layer.input_shape, sigma_max, sigma_min, kappa, method, bn,
         converged, reason, values if keep else None,
     )
+
+
+def _refuse_uncovered(blocks: tuple[BlockInfo, ...]) -> None:
+    """One line naming the first part of a block that no rule of the linearization covers."""
+    for block in blocks:
+        if block.uncovered:
+            raise ArchitectureError(
+                f"block {block.name}: {block.uncovered[0]} is not covered by resdyn's linearization, "
+                "so the block has no exact linear operator to condition",
+                hint="'resdyn stability' and 'resdyn angles' still run on this network; "
+                "see the README's supported architectures",
+            )
 
 
 def _cost(modules: dict[str, nn.Module], name: str, input_shape: tuple[int, ...]) -> float:
@@ -312,21 +408,24 @@ def condition(
     target = torch.device(device)
     model = subject.loaded.model
     modules = dict(model.named_modules())
-    pairs = _batchnorm_pairs(model)
-    for block in subject.anatomy.blocks:
-        for conv in (*block.convs, *block.shortcut_convs):
-            if conv.bn:
-                pairs.setdefault(conv.name, conv.bn)
     layers = subject.anatomy.layers
     blocks_info = subject.anatomy.blocks
+    _refuse_uncovered(blocks_info)
+    pairs = _batchnorm_pairs(model)
+    # every layer of a block is conditioned with the factors its block's linearization folds into it
+    block_layers = {c.name: c for b in blocks_info for c in (*b.convs, *b.shortcut_convs)}
     total = len(layers) + len(blocks_info)
 
     def layer_spectrum(index: int) -> LayerSpectrum:
         layer = layers[index]
-        bn = pairs.get(layer.name) if fold_bn else None
-        if layer.kind == "conv":
-            op = _conv_operator(modules, layer.name, layer.input_shape, bn, fold_bn, target)
+        conv = block_layers.get(layer.name)
+        if conv is not None:
+            op, bn = _layer_operator(modules, conv, fold_bn, target), _folded(conv, fold_bn)
+        elif layer.kind == "conv":
+            bn = pairs.get(layer.name) if fold_bn else None
+            op = _conv_operator(modules, layer, bn, fold_bn, target)
         else:
+            bn = None
             op = linear_operator(modules[layer.name].weight.detach().to(target, torch.float64), name=layer.name)
         return _layer_spectrum(op, layer, boundary, bn, keep_spectra)
 
@@ -335,21 +434,17 @@ def condition(
         len(layers), layer_spectrum, costs=[_cost(modules, layer.name, layer.input_shape) for layer in layers],
         progress=_shifted(progress, 0, total),
     )
-    # circular (M_i, m_i) of each layer, keyed by (name, folded BN, input shape):
+    # circular (M_i, m_i) of the blocks' layers (the same operators the blocks build):
     # the blocks reuse them instead of computing every spectrum a second time
-    circular_extremes: dict[tuple[str, str | None, tuple[int, ...]], tuple[float, float]] = {}
+    circular_extremes: dict[str, tuple[float, float]] = {}
     for layer, spectrum in zip(layers, spectra):
-        if spectrum.method == "fft-circular":
-            bn = pairs.get(layer.name) if fold_bn else None
-            circular_extremes[(layer.name, bn, tuple(layer.input_shape))] = (spectrum.sigma_max, spectrum.sigma_min)
+        if layer.name in block_layers and spectrum.method in ("fft-circular", "svd"):
+            circular_extremes[layer.name] = (spectrum.sigma_max, spectrum.sigma_min)
 
     def block_conditioning(index: int) -> BlockConditioning:
         block = blocks_info[index]
-        convs = [
-            _conv_operator(modules, c.name, c.input_shape, c.bn, fold_bn, target) for c in block.convs
-        ]
-        keys = [(c.name, c.bn if fold_bn else None, tuple(c.input_shape)) for c in block.convs]
-        known = [circular_extremes.get(key) for key in keys]
+        convs = [_layer_operator(modules, c, fold_bn, target) for c in block.convs]
+        known = [circular_extremes.get(c.name) for c in block.convs]
         shortcut = _shortcut_operator(modules, block, fold_bn, target)
         return condition_block(
             convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
