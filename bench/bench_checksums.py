@@ -1,6 +1,6 @@
 """Benchmark: the cost of the stores' Fletcher-32 checksums (issue 15).
 
-Extracts the same activations with checksums on and off (``auditor.io.store._CHECKSUMS``),
+Extracts the same activations with checksums on and off (``auditor.io.store.layout._CHECKSUMS``),
 in alternating runs in one process, and reads every stage back from each store
 (HDF5 checks each chunk's checksum on read). Both sides use the same writer
 otherwise (rows flushed before their counter, the row digest at the end).
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import auditor.io.store as store_module  # noqa: E402
+import auditor.io.store.layout as store_layout  # noqa: E402
 from auditor.tasks.images import open_images  # noqa: E402
 from auditor.tasks.extract import extract_activations  # noqa: E402
 from auditor.subject import open_subject  # noqa: E402
@@ -86,7 +86,7 @@ def _case(label: str, checkpoint: Path, data: Path, work: Path, repeat: int, **i
     runs: dict[bool, list[tuple[float, float, float, int]]] = {True: [], False: []}
     for _ in range(repeat):
         for checksums in (False, True):
-            store_module._CHECKSUMS = checksums
+            store_layout._CHECKSUMS = checksums
             out = work / f"{label}-{checksums}.h5"
             out.unlink(missing_ok=True)
             cpu = time.process_time()
@@ -95,7 +95,7 @@ def _case(label: str, checkpoint: Path, data: Path, work: Path, repeat: int, **i
                                 checkpoint_sha256=subject.checkpoint.sha256, arch=subject.loaded.arch)
             runs[checksums].append((time.perf_counter() - wall, time.process_time() - cpu, _read_back(out),
                                     out.stat().st_size))
-    store_module._CHECKSUMS = True
+    store_layout._CHECKSUMS = True
     print(f"\n{label}: {len(images.dataset)} images, store {runs[True][0][3] / 2**20:.1f} MiB "
           f"(without checksums {runs[False][0][3] / 2**20:.1f} MiB), {repeat} alternating runs")
     print(f"{'':22s} {'extract best':>12s} {'median':>8s} {'CPU best':>9s} {'read best':>10s}")

@@ -4,7 +4,7 @@ Every scenario ends in one of two states, never a third: a store identical
 (bit for bit, every dataset and attribute but ``created``) to the one an
 uninterrupted run writes, or a one-line error (exit 2) naming the file and
 the cause, with the ``.partial`` kept only where a resume can use it.
-The kills use the test-only hook ``RESDYN_TEST_FAULT`` of auditor/io/store.py.
+The kills use the test-only hook ``RESDYN_TEST_FAULT`` of auditor/io/store/faults.py.
 """
 
 from __future__ import annotations
@@ -349,10 +349,10 @@ def test_hdf5_runtime_error_with_errno_is_named(tmp_path: Path, capsys, monkeypa
 
 def test_failure_while_finishing_keeps_the_finished_partial(tmp_path: Path, reference: Path, capsys,
                                                            monkeypatch) -> None:
-    import auditor.io.store as store
+    import auditor.io.store.writer as writer_module
 
     out = tmp_path / "f.h5"
-    monkeypatch.setattr(store, "_fsync", lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(writer_module, "_fsync", lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     code, _, err = run_cli([*EXTRACT, "-o", out], capsys)
     assert code == 2 and "f.h5.partial: cannot write (Input/output error)" in _one_line(err)
     assert (tmp_path / "f.h5.partial").exists() and not out.exists()
@@ -363,7 +363,7 @@ def test_failure_while_finishing_keeps_the_finished_partial(tmp_path: Path, refe
 
 
 def test_read_only_folder_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
-    import auditor.io.store as store
+    import auditor.io.store.lock as lock_module
 
     class ReadOnly:
         def __getattr__(self, name: str) -> object:
@@ -373,7 +373,7 @@ def test_read_only_folder_is_one_line(tmp_path: Path, capsys, monkeypatch) -> No
         def open(path, *args, **kwargs):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(store, "os", ReadOnly())
+    monkeypatch.setattr(lock_module, "os", ReadOnly())
     code, _, err = run_cli([*EXTRACT, "-o", tmp_path / "ro.h5"], capsys)
     assert code == 2 and "ro.h5.lock: cannot write (Read-only file system)" in _one_line(err)
 

@@ -1,4 +1,4 @@
-"""The HDF5 activation store (auditor/io/store.py): writer, resume, lock, reader."""
+"""The HDF5 activation store (auditor/io/store/): writer, resume, lock, reader."""
 
 from __future__ import annotations
 
@@ -326,20 +326,20 @@ def test_reader_points_to_partial(tmp_path: Path) -> None:
     ],
 )
 def test_chunks_hold_whole_samples(shape, dtype, expected) -> None:
-    from auditor.io.store import _samples_per_chunk
+    from auditor.io.store.layout import samples_per_chunk
 
-    assert _samples_per_chunk(shape, dtype) == expected
+    assert samples_per_chunk(shape, dtype) == expected
 
 
 def test_writer_syncs_to_disk_while_writing(tmp_path: Path, monkeypatch) -> None:
     import os
 
-    import auditor.io.store as store
+    import auditor.io.store.writer as writer_module
 
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(store, "_SYNC_BYTES", 1)  # every batch
-    monkeypatch.setattr(store.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(writer_module, "_SYNC_BYTES", 1)  # every batch
+    monkeypatch.setattr(writer_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     whole = tmp_path / "whole.h5"
     writer = StoreWriter(whole, _header())
     for positions, failures in BATCHES:
@@ -347,7 +347,7 @@ def test_writer_syncs_to_disk_while_writing(tmp_path: Path, monkeypatch) -> None
         writer.append(_rows(positions), positions, failures)
         assert len(synced) == before + (1 if positions else 0)  # a batch with rows is synced
     writer.finish()
-    monkeypatch.setattr(store, "_SYNC_BYTES", 1 << 40)  # never: the same store
+    monkeypatch.setattr(writer_module, "_SYNC_BYTES", 1 << 40)  # never: the same store
     _write(tmp_path / "again.h5", _header(), BATCHES).finish()
     _assert_same_store(whole, tmp_path / "again.h5")
 
@@ -387,9 +387,9 @@ def _damage_chunk(path: Path, key: str, index: int) -> None:
 ])
 def test_resume_cuts_back_to_the_last_verified_chunk(chunk, restart, kept_skipped, tmp_path: Path,
                                                      monkeypatch) -> None:
-    import auditor.io.store as store
+    import auditor.io.store.layout as layout
 
-    monkeypatch.setattr(store, "_CHUNK_BYTES", 2 * 2 * 3 * 3 * 4)  # two stem samples per chunk
+    monkeypatch.setattr(layout, "_CHUNK_BYTES", 2 * 2 * 3 * 3 * 4)  # two stem samples per chunk
     whole = tmp_path / "whole.h5"
     _write(whole, _header(), BATCHES).finish()
     out = tmp_path / "cut.h5"
@@ -398,7 +398,7 @@ def test_resume_cuts_back_to_the_last_verified_chunk(chunk, restart, kept_skippe
     with pytest.warns(UserWarning, match=f"stages/stem rows {2 * chunk}:{2 * chunk + 2}: the chunk fails its "
                       f"Fletcher-32 checksum; resuming from sample {restart}") as caught:
         writer = StoreWriter(out, _header())
-    assert caught[0].filename.endswith("store.py")  # resdyn's own warning: the CLI shows it
+    assert caught[0].filename.endswith("writer.py")  # resdyn's own warning: the CLI shows it
     with writer:
         assert writer.consumed == restart and writer.resumed_from == restart
         assert [s["path"] for s in writer.skipped] == kept_skipped and writer.repaired
