@@ -185,6 +185,11 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> Inference:
     ArchitectureError
         When the keys fit no registered family; the message says what was found.
     """
+    from .infer_families import infer_family  # RegNet, MobileNet, ...: a few key look-ups, None for ResNets
+
+    found = infer_family(state)
+    if found is not None:
+        return found
     keys = list(state)
     stages = _blocks_per_stage(keys)
     has_bn = "bn1.weight" in state or "bn1.running_mean" in state

@@ -88,7 +88,9 @@ def _num_classes(checkpoint: Checkpoint) -> int | None:
     for key in ("fc.weight", "linear.weight"):
         if key in checkpoint.state_dict:
             return int(checkpoint.state_dict[key].shape[0])
-    return None
+    from .infer_families import head_classes  # head.fc (timm), classifier.N (MobileNet, EfficientNet, ConvNeXt)
+
+    return head_classes(checkpoint.state_dict)
 
 
 def _list(keys: list[str], limit: int = 6) -> str:

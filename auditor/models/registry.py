@@ -181,6 +181,9 @@ def _register_builtin() -> None:
                         )
                     )
     _register_paper_and_preact()
+    from .families import register_families  # RegNet, MobileNet, EfficientNet, ConvNeXt, timm ResNetV2/SE-ResNet
+
+    register_families()
 
 
 _register_builtin()
