@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.linalg import subspace_angles
 
-from auditor.analysis import angles as angles_mod
 from auditor.analysis.angles import StageAngles, median_angles, median_angles_h5
+from auditor.analysis.angles import source as angles_source
+from auditor.analysis.angles import tiling as angles_tiling
 from auditor.errors import DataError, InputError, StoreError, UsageError
 
 TOL = 1e-6  # degrees
@@ -126,7 +127,7 @@ def _mixed_set(seed=0, n=70, shape=(3, 2, 2)):
     [(1024, 256), (7, 3), (16, 5), (1, 1), (70, 256), (69, 4)],
 )
 def test_matches_pairwise_loop(monkeypatch, block_rows, tile_rows):
-    monkeypatch.setattr(angles_mod, "_TILE_ROWS", tile_rows)
+    monkeypatch.setattr(angles_tiling, "_TILE_ROWS", tile_rows)
     x, labels, names = _mixed_set()
     intra, inter, counts = _loop_reference(x, labels, len(names))
     result = median_angles(x, labels, names, block_rows=block_rows)
@@ -155,7 +156,7 @@ def test_matches_pairwise_loop_float32_and_centered():
 
 
 def test_many_classes_match_pairwise_loop(monkeypatch):
-    monkeypatch.setattr(angles_mod, "_TILE_ROWS", 8)
+    monkeypatch.setattr(angles_tiling, "_TILE_ROWS", 8)
     rng = np.random.default_rng(4)
     labels = rng.integers(0, 40, 120)
     x = rng.standard_normal((120, 6)) + labels[:, None] % 3
@@ -336,7 +337,7 @@ def _write_store(path, x):
      {"subspace_k": 3, "block_rows": 6}],
 )
 def test_hdf5_equals_in_memory(tmp_path, monkeypatch, options):
-    monkeypatch.setattr(angles_mod, "_READ_BYTES", 2 * 3 * 4 * 4 * 4)  # 2 rows per read
+    monkeypatch.setattr(angles_source, "_READ_BYTES", 2 * 3 * 4 * 4 * 4)  # 2 rows per read
     x, labels, names = _mixed_set(n=50, shape=(3, 4, 4))
     x = x.astype(np.float32)
     _write_store(tmp_path / "s.h5", x)
@@ -376,7 +377,7 @@ class _Recorder:
 
 
 def test_lazy_source_is_read_in_bounded_sample_order_slices(monkeypatch):
-    monkeypatch.setattr(angles_mod, "_READ_BYTES", 3 * 48 * 8)
+    monkeypatch.setattr(angles_source, "_READ_BYTES", 3 * 48 * 8)
     x, labels, names = _mixed_set(n=60, shape=(3, 4, 4))
     src = _Recorder(x)
     assert median_angles(src, labels, names, block_rows=10) == median_angles(

@@ -1,0 +1,59 @@
+"""Median principal angles between class activations at one stage (Definition 1).
+
+For a stage, every sample's activation is flattened to a vector ``u_i``. The
+*intra* angle of class ``c`` is the median, over pairs ``i < j`` of class ``c``,
+of ``arccos(cos(u_i, u_j))``; the *inter* angle of classes ``c`` and ``d`` is
+the median over every ``i`` in ``c`` and ``j`` in ``d``. Results are in degrees.
+
+Algorithm (:func:`median_angles`)
+---------------------------------
+The cosines come from Gram matrices of the unit-normalised rows, computed in
+float64 tiles with one torch GEMM per tile: a *panel* of ``block_rows`` rows is
+held in memory and the rows after it are streamed in tiles of at most 256 rows,
+so only the upper triangle of the Gram matrix is computed (the waste is the
+diagonal 256-row tiles, about ``256 / N`` of the work) and the source is read
+about ``(1 + N / block_rows) / 2`` times (once more with ``center`` or
+``max_pairs``, once more with ``subspace_k``), always in sample order, a few
+MiB at a time (an HDF5 dataset chunked by sample reads at page-cache speed).
+
+Why float64: a float32 GEMM over ``D ~ 1e5`` features has cosine errors of
+about ``1e-7 .. 1e-6``; on ReLU activations with ``D = 102400`` the medians
+from a float32 Gram were off by up to ``3e-5`` degrees (bench/bench_angles.py),
+from a float64 Gram by ``6e-14``. The medians are specified to ``1e-6``
+degrees, so the tiles are float64 (about half the float32 GEMM speed on CPU;
+computing only the upper triangle wins most of it back).
+
+``arccos`` is ill-conditioned near 0 and 180 degrees, so every pair with
+``|cos| > 0.9999`` (closer than about 0.81 degrees to 0 or 180) is recomputed
+from the two unit vectors as ``2 * atan2(||a - b||, ||a + b||)``, which is
+accurate to a few ulps at every angle.
+
+Medians are exact (all pairs) unless ``max_pairs`` is given. The median of an
+even count is the mean of the two middle values (numpy's convention).
+
+Memory: ``8 * D * (block_rows + min(block_rows, 256))`` bytes of tiles, plus
+8 bytes per pair kept for the exact medians (``N * (N - 1) / 2`` pairs in all
+when every pair is kept; bounded by ``max_pairs`` per class pair otherwise),
+plus, with ``subspace_k``, ``8 * sum_c n_c ** 2`` bytes of class Gram matrices
+and ``8 * n_classes * D * subspace_k`` bytes of principal directions. Nothing
+of size ``N * D`` is ever held, so the features may live on disk.
+
+The package, one job a module: :mod:`.compute` (the entry points),
+:mod:`.source` (the input, checked and read in order), :mod:`.rows` (rows
+centred and normalised, their validity), :mod:`.tiling` (panels and tiles),
+:mod:`.pairs` (which pairs are kept, the pool of their angles),
+:mod:`.kernels` (norms, GEMMs, accurate angles), :mod:`.gram` (the passes),
+:mod:`.subspaces` (class subspaces), :mod:`.result` (:class:`StageAngles`).
+
+References
+----------
+.. [1] "Understanding ResNet from a Discrete Dynamical System Perspective",
+   ICLR 2022 submission, Definition 1 (median principal angle) and Sec. 4.4.
+"""
+
+from __future__ import annotations
+
+from .compute import median_angles, median_angles_h5
+from .result import StageAngles
+
+__all__ = ["StageAngles", "median_angles", "median_angles_h5"]

@@ -1,0 +1,189 @@
+"""One :func:`~auditor.analysis.angles.median_angles` call: the passes over the rows, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .kernels import degrees, gemm
+from .pairs import PairPlan, pair_key, plan_pairs
+from .result import StageAngles, stage_angles
+from .rows import LoadedRows, RowLoader
+from .source import RowSource
+from .subspaces import ClassGrams
+from .tiling import Tiling
+
+__all__ = ["GramRun", "Progress"]
+
+Progress = Callable[[int, int], None]
+
+
+class GramRun:
+    """State of one :func:`median_angles` call: scan, Gram tiles, subspaces.
+
+    The rows are read in panels (and tiles) of :attr:`tiling` so that a stage
+    larger than memory streams from HDF5; :meth:`run` makes the passes in order
+    and each pass fills the state the next one reads:
+
+    1. the pre-scan (with ``center`` or ``max_pairs``, :meth:`RowLoader.prescan`):
+       the rows' validity and the stage mean when centring;
+    2. the plan (:func:`plan_pairs`): per class pair key ``c * n_classes + d``,
+       whether it is sampled or kept in full, the pool of angles it keeps, and the
+       sampled pairs bucketed by tile;
+    3. the Gram pass (:meth:`_gram_pass`): every tile of the row Gram matrix once;
+       angles go to the pool (and, with ``subspace_k``, into the :class:`ClassGrams`);
+    4. the subspaces (with ``subspace_k``, :meth:`ClassGrams.subspace_angles`):
+       principal angles between the class subspaces.
+
+    :meth:`result` turns the pool into medians (``StageAngles``). ``done`` /
+    ``total`` count the tiles and panels for ``progress``.
+    """
+
+    def __init__(
+        self, source: RowSource, labels: np.ndarray, n_classes: int, *, center: bool,
+        max_pairs: int | None, block_rows: int, subspace_k: int | None,
+        progress: Progress | None,
+    ) -> None:
+        self.src = source
+        self.labels = labels
+        self.n_classes = n_classes
+        self.max_pairs = max_pairs
+        self.subspace_k = subspace_k
+        self.progress = progress
+        self.center = center
+        self.prescan = center or max_pairs is not None
+        self.tiling = Tiling.of(source.n, block_rows)
+        self.label_counts = np.bincount(labels, minlength=n_classes)
+        self.rows = RowLoader(source, labels, self.tiling.panel_rows, self.tiling.tile_rows)
+        self.done = 0
+        panels = len(self.tiling.panels)
+        self.total = self.tiling.count_tiles() + (panels if self.prescan else 0)
+        self.total += panels if subspace_k else 0
+        self.plan: PairPlan | None = None  # by run()
+        self.grams: ClassGrams | None = None  # with subspace_k
+        self.subspace_angles: dict[tuple[int, int], float | None] | None = None
+        self.subspace_dims: list[int] | None = None
+
+    def run(self, seed: int) -> GramRun:
+        """Every pass, in order; returns self."""
+        # 1. Optional pre-scan: validate, find zero rows, stage mean.
+        if self.prescan:
+            self.rows.prescan(self.tiling.panels, self.center, self._tick)
+        # 2. Where the pairs go: exact keys, or sampled pairs bucketed by tile.
+        self.plan = plan_pairs(
+            self.labels, self.rows.raw_valid, self.label_counts, self.n_classes,
+            max_pairs=self.max_pairs, subspace_k=self.subspace_k, seed=seed, tiling=self.tiling,
+        )
+        if self.subspace_k:
+            self.grams = ClassGrams(self.labels, self.label_counts, self.n_classes)
+        # 3. The Gram tiles: every pair once.
+        self._gram_pass(self.plan)
+        # 4. Optional principal subspaces (one more pass).
+        if self.subspace_k:
+            assert self.grams is not None
+            self.subspace_dims, self.subspace_angles = self.grams.subspace_angles(
+                self.subspace_k, self.rows, self.tiling.panels, self._tick,
+            )
+        return self
+
+    def result(self, names: list[str]) -> StageAngles:
+        """The medians (after :meth:`run`)."""
+        assert self.plan is not None
+        return stage_angles(
+            names, self.labels, self.rows.valid, self.label_counts, self.plan.pool, self.plan.sampled,
+            self.subspace_angles, self.subspace_dims,
+        )
+
+    def _tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    # ------------------------------------------------------------------ the Gram pass
+
+    def _gram_pass(self, plan: PairPlan) -> None:
+        """Every pair once: panel strips (upper triangle) and streamed tiles."""
+        n, tr = self.src.n, self.tiling.tile_rows
+        loader = self.rows
+        tile = 0
+        for p0, p1 in self.tiling.panels:
+            first = p0 == 0
+            panel = loader.load(p0, p1)
+            for s0 in range(p0, p1, tr):
+                s1 = min(s0 + tr, p1)
+                if not loader.bad_rows:
+                    rows = panel.sub(s0 - p0, s1 - p0)
+                    cols = panel.sub(s0 - p0, p1 - p0)
+                    self._tile(plan, tile, rows, cols, triangular=True)
+                tile += 1
+                self._tick()
+            for j0 in range(p1, n, tr):
+                j1 = min(j0 + tr, n)
+                if first and j0 >= loader.scanned:
+                    block = loader.load(j0, j1, tile=True)  # first sight: always read
+                    if not loader.bad_rows:
+                        self._tile(plan, tile, panel, block, triangular=False)
+                elif self._needed(plan, tile, panel, j0, j1):
+                    block = loader.load(j0, j1, tile=True)
+                    self._tile(plan, tile, panel, block, triangular=False)
+                tile += 1
+                self._tick()
+            if first and loader.bad_rows:
+                loader.raise_bad()
+
+    def _needed(self, plan: PairPlan, tile: int, panel: LoadedRows, j0: int, j1: int) -> bool:
+        """Whether the streamed tile ``[j0, j1)`` against ``panel`` has work."""
+        if tile in plan.tile_pairs:
+            return True
+        nk = self.n_classes
+        valid = self.rows.valid
+        here_r = np.bincount(panel.labels[panel.valid], minlength=nk) > 0
+        here_c = np.bincount(self.labels[j0:j1][valid[j0:j1]], minlength=nk) > 0
+        full = plan.full.reshape(nk, nk)
+        full = full | full.T
+        return bool(full[np.ix_(here_r, here_c)].any())
+
+    def _tile(self, plan: PairPlan, tile: int, rows: LoadedRows, cols: LoadedRows, *, triangular: bool) -> None:
+        """One Gram tile, rows x cols; only pairs with col > row when triangular."""
+        # 1. Entries wanted in full: valid pairs of exact keys (and of class Grams).
+        key = pair_key(rows.labels[:, None], cols.labels[None, :], self.n_classes)
+        want = rows.valid[:, None] & cols.valid[None, :]
+        if triangular:
+            r = rows.start + np.arange(rows.labels.size)
+            q = cols.start + np.arange(cols.labels.size)
+            want &= q[None, :] > r[:, None]
+        want &= plan.full[key]
+        pairs = plan.tile_pairs.get(tile)
+        # 2. One GEMM for the tile, or a sub-GEMM for the sampled pairs only.
+        g = gemm(rows.rows, cols.rows) if want.any() else None
+        if g is not None:
+            self._take(plan, g, key, want & ~plan.sampled[key], rows, cols)
+            if self.grams is not None:
+                self.grams.add(g, want & (rows.labels[:, None] == cols.labels[None, :]), rows, cols)
+        if pairs is None:
+            return
+        g1, g2, pkey = pairs
+        valid = self.rows.valid
+        ok = valid[g1] & valid[g2]  # centring may have zeroed rows
+        ri, ci, pkey = g1[ok] - rows.start, g2[ok] - cols.start, pkey[ok]
+        if g is not None:
+            cos = g[ri, ci]
+        else:
+            ur, uc = np.unique(ri), np.unique(ci)
+            sub = gemm(rows.rows[torch.from_numpy(ur)], cols.rows[torch.from_numpy(uc)])
+            cos = sub[np.searchsorted(ur, ri), np.searchsorted(uc, ci)]
+        plan.pool.add(pkey, degrees(cos, rows.rows, cols.rows, lambda: (ri, ci)))
+
+    @staticmethod
+    def _take(
+        plan: PairPlan, g: np.ndarray, key: np.ndarray, mask: np.ndarray, rows: LoadedRows, cols: LoadedRows
+    ) -> None:
+        """Angles of the masked entries of Gram tile ``g`` into the pool."""
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            return
+        q = g.shape[1]
+        ang = degrees(g.ravel()[idx], rows.rows, cols.rows, lambda: (idx // q, idx % q))
+        plan.pool.add(key.ravel()[idx], ang)

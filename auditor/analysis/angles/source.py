@@ -1,0 +1,170 @@
+"""The activations to compare: any array-like of rows, checked before a row is read, read in sample order."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import DataError, InputError, StoreError, UsageError
+from ...io.integrity import damage_hint, fails_checksum
+
+__all__ = ["RowSource", "rows_of", "check_dtype", "check_names", "check_labels", "check_options"]
+
+_READ_BYTES = 8 << 20  # bytes per read from a lazy source (8 MiB)
+
+
+class RowSource:
+    """Rows ``[a, b)`` of a 2-D or higher array-like, flattened, into float64 buffers."""
+
+    def __init__(self, data: Any, shape: tuple[int, ...], dtype: np.dtype | None) -> None:
+        self.data = data
+        self.shape = shape
+        self.n = int(shape[0])
+        self.d = int(math.prod(shape[1:]))
+        self.dtype = dtype
+        chunk = getattr(data, "chunks", None)
+        per_chunk = int(chunk[0]) if chunk else 1
+        itemsize = dtype.itemsize if dtype is not None else 8
+        rows = max(1, _READ_BYTES // max(1, self.d * itemsize))
+        self.read_rows = max(per_chunk, rows // per_chunk * per_chunk)
+        self._stage: np.ndarray | None = None
+
+    def read_into(self, a: int, b: int, out: np.ndarray) -> None:
+        """Fill ``out`` (float64, shape ``(b - a, d)``) with rows ``a:b``."""
+        if isinstance(self.data, np.ndarray):
+            out[...] = self.data[a:b].reshape(b - a, self.d)
+            return
+        # Lazy sources: read in sample order, a few MiB at a time.
+        for s in range(a, b, self.read_rows):
+            e = min(b, s + self.read_rows)
+            out[s - a:e - a] = self._read(s, e).reshape(e - s, self.d)
+
+    def _read(self, s: int, e: int) -> np.ndarray:
+        try:
+            if hasattr(self.data, "read_direct") and self.dtype is not None:
+                if self._stage is None:
+                    self._stage = np.empty((self.read_rows, *self.shape[1:]), self.dtype)
+                self.data.read_direct(self._stage, np.s_[s:e], np.s_[0:e - s])
+                return self._stage[:e - s]
+            block = self.data[s:e]
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            where = getattr(getattr(self.data, "file", None), "filename", None)
+            name = getattr(self.data, "name", None) or type(self.data).__name__
+            place = f"{where}: {name!r}" if where else repr(name)
+            if fails_checksum(self.data, exc):
+                raise StoreError(
+                    f"{place}: the store is damaged, rows {s}:{e} fail their Fletcher-32 checksum",
+                    hint=damage_hint(where or "STORE"),
+                ) from exc
+            raise StoreError(
+                f"{place}: cannot read rows {s}:{e}: {exc}",
+                hint="the store may be truncated or being written; re-run the extraction",
+            ) from exc
+        if isinstance(block, torch.Tensor):
+            block = block.detach().cpu().numpy()
+        block = np.asarray(block)
+        if block.shape != (e - s, *self.shape[1:]):
+            raise InputError(
+                f"features[{s}:{e}] has shape {block.shape}, expected {(e - s, *self.shape[1:])}",
+                hint="features must support row slicing like a numpy array",
+            )
+        check_dtype(block.dtype, self.shape)
+        return block
+
+
+def rows_of(features: Any) -> RowSource:
+    """Wrap ``features`` without reading it; check its shape and dtype."""
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    if not hasattr(features, "shape") or not hasattr(features, "__getitem__"):
+        features = np.asarray(features)
+    shape = tuple(int(s) for s in features.shape)
+    if len(shape) < 2:
+        raise InputError(
+            f"features must have shape (n_samples, n_features) or (n_samples, C, H, W), "
+            f"got shape {shape}",
+            hint="pass one row per sample",
+        )
+    if shape[0] == 0 or math.prod(shape[1:]) == 0:
+        raise DataError(f"features of shape {shape} hold no values", hint="select some samples")
+    dtype = getattr(features, "dtype", None)
+    try:
+        dtype = np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        dtype = None
+    if dtype is not None:
+        check_dtype(dtype, shape)
+    return RowSource(features, shape, dtype)
+
+
+def check_dtype(dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    if dtype.kind not in "fiu":
+        raise InputError(
+            f"features of shape {shape} have dtype {dtype}; expected real numbers",
+            hint="pass float or integer activations",
+        )
+
+
+def check_names(class_names: Sequence[str]) -> list[str]:
+    if isinstance(class_names, str):
+        raise InputError("class_names must be a sequence of names, not one string")
+    names = [str(n) for n in class_names]
+    if not names:
+        raise InputError("class_names is empty", hint="pass one name per label")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"class_names repeat {dup}", hint="class names must be unique")
+    bad = [n for n in names if "|" in n]
+    if bad:
+        raise InputError(
+            f"class names {bad} contain '|', which separates class pairs in the output",
+            hint="rename those classes",
+        )
+    return names
+
+
+def check_labels(labels: Any, n_classes: int, source: RowSource) -> np.ndarray:
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+    lab = np.asarray(lab)
+    if lab.ndim != 1 or lab.shape[0] != source.n:
+        raise InputError(
+            f"labels of shape {lab.shape} do not match features of shape {source.shape}",
+            hint=f"pass one label per sample: shape ({source.n},)",
+        )
+    if lab.dtype.kind not in "iu":
+        if lab.dtype.kind == "f" and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+            pass  # integral floats (e.g. from a CSV) are accepted
+        else:
+            raise InputError(
+                f"labels of shape {lab.shape} have dtype {lab.dtype}; expected integers",
+                hint="labels index class_names",
+            )
+    lab = lab.astype(np.int64)
+    out = (lab < 0) | (lab >= n_classes)
+    if out.any():
+        raise InputError(
+            f"{int(out.sum())} of {lab.size} labels are outside [0, {n_classes}) "
+            f"(min {int(lab.min())}, max {int(lab.max())}) for {n_classes} class names",
+            hint="labels index class_names",
+        )
+    return lab
+
+
+def check_options(
+    *, max_pairs: int | None, block_rows: int, subspace_k: int | None, seed: int
+) -> None:
+    for name, value, allow_none in (
+        ("max_pairs", max_pairs, True),
+        ("block_rows", block_rows, False),
+        ("subspace_k", subspace_k, True),
+    ):
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
