@@ -9,6 +9,8 @@ from collections.abc import Callable
 import typer
 
 from ..errors import AuditorError, ExitCode, Remedy
+from . import angles, audit, compare, condition, data, extract, stability, trajectory, verify
+from .inspect import archs_command, inspect_command
 
 __all__ = ["app", "main"]
 
@@ -24,18 +26,10 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from .inspect import archs_command, inspect_command
-
+    """Every command, in the order of ``resdyn --help``; each module's ``register`` adds its own."""
     app.command("inspect")(inspect_command)
     app.command("archs")(archs_command)
-    for module_name in ("condition", "extract", "angles", "trajectory", "stability", "audit", "compare", "verify",
-                        "data"):
-        try:
-            module = __import__(f"{__name__}.{module_name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{module_name}":
-                raise
-            continue
+    for module in (condition, extract, angles, trajectory, stability, audit, compare, verify, data):
         module.register(app)
 
 
