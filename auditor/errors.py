@@ -1,7 +1,7 @@
 """Error hierarchy and exit codes.
 
 The library raises :class:`AuditorError` subclasses; only the CLI maps them to
-one line on stderr and exit code 2 (see DESIGN.md, "Exit codes").
+one line on stderr and exit code 2 (see docs/design.md, "Exit codes").
 """
 
 from __future__ import annotations

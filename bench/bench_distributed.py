@@ -138,7 +138,7 @@ def main() -> None:
                 print(f"  {name:<14} run {attempt + 1}: {wall:6.1f} s", flush=True)
     if reports["N=1"] != reports["N=2"]:
         print("\nNOTE: the reports of 1 and 2 processes differ in the last digits (float64 products "
-              "round by thread count: see the README, RESDYN_RANK_THREADS)")
+              "round by thread count: see docs/design.md, Scale, RESDYN_RANK_THREADS)")
     else:
         print("\nreports of N = 1 and N = 2 are equal (parsed JSON)")
     best1 = min(walls["N=1"])

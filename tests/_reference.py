@@ -1,7 +1,7 @@
 """Independent references: circular convolution by rolls, dense matrices, SVD, perturbations.
 
 One home for the helpers the spectra, conditioning, block-extremes, stability
-and end-to-end tests share. Everything here is written from the definitions (DESIGN.md, "Spectra"),
+and end-to-end tests share. Everything here is written from the definitions (docs/design.md, "Spectra"),
 not from auditor's code: the operator's matrix is its action on the identity
 basis, and its singular values come from numpy's dense SVD.
 """

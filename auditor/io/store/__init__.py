@@ -1,4 +1,4 @@
-"""The HDF5 activation store (DESIGN.md, "HDF5 activation store (contract)").
+"""The HDF5 activation store (docs/design.md, "HDF5 activation store (contract)").
 
 Layout of a store::
 
