@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ArchitectureError, Remedy
+from ..io.stage_spec import StageSpec
 from .block_graph import RULES, Factor, PathLayer, PathReading, is_gate_module, read_path, trace_block
 
 __all__ = [
@@ -151,25 +152,6 @@ class BlockInfo:
     def downsamples(self) -> bool:
         """True when the block changes the spatial size or channels."""
         return self.input_shape != self.output_shape
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """Where to capture a stage's activation.
-
-    ``hook`` is ``"input"`` (forward pre-hook: the module's first input) or
-    ``"output"`` (forward hook). ``shape`` excludes the batch axis.
-    """
-
-    name: str
-    module_path: str
-    hook: str
-    shape: tuple[int, ...]
-
-    @property
-    def location(self) -> str:
-        """``module_path:hook``, as stored in HDF5 attributes."""
-        return f"{self.module_path}:{self.hook}"
 
 
 @dataclass(frozen=True)

@@ -325,7 +325,7 @@ def read_path(graph_module: fx.GraphModule, end: fx.Node, source: fx.Node, prefi
             elif isinstance(module, _DROPOUTS):
                 reading.note("dropout", path)
             elif not isinstance(module, nn.Identity):
-                reading.uncovered.append(f"{path} ({type(module).__name__})")
+                reading.uncovered.append(_uncovered_part(node, modules, prefix))
                 return reading
             node = node.args[0] if node.args else None
             continue
@@ -352,8 +352,7 @@ def read_path(graph_module: fx.GraphModule, end: fx.Node, source: fx.Node, prefi
                 return reading
             node = step
             continue
-        what = getattr(node.target, "__name__", target)
-        reading.uncovered.append(f"{_join(prefix, _scope(node) or node.name)} ({what})")
+        reading.uncovered.append(_uncovered_part(node, modules, prefix))
         return reading
     if not reading.reached_input:
         return reading
@@ -376,6 +375,30 @@ def read_path(graph_module: fx.GraphModule, end: fx.Node, source: fx.Node, prefi
     reading.layers = layers
     reading.leading = leading if not layers else []
     return reading
+
+
+_KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Identity, *_BATCHNORMS,
+                  *_ACTIVATION_MODULES, *_DROPOUTS)
+
+
+def _uncovered_part(node: fx.Node, modules: dict[str, nn.Module], prefix: str) -> str:
+    """The part to name where the walk stops: the first module of no known kind the branch runs
+    up to that node (an attention layer, say), else the operation itself (a reshape, a pooling)."""
+    seen, stack, found = set(), [node], []
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_module" and not isinstance(modules.get(str(current.target)), _KNOWN_MODULES):
+            found.append(current)
+        stack.extend(current.all_input_nodes)
+    if found:
+        order = {n: i for i, n in enumerate(node.graph.nodes)}
+        first = min(found, key=order.__getitem__)
+        return f"{_join(prefix, str(first.target))} ({type(modules[str(first.target)]).__name__})"
+    what = getattr(node.target, "__name__", str(node.target))
+    return f"{_join(prefix, _scope(node) or node.name)} ({what})"
 
 
 def _read_product(node: fx.Node, source: fx.Node, prefix: str, pending: list[Factor],

@@ -36,7 +36,7 @@ from ..models.block_graph import Factor
 from ..report.sections import linearization_entries
 from ..subject import Subject
 
-__all__ = ["LayerSpectrum", "ConditionReport", "condition", "save_spectra", "BOUNDARIES"]
+__all__ = ["LayerSpectrum", "ConditionReport", "condition", "block_operators", "save_spectra", "BOUNDARIES"]
 
 BOUNDARIES = ("circular", "zero")
 Progress = Callable[[int, int], None]
@@ -342,6 +342,38 @@ def _layer_spectrum(
     )
 
 
+def block_operators(
+    modules: dict[str, nn.Module], block: BlockInfo, *, fold_bn: bool = True, device: str | torch.device = "cpu"
+) -> tuple[list[ConvOperator], Any]:
+    """The linearized block as :func:`condition` conditions it: its factors and its shortcut.
+
+    Parameters
+    ----------
+    modules : dict of str to nn.Module
+        ``dict(model.named_modules())`` of the network ``block`` was found in.
+    block : BlockInfo
+        From :func:`auditor.models.anatomy.analyze_anatomy`.
+    fold_bn : bool
+        Fold the BatchNorms of the linearization (the other factors always are).
+    device : str or torch.device
+
+    Returns
+    -------
+    convs : list of ConvOperator
+        ``W_1 .. W_k``, every factor of the linearization folded in.
+    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
+
+    Raises
+    ------
+    ArchitectureError
+        The block holds a part no rule of the linearization covers.
+    """
+    _refuse_uncovered((block,))
+    target = torch.device(device)
+    convs = [_layer_operator(modules, c, fold_bn, target) for c in block.convs]
+    return convs, _shortcut_operator(modules, block, fold_bn, target)
+
+
 def _refuse_uncovered(blocks: tuple[BlockInfo, ...]) -> None:
     """One line naming the first part of a block that no rule of the linearization covers."""
     for block in blocks:
@@ -443,9 +475,8 @@ def condition(
 
     def block_conditioning(index: int) -> BlockConditioning:
         block = blocks_info[index]
-        convs = [_layer_operator(modules, c, fold_bn, target) for c in block.convs]
+        convs, shortcut = block_operators(modules, block, fold_bn=fold_bn, device=target)
         known = [circular_extremes.get(c.name) for c in block.convs]
-        shortcut = _shortcut_operator(modules, block, fold_bn, target)
         return condition_block(
             convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
             layer_extremes=None if None in known else known, full_spectra=full_spectra,
