@@ -195,15 +195,17 @@ def test_condition_save_spectra_and_zero_boundary(tmp_path: Path, capsys) -> Non
     import h5py
 
     from auditor.analysis.spectra import conv_singular_values
-    from auditor.tasks.condition import _conv_operator
+    from auditor.tasks.condition import block_operators
     from auditor.subject import open_subject
 
     target = tmp_path / "spectra.h5"
     doc = run_json(["condition", CKPT, "--save-spectra", target], capsys)
     subject = open_subject(CKPT)
     modules = dict(subject.loaded.model.named_modules())
-    layer = subject.anatomy.layer("layer2.0.conv1")
-    expected = conv_singular_values(_conv_operator(modules, layer.name, layer.input_shape, "layer2.0.bn1", True, "cpu"))
+    block = next(b for b in subject.anatomy.blocks if b.name == "layer2.0")
+    convs, _ = block_operators(modules, block)
+    assert convs[0].name == "layer2.0.conv1" and block.convs[0].bn == "layer2.0.bn1"
+    expected = conv_singular_values(convs[0])
     with h5py.File(target) as h5:
         assert h5.attrs["format"] == "resdyn-spectra"
         stored = h5["layers/layer2.0.conv1"][()]

@@ -885,6 +885,11 @@ class _MaskedReLU(nn.Module):
         return t * mask
 
 
+# modules whose Jacobian the masked copy of _Linearized does not model (functions are caught by its check)
+_NOT_MASKABLE = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ReLU6, nn.LeakyReLU,
+                 nn.ELU, nn.Mish, nn.Softplus, nn.LayerNorm, nn.GroupNorm)
+
+
 class _Linearized:
     """``v -> J(x) v`` of a piecewise-linear block by one forward pass, instead of forward-mode AD.
 
@@ -905,6 +910,10 @@ class _Linearized:
     exact: bool | None = None
 
     def __init__(self, block: nn.Module) -> None:
+        if any(isinstance(m, _NOT_MASKABLE) for m in block.modules()):
+            # a part the masked copy does not model (GELU, SiLU, a gate's sigmoid, LayerNorm):
+            # it cannot be exact, and autograd's double backward may not exist for the part
+            self.exact = False
         masks: list[list[torch.Tensor]] = []
         self.masks = masks
         self.recorder, self.linear = copy.deepcopy(block), copy.deepcopy(block)
@@ -998,9 +1007,14 @@ def _power_iteration(
             if linear is not None and (step > 0 or linear.exact):
                 u = linear(v)
             elif linear is not None:  # the block's one check of its linearization
-                u = reverse.jvp(v)
-                linear.exact = linear.matches(u, v)
-                linear = linear if linear.exact else None
+                try:
+                    u = reverse.jvp(v)
+                except RuntimeError:  # an operation without a double backward (hardsigmoid)
+                    linearized.exact, linear = False, None
+                    _, u = torch.func.jvp(fn, (x,), (v,))
+                else:
+                    linear.exact = linear.matches(u, v)
+                    linear = linear if linear.exact else None
             else:
                 _, u = torch.func.jvp(fn, (x,), (v,))
             new = torch.maximum(gain, _row_norms(u))

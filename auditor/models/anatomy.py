@@ -585,11 +585,19 @@ def _stages(
     return stages
 
 
+def _is_classifier_layer(module: nn.Module, shape: tuple | None) -> bool:
+    """A Linear layer, or a 1x1 convolution on pooled (1 x 1) features (timm's conv heads)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and shape is not None and len(shape) == 3
+            and tuple(shape[1:]) == (1, 1) and _pair(module.kernel_size) == (1, 1))
+
+
 def _penultimate(model: nn.Module, shapes: dict[str, tuple]) -> StageSpec | None:
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in shapes]
+    linears = [n for n, m in model.named_modules() if n in shapes and _is_classifier_layer(m, shapes[n][0])]
     if not linears:
         return None
-    # The classifier: the last Linear called; its input is the penultimate feature.
+    # The classifier: the last Linear (or pooled 1x1 convolution) called; its input is the penultimate feature.
     name = linears[-1]
     while True:
         earlier = [n for n in linears if n != name and shapes[n][1] == shapes[name][0]]

@@ -146,17 +146,18 @@ class BlockTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-# Shapes are propagated on an input of at most this many pixels per side (which operand of a
-# product is the smaller gate does not depend on the size; the layers' real input shapes come
-# from the whole network's forward pass): a CIFAR ResNet-56's blocks 1.3 -> 0.5 s.
+# Shapes are propagated on an input of this many pixels per side, whatever the block's real size
+# (which operand of a product is the smaller gate does not depend on it, as long as the map is not
+# already 1 x 1; the layers' real input shapes come from the whole network's forward pass): a
+# CIFAR ResNet-56's blocks 1.3 -> 0.5 s.
 _PROBE_SIDE = 8
 
 
 def trace_block(module: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule | None:
     """The module's graph with every node's output shape (``node.meta['shape']``), or None.
 
-    The shapes are those of a probe input with the block's channels and at most
-    :data:`_PROBE_SIDE` pixels per side (the full size where the block cannot
+    The shapes are those of a probe input with the block's channels and
+    :data:`_PROBE_SIDE` pixels per side (the real size where the block cannot
     run on that). None when the module cannot be traced symbolically
     (data-dependent control flow) or does not run on a zero input.
     """
@@ -165,7 +166,7 @@ def trace_block(module: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModu
         graph_module = fx.GraphModule(module, graph)
     except Exception:
         return None
-    probe = (*input_shape[:-2], *(min(side, _PROBE_SIDE) for side in input_shape[-2:]))
+    probe = (*input_shape[:-2], _PROBE_SIDE, _PROBE_SIDE)
     for shape in dict.fromkeys([probe, tuple(input_shape)]):
         if _propagate(graph_module, shape):
             return graph_module
