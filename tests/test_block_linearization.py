@@ -277,3 +277,28 @@ def test_a_part_no_rule_covers_is_named(block, named: str) -> None:
     assert info.uncovered and info.uncovered[0].startswith(named)
     with pytest.raises(ArchitectureError, match=f"block block: {named}.*not covered"):
         block_operators(dict(model.named_modules()), info)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build, arch", [
+    (lambda: torchvision_models.mobilenet_v3_small(weights=None), "mobilenet_v3_small"),
+    (lambda: timm.create_model("convnext_atto", pretrained=False), "convnext_atto"),
+])
+def test_audit_of_a_family_inferred_from_its_weights(tmp_path, capsys, build, arch: str) -> None:
+    """A plain state dict of a new family: inferred, audited end to end (stability on the real
+    network with its gates and LayerNorms), every block's rules in the schema-valid report."""
+    from pathlib import Path
+
+    from conftest import run_json, save_safetensors
+
+    torch.manual_seed(0)
+    path = save_safetensors(_randomize(build()), tmp_path / "model.safetensors")
+    digits = Path(__file__).resolve().parent.parent / "fixtures" / "digits"
+    document = run_json(["audit", path, "--data", digits, "--input-size", "32", "--per-class", "2",
+                         "--samples", "2", "--directions", "2"], capsys)
+    assert document["checkpoint"]["arch"] == arch
+    rules = {entry["rule"] for block in document["blocks"] for entry in block["linearization"]}
+    assert {"activation", "gate"} <= rules if arch.startswith("mobilenet") else {"layernorm", "scale"} <= rules
+    assert len(document["stability"]["blocks"]) == len(document["blocks"])
+    assert all(b["kappa_linear_plain"] is not None or b["kappa_linear_plain_reason"] for b in document["blocks"])
+    assert [s["name"] for s in document["stages"]][0] == "stem"

@@ -594,16 +594,21 @@ def _is_classifier_layer(module: nn.Module, shape: tuple | None) -> bool:
 
 
 def _penultimate(model: nn.Module, shapes: dict[str, tuple]) -> StageSpec | None:
-    linears = [n for n, m in model.named_modules() if n in shapes and _is_classifier_layer(m, shapes[n][0])]
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if n in shapes and _is_classifier_layer(m, shapes[n][0])]
     if not linears:
         return None
-    # The classifier: the last Linear (or pooled 1x1 convolution) called; its input is the penultimate feature.
-    name = linears[-1]
+    # The classifier: the last Linear (or pooled 1x1 convolution) called; its input is the penultimate
+    # feature, unless an earlier Linear feeds it (an MLP head): then that one's, going back in module order.
+    index = len(linears) - 1
+    name = linears[index]
     while True:
-        earlier = [n for n in linears if n != name and shapes[n][1] == shapes[name][0]]
+        earlier = [i for i in range(index) if isinstance(modules[linears[i]], nn.Linear)
+                   and shapes[linears[i]][1] == shapes[name][0]]
         if not earlier:
             break
-        name = earlier[-1]
+        index = earlier[-1]
+        name = linears[index]
     return StageSpec("penultimate", name, "input", shapes[name][0])
 
 
