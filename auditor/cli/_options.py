@@ -33,6 +33,8 @@ __all__ = [
     "DirectionsOpt",
     "SamplesOpt",
     "PowerOpt",
+    "Precision",
+    "PrecisionOpt",
     "split_list",
     "resolve_device",
 ]
@@ -51,6 +53,13 @@ class Boundary(str, Enum):
 
     circular = "circular"
     zero = "zero"
+
+
+class Precision(str, Enum):
+    """Floating-point type of the stability measurements."""
+
+    float32 = "float32"
+    float64 = "float64"
 
 
 class Device(str, Enum):
@@ -161,6 +170,11 @@ DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded 
 SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
 PowerOpt = Annotated[
     int, typer.Option("--power-iterations", min=0, help="Power iterations on each block's Jacobian for the worst direction (0: skip).")
+]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option("--dtype", help="Floating-point type of the perturbation runs: float32 (fast; --eps at least 1e-5) "
+                 "or float64 (slower; --eps at least 1e-13)."),
 ]
 
 

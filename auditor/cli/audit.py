@@ -11,8 +11,8 @@ from ..errors import ExitCode
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
     ArchOpt, BatchOpt, Boundary, BoundaryOpt, CacheOpt, CenterOpt, CheckpointArg, Device, DeviceOpt, DirectionsOpt,
-    EpsOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoFoldOpt, NoProgressOpt, OutputOpt, PowerOpt, SamplesOpt,
-    StagesOpt, SubspaceOpt, resolve_device, split_list,
+    EpsOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoFoldOpt, NoProgressOpt, OutputOpt, PowerOpt, Precision,
+    PrecisionOpt, SamplesOpt, StagesOpt, SubspaceOpt, resolve_device, split_list,
 )
 
 __all__ = ["register"]
@@ -73,6 +73,7 @@ def audit_command(
     directions: DirectionsOpt = 4,
     samples: SamplesOpt = 32,
     power_iterations: PowerOpt = 8,
+    dtype: PrecisionOpt = Precision.float32,
     batch_size: BatchOpt = 32,
     cache: CacheOpt = None,
     plots: PlotsOpt = None,
@@ -97,7 +98,7 @@ def audit_command(
         arch=arch, input_size=shape, fold_bn=not no_fold_bn, boundary=boundary.value, **chosen,
         stages=tuple(split_list(stages) or ()) or None, center=center, max_pairs=max_pairs,
         subspace=subspace, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
-        batch_size=batch_size, device=resolve_device(device), cache=cache,
+        dtype=dtype.value, batch_size=batch_size, device=resolve_device(device), cache=cache,
     )
     with progress_bar("audit", enabled=not no_progress and fmt is not Format.json) as update:
         def progress(phase: str, done: int, total: int) -> None:

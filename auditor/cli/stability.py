@@ -9,7 +9,7 @@ import typer
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
     ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, DirectionsOpt, EpsOpt, Format, FormatOpt, InputSizeOpt,
-    NoProgressOpt, OutputOpt, PlotOpt, PowerOpt, SamplesOpt, resolve_device,
+    NoProgressOpt, OutputOpt, PlotOpt, PowerOpt, Precision, PrecisionOpt, SamplesOpt, resolve_device,
 )
 
 __all__ = ["register"]
@@ -39,6 +39,7 @@ def stability_command(
     directions: DirectionsOpt = 4,
     samples: SamplesOpt = 32,
     power_iterations: PowerOpt = 8,
+    dtype: PrecisionOpt = Precision.float32,
     seed: SeedOpt = None,
     preset: PresetOpt = None,
     size: SizeOpt = None,
@@ -57,6 +58,9 @@ def stability_command(
 
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
+    from ..tasks.stability import check_stability_options
+
+    check_stability_options(eps=eps, directions=directions, samples=samples, dtype=dtype.value)
     from ..subject import open_subject
     from ..tasks.images import open_images, skipped_message
     from ..tasks.stability import subject_stability
@@ -68,7 +72,8 @@ def stability_command(
     with progress_bar("stability", enabled=not no_progress and fmt is not Format.json) as update:
         result = subject_stability(
             subject, images, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
-            seed=0 if seed is None else seed, device=resolve_device(device), condition_progress=update,
+            seed=0 if seed is None else seed, device=resolve_device(device), dtype=dtype.value,
+            condition_progress=update,
             progress=update,
         )
     if result.skipped:

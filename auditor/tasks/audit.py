@@ -46,6 +46,7 @@ class AuditOptions:
     directions: int = 4
     samples: int = 32
     power_iterations: int = 8
+    dtype: str = "float32"
     batch_size: int = 32
     workers: int = 0
     device: str = "cpu"
@@ -154,7 +155,7 @@ def audit(
 
         from .stability import check_stability_options
 
-        check_stability_options(eps=opts.eps, directions=opts.directions, samples=opts.samples)
+        check_stability_options(eps=opts.eps, directions=opts.directions, samples=opts.samples, dtype=opts.dtype)
         images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
                              classes=opts.classes, per_class=opts.per_class, seed=opts.seed)
     timings["load"] = time.perf_counter() - start
@@ -200,7 +201,7 @@ def audit(
         start = time.perf_counter()
         stability = subject_stability(
             subject, images, eps=opts.eps, directions=opts.directions, samples=opts.samples,
-            power_iterations=opts.power_iterations, seed=opts.random_seed, device=opts.device,
+            power_iterations=opts.power_iterations, seed=opts.random_seed, device=opts.device, dtype=opts.dtype,
             bounds=conditioning.bounds(), progress=phase("stability"),
         )
         timings["stability"] = time.perf_counter() - start
