@@ -140,7 +140,7 @@ def test_properties(seed: int, scale: float, channels: int) -> None:
 @pytest.mark.parametrize("stride_on", [None, 0, 1])
 def test_folded_chain_matrices_equal_the_product_of_the_factors(stride_on: int | None) -> None:
     """The dense path folds 1x1 factors into the 3x3 taps: same per-frequency matrices as the product."""
-    from auditor.analysis.conditioning import _block_matrices, _reduce_block
+    from auditor.analysis.block_algebra import block_matrices, reduce_block
     from auditor.analysis.frequencies import half_plane, kernel_symbols
 
     strides = [2 if i == stride_on else 1 for i in range(3)]
@@ -150,7 +150,7 @@ def test_folded_chain_matrices_equal_the_product_of_the_factors(stride_on: int |
     convs.append(_op(6, 4, 1, size // strides[1], padding=0, scale=True, seed=33))
     shortcut = IdentityShortcut((6, 8, 8)) if stride_on is None else \
         _op(6, 6, 1, 8, stride=2, padding=0, scale=True, seed=34)
-    block = _reduce_block(convs, shortcut, reduce=False)
+    block = reduce_block(convs, shortcut, reduce=False)
     u, v, _ = half_plane(*block.grid)
     for residual in (False, True):
         factors = block.weights if residual else block.plain_weights
@@ -161,7 +161,7 @@ def test_folded_chain_matrices_equal_the_product_of_the_factors(stride_on: int |
             product[:, np.arange(6), np.arange(6)] += 1.0
         elif residual:
             product += kernel_symbols(block.short_weight, block.short_padding, block.grid, u, v)
-        np.testing.assert_allclose(_block_matrices(block, residual, u, v), product, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(block_matrices(block, residual, u, v), product, rtol=0, atol=1e-12)
         folded = block.folded[id(factors)][1]
         assert len(folded) == 1  # one kernel per frequency, nothing left to multiply
     # a copy with other plain factors shares the cache but not its entries
@@ -172,15 +172,15 @@ def test_folded_chain_matrices_equal_the_product_of_the_factors(stride_on: int |
     product = kernel_symbols(compressed[0], block.paddings[0], block.grid, u, v)
     for weight, padding in zip(compressed[1:], block.paddings[1:]):
         product = kernel_symbols(weight, padding, block.grid, u, v) @ product
-    np.testing.assert_allclose(_block_matrices(other, False, u, v), product, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(block_matrices(other, False, u, v), product, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shortcut_kind", ["identity", "projection"])
 def test_reductions_are_exact_with_a_basis_larger_than_the_span(shortcut_kind: str, monkeypatch) -> None:
     """The reductions need only an orthonormal basis containing the span (what the QR basis guarantees)."""
-    import auditor.analysis.conditioning as conditioning
+    import auditor.analysis.block_algebra as block_algebra
 
-    exact_basis = conditioning._basis
+    exact_basis = block_algebra.basis
 
     def one_direction_too_many(matrix: np.ndarray) -> np.ndarray:
         q = exact_basis(matrix)
@@ -188,7 +188,7 @@ def test_reductions_are_exact_with_a_basis_larger_than_the_span(shortcut_kind: s
         extra -= q @ (q.T @ extra)
         return np.concatenate([q, (extra / np.linalg.norm(extra))[:, None]], axis=1)
 
-    monkeypatch.setattr(conditioning, "_basis", one_direction_too_many)
+    monkeypatch.setattr(block_algebra, "basis", one_direction_too_many)
     convs = [_op(2, 8, 1, 4, padding=0, scale=True, seed=41), _op(2, 2, 3, 4, seed=42),
              _op(8, 2, 1, 4, padding=0, scale=True, seed=43)]
     if shortcut_kind == "identity":

@@ -374,10 +374,10 @@ def test_frequencies_are_pruned_and_the_extremes_do_not_move(monkeypatch: pytest
 def test_triangular_end_cores_keep_every_singular_value() -> None:
     # QR cores of the plain branch's 1x1 ends (the Lanczos path) against the SVD cores
     # (the full spectrum's): all singular values at every frequency, and the dropped zeros
-    from auditor.analysis.conditioning import _reduce_block
+    from auditor.analysis.block_algebra import reduce_block
     from auditor.analysis.frequencies import half_plane
 
-    block = _reduce_block(_bottleneck(12, 4, 6, seed=5), IdentityShortcut((12, 6, 6)), reduce=False)
+    block = reduce_block(_bottleneck(12, 4, 6, seed=5), IdentityShortcut((12, 6, 6)), reduce=False)
     triangular, svd = fast._with_compressed_ends(block, triangular=True), fast._with_compressed_ends(block)
     assert [w.shape for w in triangular.plain_weights] == [w.shape for w in svd.plain_weights]
     assert triangular.plain_weights[0].shape[:2] == (4, 4) and triangular.plain_weights[-1].shape[:2] == (4, 4)

@@ -64,6 +64,7 @@ from .batched import (
     torch_single_thread,
     worker_count,
 )
+from .block_algebra import block_matrices, block_spectra, compress_ends, reduce_block
 from .frequencies import constant_tap, frequency_phases, half_plane, tap_offsets
 from .lanczos import DEFAULT_TOL, LanczosResult, largest_eigenvalues
 
@@ -506,11 +507,9 @@ def _dense(block: Any, residual: bool, u: np.ndarray, v: np.ndarray) -> np.ndarr
     the last bit (on blocks with kappa 1e10 and more, two LAPACKs differ in the
     leading digits of sigma_min, which is then rounding noise).
     """
-    from .conditioning import _block_matrices
-
     if not len(u):
         return np.zeros((0, 1))
-    return sigma_of_matrices(_block_matrices(block, residual, u, v))
+    return sigma_of_matrices(block_matrices(block, residual, u, v))
 
 
 def _warm_start(apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
@@ -642,7 +641,7 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
 
 
 def _reduced_side(block: Any, residual: bool, rank: int) -> int:
-    """A bound of the smaller side of the reduced per-frequency matrices (see ``_reduce_block``)."""
+    """A bound of the smaller side of the reduced per-frequency matrices (see :func:`.block_algebra.reduce_block`)."""
     n = min(block.weights[-1].shape[0], block.weights[0].shape[1])
     single_tap = len(block.weights) > 1 and all(block.weights[i].shape[2:] == (1, 1) for i in (0, -1))
     if residual and block.identity_size:
@@ -654,12 +653,10 @@ def _reduced_side(block: Any, residual: bool, rank: int) -> int:
 def _with_compressed_ends(block: Any, *, triangular: bool = False) -> Any:
     """The block with the plain branch's single-tap end factors replaced by their SVD (or QR) cores.
 
-    See :func:`auditor.analysis.conditioning._compress_ends`: the dense path keeps
+    See :func:`auditor.analysis.block_algebra.compress_ends`: the dense path keeps
     the full spectrum's SVD cores, the Lanczos path takes the cheaper QR cores.
     """
-    from .conditioning import _compress_ends
-
-    plain_weights, extra_plain = _compress_ends(block.weights, triangular=triangular)
+    plain_weights, extra_plain = compress_ends(block.weights, triangular=triangular)
     return dataclasses.replace(block, plain_weights=plain_weights, extra_plain=extra_plain)
 
 
@@ -768,23 +765,19 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
         Ritz value with relative residual at most 1e-6 (or dense), ``sigma_min``
         zero by structure, from Woodbury and Lanczos, or dense.
     """
-    from .conditioning import _reduce_block
-
     device = torch.device(device)
-    block = _reduce_block(convs, shortcut, reduce=False)
+    block = reduce_block(convs, shortcut, reduce=False)
     cache: list[Any] = []
 
     def reduced() -> Any:  # the exact reductions (SVDs) only where the dense path needs them
         if not cache:
-            cache.append(_reduce_block(convs, shortcut))
+            cache.append(reduce_block(convs, shortcut))
         return cache[0]
 
     plans = {residual: _plan(block, residual) for residual in (False, True)[: 1 + block.has_shortcut]}
     if not any(plan.lanczos for plan in plans.values()):
         # small blocks (CIFAR networks): the full spectrum's single pass is the cheapest
-        from .conditioning import _block_spectra
-
-        spectra = _block_spectra(convs, shortcut)
+        spectra = block_spectra(convs, shortcut)
         extremes = [spectra.extremes(residual=False), spectra.extremes(residual=True) if shortcut else None]
         found = [None if e is None else OperatorExtremes(e[0], e[1], "dense") for e in extremes]
         return BlockExtremes(found[0], found[1], spectra.side)
