@@ -58,3 +58,26 @@ def test_stability_cli_dtype_option(capsys) -> None:
                     "--power-iterations", "0", "--eps", "1e-8", "--dtype", "float64", "--no-progress"], capsys)
     assert doc["stability"]["dtype"] == "float64" and doc["stability"]["eps"] == 1e-8
     assert all(b["r_median"] > 0 for b in doc["stability"]["blocks"])
+
+
+# ---------------------------------------------------------------- compare of a report holding NaN
+
+
+@needs_fixtures
+@pytest.mark.parametrize("literal, shown", [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")])
+def test_compare_refuses_a_report_holding_nan_naming_the_key(literal: str, shown: str, tmp_path: Path,
+                                                              capsys) -> None:
+    good = tmp_path / "good.json"
+    code, _, err = run_cli(["condition", CKPT, "--format", "json", "-o", good, "--no-progress"], capsys)
+    assert code == 0, err
+    doc = json.loads(good.read_text())
+    doc["blocks"][1]["kappa_linear_residual"] = float(literal.replace("Infinity", "inf"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))  # Python writes the non-JSON literal NaN / Infinity
+    assert literal in bad.read_text()
+    for args in ([good, bad], [bad, good]):
+        code, out, err = run_cli(["compare", *args], capsys)
+        assert code == 2 and out == "", err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and str(bad) in lines[0], err
+        assert f"blocks/1/kappa_linear_residual is {shown}" in lines[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,30 @@ def load_report(path: Path) -> dict[str, Any]:
     version = str(document.get("schema_version", ""))
     if version.split(".")[0] != SCHEMA_VERSION:
         raise InputError(f"{path}: schema_version {version!r} is not supported (this resdyn reads {SCHEMA_VERSION})")
+    _check_finite(path, document)
     _check_schema(path, document)
     return document
+
+
+def _non_finite(value: Any, where: tuple[str, ...] = ()) -> tuple[tuple[str, ...], float] | None:
+    """The path and value of the first NaN or +-Infinity in a parsed document, depth first."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = _non_finite(child, (*where, str(key)))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_finite(path: Path, document: dict[str, Any]) -> None:
+    """Refuse NaN / Infinity (Python's json reads them; resdyn never writes them), naming the key."""
+    found = _non_finite(document)
+    if found is not None:
+        where, value = found
+        raise InputError(f"{path}: {'/'.join(where)} is {value!r}, which resdyn never writes (a missing value is "
+                         "null with a reason)", hint="pass JSON reports written by resdyn, unedited")
 
 
 def _check_schema(path: Path, document: dict[str, Any]) -> None:
