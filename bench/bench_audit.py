@@ -51,9 +51,11 @@ def main() -> None:
     print(f"baseline: bare forward pass over the same images: {forward:.3f} s")
     print(f"ratio audit / forward: {total / forward:.0f}x")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    from auditor.report.nonfinite import shown
+
     summary = report.document["summary"]
     print(f"blocks violating Lemma 1's lower bound: {summary['lemma1_lower_violations']} of {summary['blocks']}; "
-          f"max exact kappa {summary['max_kappa_linear_residual']:.4g}")
+          f"max exact kappa {shown(summary, 'max_kappa_linear_residual', lambda v: f'{v:.4g}', 'undefined')}")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,13 @@ def test_rules_measure_and_decide(rule: str, value: float, passed: bool) -> None
 
 
 def test_missing_value_fails_with_reason() -> None:
-    doc = {"blocks": [{"name": "a", "kappa_linear_residual": None}]}
+    doc = {"blocks": [{"name": "a", "kappa_linear_residual": None,
+                       "kappa_linear_residual_reason": "the residual operator's extreme singular values did not converge"}]}
     result = evaluate([parse_rule("max_kappa_linear_residual>1e4")], doc)
-    assert result["passed"] is False and "singular" in result["rules"][0]["reason"]
+    assert result["passed"] is False and "a: the residual operator's" in result["rules"][0]["reason"]
+    assert "did not converge" in result["rules"][0]["reason"] and result["rules"][0]["value"] is None
+    result = evaluate([parse_rule("max_kappa_linear_residual<1e4")], doc)  # unknown: fails either way
+    assert result["passed"] is False
     result = evaluate([parse_rule("max_amplification>1")], doc)
     assert "did not run" in result["rules"][0]["reason"]
 

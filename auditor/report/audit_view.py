@@ -10,10 +10,19 @@ from rich.text import Text
 from .angles_view import angles_markdown_table, angles_table
 from .condition_view import blocks_markdown, blocks_table, summary_text
 from .markdown import checkpoint_markdown
+from .nonfinite import INFINITE
 from .stability_view import stability_markdown, stability_tables
 from .tables import fmt_num, header_text
 
 __all__ = ["audit_tables", "audit_markdown", "verdict_lines"]
+
+
+def _measured(rule: Mapping[str, Any]) -> str:
+    """A rule's measured value: the number, ``inf (why)`` or ``undefined (why)``."""
+    if rule["value"] is not None:
+        return fmt_num(rule["value"])
+    sign = (rule.get(INFINITE) or {}).get("value")
+    return f"{sign or 'undefined'} ({rule.get('reason', '')})"
 
 
 def verdict_lines(doc: Mapping[str, Any]) -> list[Text]:
@@ -21,7 +30,7 @@ def verdict_lines(doc: Mapping[str, Any]) -> list[Text]:
     verdict = doc.get("verdict") or {}
     lines = []
     for rule in verdict.get("rules", []):
-        value = fmt_num(rule["value"]) if rule["value"] is not None else f"undefined ({rule.get('reason', '')})"
+        value = _measured(rule)
         label, style = ("PASS", "bold green") if rule["passed"] else ("FAIL", "bold red")
         lines.append(Text(f"{label}  {rule['rule']}  (measured {value})", style=style))
     return lines
@@ -57,7 +66,7 @@ def audit_markdown(doc: Mapping[str, Any]) -> str:
         parts.append("\n### Verdict\n\n")
         for rule in verdict["rules"]:
             mark = "pass" if rule["passed"] else "**FAIL**"
-            parts.append(f"- {mark} `{rule['rule']}` (measured {fmt_num(rule['value'])})\n")
+            parts.append(f"- {mark} `{rule['rule']}` (measured {_measured(rule)})\n")
     for note in doc.get("notes", []):
         parts.append(f"\n> {note}\n")
     return "".join(parts)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import InputError
 from .document import SCHEMA_VERSION
+from .nonfinite import INFINITE, Measured, entry_value, put
 from .verdict import METRICS, Rule
 
 __all__ = ["load_report", "compare_reports", "evaluate_changes", "compare_document"]
@@ -72,27 +73,51 @@ def _check_schema(path: Path, document: dict[str, Any]) -> None:
                      hint="pass JSON reports written by resdyn, unedited")
 
 
-def _value(metric: str, document: Mapping[str, Any]) -> float | None:
-    spec = METRICS[metric]
-    return spec.compute(document) if document.get(spec.section) else None
+def _value(metric: str, document: Mapping[str, Any]) -> Measured:
+    return METRICS[metric].measure(document)
+
+
+def _difference(a: Measured, b: Measured) -> Measured:
+    """``b - a`` with infinities: finite to inf is +inf, inf to finite -inf, inf to inf undefined."""
+    if a.value is None or b.value is None:
+        side, missing = ("A", a) if a.value is None else ("B", b)
+        return Measured(None, f"{side} has no value ({missing.reason or 'not measured'})")
+    if a.infinite and b.infinite and a.value == b.value:
+        return Measured(None, "infinite in both reports: the change is undefined")
+    return Measured(b.value - a.value, "A is infinite" if a.infinite else "B is infinite" if b.infinite else None)
+
+
+def _sides(a: Measured, b: Measured, change: Measured | None = None) -> dict[str, Any]:
+    """``a``, ``b`` (and ``change``) the JSON way: numbers, or null with ``*_reason`` and the ``infinite`` map."""
+    out: dict[str, Any] = {}
+    for key, measured in (("a", a), ("b", b), ("change", change)):
+        if measured is not None:
+            put(out, key, measured)
+    if INFINITE in out:
+        out[INFINITE] = out.pop(INFINITE)
+    return out
 
 
 def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Metrics of both reports and their change, plus matching blocks and stages."""
+    """Metrics of both reports and their change, plus matching blocks and stages.
+
+    A singular block's kappa is +inf on its side and in the change (null in JSON,
+    named in the entry's ``infinite`` map, see :mod:`auditor.report.nonfinite`),
+    shown ``inf``; a metric is left out only when neither report measured its section.
+    """
     metrics = []
     for name in METRICS:
-        va, vb = _value(name, a), _value(name, b)
-        if va is None and vb is None:
+        section = METRICS[name].section
+        if not a.get(section) and not b.get(section):
             continue
-        change = None if va is None or vb is None else vb - va
-        metrics.append({"metric": name, "a": va, "b": vb, "change": change, "help": METRICS[name].help})
+        va, vb = _value(name, a), _value(name, b)
+        if va.value is None and vb.value is None and va.reason is None and vb.reason is None:
+            continue
+        metrics.append({"metric": name, **_sides(va, vb, _difference(va, vb)), "help": METRICS[name].help})
     blocks_a = {x["name"]: x for x in a.get("blocks") or []}
     blocks = [
-        {
-            "name": x["name"],
-            "a": blocks_a[x["name"]].get("kappa_linear_residual"),
-            "b": x.get("kappa_linear_residual"),
-        }
+        {"name": x["name"], **_sides(entry_value(blocks_a[x["name"]], "kappa_linear_residual"),
+                                     entry_value(x, "kappa_linear_residual"))}
         for x in b.get("blocks") or [] if x["name"] in blocks_a
     ]
     stages_a = {s["name"]: s for s in a.get("stages") or [] if "separation" in s}
@@ -104,17 +129,23 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
 
 
 def evaluate_changes(rules: Iterable[Rule], comparison: Mapping[str, Any]) -> dict[str, Any]:
-    """Rules on the change B - A: ``max_kappa_linear_residual>0`` fails when it grew."""
+    """Rules on the change B - A: ``max_kappa_linear_residual>0`` fails when it grew (to inf included)."""
     by_metric = {m["metric"]: m for m in comparison["metrics"]}
     results = []
     for rule in rules:
-        change = by_metric.get(rule.metric, {}).get("change")
-        if change is None:
+        entry = by_metric.get(rule.metric, {})
+        change = entry_value(entry, "change") if entry else Measured(None)
+        if change.value is None:
+            reason = entry.get("change_reason") or "metric missing from one of the reports"
             results.append({"rule": str(rule), "metric": rule.metric, "value": None, "passed": False,
-                            "reason": "metric missing from one of the reports"})
+                            "reason": reason})
             continue
-        failed = rule.holds(change)
-        results.append({"rule": str(rule), "metric": rule.metric, "value": change, "passed": not failed})
+        failed = rule.holds(change.value)
+        result = {"rule": str(rule), "metric": rule.metric, "value": change.value, "passed": not failed}
+        if change.infinite:
+            result.update(value=None, reason=change.reason or "infinite",
+                          **{INFINITE: {"value": entry[INFINITE]["change"]}})
+        results.append(result)
     return {"passed": all(r["passed"] for r in results), "rules": results}
 
 

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .markdown import checkpoint_markdown, md_table
+from .nonfinite import names, shown
 from .tables import fmt_num
 
 __all__ = ["blocks_table", "summary_text", "condition_tables", "condition_markdown", "blocks_markdown"]
@@ -16,6 +17,11 @@ __all__ = ["blocks_table", "summary_text", "condition_tables", "condition_markdo
 
 def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "NO")
+
+
+def _kappa(entry: Mapping[str, Any], key: str) -> str:
+    """A kappa cell: the number, ``inf`` for a singular operator, ``-`` when there is none."""
+    return shown(entry, key, fmt_num)
 
 
 def _sigmas(block: Mapping[str, Any]) -> str:
@@ -65,16 +71,21 @@ def blocks_table(doc: Mapping[str, Any]) -> Table:
         style = "bold red" if block["name"] == worst else None
         table.add_row(
             "  " + block["name"], block["shortcut"], _sigmas(block),
-            fmt_num(block.get("kappa_paper_residual")), fmt_num(block.get("kappa_paper_plain")),
-            fmt_num(block.get("kappa_linear_residual")), fmt_num(block.get("kappa_linear_plain")),
+            _kappa(block, "kappa_paper_residual"), _kappa(block, "kappa_paper_plain"),
+            _kappa(block, "kappa_linear_residual"), _kappa(block, "kappa_linear_plain"),
             _yes_no(block.get("lemma1_upper_holds")), _yes_no(block.get("lemma1_lower_holds")),
             style=style,
         )
     return table
 
 
+def _summary_kappa(summary: Mapping[str, Any], key: str) -> str:
+    """A summary kappa: the number, ``inf`` (a singular block), ``undefined`` (its reason in JSON) or ``-``."""
+    return shown(summary, key, fmt_num, "undefined" if summary.get(f"{key}_reason") else "-")
+
+
 def summary_text(doc: Mapping[str, Any]) -> Text:
-    """One summary line: Lemma 1 violations, largest and median kappas."""
+    """One summary line: Lemma 1 violations, largest and median kappas, the singular blocks."""
     s = doc.get("summary", {})
     text = Text()
     violations = s.get("lemma1_lower_violations", 0)
@@ -83,14 +94,23 @@ def summary_text(doc: Mapping[str, Any]) -> Text:
         style="bold red" if violations else "bold green",
     )
     text.append(
-        f"; exact kappa max {fmt_num(s.get('max_kappa_linear_residual'))} "
-        f"({s.get('worst_block') or '-'}), median {fmt_num(s.get('median_kappa_linear_residual'))}; "
-        f"paper kappa max {fmt_num(s.get('max_kappa_paper_residual'))}, "
-        f"median {fmt_num(s.get('median_kappa_paper_residual'))}; "
-        f"exact kappa without shortcuts max {fmt_num(s.get('max_kappa_linear_plain'))}"
+        f"; exact kappa max {_summary_kappa(s, 'max_kappa_linear_residual')} "
+        f"({s.get('worst_block') or '-'}), median {_summary_kappa(s, 'median_kappa_linear_residual')}; "
+        f"paper kappa max {_summary_kappa(s, 'max_kappa_paper_residual')}, "
+        f"median {_summary_kappa(s, 'median_kappa_paper_residual')}; "
+        f"exact kappa without shortcuts max {_summary_kappa(s, 'max_kappa_linear_plain')}"
     )
-    if s.get("singular_blocks"):
+    singular = s.get("singular_block_names")
+    if singular:
+        text.append(f"; {len(singular)} of {s.get('blocks', len(singular))} blocks singular (kappa infinite): "
+                    f"{names(singular)}", style="bold red")
+    elif s.get("singular_blocks"):  # reports before the names were written
         text.append(f"; {s['singular_blocks']} singular block(s) (kappa null)", style="yellow")
+    undefined = s.get("undefined_blocks") or {}
+    if undefined:
+        first, reason = next(iter(undefined.items()))
+        text.append(f"; {len(undefined)} block(s) without a kappa: {names(list(undefined))} ({first}: {reason})",
+                    style="yellow")
     return text
 
 
@@ -121,8 +141,8 @@ def blocks_markdown(doc: Mapping[str, Any]) -> str:
     for b in doc["blocks"]:
         name = f"**{b['name']}**" if b["name"] == worst else b["name"]
         rows.append([
-            name, b["stage"], b["shortcut"], fmt_num(b.get("kappa_paper_residual")),
-            fmt_num(b.get("kappa_linear_residual")), fmt_num(b.get("kappa_linear_plain")),
+            name, b["stage"], b["shortcut"], _kappa(b, "kappa_paper_residual"),
+            _kappa(b, "kappa_linear_residual"), _kappa(b, "kappa_linear_plain"),
             _yes_no(b.get("lemma1_upper_holds")), _yes_no(b.get("lemma1_lower_holds")),
         ])
     return md_table(

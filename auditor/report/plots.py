@@ -135,6 +135,9 @@ def plot_conditioning(blocks: Sequence[Mapping[str, Any]], path: Path, *, title:
     for i, b in enumerate(blocks):
         if b.get("lemma1_lower_holds") is False:
             ax.axvspan(i - 0.4, i + 0.4, color="red", alpha=0.08)
+        if "kappa_linear_residual" in (b.get("infinite") or {}):  # singular: off the chart, marked at its top
+            ax.annotate("inf", (i, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top", color="red",
+                        fontsize=7)
     ax.set_yscale("log")
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("block (red: Lemma 1 lower bound violated)")

@@ -1,9 +1,12 @@
 """``--fail-on`` rules: parse ``METRIC OP NUMBER``, evaluate against a report.
 
 A rule *fails* when its comparison holds (``max_kappa_linear_residual>1e4``
-fails when some block's exact condition number exceeds 1e4). A metric whose
-value is missing (a singular block, a section that did not run) cannot be
-shown to be safe, so its rule fails too, with the reason.
+fails when some block's exact condition number exceeds 1e4). A singular block's
+condition number is +inf (null in JSON, named in the entry's ``infinite`` map,
+see :mod:`auditor.report.nonfinite`): rules compare it as +inf, so ``>1e4``
+fails and ``<1e4`` holds. A metric whose value is unknown (extremes that did
+not converge, a section that did not run) cannot be shown to be safe, so its
+rule fails too, with the reason.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .nonfinite import INFINITE, Measured, aggregate
 
-__all__ = ["Rule", "METRICS", "parse_rule", "evaluate", "rules_from_config"]
+__all__ = ["Rule", "METRICS", "parse_rule", "measure", "evaluate", "rules_from_config"]
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -52,24 +56,26 @@ class Rule:
 class _Metric:
     section: str
     help: str
-    compute: Callable[[Mapping[str, Any]], float | None]
+    compute: Callable[[Mapping[str, Any]], float | Measured | None]
+
+    def measure(self, doc: Mapping[str, Any]) -> Measured:
+        """The metric on ``doc``: a number (``inf`` for a singular block's kappa), or None and why."""
+        if not doc.get(self.section):
+            return Measured(None, f"section '{self.section}' did not run")
+        value = self.compute(doc)
+        return value if isinstance(value, Measured) else Measured(None if value is None else float(value))
 
 
-def _values(items: Iterable[Mapping[str, Any]], key: str) -> list[float | None]:
-    return [item.get(key) for item in items]
-
-
-def _agg(section: str, key: str, how: Callable[[list[float]], float]) -> Callable[[Mapping[str, Any]], float | None]:
-    def compute(doc: Mapping[str, Any]) -> float | None:
+def _agg(section: str, key: str, how: Callable[[list[float]], float]) -> Callable[[Mapping[str, Any]], Measured]:
+    def compute(doc: Mapping[str, Any]) -> Measured:
         entries = doc.get(section) or []
         if isinstance(entries, Mapping):
             entries = entries.get("blocks", [])
         if key.endswith("_residual"):  # plain blocks have no residual kappa by definition
             entries = [e for e in entries if e.get("shortcut") != "none"]
-        values = _values(entries, key)
-        if not values or any(v is None for v in values):
-            return None  # a singular block or a missing value: not provably safe
-        return float(how([float(v) for v in values]))
+        if not entries:
+            return Measured(None)
+        return aggregate(entries, key, how)  # a singular block: inf; an unknown value: not provably safe
 
     return compute
 
@@ -154,25 +160,33 @@ def parse_rule(text: str) -> Rule:
     return Rule(metric, op, threshold)
 
 
+def measure(metric: str, document: Mapping[str, Any]) -> Measured:
+    """One metric of a report: a number (``inf`` where a block is singular), or None and why."""
+    return METRICS[metric].measure(document)
+
+
 def evaluate(rules: Iterable[Rule], document: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``verdict`` section: every rule with its measured value and pass/fail."""
+    """The ``verdict`` section: every rule with its measured value and pass/fail.
+
+    An infinite value (a singular block's kappa) is compared as such and written
+    ``"value": null`` with ``"infinite": {"value": "inf"}`` and the reason.
+    """
     results = []
     for rule in rules:
         metric = METRICS[rule.metric]
-        value = metric.compute(document) if document.get(metric.section) else None
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            reason = (
-                f"section '{metric.section}' did not run"
-                if not document.get(metric.section)
-                else "value undefined (a singular operator or no valid samples)"
-            )
+        value, why = metric.measure(document)
+        if value is None or math.isnan(value):
+            reason = why or "value undefined (a singular operator or no valid samples)"
             if "separation" in rule.metric:  # the stages say why (e.g. one class only)
                 reason = next((s["separation_reason"] for s in document.get("stages") or []
                                if s.get("separation_reason")), reason)
             results.append({"rule": str(rule), "metric": rule.metric, "value": None, "passed": False, "reason": reason})
             continue
         failed = rule.holds(value)
-        results.append({"rule": str(rule), "metric": rule.metric, "value": value, "passed": not failed})
+        result = {"rule": str(rule), "metric": rule.metric, "value": value, "passed": not failed}
+        if math.isinf(value):
+            result.update(value=None, **{INFINITE: {"value": "inf" if value > 0 else "-inf"}}, reason=why or "infinite")
+        results.append(result)
     return {"passed": all(r["passed"] for r in results), "rules": results}
 
 

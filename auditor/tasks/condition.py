@@ -8,6 +8,7 @@ model's modules (folding eval-mode BatchNorm as a per-channel scale unless
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +34,14 @@ from ..analysis.spectra import (
 from ..errors import ArchitectureError, UsageError
 from ..models.anatomy import BlockInfo, ConvInfo, LayerInfo
 from ..models.block_graph import Factor
+from ..report.nonfinite import INFINITE, Measured, aggregate, put
 from ..report.sections import linearization_entries
 from ..subject import Subject
 
-__all__ = ["LayerSpectrum", "ConditionReport", "condition", "block_operators", "save_spectra", "BOUNDARIES"]
+__all__ = [
+    "LayerSpectrum", "ConditionReport", "condition", "block_operators", "save_spectra", "conditioning_entry",
+    "BOUNDARIES",
+]
 
 BOUNDARIES = ("circular", "zero")
 Progress = Callable[[int, int], None]
@@ -102,42 +107,55 @@ class ConditionReport:
         }
 
     def summary(self) -> dict[str, Any]:
-        """Counts of Lemma 1 violations and the largest / median kappas.
+        """Counts of Lemma 1 violations, the singular blocks, and the largest / median kappas.
 
         Plain blocks have no residual kappa; for a plain network the worst
-        block is the one with the largest exact plain kappa.
+        block is the one with the largest exact plain kappa. A singular
+        block's kappa counts as +inf (:mod:`auditor.report.nonfinite`): a
+        maximum over it is null with a reason and ``infinite`` names it, a
+        median sorts it last; a kappa that is unknown (extremes that did not
+        converge) leaves its maximum and median null with that block's reason.
         """
-        residual_blocks = [b for b in self.blocks if b.shortcut != "none"]
-        residual = [b.kappa_linear_residual for b in residual_blocks]
-        finite = [k for k in residual if k is not None]
-        plain = [b.kappa_linear_plain for b in self.blocks if b.kappa_linear_plain is not None]
-        paper = [b.kappa_paper_residual for b in residual_blocks if b.kappa_paper_residual is not None]
-        worst = None
-        if finite:
-            worst = residual_blocks[residual.index(max(finite))].name
-        elif plain:
-            worst = next(b.name for b in self.blocks if b.kappa_linear_plain == max(plain))
-        return {
+        entries = [conditioning_entry(b) for b in self.blocks]
+        residual = [e for e in entries if e["shortcut"] != "none"]
+        own = [(e, "kappa_linear_residual" if e["shortcut"] != "none" else "kappa_linear_plain") for e in entries]
+        singular = [e["name"] for e, key in own if key in (e.get(INFINITE) or {})]
+        undefined = {e["name"]: e.get(f"{key}_reason") or "no value" for e, key in own
+                     if e.get(key) is None and key not in (e.get(INFINITE) or {})}
+        out: dict[str, Any] = {
             "blocks": len(self.blocks),
-            "residual_blocks": len(residual_blocks),
+            "residual_blocks": len(residual),
             "lemma1_lower_violations": sum(b.lemma1_lower_holds is False for b in self.blocks),
             "lemma1_upper_violations": sum(b.lemma1_upper_holds is False for b in self.blocks),
-            "singular_blocks": sum(k is None for k in residual),
-            "max_kappa_linear_residual": max(finite) if finite else None,
-            "median_kappa_linear_residual": statistics.median(finite) if finite else None,
-            "max_kappa_linear_plain": max(plain) if plain else None,
-            "median_kappa_linear_plain": statistics.median(plain) if plain else None,
-            "max_kappa_paper_residual": max(paper) if paper else None,
-            "median_kappa_paper_residual": statistics.median(paper) if paper else None,
-            "worst_block": worst,
+            "singular_blocks": len(singular),
+            "singular_block_names": singular,
+            "undefined_blocks": undefined,
         }
+        kappas = {}
+        for name, group, key, how in (
+            ("max_kappa_linear_residual", residual, "kappa_linear_residual", max),
+            ("median_kappa_linear_residual", residual, "kappa_linear_residual", statistics.median),
+            ("max_kappa_linear_plain", entries, "kappa_linear_plain", max),
+            ("median_kappa_linear_plain", entries, "kappa_linear_plain", statistics.median),
+            ("max_kappa_paper_residual", residual, "kappa_paper_residual", max),
+            ("median_kappa_paper_residual", residual, "kappa_paper_residual", statistics.median),
+        ):
+            kappas[name] = aggregate(group, key, how) if group else Measured(None)
+            put(out, name, kappas[name])
+        worst = _worst(residual, "kappa_linear_residual", kappas["max_kappa_linear_residual"])
+        if worst is None and not any(e.get("kappa_linear_residual") is not None for e in residual):
+            worst = _worst(entries, "kappa_linear_plain", kappas["max_kappa_linear_plain"])  # a plain network
+        out["worst_block"] = worst
+        if INFINITE in out:  # after the kappas, as the blocks' entries have it
+            out[INFINITE] = out.pop(INFINITE)
+        return out
 
     def block_entries(self) -> list[dict[str, Any]]:
         """``blocks`` entries: the anatomy's fields plus the conditioning fields."""
         entries = []
         for info, cond in zip(self.block_info, self.blocks):
             entry = {"name": info.name, "stage": info.stage, "shortcut": info.shortcut}
-            entry.update({k: v for k, v in cond.to_dict().items() if k not in ("name", "stage")})
+            entry.update({k: v for k, v in conditioning_entry(cond).items() if k not in ("name", "stage")})
             entry["linearization"] = linearization_entries(info)
             entries.append(entry)
         return entries
@@ -151,6 +169,38 @@ class ConditionReport:
             else:
                 out[info.name] = (cond.kappa_paper_residual, cond.kappa_linear_residual)
         return out
+
+
+# ---------------------------------------------------------------- singular kappas
+
+_KAPPA_KEYS = ("kappa_paper_residual", "kappa_paper_plain", "kappa_linear_residual", "kappa_linear_plain")
+# The reasons of auditor.analysis.conditioning for a kappa left None because its operator
+# is singular ("... is singular (smallest singular value is zero ...)", "... is zero",
+# "prod m_i + ||S||_min is zero: ...", a ratio that overflows): a condition number of +inf.
+# Not: extremes that did not converge, values that are not finite, no shortcut.
+_SINGULAR_REASON = re.compile(r"\bis (singular|zero)\b|: ratio not finite")
+
+
+def conditioning_entry(cond: BlockConditioning) -> dict[str, Any]:
+    """``cond.to_dict()`` with the ``infinite`` map naming the kappas that are +inf (a singular operator)."""
+    entry = cond.to_dict()
+    infinite = {key: "inf" for key in _KAPPA_KEYS
+                if entry.get(key) is None and _SINGULAR_REASON.search(entry.get(f"{key}_reason") or "")}
+    if infinite:
+        entry[INFINITE] = infinite
+    return entry
+
+
+def _worst(entries: list[dict[str, Any]], key: str, largest: Measured) -> str | None:
+    """The block holding the largest ``key``: the first singular one when it is +inf; None when unknown."""
+    if largest.value is None:
+        return None
+    for entry in entries:
+        if largest.infinite and key in (entry.get(INFINITE) or {}):
+            return str(entry["name"])
+        if entry.get(key) is not None and entry[key] == largest.value:
+            return str(entry["name"])
+    return None
 
 
 # ---------------------------------------------------------------- operators
