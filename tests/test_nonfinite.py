@@ -319,3 +319,24 @@ def test_aggregates_over_infinite_and_unknown_values(values, how, expected) -> N
         assert got.value == math.inf and "singular" in got.reason
     else:
         assert got.value == expected and got.reason is None
+
+
+def test_a_zero_block_with_a_zero_projection_is_infinite(resnet4b_file: Path, tmp_path: Path, capsys) -> None:
+    """Zero convolutions and a zero projection: the residual operator is zero, every kappa of it infinite."""
+    import torch
+
+    from conftest import save_safetensors
+
+    model = _resnet4b(resnet4b_file)
+    with torch.no_grad():
+        block = model.layer1[0]
+        for conv in (block.conv1, block.conv2, block.shortcut[0]):
+            conv.weight.zero_()
+    path = save_safetensors(model, tmp_path / "zero.safetensors")
+    args = ["--arch", f"{resnet4b_file}:resnet4b", "--input-size", "32", "--no-progress"]
+    doc = run_json(["condition", path, *args], capsys)
+    zero = doc["blocks"][0]
+    assert zero["name"] == "layer1.0" and zero["kappa_linear_residual"] is None
+    assert zero["infinite"]["kappa_linear_residual"] == "inf" and zero["infinite"]["kappa_paper_residual"] == "inf"
+    assert doc["summary"]["singular_block_names"] == ["layer1.0"]
+    assert doc["summary"]["infinite"]["max_kappa_paper_residual"] == "inf"
