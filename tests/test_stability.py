@@ -18,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auditor.analysis import stability
 from auditor.analysis.stability import StabilityReport, measure_stability
+from auditor.analysis.stability import capture as capture_module
+from auditor.analysis.stability import chunks as chunks_module
+from auditor.analysis.stability.chunks import concatenate, distances, kept, repeats
+from auditor.analysis.stability.directions import Directions
+from auditor.analysis.stability.linearized import Linearized, Reverse, jacobian_copy, power_iteration
 from auditor.errors import InputError, UsageError
 from auditor.models.anatomy import analyze_anatomy
 from auditor.models.registry import build_model
@@ -317,8 +321,8 @@ def test_chunked_runs_equal_one_batch(resnet20, anatomy20, monkeypatch):
     x = _images(2, seed=2)
     kwargs = dict(directions=3, power_iterations=1, seed=1, dtype=torch.float64)
     whole = measure_stability(resnet20, anatomy20, x, **kwargs)
-    monkeypatch.setattr(stability, "_CHUNK_ELEMENTS", 20_000)
-    monkeypatch.setattr(stability, "_CAPTURE_ELEMENTS", 100_000)
+    monkeypatch.setattr(chunks_module, "_CHUNK_ELEMENTS", 20_000)
+    monkeypatch.setattr(capture_module, "_CAPTURE_ELEMENTS", 100_000)
     chunked = measure_stability(resnet20, anatomy20, x, **kwargs)
     for u, v in zip(whole.blocks, chunked.blocks):
         assert np.allclose(u.ratios, v.ratios, rtol=1e-9, atol=0)
@@ -459,9 +463,9 @@ def test_power_iteration_stops_early_on_a_separated_spectrum(monkeypatch):
     x = _images(3, shape=(2, 3, 3)).double()
     v = _images(3, seed=4, shape=(2, 3, 3)).double()
     linear_calls = []  # products by the linearized copy (a deep copy: its calls are not block.calls)
-    original = stability._Linearized.__call__
-    monkeypatch.setattr(stability._Linearized, "__call__", lambda self, t: linear_calls.append(1) or original(self, t))
-    gain, converged = stability._power_iteration(block, x, v, 100, 1e-8)
+    original = Linearized.__call__
+    monkeypatch.setattr(Linearized, "__call__", lambda self, t: linear_calls.append(1) or original(self, t))
+    gain, converged = power_iteration(block, x, v, 100, 1e-8)
     # Error of the estimate shrinks by (1/3)^2 per step: about 10 steps reach 1e-8,
     # so the 100 allowed are never used (one call for the vjp, one per product).
     assert converged.all()
@@ -470,7 +474,7 @@ def test_power_iteration_stops_early_on_a_separated_spectrum(monkeypatch):
     # Without a tolerance every product is made.
     block.calls = 0
     linear_calls.clear()
-    gain, converged = stability._power_iteration(block, x, v, 100, 0.0)
+    gain, converged = power_iteration(block, x, v, 100, 0.0)
     assert not converged.any() and block.calls + len(linear_calls) > 100
 
 
@@ -566,13 +570,13 @@ def _bottleneck_block() -> nn.Module:
             module.running_var.uniform_(0.5, 1.5)
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.5, 0.5)
-    return stability._jacobian_copy(block.eval().double())
+    return jacobian_copy(block.eval().double())
 
 
 def test_linearized_block_equals_forward_mode_ad():
     block = _bottleneck_block()
     x, v = _images(3, shape=(4, 6, 6)).double(), _images(3, seed=5, shape=(4, 6, 6)).double()
-    linear = stability._Linearized(block).at(x)
+    linear = Linearized(block).at(x)
     _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
     torch.testing.assert_close(linear(v), reference, rtol=1e-12, atol=1e-12)
     assert linear.matches(reference, v)
@@ -583,7 +587,7 @@ def test_linearized_power_iteration_reaches_the_dense_jacobian_norm():
     block = _bottleneck_block()
     x = _images(2, shape=(4, 6, 6)).double()
     v = _images(2, seed=6, shape=(4, 6, 6)).double()
-    gain, converged = stability._power_iteration(block, x, v, 300, 0.0)
+    gain, converged = power_iteration(block, x, v, 300, 0.0)
     for i in range(2):
         jacobian = torch.autograd.functional.jacobian(lambda t: block(t.clone()), x[i : i + 1])
         sigma = float(torch.linalg.svdvals(jacobian.reshape(8 * 3 * 3, 4 * 6 * 6))[0])
@@ -598,31 +602,31 @@ def test_blocks_with_functional_relu_fall_back_to_forward_mode_ad():
     x, v = _images(2, shape=(2, 4, 4)).double(), _images(2, seed=7, shape=(2, 4, 4)).double()
     _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
     # F.relu is invisible to the module swap: the product is the affine part only, and is refused
-    assert not stability._Linearized(block).at(x).matches(reference, v)
+    assert not Linearized(block).at(x).matches(reference, v)
 
 
 def test_the_linearization_verdict_holds_for_every_later_batch(monkeypatch):
     """One comparison with autograd per block: later batches use (or refuse) the linearization unchecked."""
     jvp_calls, checks = [], []
-    original, original_check = torch.func.jvp, stability._Reverse.jvp
+    original, original_check = torch.func.jvp, Reverse.jvp
     monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(stability._Reverse, "jvp", lambda self, v: checks.append(1) or original_check(self, v))
+    monkeypatch.setattr(Reverse, "jvp", lambda self, v: checks.append(1) or original_check(self, v))
     block = _bottleneck_block()
     x, v = _images(4, shape=(4, 6, 6)).double(), _images(4, seed=8, shape=(4, 6, 6)).double()
-    linearized = stability._Linearized(block)
-    together, _ = stability._power_iteration(block, x, v, 5, 0.0)
+    linearized = Linearized(block)
+    together, _ = power_iteration(block, x, v, 5, 0.0)
     checks.clear()
-    parts = [stability._power_iteration(block, x[i:i + 2], v[i:i + 2], 5, 0.0, linearized)[0] for i in (0, 2)]
+    parts = [power_iteration(block, x[i:i + 2], v[i:i + 2], 5, 0.0, linearized)[0] for i in (0, 2)]
     assert linearized.exact is True and len(checks) == 1 and not jvp_calls
     torch.testing.assert_close(torch.cat(parts), together, rtol=1e-12, atol=0)
     # a block the linearization does not fit: refused once, forward-mode AD for every product after
     torch.manual_seed(0)
     relu_block = ReluBlock(2).double().eval()
     x, v = _images(4, shape=(2, 4, 4)).double(), _images(4, seed=9, shape=(2, 4, 4)).double()
-    linearized = stability._Linearized(relu_block)
+    linearized = Linearized(relu_block)
     checks.clear()
     for i in (0, 2):
-        stability._power_iteration(relu_block, x[i:i + 2], v[i:i + 2], 3, 0.0, linearized)
+        power_iteration(relu_block, x[i:i + 2], v[i:i + 2], 3, 0.0, linearized)
     assert linearized.exact is False and len(checks) == 1 and len(jvp_calls) == 5
 
 
@@ -638,14 +642,14 @@ def test_autograd_products_equal_torch_func(make):
         return block(t.clone())
 
     out, reference = torch.func.jvp(fn, (x,), (v,))
-    reverse = stability._Reverse(fn, x)
+    reverse = Reverse(fn, x)
     torch.testing.assert_close(reverse.jvp(v), reference, rtol=1e-12, atol=1e-12)
     u = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
     _, vjp_reference = torch.func.vjp(fn, x)
     torch.testing.assert_close(reverse.vjp(u), vjp_reference(u)[0], rtol=0, atol=0)
     torch.testing.assert_close(reverse.vjp(2 * u), vjp_reference(2 * u)[0], rtol=0, atol=0)  # reusable
     # an output that does not depend on the input: zero products, no autograd error
-    constant = stability._Reverse(lambda t: torch.ones(3, 2), x)
+    constant = Reverse(lambda t: torch.ones(3, 2), x)
     assert not constant.jvp(v).any()
     assert not constant.vjp(torch.ones(3, 2)).any()
 
@@ -657,13 +661,13 @@ def test_power_iteration_does_not_import_torch_dynamo():
 
     code = (
         "import sys, torch\n"
-        "from auditor.analysis import stability\n"
+        "from auditor.analysis.stability.linearized import Linearized, jacobian_copy, power_iteration\n"
         "from auditor.models.resnet_layout import Bottleneck\n"
         "torch.manual_seed(0)\n"
-        "block = stability._jacobian_copy(Bottleneck(8, 2).eval())\n"
+        "block = jacobian_copy(Bottleneck(8, 2).eval())\n"
         "x, v = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)\n"
-        "gain, _ = stability._power_iteration(block, x, v, 4, 0.0)\n"
-        "assert stability._Linearized(block).exact is None and gain.gt(0).all()\n"
+        "gain, _ = power_iteration(block, x, v, 4, 0.0)\n"
+        "assert Linearized(block).exact is None and gain.gt(0).all()\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -681,7 +685,7 @@ def test_directions_drawn_in_chunks_equal_one_draw(shape):
     want = torch.randn((rows, *shape), generator=generator, dtype=torch.float32).double()
     want = want * (eps * reference / want.flatten(1).norm(dim=1)).reshape(-1, 1, 1, 1)
     after = torch.randn(5, generator=generator, dtype=torch.float32)  # what the caller draws next
-    directions = stability._Directions(
+    directions = Directions(
         torch.Generator().manual_seed(7), reference, shape, eps, torch.float64, torch.device("cpu")
     )
     got = torch.cat([directions.take(count) for count in (1, 4, 3)])  # 8 of 11 taken
@@ -696,7 +700,7 @@ def test_concatenate_equals_cat_keeps_the_memory_format_and_frees_the_chunks():
     for memory_format in (torch.channels_last, torch.contiguous_format):
         chunks = [torch.randn(rows, 3, 4, 5, generator=g).contiguous(memory_format=memory_format) for rows in (2, 1, 3)]
         want = torch.cat(chunks)
-        got = stability._concatenate(chunks)
+        got = concatenate(chunks)
         assert torch.equal(got, want) and chunks == []
         assert got.is_contiguous(memory_format=memory_format)
 
@@ -709,7 +713,7 @@ def test_capture_stops_the_forward_pass_after_the_last_needed_block(resnet20, an
     calls = []
     head = modules["layer3"].register_forward_hook(lambda *args: calls.append(1))
     try:
-        inputs = stability._capture(resnet20, modules, x, names, batch_size=2)
+        inputs = capture_module.capture(resnet20, modules, x, names, batch_size=2)
     finally:
         head.remove()
     assert calls == []
@@ -731,22 +735,22 @@ def test_distances_broadcast_repeated_references_as_a_gather_would():
     reference = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
     index = torch.arange(1, 4).repeat_interleave(3)  # samples 1..3, three runs each
     runs = torch.randn(9, 3, 4, 4, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    layout = stability._repeats(index)
+    layout = repeats(index)
     assert layout == (1, 4, 3)
     want = torch.linalg.vector_norm((runs - reference[index]).flatten(1), dim=1)
-    torch.testing.assert_close(stability._distances(runs, reference, index, layout), want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(distances(runs, reference, index, layout), want, rtol=1e-14, atol=0)
     # a chunk that starts inside a sample has no such layout: gathered
     ragged = torch.tensor([1, 2, 2, 2, 3])
-    assert stability._repeats(ragged) is None
-    torch.testing.assert_close(stability._distances(runs[:5], reference, ragged),
+    assert repeats(ragged) is None
+    torch.testing.assert_close(distances(runs[:5], reference, ragged),
                                torch.linalg.vector_norm((runs[:5] - reference[ragged]).flatten(1), dim=1))
 
 
 def test_kept_values_are_exact_python_floats():
     values = torch.tensor([1 / 3, 2.0 ** -30, 7.25], dtype=torch.float32)
-    kept = stability._kept(values)
-    assert all(type(v) is float for v in kept)
-    assert np.array_equal(np.asarray(kept), values.double().numpy())
+    floats = kept(values)
+    assert all(type(v) is float for v in floats)
+    assert np.array_equal(np.asarray(floats), values.double().numpy())
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -755,13 +759,13 @@ def test_cifar_blocks_take_the_linearized_products(shortcut, monkeypatch):
     from auditor.models.cifar_resnet import CifarBasicBlock
 
     torch.manual_seed(0)
-    block = stability._jacobian_copy(CifarBasicBlock(4, 8, 2, shortcut=shortcut).eval().double())
+    block = jacobian_copy(CifarBasicBlock(4, 8, 2, shortcut=shortcut).eval().double())
     x, v = _images(3, shape=(4, 6, 6)).double(), _images(3, seed=13, shape=(4, 6, 6)).double()
-    linear = stability._Linearized(block).at(x)
+    linear = Linearized(block).at(x)
     _, reference = torch.func.jvp(lambda t: block(t.clone()), (x,), (v,))
     assert linear.matches(reference, v) and len(linear.relus) == 1 and len(linear.relus[0].masks) == 2
     jvp_calls = []
     original = torch.func.jvp
     monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
-    stability._power_iteration(block, x, v, 4, 0.0)
+    power_iteration(block, x, v, 4, 0.0)
     assert not jvp_calls
