@@ -769,3 +769,30 @@ def test_cifar_blocks_take_the_linearized_products(shortcut, monkeypatch):
     monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
     power_iteration(block, x, v, 4, 0.0)
     assert not jvp_calls
+
+
+def test_every_entry_point_takes_its_defaults_from_stability_options():
+    """One home for the defaults: the library, both tasks and both commands read StabilityOptions."""
+    import dataclasses
+    import inspect
+
+    from auditor.analysis.stability import STABILITY_DEFAULTS
+    from auditor.cli.audit import audit_command
+    from auditor.cli.stability import stability_command
+    from auditor.tasks.audit import AuditOptions
+    from auditor.tasks.stability import subject_stability
+
+    def defaults(fn):
+        return {name: p.default for name, p in inspect.signature(fn).parameters.items()}
+
+    audit_fields = {f.name: f.default for f in dataclasses.fields(AuditOptions)}
+    library = defaults(measure_stability)
+    for name in ("eps", "directions", "seed", "power_iterations", "power_tolerance"):
+        assert library[name] == getattr(STABILITY_DEFAULTS, name)
+    assert library["dtype"] == getattr(torch, STABILITY_DEFAULTS.dtype)
+    for name in ("eps", "directions", "samples", "power_iterations", "dtype"):
+        expected = getattr(STABILITY_DEFAULTS, name)
+        assert audit_fields[name] == expected and defaults(subject_stability)[name] == expected
+        for command in (audit_command, stability_command):
+            default = defaults(command)[name]
+            assert getattr(default, "value", default) == expected

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ..analysis.stability import STABILITY_DEFAULTS
 from ..errors import ExitCode
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
@@ -69,11 +70,11 @@ def audit_command(
     center: CenterOpt = False,
     max_pairs: MaxPairsOpt = None,
     subspace: SubspaceOpt = None,
-    eps: EpsOpt = 1e-3,
-    directions: DirectionsOpt = 4,
-    samples: SamplesOpt = 32,
-    power_iterations: PowerOpt = 8,
-    dtype: PrecisionOpt = Precision.float32,
+    eps: EpsOpt = STABILITY_DEFAULTS.eps,
+    directions: DirectionsOpt = STABILITY_DEFAULTS.directions,
+    samples: SamplesOpt = STABILITY_DEFAULTS.samples,
+    power_iterations: PowerOpt = STABILITY_DEFAULTS.power_iterations,
+    dtype: PrecisionOpt = Precision(STABILITY_DEFAULTS.dtype),
     batch_size: BatchOpt = 32,
     cache: CacheOpt = None,
     plots: PlotsOpt = None,

@@ -6,6 +6,7 @@ from typing import Any
 
 import typer
 
+from ..analysis.stability import STABILITY_DEFAULTS
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
     ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, DirectionsOpt, EpsOpt, Format, FormatOpt, InputSizeOpt,
@@ -35,11 +36,11 @@ def stability_command(
     data: DataOpt,
     arch: ArchOpt = None,
     input_size: InputSizeOpt = None,
-    eps: EpsOpt = 1e-3,
-    directions: DirectionsOpt = 4,
-    samples: SamplesOpt = 32,
-    power_iterations: PowerOpt = 8,
-    dtype: PrecisionOpt = Precision.float32,
+    eps: EpsOpt = STABILITY_DEFAULTS.eps,
+    directions: DirectionsOpt = STABILITY_DEFAULTS.directions,
+    samples: SamplesOpt = STABILITY_DEFAULTS.samples,
+    power_iterations: PowerOpt = STABILITY_DEFAULTS.power_iterations,
+    dtype: PrecisionOpt = Precision(STABILITY_DEFAULTS.dtype),
     seed: SeedOpt = None,
     preset: PresetOpt = None,
     size: SizeOpt = None,
@@ -72,7 +73,7 @@ def stability_command(
     with progress_bar("stability", enabled=not no_progress and fmt is not Format.json) as update:
         result = subject_stability(
             subject, images, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
-            seed=0 if seed is None else seed, device=resolve_device(device), dtype=dtype.value,
+            seed=STABILITY_DEFAULTS.seed if seed is None else seed, device=resolve_device(device), dtype=dtype.value,
             condition_progress=update,
             progress=update,
         )

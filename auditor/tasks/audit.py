@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..analysis.stability import STABILITY_DEFAULTS
 from ..errors import Remedy, UsageError
 from ..report.document import report_header
 from ..report.verdict import METRICS, Rule, evaluate, parse_rule
@@ -42,11 +43,11 @@ class AuditOptions:
     center: bool = False
     max_pairs: int | None = None
     subspace: int | None = None
-    eps: float = 1e-3
-    directions: int = 4
-    samples: int = 32
-    power_iterations: int = 8
-    dtype: str = "float32"
+    eps: float = STABILITY_DEFAULTS.eps
+    directions: int = STABILITY_DEFAULTS.directions
+    samples: int = STABILITY_DEFAULTS.samples
+    power_iterations: int = STABILITY_DEFAULTS.power_iterations
+    dtype: str = STABILITY_DEFAULTS.dtype
     batch_size: int = 32
     workers: int = 0
     device: str = "cpu"

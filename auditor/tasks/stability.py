@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import distributed
-from ..analysis.stability import StabilityReport
+from ..analysis.stability import STABILITY_DEFAULTS, StabilityReport
 from ..errors import UsageError
 from ..subject import Subject
 from .images import PreparedImages
@@ -69,7 +69,8 @@ class StabilityResult:
         }
 
 
-def check_stability_options(*, eps: float, directions: int, samples: int, dtype: str = "float32") -> None:
+def check_stability_options(*, eps: float, directions: int, samples: int,
+                            dtype: str = STABILITY_DEFAULTS.dtype) -> None:
     """Refuse stability options that would only fail at the end of a long run, or measure nothing.
 
     Raises
@@ -95,13 +96,13 @@ def subject_stability(
     subject: Subject,
     images: PreparedImages,
     *,
-    eps: float = 1e-3,
-    directions: int = 4,
-    samples: int = 32,
-    power_iterations: int = 8,
-    seed: int = 0,
+    eps: float = STABILITY_DEFAULTS.eps,
+    directions: int = STABILITY_DEFAULTS.directions,
+    samples: int = STABILITY_DEFAULTS.samples,
+    power_iterations: int = STABILITY_DEFAULTS.power_iterations,
+    seed: int = STABILITY_DEFAULTS.seed,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = STABILITY_DEFAULTS.dtype,
     bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
     condition_progress: Progress | None = None,
     progress: Progress | None = None,
