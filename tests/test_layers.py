@@ -31,3 +31,11 @@ def test_images_and_archive_share_the_image_test_without_a_circle() -> None:
     assert ".images" not in _imported_modules(PACKAGE / "io" / "archive.py")
     assert ".image_kinds" in _imported_modules(PACKAGE / "io" / "archive.py")
     assert ".image_kinds" in _imported_modules(PACKAGE / "io" / "images.py")
+
+
+def test_conditioning_and_the_extremes_share_the_block_algebra_without_a_circle() -> None:
+    conditioning = _imported_modules(PACKAGE / "analysis" / "conditioning.py")
+    extremes = _imported_modules(PACKAGE / "analysis" / "block_extremes.py")
+    assert ".conditioning" not in extremes
+    assert ".block_algebra" in conditioning and ".block_algebra" in extremes
+    assert ".conditioning" not in _imported_modules(PACKAGE / "analysis" / "block_algebra.py")
