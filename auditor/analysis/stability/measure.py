@@ -23,13 +23,13 @@ from ...errors import InputError
 from ...models.anatomy import Anatomy, BlockInfo
 from .capture import Taps, capture, capture_groups
 from .checks import check_bounds, check_device, check_images, check_options, check_power
-from .chunks import group_runs, kept, distances, ratio_or_nan, row_norms, row_slices, rows_per_chunk, share, stats
+from .chunks import distances, group_runs, kept, ratio_or_nan, row_norms, row_slices, rows_per_chunk, share, stats
 from .directions import Directions
 from .linearized import Linearized, jacobian_copy, power_iteration
 from .options import STABILITY_DEFAULTS, StabilityOptions
 from .results import BatchNormStability, BlockStability, StabilityReport, Trajectory, TrajectoryPoint
 
-__all__ = ["Progress", "measure_stability"]
+__all__ = ["measure_stability"]
 
 # A block output with ||f(x)|| <= _DEAD * ||x|| counts as dead: r is undefined there.
 _DEAD = 1e-12
