@@ -112,3 +112,41 @@ def sigma_of_matrices(p: np.ndarray) -> np.ndarray:
     if p.shape[1] < 8:  # tiny: the SVD itself is cheapest
         return np.linalg.svd(p, compute_uv=False)
     return sigma_from_gram(p @ p.conj().transpose(0, 2, 1), lambda index: p[index])
+
+
+def extremes_of_matrices(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and smallest singular value of each matrix of a batch (batch, r, c), the smallest over min(r, c).
+
+    Both from the eigenvalues of the Gram matrices, as :func:`sigma_of_matrices`;
+    where those span more than ``1 / GRAM_MIN_RATIO`` (squaring would cost the
+    smallest value its accuracy), a square matrix's smallest singular value is
+    ``1 / sigma_max(P^{-1})``: one LU inverse and the largest eigenvalue of its
+    Gram matrix (well conditioned), accurate to about ``eps sigma_max(P)`` in
+    absolute terms like the SVD's own, at a fraction of its cost (a complex
+    768 x 768 matrix, ConvNeXt-T's last stage: 5 s by SVD here, under 0.2 s so).
+    A matrix whose inverse does not exist in floating point, and a rectangular
+    one, get the SVD.
+    """
+    if p.shape[1] > p.shape[2]:
+        p = p.conj().transpose(0, 2, 1)  # smaller side first
+    if p.shape[1] < 8:  # tiny: the SVD itself is cheapest
+        values = np.linalg.svd(p, compute_uv=False)
+        return values[:, 0], values[:, -1]
+    gram = torch.from_numpy(p @ p.conj().transpose(0, 2, 1))
+    lam = torch.linalg.eigvalsh(gram).numpy()
+    top, low = lam[:, -1], lam[:, 0]
+    largest, smallest = np.sqrt(np.clip(top, 0.0, None)), np.sqrt(np.clip(low, 0.0, None))
+    redo = np.flatnonzero((low < GRAM_MIN_RATIO * top) & (top > 0))
+    if redo.size and p.shape[1] == p.shape[2]:
+        inverse, info = torch.linalg.inv_ex(torch.from_numpy(np.ascontiguousarray(p[redo])))
+        ok = (info == 0).numpy() & torch.isfinite(inverse).flatten(1).all(dim=1).numpy()
+        if ok.any():
+            lam_inverse = torch.linalg.eigvalsh(inverse[ok].mH @ inverse[ok])[:, -1].numpy()
+            good = np.isfinite(lam_inverse) & (lam_inverse > 0)
+            rows = redo[ok][good]
+            smallest[rows] = 1.0 / np.sqrt(lam_inverse[good])
+            redo = np.setdiff1d(redo, rows)
+    if redo.size:
+        smallest[redo] = np.linalg.svd(p[redo], compute_uv=False)[:, -1]
+    return largest, smallest
+

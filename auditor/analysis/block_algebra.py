@@ -24,6 +24,7 @@ from ..errors import InputError, UsageError
 from .batched import (
     blas_single_thread,
     chunk_slices,
+    extremes_of_matrices,
     parallel_map,
     sigma_of_matrices,
     torch_single_thread,
@@ -316,21 +317,25 @@ def block_matrices(block: ReducedBlock, residual: bool, u: np.ndarray, v: np.nda
     return product
 
 
-def block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> Spectra:
+def block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut, *, extremes_only: bool = False) -> Spectra:
     """Per-frequency singular values of ``W_k .. W_1`` and of ``W_k .. W_1 + S``.
 
     See :func:`auditor.analysis.conditioning.block_singular_values` for the
     steps; both operators come from the same per-frequency factors.
+    ``extremes_only``: each frequency's largest and smallest value only
+    (:func:`extremes_of_matrices`, no SVD where the Gram matrix is ill
+    conditioned); :meth:`Spectra.extremes` holds, :meth:`Spectra.values` does not.
     """
     block = reduce_block(convs, shortcut)
     u, v, mult = half_plane(*block.grid)
+    values = _extremes_rows if extremes_only else sigma_of_matrices
 
     # 3. per frequency chunk: chain products, shortcut, singular values
     def chunk(part: slice) -> tuple[np.ndarray, np.ndarray | None]:
-        plain = sigma_of_matrices(block_matrices(block, False, u[part], v[part]))
+        plain = values(block_matrices(block, False, u[part], v[part]))
         if shortcut is None:
             return plain, None
-        return plain, sigma_of_matrices(block_matrices(block, True, u[part], v[part]))
+        return plain, values(block_matrices(block, True, u[part], v[part]))
 
     workers = worker_count()
     weights = block.weights
@@ -340,6 +345,11 @@ def block_spectra(convs: Sequence[ConvOperator], shortcut: Shortcut) -> Spectra:
     residual = None if shortcut is None else np.concatenate([r[1] for r in results])
     return Spectra(np.concatenate([r[0] for r in results]), residual, mult, block.extra_plain,
                     block.extra_residual, block.side)
+
+
+def _extremes_rows(matrices: np.ndarray) -> np.ndarray:
+    """(F, 2): each frequency's largest and smallest singular value."""
+    return np.stack(extremes_of_matrices(matrices), axis=1)
 
 
 def basis(matrix: np.ndarray) -> np.ndarray:

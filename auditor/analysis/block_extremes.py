@@ -59,6 +59,7 @@ import torch
 from .batched import (
     blas_single_thread,
     chunk_slices,
+    extremes_of_matrices,
     parallel_map,
     sigma_of_matrices,
     torch_single_thread,
@@ -595,9 +596,11 @@ class _ChunkResult:
 
 
 def _chunk_dense(block: Any, residual: bool, u: np.ndarray, v: np.ndarray) -> _ChunkResult:
-    """Extremes over one chunk of frequencies from all their singular values (step 4)."""
-    values = _dense(block, residual, u, v)
-    return _ChunkResult(float(values.max(initial=0.0)), "dense", float(values.min(initial=math.inf)), "dense")
+    """Extremes over one chunk of frequencies, each frequency's extremes exactly (step 4)."""
+    if not len(u):
+        return _ChunkResult(0.0, "dense", math.inf, "dense")
+    top, bottom = extremes_of_matrices(block_matrices(block, residual, u, v))
+    return _ChunkResult(float(top.max(initial=0.0)), "dense", float(bottom.min(initial=math.inf)), "dense")
 
 
 def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray, v: np.ndarray, offset: int,
@@ -776,8 +779,9 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
 
     plans = {residual: _plan(block, residual) for residual in (False, True)[: 1 + block.has_shortcut]}
     if not any(plan.lanczos for plan in plans.values()):
-        # small blocks (CIFAR networks): the full spectrum's single pass is the cheapest
-        spectra = block_spectra(convs, shortcut)
+        # small blocks (CIFAR networks) and blocks with no Lanczos structure (basic blocks, inverted
+        # bottlenecks, ConvNeXt): one pass over the frequencies for both operators, extremes only
+        spectra = block_spectra(convs, shortcut, extremes_only=True)
         extremes = [spectra.extremes(residual=False), spectra.extremes(residual=True) if shortcut else None]
         found = [None if e is None else OperatorExtremes(e[0], e[1], "dense") for e in extremes]
         return BlockExtremes(found[0], found[1], spectra.side)
