@@ -29,7 +29,8 @@ def test_eps_below_float32_resolution_is_refused_naming_the_floor(command: str, 
     assert code == 2 and out == "" and not target.exists()
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert "--eps must be at least 1e-05 with float32 products (use --dtype float64 for smaller)" in lines[0]
+    assert f"eps {float(eps):g} is below what float32 products resolve" in lines[0]
+    assert "eps must be at least 1e-05 with float32 products Hint: use --dtype float64 for smaller" in lines[0]
 
 
 @needs_fixtures

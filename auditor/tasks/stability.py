@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import distributed
 from ..analysis.stability import STABILITY_DEFAULTS, StabilityReport
-from ..errors import UsageError
+from ..errors import Remedy, UsageError
 from ..subject import Subject
 from .images import PreparedImages
 
@@ -85,9 +85,11 @@ def check_stability_options(*, eps: float, directions: int, samples: int,
     if not (0 < eps < 1):
         raise UsageError(f"eps {eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
     if eps < MIN_EPS[dtype]:
-        smaller = " (use --dtype float64 for smaller)" if dtype == "float32" else ""
-        raise UsageError(f"--eps {eps:g} is below what {dtype} products resolve: --eps must be at least "
-                         f"{MIN_EPS[dtype]:g} with {dtype} products{smaller}")
+        wider = dtype == "float32"
+        raise UsageError(f"eps {eps:g} is below what {dtype} products resolve: eps must be at least "
+                         f"{MIN_EPS[dtype]:g} with {dtype} products",
+                         hint="use {remedy} for smaller" if wider else None,
+                         remedy=Remedy("dtype", "float64") if wider else None)
     if directions < 1 or samples < 1:
         raise UsageError(f"directions ({directions}) and samples ({samples}) must be at least 1")
 
