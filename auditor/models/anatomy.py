@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ArchitectureError, Remedy
 from ..io.stage_spec import StageSpec
-from .block_graph import RULES, Factor, PathLayer, PathReading, is_gate_module, read_path, trace_block
+from .block_graph import RULES, Factor, PathLayer, PathReading, ancestry, is_gate_module, read_path, trace_block
 
 __all__ = [
     "LayerInfo",
@@ -274,18 +274,6 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(current.all_input_nodes)
-    return seen
-
-
 class _ChildrenAsLeaves(fx.Tracer):
     """Traces only a module's own forward: its children are calls, not inlined."""
 
@@ -308,7 +296,7 @@ def _adds_own_input(module: nn.Module) -> bool:
         return False
     source = placeholders[0]
     return any(
-        _is_add(node) and all(source in _ancestors(a) for a in node.args[:2])
+        _is_add(node) and all(source in ancestry(a) for a in node.args[:2])
         for node in graph.nodes
     )
 
@@ -320,7 +308,7 @@ def _residual_add(graph_module: fx.GraphModule) -> tuple[fx.Node, fx.Node] | Non
         return None
     source = placeholders[0]
     for node in reversed(list(graph_module.graph.nodes)):
-        if _is_add(node) and all(source in _ancestors(a) for a in node.args[:2]):
+        if _is_add(node) and all(source in ancestry(a) for a in node.args[:2]):
             return node, source
     return None
 
@@ -347,7 +335,7 @@ def _shortcut_function(graph_module: fx.GraphModule, short: fx.Node) -> fx.Graph
     """A GraphModule computing only the shortcut branch."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    needed = _ancestors(short)
+    needed = ancestry(short)
     for node in graph_module.graph.nodes:
         if node in needed:
             env[node] = graph.node_copy(node, lambda n: env[n])
@@ -444,7 +432,7 @@ def _describe_block(
     operands = list(add.args[:2])
     readings = [read_path(graph_module, operand, source, path) for operand in operands]
     sub = dict(module.named_modules())
-    convs_of = [_conv_nodes(graph_module, _ancestors(operand)) for operand in operands]
+    convs_of = [_conv_nodes(graph_module, ancestry(operand)) for operand in operands]
     # the main branch: the operand with more layers (convolutions by ancestry when a walk stops early)
     weight = [max(len(r.layers), len(c)) for r, c in zip(readings, convs_of)]
     main_index = 0 if weight[0] >= weight[1] else 1

@@ -45,6 +45,7 @@ __all__ = [
     "trace_block",
     "read_path",
     "is_gate_module",
+    "ancestry",
 ]
 
 # rule key -> what it does, as the report names it (JSON ``linearization[].rule``)
@@ -216,30 +217,25 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return node.meta.get("shape") if isinstance(node, fx.Node) else None
 
 
-def _depends_on(node: fx.Node, source: fx.Node) -> bool:
-    seen, stack = set(), [node]
+def ancestry(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it is computed from."""
+    seen: set[fx.Node] = set()
+    stack = [node]
     while stack:
         current = stack.pop()
-        if current is source:
-            return True
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(current.all_input_nodes)
-    return False
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def _depends_on(node: fx.Node, source: fx.Node) -> bool:
+    return source in ancestry(node)
 
 
 def _constant_path(node: fx.Node) -> str | None:
     """The one parameter or buffer a constant operand is computed from (reshapes of it)."""
-    seen, stack, found = set(), [node], []
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "get_attr":
-            found.append(str(current.target))
-        stack.extend(current.all_input_nodes)
+    found = [str(n.target) for n in ancestry(node) if n.op == "get_attr"]
     return found[0] if len(found) == 1 else None
 
 
@@ -385,19 +381,12 @@ _KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Identity,
 def _uncovered_part(node: fx.Node, modules: dict[str, nn.Module], prefix: str) -> str:
     """The part to name where the walk stops: the first module of no known kind the branch runs
     up to that node (an attention layer, say), else the operation itself (a reshape, a pooling)."""
-    seen, stack, found = set(), [node], []
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "call_module" and not isinstance(modules.get(str(current.target)), _KNOWN_MODULES):
-            found.append(current)
-        stack.extend(current.all_input_nodes)
+    before = ancestry(node)
+    found = [n for n in node.graph.nodes if n in before  # in graph order: the first such module
+             and n.op == "call_module" and not isinstance(modules.get(str(n.target)), _KNOWN_MODULES)]
     if found:
-        order = {n: i for i, n in enumerate(node.graph.nodes)}
-        first = min(found, key=order.__getitem__)
-        return f"{_join(prefix, str(first.target))} ({type(modules[str(first.target)]).__name__})"
+        first = str(found[0].target)
+        return f"{_join(prefix, first)} ({type(modules[first]).__name__})"
     what = getattr(node.target, "__name__", str(node.target))
     return f"{_join(prefix, _scope(node) or node.name)} ({what})"
 
