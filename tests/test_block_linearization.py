@@ -302,3 +302,61 @@ def test_audit_of_a_family_inferred_from_its_weights(tmp_path, capsys, build, ar
     assert len(document["stability"]["blocks"]) == len(document["blocks"])
     assert all(b["kappa_linear_plain"] is not None or b["kappa_linear_plain_reason"] for b in document["blocks"])
     assert [s["name"] for s in document["stages"]][0] == "stem"
+
+
+_ATTENTION_FACTORY = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 1)
+        self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        n, c, h, w = y.shape
+        tokens = y.flatten(2).transpose(1, 2)
+        y = self.attention(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(n, c, h, w)
+        return self.conv2(y) + x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = Block()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+@pytest.mark.slow
+def test_an_uncovered_block_is_refused_by_condition_and_measured_by_stability(tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    from conftest import run_cli, run_json, save_safetensors
+
+    factory = tmp_path / "net.py"
+    factory.write_text(_ATTENTION_FACTORY)
+    namespace: dict = {}
+    exec(_ATTENTION_FACTORY, namespace)
+    path = save_safetensors(namespace["build"](), tmp_path / "net.safetensors")
+    arch = f"{factory}:build"
+    code, _, err = run_cli(["condition", path, "--arch", arch, "--input-size", "8"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "block block: block.attention (MultiheadAttention) is not covered" in err
+    digits = Path(__file__).resolve().parent.parent / "fixtures" / "digits"
+    document = run_json(["stability", path, "--arch", arch, "--data", digits, "--input-size", "8", "--size", "8",
+                         "--samples", "2", "--directions", "2"], capsys)
+    assert [b["name"] for b in document["stability"]["blocks"]] == ["block"]

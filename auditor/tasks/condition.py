@@ -462,6 +462,7 @@ def condition(
     keep_spectra: bool = False,
     progress: Progress | None = None,
     full_spectra: bool = False,
+    skip_uncovered: bool = False,
 ) -> ConditionReport:
     """Spectra of every conv / linear layer and condition numbers of every block.
 
@@ -484,6 +485,14 @@ def condition(
     full_spectra : bool
         Take every block's extremes from its full per-frequency spectra (the
         slow reference) instead of the fast extremes; same numbers.
+    skip_uncovered : bool
+        Leave out the blocks with a part no rule of the linearization covers
+        (for the stability bounds) instead of refusing the network.
+
+    Raises
+    ------
+    ArchitectureError
+        A block holds a part the linearization does not cover (unless ``skip_uncovered``).
     """
     if boundary not in BOUNDARIES:
         raise UsageError(f"boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
@@ -492,6 +501,8 @@ def condition(
     modules = dict(model.named_modules())
     layers = subject.anatomy.layers
     blocks_info = subject.anatomy.blocks
+    if skip_uncovered:
+        blocks_info = tuple(b for b in blocks_info if not b.uncovered)
     _refuse_uncovered(blocks_info)
     pairs = _batchnorm_pairs(model)
     # every layer of a block is conditioned with the factors its block's linearization folds into it
@@ -537,7 +548,7 @@ def condition(
         costs=[sum(_cost(modules, c.name, c.input_shape) for c in (*b.convs, *b.shortcut_convs)) for b in blocks_info],
         progress=_shifted(progress, len(layers), total),
     )
-    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), subject.anatomy.blocks, subject)
+    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), blocks_info, subject)
 
 
 def save_spectra(path: str | Path, report: ConditionReport) -> None:

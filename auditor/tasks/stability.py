@@ -141,7 +141,8 @@ def subject_stability(
     check_stability_options(eps=eps, directions=directions, samples=samples, dtype=dtype)
     sample = sample_images(images, samples, seed)
     if bounds is None:
-        bounds = condition(subject, device=device, progress=condition_progress).bounds()
+        # blocks no rule of the linearization covers are measured without Lemma 2 bounds
+        bounds = condition(subject, device=device, progress=condition_progress, skip_uncovered=True).bounds()
     options = dict(eps=eps, directions=directions, seed=seed, power_iterations=power_iterations, bounds=bounds,
                    progress=progress, device=device, dtype=getattr(torch, dtype))
     if distributed.world().size == 1:

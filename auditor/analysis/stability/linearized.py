@@ -188,6 +188,19 @@ class Linearized:
         return bool((row_norms(mine - jvp) <= 1e3 * torch.finfo(jvp.dtype).eps * scale).all())
 
 
+
+def _forward_product(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J v`` by forward-mode AD; where an operation has no forward-mode rule (torch's fused CPU
+    attention kernel), with scaled-dot-product attention computed by its plain math instead."""
+    try:
+        _, u = torch.func.jvp(fn, (x,), (v,))
+    except NotImplementedError:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # only for such blocks
+
+        with sdpa_kernel(SDPBackend.MATH):
+            _, u = torch.func.jvp(fn, (x,), (v,))
+    return u
+
 def power_iteration(
     block: nn.Module, x: torch.Tensor, v: torch.Tensor, iterations: int, tolerance: float,
     linearized: Linearized | None = None,
@@ -246,12 +259,12 @@ def power_iteration(
                     u = reverse.jvp(v)
                 except RuntimeError:  # an operation without a double backward (hardsigmoid)
                     linearized.exact, linear = False, None
-                    _, u = torch.func.jvp(fn, (x,), (v,))
+                    u = _forward_product(fn, x, v)
                 else:
                     linear.exact = linear.matches(u, v)
                     linear = linear if linear.exact else None
             else:
-                _, u = torch.func.jvp(fn, (x,), (v,))
+                u = _forward_product(fn, x, v)
             new = torch.maximum(gain, row_norms(u))
             # 2. Convergence test on the rows still running; frozen rows keep their value.
             if step > 0 and tolerance > 0:
