@@ -37,7 +37,7 @@ class Subject:
             "family": self.loaded.spec.family,
             "parameters": self.loaded.parameters,
             "num_classes": self.loaded.num_classes,
-            "metadata": dict(self.checkpoint.metadata),
+            "metadata": dict(sorted(self.checkpoint.metadata.items())),  # safetensors keeps no order
             "notes": list(self.checkpoint.notes),
             **({"converted_from": converted} if (converted := self.checkpoint.converted_from) else {}),
         }
