@@ -385,3 +385,115 @@ def test_triangular_end_cores_keep_every_singular_value() -> None:
     u, v, _ = half_plane(*block.grid)
     expected = fast._dense(svd, False, u, v)
     np.testing.assert_allclose(fast._dense(triangular, False, u, v), expected, rtol=1e-12, atol=1e-12 * expected.max())
+
+
+# ---------------------------------------------------------------- dense-lanczos: formed matrices, no structure
+
+
+def _dense_lanczos_chunk(matrices: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> fast._ChunkResult:
+    """The dense-Lanczos chunk on given per-frequency matrices (frequency ``u`` = its index)."""
+    monkeypatch.setattr(fast, "block_matrices", lambda block, residual, u, v, depthwise=False: matrices[u])
+    index = np.arange(len(matrices))
+    return fast._chunk_dense_lanczos(None, True, index, index, 0, torch.device("cpu"))
+
+
+def _with_values(values: np.ndarray, seed: int) -> np.ndarray:
+    """Random complex U diag(values) V^H."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n)))
+    return (u * values) @ v.conj().T
+
+
+@pytest.mark.parametrize("kappa", [1e2, 1e6, 1e10])
+def test_dense_lanczos_matches_svd_of_the_frequency_matrices(kappa: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    n = 40
+    # random frequencies, one of them with condition number kappa (spread-out values, the largest elsewhere)
+    matrices = [rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n)) for _ in range(5)]
+    matrices.insert(2, _with_values(np.geomspace(1.0, 1.0 / kappa, n), seed=2))
+    matrices = np.stack(matrices)
+    values = np.linalg.svd(matrices, compute_uv=False)
+    found = _dense_lanczos_chunk(matrices, monkeypatch)
+    assert found.top == pytest.approx(values[:, 0].max(), rel=1e-7)
+    assert found.bottom == pytest.approx(values[:, -1].min(), rel=1e-6)
+    assert found.top_method == found.bottom_method == "dense-lanczos"
+
+
+def test_dense_lanczos_singular_frequencies_fall_back_to_exact_extremes(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    n = 30
+    matrices = rng.standard_normal((4, n, n)) + 1j * rng.standard_normal((4, n, n))
+    matrices[1, :, 5] = 0  # an exactly singular frequency: its LU fails
+    found = _dense_lanczos_chunk(matrices, monkeypatch)
+    values = np.linalg.svd(matrices, compute_uv=False)
+    assert found.top == pytest.approx(values[:, 0].max(), rel=1e-7)
+    assert found.bottom == pytest.approx(0.0, abs=1e-12 * found.top)
+    assert found.bottom_method == "dense-lanczos+dense"
+    # rank deficient in exact arithmetic only (the LU succeeds): sigma_min at rounding level
+    matrices[1] = _with_values(np.r_[np.ones(n - 1), 0.0], seed=4)
+    found = _dense_lanczos_chunk(matrices, monkeypatch)
+    assert found.bottom <= 1e-12 * found.top
+
+
+def test_dense_lanczos_rows_that_do_not_converge_go_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    matrices = rng.standard_normal((3, 50, 50)) + 1j * rng.standard_normal((3, 50, 50))
+    values = np.linalg.svd(matrices, compute_uv=False)
+    original = fast.largest_eigenvalues
+    # one step, no restart: nothing converges, every candidate frequency is computed exactly
+    monkeypatch.setattr(fast, "WARM_START_STEPS", 0)
+    monkeypatch.setattr(fast, "largest_eigenvalues",
+                        lambda apply, start, **kw: original(apply, start, **{**kw, "max_dim": 1, "restarts": 0}))
+    found = _dense_lanczos_chunk(matrices, monkeypatch)
+    assert found.top == pytest.approx(values[:, 0].max(), rel=1e-12)
+    assert found.bottom == pytest.approx(values[:, -1].min(), rel=1e-10)
+    assert found.top_method == found.bottom_method == "dense-lanczos+dense"
+
+
+def _convnext_like(c: int, hw: int, seed: int, scale: float = 1.0) -> list[ConvOperator]:
+    """A depthwise 7x7 kernel, a 1x1 expansion to 4c and a 1x1 projection back (ConvNeXt's block)."""
+    g = torch.Generator().manual_seed(seed)
+    depthwise = ConvOperator(torch.randn(c, 1, 7, 7, generator=g, dtype=D), (c, hw, hw), padding=(3, 3), groups=c,
+                             name="dw")
+    expand = _op(4 * c, c, 1, hw, padding=0, seed=seed + 1)
+    project = ConvOperator(scale * torch.randn(c, 4 * c, 1, 1, generator=g, dtype=D) / c, (4 * c, hw, hw),
+                           name="pw2")
+    return [depthwise, expand, project]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.02])
+def test_dense_lanczos_on_a_depthwise_block_against_the_dense_operator(scale: float,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 6)
+    convs = _convnext_like(6, 7, seed=3, scale=scale)
+    found = _check(convs, IdentityShortcut((6, 7, 7)))
+    assert found.plain.method.startswith("dense-lanczos") and found.residual.method.startswith("dense-lanczos")
+    # and the full spectra (the dense path) agree
+    full = condition_block(convs, IdentityShortcut((6, 7, 7)), full_spectra=True)
+    quick = condition_block(convs, IdentityShortcut((6, 7, 7)))
+    assert quick.kappa_linear_residual == pytest.approx(full.kappa_linear_residual, rel=1e-6)
+    assert quick.kappa_linear_plain == pytest.approx(full.kappa_linear_plain, rel=1e-6)
+
+
+def test_depthwise_chain_matrices_equal_the_folded_ones() -> None:
+    from auditor.analysis.block_algebra import block_matrices, depthwise_chain, reduce_block
+    from auditor.analysis.frequencies import half_plane
+
+    # the depthwise kernel first (ConvNeXt), and last
+    for convs in (_convnext_like(5, 6, seed=1), [_op(5, 5, 1, 6, padding=0, seed=2), _convnext_like(5, 6, seed=4)[0]]):
+        block = reduce_block(convs, IdentityShortcut((5, 6, 6)))
+        assert depthwise_chain(block.weights, block.paddings, block.grid) is not None
+        u, v, _ = half_plane(*block.grid)
+        for residual in (False, True):
+            folded = block_matrices(block, residual, u, v)
+            scaled = block_matrices(block, residual, u, v, depthwise=True)
+            np.testing.assert_allclose(scaled, folded, rtol=0, atol=1e-12 * np.abs(folded).max())
+
+
+def test_small_blocks_keep_the_full_spectrum_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # below LANCZOS_MIN_SIDE the dense path is the full spectrum's own single pass, to the bit
+    convs = _convnext_like(6, 7, seed=3)
+    found = fast.block_extremes(convs, IdentityShortcut((6, 7, 7)))
+    assert found.plain.method == found.residual.method == "dense"
