@@ -497,3 +497,25 @@ def test_small_blocks_keep_the_full_spectrum_numbers(monkeypatch: pytest.MonkeyP
     convs = _convnext_like(6, 7, seed=3)
     found = fast.block_extremes(convs, IdentityShortcut((6, 7, 7)))
     assert found.plain.method == found.residual.method == "dense"
+
+
+@pytest.mark.parametrize("order", ["depthwise-first", "depthwise-last"])
+@pytest.mark.parametrize("zero_symbol", [False, True])
+def test_scaled_plain_branch_against_the_dense_operator(order: str, zero_symbol: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # P(u) = L diag(d(u)) or diag(d(u)) L: one LU of L; a channel whose depthwise symbol vanishes at
+    # u = 0 (taps summing to zero) makes that frequency singular, and it falls back to its exact extremes
+    monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 6)
+    c, hw = 6, 7
+    depthwise = _convnext_like(c, hw, seed=5)[0]
+    if zero_symbol:
+        weight = depthwise.weight.clone()
+        weight[2] = 0.0
+        weight[2, 0, 1, 2], weight[2, 0, 4, 5] = 1.0, -1.0  # d_2(0) = 0 exactly
+        depthwise = ConvOperator(weight, (c, hw, hw), padding=(3, 3), groups=c, name="dw")
+    pointwise = _op(c, c, 1, hw, padding=0, seed=6)
+    convs = [depthwise, pointwise] if order == "depthwise-first" else [pointwise, depthwise]
+    found = _check(convs, IdentityShortcut((c, hw, hw)), atol_scale=1e-12)
+    assert "dense-lanczos" in found.plain.method
+    if zero_symbol:
+        assert "dense-lanczos+dense" in found.plain.method and found.plain.sigma_min < 1e-12 * found.plain.sigma_max

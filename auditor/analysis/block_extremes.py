@@ -36,8 +36,11 @@ per frequency, in torch (the same code runs with ``--device cuda``):
    ``sigma_min`` by Lanczos on ``(P^H P)^{-1}`` with one LU per frequency and
    two solves per step, pruned as in 2 (:func:`_dense_lanczos`, method
    ``dense-lanczos``): ``O(n^2)`` per step instead of an ``O(n^3)``
-   eigen-decomposition per frequency (ConvNeXt-T's features.7.0, 768 channels:
-   about 60 s -> 12 s on this 2-core machine under load). Its accuracy is that of steps 2-3.
+   eigen-decomposition per frequency. A plain branch ``L diag(d(u))`` (or
+   ``diag(d(u)) L``) is never formed: one real GEMM per step over all the
+   frequencies and one LU of ``L`` (:class:`_ScaledGram`). ConvNeXt-T's
+   features.7.0 (768 channels): about 60 s -> 2.1 s on this 2-core machine.
+   Its accuracy is that of steps 2-3.
 5. Anything else takes the dense per-frequency path, which is the full
    spectrum's own numpy code (same numbers to the bit): small blocks (reduced
    side below :data:`LANCZOS_MIN_SIDE`, e.g. every CIFAR network, computed in
@@ -75,8 +78,8 @@ from .batched import (
     torch_single_thread,
     worker_count,
 )
-from .block_algebra import block_matrices, block_spectra, compress_ends, reduce_block
-from .frequencies import constant_tap, frequency_phases, half_plane, tap_offsets
+from .block_algebra import block_matrices, block_spectra, compress_ends, depthwise_chain, reduce_block
+from .frequencies import constant_tap, frequency_phases, half_plane, kernel_symbols, tap_offsets
 from .lanczos import DEFAULT_TOL, LanczosResult, largest_eigenvalues
 
 __all__ = ["OperatorExtremes", "BlockExtremes", "block_extremes", "LANCZOS_MIN_SIDE"]
@@ -725,12 +728,101 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
     return _ChunkResult(top, top_method, bottom, bottom_method)
 
 
+def _rows_times(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x_f -> M x_f`` for every row of a complex (F, n) batch and a real (m, n) matrix: one real GEMM."""
+    f, n = x.shape
+    parts = torch.view_as_real(x).transpose(1, 2).reshape(2 * f, n)  # real and imaginary rows
+    product = (parts @ matrix.T).reshape(f, 2, -1).transpose(1, 2).contiguous()
+    return torch.view_as_complex(product)
+
+
+def _rows_solve(lu: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``x_f -> L^{-1} x_f`` (``L^{-T}`` with ``transpose``) for every row of a complex (F, n) batch, L real."""
+    f, n = x.shape
+    parts = torch.view_as_real(x).transpose(1, 2).reshape(2 * f, n)
+    # rows: X L^{-T} = (L^{-1} X^T)^T, solved from the right
+    solved = torch.linalg.lu_solve(*lu, parts, left=False, adjoint=not transpose)
+    return torch.view_as_complex(solved.reshape(f, 2, n).transpose(1, 2).contiguous())
+
+
+class _ScaledGram:
+    """``P(u) = L diag(d(u))`` (``first``) or ``diag(d(u)) L`` with one real square ``L``, as Lanczos operators.
+
+    The plain branch of a depthwise chain (ConvNeXt: the 7x7 depthwise kernel, then
+    two 1x1 convolutions, ``L = W_3 W_2``): each step is one real GEMM over all the
+    chunk's frequencies, and ``P(u)^{-1} = diag(1 / d(u)) L^{-1}`` needs one LU of ``L``
+    for the whole operator instead of one per frequency. A frequency where some
+    ``d_j(u)`` is zero, or every frequency when ``L``'s LU is singular, is unusable
+    (:meth:`lu`) and falls back to its exact extremes.
+    """
+
+    def __init__(self, matrix: torch.Tensor, lu: tuple[torch.Tensor, torch.Tensor] | None, first: bool,
+                 symbols: Any, d: torch.Tensor) -> None:
+        self.matrix, self.l_lu, self.first, self.symbols, self.d = matrix, lu, first, symbols, d
+
+    def subset(self, rows: torch.Tensor) -> _ScaledGram:
+        return _ScaledGram(self.matrix, self.l_lu, self.first, self.symbols, self.d[rows])
+
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+        if x.dtype == torch.complex64:
+            lu = None if self.l_lu is None else (self.l_lu[0].float(), self.l_lu[1])
+            return self.matrix.float(), lu, self.d.to(torch.complex64)
+        return self.matrix, self.l_lu, self.d
+
+    def lu(self) -> tuple[None, None, torch.Tensor]:
+        """As :meth:`_DenseGram.lu`: only the mask of the unusable frequencies is used."""
+        if self.l_lu is None:
+            return None, None, torch.ones(len(self.d), dtype=torch.bool, device=self.d.device)
+        return None, None, ~((self.d != 0).all(dim=1) & torch.isfinite(torch.view_as_real(self.d)).flatten(1).all(dim=1))
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        matrix, _, d = self._parts(x)
+        if self.first:  # diag(conj d) L^T L diag(d)
+            return d.conj() * _rows_times(matrix.T, _rows_times(matrix, d * x))
+        return _rows_times(matrix.T, (d.conj() * d) * _rows_times(matrix, x))
+
+    def inverse_gram(self, x: torch.Tensor) -> torch.Tensor:
+        _, lu, d = self._parts(x)
+        if self.first:  # P^{-1} P^{-H} = diag(1/d) L^{-1} L^{-T} diag(1/conj d)
+            return _rows_solve(lu, _rows_solve(lu, x / d.conj(), transpose=True), transpose=False) / d
+        return _rows_solve(lu, _rows_solve(lu, x, transpose=True) / (d.conj() * d), transpose=False)
+
+
+def _scaled_factors(block: Any, device: torch.device) -> tuple[Any, ...] | None:
+    """``(L, LU of L or None, first, symbols)`` of the plain branch when it is a depthwise chain with square ``L``."""
+    chain = depthwise_chain(block.plain_weights, block.paddings, block.grid)
+    if chain is None or chain[2].shape[0] != chain[2].shape[1]:
+        return None
+    diagonal, padding, matrix, first = chain
+    lu, pivots, info = torch.linalg.lu_factor_ex(torch.from_numpy(np.ascontiguousarray(matrix)).to(device))
+    usable = int(info) == 0 and bool(torch.isfinite(lu).all())
+    matrix = torch.from_numpy(np.ascontiguousarray(matrix)).to(device)
+
+    def symbols(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return kernel_symbols(diagonal, padding, block.grid, u, v)
+
+    return matrix, (lu, pivots) if usable else None, first, symbols
+
+
 def _chunk_dense_lanczos(block: Any, residual: bool, u: np.ndarray, v: np.ndarray, offset: int,
-                         device: torch.device) -> _ChunkResult:
-    """Extremes over one chunk of square frequency matrices, formed once, by Lanczos (see :func:`_dense_lanczos`)."""
-    matrices = block_matrices(block, residual, u, v, depthwise=True)
-    op = _DenseGram(torch.from_numpy(matrices).to(device))
-    n = matrices.shape[1]
+                         device: torch.device, scaled: tuple[Any, ...] | None = None) -> _ChunkResult:
+    """Extremes over one chunk of square frequency matrices, formed once, by Lanczos (see :func:`_dense_lanczos`).
+
+    ``scaled``: the factors of :func:`_scaled_factors` (then no matrix is formed but where a frequency falls back).
+    """
+    if scaled is None:
+        formed = block_matrices(block, residual, u, v, depthwise=True)
+        op = _DenseGram(torch.from_numpy(formed).to(device))
+        n = formed.shape[1]
+
+        def matrices(index: np.ndarray) -> np.ndarray:
+            return formed[index]
+    else:  # P(u) = L diag(d(u)) or diag(d(u)) L: nothing formed but for the frequencies that fall back
+        op = _ScaledGram(*scaled, torch.from_numpy(scaled[3](u, v)).to(device))
+        n = scaled[0].shape[0]
+
+        def matrices(index: np.ndarray) -> np.ndarray:
+            return block_matrices(block, residual, u[index], v[index], depthwise=True)
     # largest: Lanczos on P^H P, pruned to the frequencies that may hold the chunk's maximum
     rows, run = _batch_maximum(op.gram, lambda part: op.subset(part).gram, _start(len(u), n, offset, device))
     rows = rows.cpu().numpy()
@@ -740,7 +832,7 @@ def _chunk_dense_lanczos(block: Any, residual: bool, u: np.ndarray, v: np.ndarra
     unsure = rows[~run.converged.cpu().numpy() & (bound >= top)]
     top_method = "dense-lanczos"
     if unsure.size:  # not converged where the maximum may be: those frequencies exactly
-        top = max(top, float(extremes_of_matrices(matrices[unsure])[0].max()) ** 2)
+        top = max(top, float(extremes_of_matrices(matrices(unsure))[0].max()) ** 2)
         top_method += "+dense"
     top = math.sqrt(top)
     # smallest: one LU per frequency, Lanczos on (P^H P)^{-1} = P^{-1} P^{-H}, pruned likewise;
@@ -760,7 +852,7 @@ def _chunk_dense_lanczos(block: Any, residual: bool, u: np.ndarray, v: np.ndarra
         bottom = float(upper[ok].min(initial=math.inf))
         unsure = np.concatenate([unsure, good[rows[~ok]]])
     if unsure.size:  # singular LU or no convergence: those frequencies exactly
-        bottom = min(bottom, float(extremes_of_matrices(matrices[np.sort(unsure)])[1].min()))
+        bottom = min(bottom, float(extremes_of_matrices(matrices(np.sort(unsure)))[1].min()))
         bottom_method += "+dense"
     return _ChunkResult(top, top_method, bottom, bottom_method)
 
@@ -795,8 +887,10 @@ def _dense_lanczos(block: Any, residual: bool, device: torch.device) -> Operator
     item = 16 * (3 * n * n + 64 * n)
     parts = chunk_slices(len(u), item, workers, budget=_LANCZOS_CHUNK_BYTES)
 
+    scaled = None if residual else _scaled_factors(block, device)
+
     def one(part: slice) -> _ChunkResult:
-        return _chunk_dense_lanczos(block, residual, u[part], v[part], part.start, device)
+        return _chunk_dense_lanczos(block, residual, u[part], v[part], part.start, device, scaled)
 
     with blas_single_thread(), torch_single_thread() if device.type == "cpu" else nullcontext():
         results = parallel_map(one, parts, workers)
