@@ -29,6 +29,7 @@ D = torch.float64
 def min_side(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Both paths: Lanczos wherever structure allows it, and dense everywhere."""
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", request.param)
+    monkeypatch.setattr(fast, "DENSE_LANCZOS_MIN_SIDE", request.param)
     return request.param
 
 
@@ -170,6 +171,7 @@ def test_extremes_match_the_full_spectrum_listing(min_side: int) -> None:
 
 def test_results_do_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    monkeypatch.setattr(fast, "DENSE_LANCZOS_MIN_SIDE", 1)
     convs = _bottleneck(12, 4, 8, seed=5)
     one = fast.block_extremes(convs, IdentityShortcut((12, 8, 8)))
     monkeypatch.setattr(fast, "worker_count", lambda: 3)
@@ -239,6 +241,7 @@ def test_whole_bottleneck_network_fast_equals_full_spectra(monkeypatch: pytest.M
             module.weight.data.copy_(torch.rand(module.weight.shape, generator=g) + 0.5)
     subject = SimpleNamespace(loaded=SimpleNamespace(model=model), anatomy=analyze_anatomy(model, (3, 32, 32)))
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    monkeypatch.setattr(fast, "DENSE_LANCZOS_MIN_SIDE", 1)
     quick, full = condition(subject), condition(subject, full_spectra=True)
     assert len(quick.blocks) == 5
     methods = " ".join(m for b in quick.blocks for m in b.methods.values())
@@ -271,6 +274,7 @@ def test_lanczos_returns_its_ritz_vector() -> None:
 def test_single_precision_warm_start_changes_nothing(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The float32 warm start only moves the float64 run's starting vector: same extremes."""
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    monkeypatch.setattr(fast, "DENSE_LANCZOS_MIN_SIDE", 1)
     convs = _bottleneck(12, 4, 6, bn=True, seed=seed)
     shortcut = IdentityShortcut((12, 6, 6))
     warm = fast.block_extremes(convs, shortcut)
@@ -357,6 +361,7 @@ def test_candidates_keep_every_row_whose_top_may_be_the_largest() -> None:
 def test_frequencies_are_pruned_and_the_extremes_do_not_move(monkeypatch: pytest.MonkeyPatch) -> None:
     """The double-precision runs see fewer frequencies than the single-precision ones; same extremes."""
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 1)
+    monkeypatch.setattr(fast, "DENSE_LANCZOS_MIN_SIDE", 1)
     sizes: dict[torch.dtype, list[int]] = {torch.complex64: [], torch.complex128: []}
     original = fast.largest_eigenvalues
 
@@ -467,6 +472,7 @@ def _convnext_like(c: int, hw: int, seed: int, scale: float = 1.0) -> list[ConvO
 def test_dense_lanczos_on_a_depthwise_block_against_the_dense_operator(scale: float,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 6)
+    monkeypatch.setattr(fast, "DENSE_LANCZOS_MIN_SIDE", 6)
     convs = _convnext_like(6, 7, seed=3, scale=scale)
     found = _check(convs, IdentityShortcut((6, 7, 7)))
     assert found.plain.method.startswith("dense-lanczos") and found.residual.method.startswith("dense-lanczos")
@@ -506,6 +512,7 @@ def test_scaled_plain_branch_against_the_dense_operator(order: str, zero_symbol:
     # P(u) = L diag(d(u)) or diag(d(u)) L: one LU of L; a channel whose depthwise symbol vanishes at
     # u = 0 (taps summing to zero) makes that frequency singular, and it falls back to its exact extremes
     monkeypatch.setattr(fast, "LANCZOS_MIN_SIDE", 6)
+    monkeypatch.setattr(fast, "DENSE_LANCZOS_MIN_SIDE", 6)
     c, hw = 6, 7
     depthwise = _convnext_like(c, hw, seed=5)[0]
     if zero_symbol:

@@ -98,6 +98,10 @@ LANCZOS_MIN_SIDE = 100
 # precision). 48 lets ResNet-50's layer4 frequencies (25-30 steps) finish in single precision.
 WARM_START_STEPS = 48
 WARM_START_TOL = 1e-4
+# Blocks without Lanczos structure take Lanczos on their formed frequency matrices (dense-lanczos)
+# from this side on: ResNet-18's 128-channel basic blocks ran 5-18 % slower on it than on the
+# eigen-decompositions, 192-channel and wider blocks 20 % to 3x faster (ConvNeXt-T, RegNet).
+DENSE_LANCZOS_MIN_SIDE = 144
 # Identity blocks up to this many channels run Lanczos on the reduced operator
 # (the SVDs that reduce it cost less than they save: measured 15-20 % faster on
 # ResNet-50's layer2 / layer3 blocks, 30 % slower on layer4's 2048 channels).
@@ -858,12 +862,12 @@ def _chunk_dense_lanczos(block: Any, residual: bool, u: np.ndarray, v: np.ndarra
 
 
 def _dense_lanczos_applies(block: Any, residual: bool) -> bool:
-    """Square reduced per-frequency matrices of side at least :data:`LANCZOS_MIN_SIDE`."""
+    """Square reduced per-frequency matrices of side at least :data:`DENSE_LANCZOS_MIN_SIDE`."""
     factors = block.weights if residual else block.plain_weights
     n = factors[-1].shape[0]
     if residual and block.short_weight is not None and block.short_weight.shape[:2] != (n, factors[0].shape[1]):
         return False
-    return n == factors[0].shape[1] and n >= LANCZOS_MIN_SIDE
+    return n == factors[0].shape[1] and n >= DENSE_LANCZOS_MIN_SIDE
 
 
 def _dense_lanczos(block: Any, residual: bool, device: torch.device) -> OperatorExtremes:
@@ -1040,7 +1044,7 @@ def block_extremes(convs: Any, shortcut: Any, *, device: torch.device | str = "c
 
     plans = {residual: _plan(block, residual) for residual in (False, True)[: 1 + block.has_shortcut]}
     if not any(plan.lanczos for plan in plans.values()) and min(block.weights[-1].shape[0],
-                                                                block.weights[0].shape[1]) >= LANCZOS_MIN_SIDE:
+                                                                block.weights[0].shape[1]) >= DENSE_LANCZOS_MIN_SIDE:
         # wide blocks without Lanczos structure (ConvNeXt, RegNet, inverted bottlenecks): the operators
         # whose reduced frequency matrices are square and wide by Lanczos on the formed matrices
         wide = {residual: not plan.structural_zero and _dense_lanczos_applies(reduced(), residual)
