@@ -68,8 +68,8 @@ __all__ = [
 ]
 
 
-class PlainPreActBlock(nn.Module):
-    """Figure 1(a), basic: ``x' = W2 σ(BN2(W1 σ(BN1 x)))``, no shortcut.
+class PlainPreActBlock(PreActBlock):
+    """Figure 1(a), basic: ``x' = W2 σ(BN2(W1 σ(BN1 x)))``: the pre-activation block without a shortcut.
 
     Parameters
     ----------
@@ -79,23 +79,11 @@ class PlainPreActBlock(nn.Module):
         Stride of ``conv1``.
     """
 
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(self.relu(self.bn1(x)))
-        return self.conv2(self.relu(self.bn2(out)))
+    residual = False
 
 
-class PlainPreActBottleneck(nn.Module):
-    """Figure 1(a), bottleneck: ``x' = W3 σ(BN3(W2 σ(BN2(W1 σ(BN1 x)))))``, no shortcut.
+class PlainPreActBottleneck(PreActBottleneck):
+    """Figure 1(a), bottleneck: ``x' = W3 σ(BN3(W2 σ(BN2(W1 σ(BN1 x)))))``, without a shortcut.
 
     Parameters
     ----------
@@ -107,22 +95,7 @@ class PlainPreActBottleneck(nn.Module):
         Stride of the 3x3 ``conv2``.
     """
 
-    expansion = 4
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(self.relu(self.bn1(x)))
-        out = self.conv2(self.relu(self.bn2(out)))
-        return self.conv3(self.relu(self.bn3(out)))
+    residual = False
 
 
 class ResBlockNoBN(nn.Module):

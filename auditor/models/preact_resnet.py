@@ -73,6 +73,7 @@ class PreActBlock(nn.Module):
     """
 
     expansion = 1
+    residual = True  # False: the paper's plain module (a), no shortcut and no add
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -81,14 +82,14 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.relu = nn.ReLU()  # a module, called twice (no state-dict key)
-        self.shortcut = projection_shortcut(in_planes, planes * self.expansion, stride)
+        self.shortcut = projection_shortcut(in_planes, planes * self.expansion, stride) if self.residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.bn2(out)))
-        return out + shortcut
+        branch = self.conv2(self.relu(self.bn2(self.conv1(out))))
+        if not self.residual:
+            return branch
+        return branch + (self.shortcut(out) if self.shortcut is not None else x)
 
 
 class PreActBottleneck(nn.Module):
@@ -110,6 +111,7 @@ class PreActBottleneck(nn.Module):
     """
 
     expansion = 4
+    residual = True  # False: the paper's plain module (a), no shortcut and no add
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -120,15 +122,15 @@ class PreActBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.relu = nn.ReLU()
-        self.shortcut = projection_shortcut(in_planes, planes * self.expansion, stride)
+        self.shortcut = projection_shortcut(in_planes, planes * self.expansion, stride) if self.residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
-        return out + shortcut
+        branch = self.conv2(self.relu(self.bn2(self.conv1(out))))
+        branch = self.conv3(self.relu(self.bn3(branch)))
+        if not self.residual:
+            return branch
+        return branch + (self.shortcut(out) if self.shortcut is not None else x)
 
 
 PreActBlockType = Union[type[PreActBlock], type[PreActBottleneck]]
