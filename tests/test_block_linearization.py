@@ -243,19 +243,45 @@ def test_dilated_and_grouped_convolutions() -> None:
     _check(_randomize(_Net(_Dilated())), 8, ["block"])
 
 
-class _Attention(nn.Module):
-    def __init__(self) -> None:
+_ATTENTION_FACTORY = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(4, 4, 1)
         self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
         self.conv2 = nn.Conv2d(4, 4, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         y = self.conv1(x)
         n, c, h, w = y.shape
         tokens = y.flatten(2).transpose(1, 2)
         y = self.attention(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(n, c, h, w)
         return self.conv2(y) + x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = Block()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+_FACTORY_NAMESPACE: dict = {}
+exec(_ATTENTION_FACTORY, _FACTORY_NAMESPACE)  # the attention block, as a user's model file holds it
+_Attention = _FACTORY_NAMESPACE["Block"]
 
 
 class _InstanceNormed(nn.Module):
@@ -304,41 +330,6 @@ def test_audit_of_a_family_inferred_from_its_weights(tmp_path, capsys, build, ar
     assert [s["name"] for s in document["stages"]][0] == "stem"
 
 
-_ATTENTION_FACTORY = """
-import torch
-from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 4, 1)
-        self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
-        self.conv2 = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x):
-        y = self.conv1(x)
-        n, c, h, w = y.shape
-        tokens = y.flatten(2).transpose(1, 2)
-        y = self.attention(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(n, c, h, w)
-        return self.conv2(y) + x
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.block = Block()
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x):
-        return self.fc(self.block(self.stem(x)).mean((2, 3)))
-
-
-def build():
-    torch.manual_seed(0)
-    return Net()
-"""
 
 
 @pytest.mark.slow
@@ -349,9 +340,7 @@ def test_an_uncovered_block_is_refused_by_condition_and_measured_by_stability(tm
 
     factory = tmp_path / "net.py"
     factory.write_text(_ATTENTION_FACTORY)
-    namespace: dict = {}
-    exec(_ATTENTION_FACTORY, namespace)
-    path = save_safetensors(namespace["build"](), tmp_path / "net.safetensors")
+    path = save_safetensors(_FACTORY_NAMESPACE["build"](), tmp_path / "net.safetensors")
     arch = f"{factory}:build"
     code, _, err = run_cli(["condition", path, "--arch", arch, "--input-size", "8"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
