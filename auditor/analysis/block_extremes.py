@@ -692,6 +692,25 @@ def _chunk_dense(block: Any, residual: bool, u: np.ndarray, v: np.ndarray) -> _C
     return _ChunkResult(float(top.max(initial=0.0)), "dense", float(bottom.min(initial=math.inf)), "dense")
 
 
+def _chunk_largest(op: Any, start: torch.Tensor,
+                   exact_largest: Callable[[np.ndarray], float]) -> tuple[float, bool]:
+    """sigma_max over one chunk: Lanczos on ``op.gram`` pruned to the frequencies that may hold the maximum.
+
+    Frequencies whose run did not converge where the maximum may be take
+    ``exact_largest(rows)`` (the largest singular value over those rows).
+    Returns the value and whether any frequency fell back so.
+    """
+    rows, run = _batch_maximum(op.gram, lambda part: op.subset(part).gram, start)
+    rows = rows.cpu().numpy()
+    theta = run.value.clamp_min(0).cpu().numpy()
+    bound = (run.value + run.residual).cpu().numpy()
+    top = float(theta.max())
+    unsure = rows[~run.converged.cpu().numpy() & (bound >= top)]
+    if unsure.size:
+        top = max(top, float(exact_largest(unsure)) ** 2)
+    return math.sqrt(top), bool(unsure.size)
+
+
 def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray, v: np.ndarray, offset: int,
                     need_min: bool, device: torch.device, s_lu: Any) -> _ChunkResult:
     """Extremes over one chunk of frequencies by Lanczos (see the module docstring, steps 2-3)."""
@@ -699,18 +718,9 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
     # 2. largest: Lanczos on the Gram operator of the smaller side, first in single precision
     #    on every frequency, then in double precision from those Ritz vectors on the
     #    frequencies that may hold the chunk's maximum (its own convergence test decides)
-    rows, run = _batch_maximum(op.gram, lambda part: op.subset(part).gram,
-                               _start(len(u), min(op.rows, op.cols), offset, device))
-    rows = rows.cpu().numpy()
-    theta = run.value.clamp_min(0).cpu().numpy()
-    bound = (run.value + run.residual).cpu().numpy()
-    top = float(theta.max())
-    unsure = rows[~run.converged.cpu().numpy() & (bound >= top)]
-    top_method = "lanczos"
-    if unsure.size:  # not converged where the maximum may be: those frequencies densely
-        top = max(top, float(_dense(block, residual, u[unsure], v[unsure]).max()) ** 2)
-        top_method = "lanczos+dense"
-    top = math.sqrt(top)
+    top, fell_back = _chunk_largest(op, _start(len(u), min(op.rows, op.cols), offset, device),
+                                    lambda rows: _dense(block, residual, u[rows], v[rows]).max())
+    top_method = "lanczos+dense" if fell_back else "lanczos"
     if not need_min:
         return _ChunkResult(top, top_method, math.inf, "")
     # 3. smallest: Woodbury inverse, Lanczos on A^{-H} A^{-1}, pruned in the same way
@@ -828,17 +838,9 @@ def _chunk_dense_lanczos(block: Any, residual: bool, u: np.ndarray, v: np.ndarra
         def matrices(index: np.ndarray) -> np.ndarray:
             return block_matrices(block, residual, u[index], v[index], depthwise=True)
     # largest: Lanczos on P^H P, pruned to the frequencies that may hold the chunk's maximum
-    rows, run = _batch_maximum(op.gram, lambda part: op.subset(part).gram, _start(len(u), n, offset, device))
-    rows = rows.cpu().numpy()
-    theta = run.value.clamp_min(0).cpu().numpy()
-    bound = (run.value + run.residual).cpu().numpy()
-    top = float(theta.max())
-    unsure = rows[~run.converged.cpu().numpy() & (bound >= top)]
-    top_method = "dense-lanczos"
-    if unsure.size:  # not converged where the maximum may be: those frequencies exactly
-        top = max(top, float(extremes_of_matrices(matrices(unsure))[0].max()) ** 2)
-        top_method += "+dense"
-    top = math.sqrt(top)
+    top, fell_back = _chunk_largest(op, _start(len(u), n, offset, device),
+                                    lambda rows: extremes_of_matrices(matrices(rows))[0].max())
+    top_method = "dense-lanczos+dense" if fell_back else "dense-lanczos"
     # smallest: one LU per frequency, Lanczos on (P^H P)^{-1} = P^{-1} P^{-H}, pruned likewise;
     # frequencies whose LU is unusable never enter it
     bad = op.lu()[2].cpu().numpy()
