@@ -200,6 +200,7 @@ def test_preactivation_first_norm_is_in_the_operator() -> None:
     _check(model, 8, ["layer3.1", "layer4.0"])
     info = next(b for b in analyze_anatomy(model, (3, 8, 8)).blocks if b.name == "layer3.1")
     assert [f.path for f in info.convs[0].pre] == ["layer3.1.bn1"]
+    assert info.batchnorm  # a BatchNorm per convolution, before each of them
 
 
 @pytest.mark.parametrize("name, size, blocks", [

@@ -145,8 +145,10 @@ class BlockInfo:
 
     @property
     def batchnorm(self) -> bool:
-        """True when every residual-branch convolution is followed by BatchNorm."""
-        return all(c.bn is not None for c in self.convs)
+        """True when the branch holds a BatchNorm per convolution, after it (ResNet v1) or before it
+        (pre-activation: the BatchNorm before ``conv2`` is folded into ``conv1``'s output)."""
+        norms = sum(f.kind == "batchnorm" for c in self.convs for f in (*c.pre, *c.post))
+        return bool(self.convs) and norms >= len(self.convs)
 
     @property
     def downsamples(self) -> bool:
