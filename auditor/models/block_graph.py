@@ -174,43 +174,25 @@ def trace_block(module: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModu
     return None
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph, recording each node's output shape in ``node.meta["shape"]``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if isinstance(value, torch.Tensor):
+            n.meta["shape"] = tuple(value.shape)
+        return value
+
+
 def _propagate(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> bool:
-    """Run the graph on zeros, recording each node's output shape; False when it does not run."""
-    env: dict[fx.Node, Any] = {}
-
-    def load(arg: Any) -> Any:
-        return fx.node.map_arg(arg, lambda n: env[n])
-
-    modules = dict(graph_module.named_modules())
+    """Run the graph on zeros (further inputs None), recording each node's output shape; False when it does not run."""
+    inputs = sum(node.op == "placeholder" for node in graph_module.graph.nodes)
     try:
         with torch.inference_mode():
-            for node in graph_module.graph.nodes:
-                if node.op == "placeholder":
-                    value = torch.zeros(1, *input_shape) if not env else None
-                elif node.op == "get_attr":
-                    value = _attribute(graph_module, str(node.target))
-                elif node.op == "call_module":
-                    value = modules[str(node.target)](*load(node.args), **load(node.kwargs))
-                elif node.op == "call_function":
-                    value = node.target(*load(node.args), **load(node.kwargs))
-                elif node.op == "call_method":
-                    self_, *rest = load(node.args)
-                    value = getattr(self_, str(node.target))(*rest, **load(node.kwargs))
-                else:
-                    value = None
-                env[node] = value
-                if isinstance(value, torch.Tensor):
-                    node.meta["shape"] = tuple(value.shape)
+            _ShapeRecorder(graph_module).run(torch.zeros(1, *input_shape), *([None] * (inputs - 1)))
     except Exception:
         return False
     return True
-
-
-def _attribute(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
