@@ -159,14 +159,16 @@ def test_trajectory_orders_by_epoch_and_reuses_stores(tmp_path: Path, capsys) ->
     args = ["trajectory", EPOCHS / "resnet8", "--data", DIGITS, "--per-class", "3", "--stages", "stem,layer3",
             "--cache", cache]
     doc = run_json([*args, "--plot", plot], capsys)
-    epochs = [p["epoch"] for p in doc["series"]]
+    assert [run["name"] for run in doc["series"]] == ["resnet8"]
+    points = doc["series"][0]["checkpoints"]
+    epochs = [p["epoch"] for p in points]
     assert epochs == sorted(epochs) and len(epochs) >= 6
-    assert all(not p["reused_store"] for p in doc["series"])
-    assert [s["name"] for s in doc["series"][0]["stages"]] == ["stem", "layer3"]
+    assert all(not p["reused_store"] for p in points)
+    assert [s["name"] for s in points[0]["stages"]] == ["stem", "layer3"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    again = run_json(args, capsys)
-    assert all(p["reused_store"] for p in again["series"])
-    assert [p["stages"] for p in again["series"]] == [p["stages"] for p in doc["series"]]
+    again = run_json(args, capsys)["series"][0]["checkpoints"]
+    assert all(p["reused_store"] for p in again)
+    assert [p["stages"] for p in again] == [p["stages"] for p in points]
 
 
 def test_angles_refuses_files_that_are_not_stores(tmp_path: Path, capsys) -> None:

@@ -210,7 +210,7 @@ def test_trajectory_under_torchrun_splits_the_checkpoints(tmp_path: Path) -> Non
     assert two.returncode == 0, two.stderr[-2000:]
     document = json.loads(two.stdout)
     assert document == json.loads(one.stdout)
-    assert [point["epoch"] for point in document["series"]] == [0, 3, 6]
+    assert [point["epoch"] for point in document["series"][0]["checkpoints"]] == [0, 3, 6]
 
 
 _KILL_RANK_1 = """

@@ -1,74 +1,79 @@
-"""``resdyn trajectory``: median principal angles per stage across training epochs."""
+"""``resdyn trajectory``: median principal angles per stage (and block kappas) across the epochs of training runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
-    ArchOpt, CacheOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoProgressOpt, OutputOpt, PlotOpt,
-    StagesOpt, resolve_device, split_list,
+    ArchOpt, CacheOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoFoldOpt, NoProgressOpt,
+    OutputOpt, StagesOpt, resolve_device, split_list,
 )
 
 __all__ = ["register"]
 
 CheckpointsArg = Annotated[
-    list[str], typer.Argument(help="Checkpoints: files, folders of per-epoch checkpoints, or quoted glob patterns.")
+    list[str],
+    typer.Argument(help="Training runs: each folder of per-epoch checkpoints, or quoted glob pattern, is a run; "
+                   "checkpoint files are grouped into one run per folder."),
+]
+NameOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--name", help="A run's name in the table, JSON and figure (default: its folder's name); "
+                 "once per run, in the runs' order.", show_default=False),
+]
+ConditionOpt = Annotated[
+    bool,
+    typer.Option("--condition", help="Also each block's paper and exact kappa and Lemma 1's verdicts per checkpoint "
+                 "(cached in --cache by the checkpoint's digest)."),
+]
+TrajectoryPlotOpt = Annotated[
+    Optional[Path],
+    typer.Option("--plot", help="Draw the angles into this PNG: one column per run, a row per stage, against epoch.",
+                 dir_okay=False),
+]
+KappaPlotOpt = Annotated[
+    Optional[Path],
+    typer.Option("--plot-condition", help="With --condition: draw the blocks' kappas against epoch into this PNG, "
+                 "one panel per run (log scale).", dir_okay=False),
 ]
 
 
-def _mean(values: dict[str, float | None]) -> float | None:
-    present = [v for v in values.values() if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _rows(doc: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for point in doc["series"]:
-        for stage in point["stages"]:
-            rows.append([
-                str(point["epoch"]) if point["epoch"] is not None else "-", Path(point["checkpoint"]).name, stage["name"],
-                f"{_mean(stage['intra']):.2f}" if _mean(stage["intra"]) is not None else "-",
-                f"{_mean(stage['inter']):.2f}" if _mean(stage["inter"]) is not None else "-",
-                f"{stage['separation']:.2f}" if stage.get("separation") is not None else "-",
-            ])
-    return rows
-
-
-_HEADER = ["epoch", "checkpoint", "stage", "intra mean", "inter mean", "separation"]
-
-
 def _tables(doc: dict[str, Any]) -> list[Any]:
-    from rich.table import Table
-    from rich.text import Text
+    from ..report.trajectory_view import trajectory_tables
 
-    table = Table(title="Median principal angles across checkpoints (degrees; full matrices in JSON)", title_justify="left")
-    for column in _HEADER:
-        table.add_column(column, justify="right" if "mean" in column or column == "separation" else "left")
-    previous = None
-    for row in _rows(doc):
-        if previous is not None and row[1] != previous:
-            table.add_section()
-        previous = row[1]
-        table.add_row(*row)
-    out: list[Any] = [table]
-    if doc.get("order_note"):
-        out.append(Text(doc["order_note"], style="yellow"))
-    return out
+    return trajectory_tables(doc)
 
 
 def _markdown(doc: dict[str, Any]) -> str:
-    from ..report.markdown import md_table
+    from ..report.trajectory_view import trajectory_markdown
 
-    return "## resdyn trajectory\n\n" + md_table(_HEADER, _rows(doc))
+    return trajectory_markdown(doc)
+
+
+def _figures(document: dict[str, Any], plot: Path | None, kappa_plot: Path | None) -> None:
+    """Rank 0 draws the figures (under torchrun every rank holds the same report)."""
+    from ..distributed import world
+
+    if not world().is_main:
+        return
+    if plot is not None:
+        from ..report.figures.runs import plot_angle_runs
+
+        plot_angle_runs(document["series"], plot, classes=document["data"]["classes"])
+    if kappa_plot is not None:
+        from ..report.figures.kappas import plot_kappa_runs
+
+        plot_kappa_runs(document["series"], kappa_plot)
 
 
 def trajectory_command(
     checkpoints: CheckpointsArg,
     data: DataOpt,
+    name: NameOpt = None,
     arch: ArchOpt = None,
     input_size: InputSizeOpt = None,
     stages: StagesOpt = None,
@@ -80,15 +85,21 @@ def trajectory_command(
     per_class: PerClassOpt = None,
     seed: SeedOpt = None,
     cache: CacheOpt = None,
-    plot: PlotOpt = None,
+    condition: ConditionOpt = False,
+    no_fold_bn: NoFoldOpt = False,
+    plot: TrajectoryPlotOpt = None,
+    plot_condition: KappaPlotOpt = None,
     device: DeviceOpt = Device.cpu,
     fmt: FormatOpt = Format.table,
     output: OutputOpt = None,
     no_progress: NoProgressOpt = False,
 ) -> None:
-    """Median principal angles per stage for each checkpoint of a training run, ordered by epoch."""
+    """Median principal angles per stage for each checkpoint of one or more training runs, ordered by epoch."""
+    from ..errors import UsageError
     from ..subject import parse_input_size
 
+    if plot_condition is not None and not condition:
+        raise UsageError("--plot-condition draws the kappas of --condition", hint="add --condition")
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
     from ..tasks.images import skipped_message
@@ -97,18 +108,14 @@ def trajectory_command(
 
     with progress_bar("checkpoints", enabled=not no_progress and fmt is not Format.json) as update:
         result = trajectory(
-            checkpoints, data, arch=arch, input_size=shape, stages=split_list(stages), image_options=chosen,
-            seed=seed, cache=cache, device=resolve_device(device), progress=update,
+            checkpoints, data, names=name, arch=arch, input_size=shape, stages=split_list(stages),
+            image_options=chosen, seed=seed, cache=cache, conditioning=condition, fold_bn=not no_fold_bn,
+            device=resolve_device(device), progress=update,
         )
     document = result.to_document()
     if result.skipped:
         warn(skipped_message(result.data["root"], result.skipped))
-    if plot is not None:
-        from ..report.plots import plot_angle_trajectory
-
-        series = result.series
-        plot_angle_trajectory([p["epoch"] for p in series], [p["stages"] for p in series], plot,
-                              title=f"Median principal angles across training, {series[0]['arch']}")
+    _figures(document, plot, plot_condition)
     emit(document, fmt, output, table=_tables, markdown=_markdown)
 
 

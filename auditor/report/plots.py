@@ -1,4 +1,7 @@
-"""PNG figures (matplotlib, imported only when a plot is asked for)."""
+"""PNG figures of one network (matplotlib, imported only when a plot is asked for).
+
+The figures that compare runs or models are in :mod:`auditor.report.figures`.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_angles_by_stage", "plot_angle_trajectory", "plot_error_trajectory", "plot_conditioning"]
+from .figures.canvas import pyplot as _pyplot
+from .figures.canvas import save_figure as _save
+
+__all__ = ["plot_angles_by_stage", "plot_error_trajectory", "plot_conditioning"]
 
 _MANY_PAIRS = 12  # above this, inter-class angles are drawn as a band, not one line per pair
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    from .document import write_atomic
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    write_atomic(Path(path), buffer.getvalue())
-    return Path(path)
 
 
 def _values(mapping: Mapping[str, float | None]) -> list[float]:
@@ -70,28 +56,6 @@ def plot_angles_by_stage(stages: Sequence[Mapping[str, Any]], path: Path, *, tit
     ax.set_xticks(list(range(len(names))), names)
     ax.set_xlabel("stage (before each down-sampling)")
     ax.set_title(title or "Median principal angles by stage")
-    return _save(fig, path)
-
-
-def plot_angle_trajectory(
-    epochs: Sequence[float], per_checkpoint: Sequence[Sequence[Mapping[str, Any]]], path: Path, *, title: str = ""
-) -> Path:
-    """One panel per stage: intra curves per class and inter curves per pair against epoch."""
-    plt = _pyplot()
-    stage_names = [s["name"] for s in per_checkpoint[0]]
-    columns = min(3, len(stage_names))
-    rows = -(-len(stage_names) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False, sharey=True)
-    for index, name in enumerate(stage_names):
-        ax = axes[index // columns][index % columns]
-        series = [next(s for s in stages if s["name"] == name) for stages in per_checkpoint]
-        _draw_angles(ax, list(epochs), series, legend=index == 0)
-        ax.set_title(f"stage {name}")
-        ax.set_xlabel("epoch")
-    for index in range(len(stage_names), rows * columns):
-        axes[index // columns][index % columns].set_visible(False)
-    fig.suptitle(title or "Median principal angles across training")
-    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -1,15 +1,13 @@
-"""Class geometry across the checkpoints of a training run (``resdyn trajectory``).
+"""Class geometry (and block conditioning) across the checkpoints of training runs (``resdyn trajectory``).
 
-:func:`collect_checkpoints` expands files, folders and globs; :func:`order_checkpoints`
-orders opened subjects by their ``epoch`` metadata (natural file-name order when
-one lacks it); :func:`trajectory` runs :func:`auditor.tasks.geometry.stage_geometry`
-on each, in that order.
+:func:`trajectory` groups the checkpoints into named runs
+(:func:`auditor.tasks.runs.collect_runs`), orders each run by epoch, and runs
+:func:`auditor.tasks.geometry.stage_geometry` on every checkpoint, with
+:func:`auditor.tasks.block_kappas.block_kappas` when the conditioning is asked for.
 """
 
 from __future__ import annotations
 
-import glob
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,87 +15,29 @@ from typing import Any
 
 from .. import distributed
 from ..errors import InputError
-from ..subject import Subject
+from .runs import CHECKPOINT_SUFFIXES, Run, collect_checkpoints, collect_runs, order_checkpoints
 
-__all__ = ["CHECKPOINT_SUFFIXES", "TrajectoryResult", "collect_checkpoints", "order_checkpoints", "trajectory"]
+__all__ = ["CHECKPOINT_SUFFIXES", "TrajectoryResult", "collect_checkpoints", "collect_runs", "order_checkpoints",
+           "trajectory"]
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin", ".ckpt")
 Progress = Callable[[int, int], None]
-
-
-def _natural_key(path: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
-def collect_checkpoints(items: Sequence[str | Path]) -> list[Path]:
-    """Expand folders and globs into checkpoint files (natural order; duplicates removed).
-
-    Raises
-    ------
-    InputError
-        A folder without checkpoint files; a name that is no file, folder or matching glob.
-    """
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            matches = sorted((p for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES), key=_natural_key)
-            if not matches:
-                raise InputError(f"{item}: no checkpoint files in this folder",
-                                 hint="resdyn reads " + ", ".join(CHECKPOINT_SUFFIXES))
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted((Path(p) for p in glob.glob(str(item)) if Path(p).is_file()), key=_natural_key)
-            if not matches:
-                raise InputError(f"{item}: no such file, folder or matching checkpoint")
-        found.extend(m for m in matches if m not in found)
-    return found
-
-
-def _epoch(subject: Subject) -> int | float | None:
-    raw = subject.checkpoint.metadata.get("epoch")
-    try:
-        value = float(raw) if raw is not None else None
-    except ValueError:
-        return None
-    return int(value) if value is not None and value.is_integer() else value
-
-
-def order_checkpoints(subjects: Sequence[Subject]) -> tuple[list[int], list[int | float | None], str]:
-    """The order in which to report ``subjects``, their epochs, and a note when the order is a guess.
-
-    Returns
-    -------
-    order : list of int
-        Indices into ``subjects``: by ``epoch`` metadata (ties by natural file
-        name) when every checkpoint has one, else as given.
-    epochs : list of int, float or None
-        The ``epoch`` metadata of each subject, in the given order.
-    note : str
-        Empty, or why the order is by file name.
-    """
-    epochs = [_epoch(s) for s in subjects]
-    if all(e is not None for e in epochs):
-        order = sorted(range(len(subjects)), key=lambda i: (epochs[i], _natural_key(subjects[i].checkpoint.path)))
-        return order, epochs, ""
-    return (list(range(len(subjects))), epochs,
-            "no 'epoch' metadata in every checkpoint: ordered by natural sort of the file names")
 
 
 @dataclass(frozen=True)
 class TrajectoryResult:
-    """Median principal angles per stage for each checkpoint, in training order.
+    """Median principal angles per stage (and block kappas) for each checkpoint of each run.
 
     Attributes
     ----------
     series : list of dict
-        One point per checkpoint: epoch, checkpoint, sha256, arch, store, reused_store, stages.
+        One entry per run, in the order given: ``name``, ``checkpoints`` (in
+        training order: epoch, checkpoint, sha256, arch, store, reused_store,
+        stages, and ``condition`` when asked for), ``order_note`` when the order
+        is by file name, ``data`` when the run's images were prepared otherwise
+        than the first run's.
     data : dict
-        The ``data`` section (the same images for every checkpoint).
+        The ``data`` section of the first run (the same images for every checkpoint).
     config : dict
-    order_note : str
-        Empty, or why the order is by file name.
     skipped : tuple of dict
         ``{path, reason}`` of unreadable images left out.
     """
@@ -105,40 +45,56 @@ class TrajectoryResult:
     series: list[dict[str, Any]]
     data: dict[str, Any]
     config: dict[str, Any]
-    order_note: str = ""
     skipped: tuple[dict[str, str], ...] = ()
 
     def to_document(self) -> dict[str, Any]:
         """The ``trajectory`` report (JSON contract of ``resdyn trajectory``)."""
         from ..report.document import report_header
 
-        document = {**report_header("trajectory"), "data": self.data, "config": self.config, "series": self.series}
-        if self.order_note:
-            document["order_note"] = self.order_note
-        return document
+        return {**report_header("trajectory"), "data": self.data, "config": self.config, "series": self.series}
+
+
+def _units(runs: Sequence[Run], arch: str | None, input_size: tuple[int, int] | None) -> tuple[list[Any], list[str]]:
+    """Every checkpoint as ``(run index, path, subject, epoch)`` in training order, and each run's order note."""
+    from ..subject import open_subject
+
+    units, notes = [], []
+    for index, run in enumerate(runs):
+        subjects = [open_subject(p, arch=arch, input_size=input_size) for p in run.paths]
+        order, epochs, note = order_checkpoints(subjects)
+        notes.append(note)
+        units.extend((index, run.paths[i], subjects[i], epochs[i] if epochs[i] is not None else rank)
+                     for rank, i in enumerate(order))
+    return units, notes
 
 
 def trajectory(
     checkpoints: Sequence[str | Path],
     data: str | Path,
     *,
+    names: Sequence[str] | None = None,
     arch: str | None = None,
     input_size: tuple[int, int] | None = None,
     stages: Sequence[str] | None = None,
     image_options: dict[str, Any] | None = None,
     seed: int | None = None,
     cache: Path | None = None,
+    conditioning: bool = False,
+    fold_bn: bool = True,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> TrajectoryResult:
-    """Class geometry of every checkpoint of a training run on the same images.
+    """Class geometry of every checkpoint of one or more training runs on the same images.
 
     Parameters
     ----------
     checkpoints : sequence of str or Path
-        Files, folders of per-epoch checkpoints, or glob patterns (see :func:`collect_checkpoints`).
+        Runs: folders of per-epoch checkpoints, glob patterns, or checkpoint files
+        (grouped by folder; see :func:`auditor.tasks.runs.collect_runs`).
     data : str or Path
         Class-per-folder image directory.
+    names : sequence of str, optional
+        One name per run (default: the folder names).
     arch, input_size
         As in :func:`auditor.subject.open_subject`.
     stages : sequence of str, optional
@@ -150,7 +106,13 @@ def trajectory(
         Seed of the image selection and of the angles' pair sampling; None: 0, and a
         data source's own seed for its images.
     cache : Path, optional
-        Keep the activation stores here and reuse them (see :func:`auditor.tasks.geometry.stage_geometry`).
+        Keep the activation stores (see :func:`auditor.tasks.geometry.stage_geometry`)
+        and the blocks' kappas (see :func:`auditor.tasks.block_kappas.block_kappas`)
+        here and reuse them.
+    conditioning : bool
+        Add every block's paper and exact kappa and Lemma 1's verdicts per checkpoint.
+    fold_bn : bool
+        Fold eval-mode BatchNorm for the kappas.
     device : str
     progress : callable, optional
         ``progress(done, total)`` over the checkpoints.
@@ -158,40 +120,59 @@ def trajectory(
     Returns
     -------
     TrajectoryResult
+
+    Raises
+    ------
+    InputError
+        No checkpoints, or an item that names none.
+    UsageError
+        ``names`` does not give one name per run, or two runs share a name.
     """
-    from ..subject import open_subject
+    from .block_kappas import block_kappas
     from .geometry import stage_geometry
     from .images import open_images
 
     chosen = {**(image_options or {}), "seed": seed}  # None: a data source's seed picks the images
     random_seed = 0 if seed is None else seed
-    paths = collect_checkpoints(checkpoints)
-    if not paths:
+    if not checkpoints:
         raise InputError("no checkpoints given")
-    subjects = [open_subject(p, arch=arch, input_size=input_size) for p in paths]
-    order, epochs, note = order_checkpoints(subjects)
+    runs = collect_runs(checkpoints, names)
+    units, notes = _units(runs, arch, input_size)
     stage_names = list(stages) if stages else None
 
     def point(done: int) -> tuple[dict[str, Any], tuple, Any]:
-        index = order[done]
-        subject = subjects[index]
+        _, path, subject, epoch = units[done]
         images = open_images(data, subject, **chosen)
         result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=random_seed, device=device)
         entry = {
-            "epoch": epochs[index] if epochs[index] is not None else done,
-            "checkpoint": str(paths[index]),
+            "epoch": epoch,
+            "checkpoint": str(path),
             "sha256": subject.checkpoint.sha256,
             "arch": subject.loaded.arch,
             "store": str(result.store) if result.store else None,
             "reused_store": result.reused,
             "stages": result.stages,
         }
-        return entry, result.skipped, images if done == len(order) - 1 else None
+        if conditioning:
+            entry["condition"] = block_kappas(subject, cache=cache, fold_bn=fold_bn, device=device).to_dict()
+        return entry, result.skipped, images.section(result.skipped)
 
     # one unit per checkpoint, split across the ranks under torchrun (one rank: a loop)
-    points = distributed.compute(len(order), point, progress=progress)
-    series = [entry for entry, _, _ in points]
+    points = distributed.compute(len(units), point, progress=progress)
     skipped = next((s for _, s, _ in points if s), ())  # the same images for every checkpoint
-    images = points[-1][2]
-    config = {"seed": random_seed, "per_class": chosen.get("per_class"), "stages": stage_names}
-    return TrajectoryResult(series, images.section(skipped), config, note, skipped)
+    series: list[dict[str, Any]] = []
+    first: dict[str, Any] = {}
+    for index, run in enumerate(runs):
+        mine = [done for unit, done in zip(units, points) if unit[0] == index]
+        entry: dict[str, Any] = {"name": run.name, "checkpoints": [e for e, _, _ in mine]}
+        if notes[index]:
+            entry["order_note"] = notes[index]
+        section = mine[-1][2]
+        if index == 0:
+            first = section
+        elif section != first:  # this run's checkpoints prepare the images otherwise
+            entry["data"] = section
+        series.append(entry)
+    config = {"seed": random_seed, "per_class": chosen.get("per_class"), "stages": stage_names,
+              "condition": conditioning, "fold_bn": fold_bn}
+    return TrajectoryResult(series, first, config, skipped)
