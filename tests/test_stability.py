@@ -23,7 +23,8 @@ from auditor.analysis.stability import capture as capture_module
 from auditor.analysis.stability import chunks as chunks_module
 from auditor.analysis.stability.chunks import concatenate, distances, kept, repeats
 from auditor.analysis.stability.directions import Directions
-from auditor.analysis.stability.linearized import Linearized, Reverse, jacobian_copy, power_iteration
+from auditor.analysis.stability.krylov import StepPlan, largest_gain, plan_steps
+from auditor.analysis.stability.linearized import Linearized, Reverse, jacobian_copy
 from auditor.errors import InputError, UsageError
 from auditor.models.anatomy import analyze_anatomy
 from auditor.models.registry import build_model
@@ -458,24 +459,36 @@ class ChannelScale(nn.Module):
         return x * self.s
 
 
-def test_power_iteration_stops_early_on_a_separated_spectrum(monkeypatch):
+def test_lanczos_stops_once_the_krylov_space_is_invariant(monkeypatch):
     block = ChannelScale([3.0, 1.0]).double()
     x = _images(3, shape=(2, 3, 3)).double()
     v = _images(3, seed=4, shape=(2, 3, 3)).double()
     linear_calls = []  # products by the linearized copy (a deep copy: its calls are not block.calls)
     original = Linearized.__call__
     monkeypatch.setattr(Linearized, "__call__", lambda self, t: linear_calls.append(1) or original(self, t))
-    gain, converged = power_iteration(block, x, v, 100, 1e-8)
-    # Error of the estimate shrinks by (1/3)^2 per step: about 10 steps reach 1e-8,
-    # so the 100 allowed are never used (one call for the vjp, one per product).
-    assert converged.all()
-    assert block.calls + len(linear_calls) < 30
-    assert np.allclose(gain.numpy(), 3.0, rtol=1e-7)
-    # Without a tolerance every product is made.
-    block.calls = 0
-    linear_calls.clear()
-    gain, converged = power_iteration(block, x, v, 100, 0.0)
-    assert not converged.any() and block.calls + len(linear_calls) > 100
+    found = largest_gain(block, x, v, 100, 1e-8)
+    # two distinct singular values (3 and 1): the Krylov space is invariant after two steps,
+    # the residual is zero there, and the 100 allowed steps are never used
+    assert found.converged.all() and (found.steps == 2).all()
+    assert block.calls + len(linear_calls) < 10
+    assert np.allclose(found.gain.numpy(), 3.0, rtol=1e-12)
+    assert (found.residual < 1e-12).all()
+    # a block without that structure and no tolerance: every step is made
+    net, _ = _tiny(ReluBlock, seed=2, channels=2, size=4)
+    x, v = _images(2, seed=11, shape=(2, 4, 4)), _images(2, seed=12, shape=(2, 4, 4))
+    found = largest_gain(jacobian_copy(net.block), x, v, 6, 0.0)
+    assert not found.converged.any() and (found.steps == 6).all()
+
+
+def test_the_step_budget_goes_to_the_samples_that_may_hold_the_maximum():
+    """Survey steps everywhere, the quarter with the largest survey gains refined; never more steps in all."""
+    for samples in (1, 2, 3, 5, 8, 32, 61):
+        for steps in (1, 3, 4, 8, 20):
+            plan = plan_steps(samples, steps)
+            assert samples * plan.survey + plan.refined * plan.refine_steps <= samples * steps
+            assert plan.refine_steps > steps or plan.refined == 0
+    assert plan_steps(32, 8) == StepPlan(survey=3, refined=8, refine_steps=20)
+    assert plan_steps(1, 8).refined == 0 and plan_steps(1, 8).survey == 8
 
 
 def test_unconverged_power_iteration_is_reported():
@@ -483,10 +496,13 @@ def test_unconverged_power_iteration_is_reported():
     x = _images(3, seed=11, shape=(2, 4, 4))
     report = measure_stability(net, anatomy, x, directions=1, power_iterations=2, power_tolerance=1e-12)
     result = report.blocks[0]
-    assert result.worst_unconverged == 3
-    assert any("did not converge" in note and "3 of 3" in note for note in result.notes)
+    assert result.worst_unconverged == 3 and result.worst_gain_converged is False
+    assert result.worst_gain_residual > 1e-12
+    assert any("did not meet the residual test" in note and "3 of 3" in note for note in result.notes)
+    assert any("worst_gain is a lower bound" in note for note in result.notes)
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["blocks"][0]["worst_unconverged"] == 3 and data["power_tolerance"] == 1e-12
+    assert data["blocks"][0]["worst_gain_converged"] is False
     # Still a lower bound of the true gain.
     block = copy.deepcopy(net.block).double()
     sigmas = [
@@ -497,7 +513,13 @@ def test_unconverged_power_iteration_is_reported():
     ]
     assert result.worst_gain <= max(sigmas) * (1 + 1e-6)
     converged = measure_stability(net, anatomy, x, directions=1, power_iterations=300)
-    assert converged.blocks[0].worst_unconverged == 0
+    assert converged.blocks[0].worst_unconverged == 0 and converged.blocks[0].worst_gain_converged
+    # converged: the certificate holds (a singular value within rho of the gain: here the largest
+    # one, to far better than rho), and the gain is never above it
+    best = converged.blocks[0]
+    assert abs(best.worst_gain - max(sigmas)) <= best.worst_gain_residual * best.worst_gain
+    assert best.worst_gain == pytest.approx(max(sigmas), rel=1e-3)
+    assert best.worst_gain <= max(sigmas) * (1 + 1e-6)
     assert not any("did not converge" in note for note in converged.blocks[0].notes)
 
 
@@ -583,15 +605,17 @@ def test_linearized_block_equals_forward_mode_ad():
     assert len(linear.relus) == 1 and len(linear.relus[0].masks) == 3  # one module, three calls
 
 
-def test_linearized_power_iteration_reaches_the_dense_jacobian_norm():
+def test_lanczos_reaches_the_dense_jacobian_norm():
     block = _bottleneck_block()
     x = _images(2, shape=(4, 6, 6)).double()
     v = _images(2, seed=6, shape=(4, 6, 6)).double()
-    gain, converged = power_iteration(block, x, v, 300, 0.0)
+    found = largest_gain(block, x, v, 80, 1e-10)
+    gain = found.gain
+    assert found.converged.all()
     for i in range(2):
         jacobian = torch.autograd.functional.jacobian(lambda t: block(t.clone()), x[i : i + 1])
         sigma = float(torch.linalg.svdvals(jacobian.reshape(8 * 3 * 3, 4 * 6 * 6))[0])
-        # a lower bound that power iteration drives to the norm (exactness of J v: the test above)
+        # a lower bound that Lanczos drives to the norm (exactness of J v: the test above)
         assert float(gain[i]) <= sigma * (1 + 1e-12)
         assert float(gain[i]) == pytest.approx(sigma, rel=1e-5)
 
@@ -614,9 +638,9 @@ def test_the_linearization_verdict_holds_for_every_later_batch(monkeypatch):
     block = _bottleneck_block()
     x, v = _images(4, shape=(4, 6, 6)).double(), _images(4, seed=8, shape=(4, 6, 6)).double()
     linearized = Linearized(block)
-    together, _ = power_iteration(block, x, v, 5, 0.0)
+    together = largest_gain(block, x, v, 5, 0.0).gain
     checks.clear()
-    parts = [power_iteration(block, x[i:i + 2], v[i:i + 2], 5, 0.0, linearized)[0] for i in (0, 2)]
+    parts = [largest_gain(block, x[i:i + 2], v[i:i + 2], 5, 0.0, linearized).gain for i in (0, 2)]
     assert linearized.exact is True and len(checks) == 1 and not jvp_calls
     torch.testing.assert_close(torch.cat(parts), together, rtol=1e-12, atol=0)
     # a block the linearization does not fit: refused once, forward-mode AD for every product after
@@ -626,7 +650,7 @@ def test_the_linearization_verdict_holds_for_every_later_batch(monkeypatch):
     linearized = Linearized(relu_block)
     checks.clear()
     for i in (0, 2):
-        power_iteration(relu_block, x[i:i + 2], v[i:i + 2], 3, 0.0, linearized)
+        largest_gain(relu_block, x[i:i + 2], v[i:i + 2], 3, 0.0, linearized)
     assert linearized.exact is False and len(checks) == 1 and len(jvp_calls) == 5
 
 
@@ -654,19 +678,20 @@ def test_autograd_products_equal_torch_func(make):
     assert not constant.vjp(torch.ones(3, 2)).any()
 
 
-def test_power_iteration_does_not_import_torch_dynamo():
+def test_worst_direction_does_not_import_torch_dynamo():
     """The stability of a bottleneck network in a fresh interpreter never loads torch._dynamo (1.5 s, 150 MB)."""
     import subprocess
     import sys
 
     code = (
         "import sys, torch\n"
-        "from auditor.analysis.stability.linearized import Linearized, jacobian_copy, power_iteration\n"
+        "from auditor.analysis.stability.krylov import largest_gain\n"
+        "from auditor.analysis.stability.linearized import Linearized, jacobian_copy\n"
         "from auditor.models.resnet_layout import Bottleneck\n"
         "torch.manual_seed(0)\n"
         "block = jacobian_copy(Bottleneck(8, 2).eval())\n"
         "x, v = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)\n"
-        "gain, _ = power_iteration(block, x, v, 4, 0.0)\n"
+        "gain = largest_gain(block, x, v, 4, 0.0).gain\n"
         "assert Linearized(block).exact is None and gain.gt(0).all()\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
@@ -767,7 +792,7 @@ def test_cifar_blocks_take_the_linearized_products(shortcut, monkeypatch):
     jvp_calls = []
     original = torch.func.jvp
     monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: jvp_calls.append(1) or original(*a, **k))
-    power_iteration(block, x, v, 4, 0.0)
+    largest_gain(block, x, v, 4, 0.0)
     assert not jvp_calls
 
 

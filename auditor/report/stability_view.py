@@ -11,18 +11,40 @@ from rich.text import Text
 from .markdown import md_table
 from .tables import fmt_num
 
-__all__ = ["stability_tables", "stability_markdown"]
+__all__ = ["stability_tables", "stability_markdown", "worst_gain_note"]
 
 
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _lower_bound(block: Mapping[str, Any], key: str) -> str:
+    """A worst-direction value, as ``>= x`` where its Lanczos run did not meet the residual test."""
+    text = fmt_num(block.get(key))
+    return f">= {text}" if block.get(f"{key}_converged") is False and block.get(key) is not None else text
+
+
+def worst_gain_note(section: Mapping[str, Any]) -> str:
+    """One line: whether every block's worst gain met the residual test, or which did not."""
+    blocks = section.get("blocks") or []
+    searched = [b for b in blocks if b.get("worst_gain_converged") is not None]
+    if not searched:
+        return ""
+    lower = [b["name"] for b in searched if b["worst_gain_converged"] is False]
+    tolerance = section.get("power_tolerance")
+    test = f"relative Lanczos residual <= {tolerance:g}" if tolerance is not None else "the residual test"
+    if not lower:
+        return f"worst gain: converged ({test}) in all {len(searched)} blocks"
+    shown = ", ".join(lower[:6]) + (", ..." if len(lower) > 6 else "")
+    return (f"worst gain: {len(lower)} of {len(searched)} blocks are lower bounds ('>='; {test} not met "
+            f"within power_iterations): {shown}")
+
+
 def _block_rows(section: Mapping[str, Any]) -> list[list[str]]:
     return [
         [
             b["name"], b.get("shortcut", ""), fmt_num(b.get("r_min")), fmt_num(b.get("r_median")),
-            fmt_num(b.get("r_max")), fmt_num(b.get("worst_gain")), fmt_num(b.get("worst_r")),
+            fmt_num(b.get("r_max")), _lower_bound(b, "worst_gain"), _lower_bound(b, "worst_r"),
             _share(b.get("share_in_paper_bounds")), _share(b.get("share_in_linear_bounds")),
         ]
         for b in section["blocks"]
@@ -46,6 +68,9 @@ def stability_tables(section: Mapping[str, Any]) -> list[Any]:
     for row in _block_rows(section):
         table.add_row(*row)
     out.append(table)
+    note = worst_gain_note(section)
+    if note:
+        out.append(Text(note, style="yellow" if ">=" in note else ""))
     if section.get("batchnorm"):
         bn = Table(title="BatchNorm (Lemma 3): relative perturbation after / before", title_justify="left")
         for column in ("layer", "before (median)", "after (median)", "ratio min", "ratio median", "ratio max"):
@@ -72,6 +97,9 @@ def stability_markdown(section: Mapping[str, Any]) -> str:
     """The stability section as Markdown."""
     text = f"Perturbation eps = {section['eps']:g}, {section['samples']} samples x {section['directions']} directions.\n\n"
     text += md_table(_BLOCK_HEADER, _block_rows(section))
+    note = worst_gain_note(section)
+    if note:
+        text += f"\n{note.capitalize()}.\n"
     trajectory = section.get("trajectory") or {}
     if trajectory.get("logits"):
         text += (f"\nEnd to end: median relative error of the logits {fmt_num(trajectory['logits'].get('median'))}; "

@@ -1,11 +1,11 @@
-"""Jacobian products of one block: reverse mode, the masked linearization, and the power step.
+"""Jacobian products of one block: reverse mode and the masked linearization.
 
 :class:`Reverse` gives ``J^T u`` (and ``J v`` by reverse mode twice, the
 check), :class:`Linearized` gives ``J v`` by one forward pass of a masked copy
-of the block where that is exact, :func:`power_iteration` estimates
-``sigma_max(J)`` per sample with them (forward-mode AD where the copy does not
-fit), on a copy whose eval BatchNorms are :class:`AffineBatchNorm`
-(:func:`jacobian_copy`).
+of the block where that is exact, :class:`BlockProducts` picks between them
+(forward-mode AD where the copy does not fit), on a copy whose eval BatchNorms
+are :class:`AffineBatchNorm` (:func:`jacobian_copy`). :mod:`.krylov` uses the
+products for the worst direction.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from .chunks import row_norms
 
-__all__ = ["Reverse", "AffineBatchNorm", "jacobian_copy", "Linearized", "power_iteration"]
+__all__ = ["Reverse", "AffineBatchNorm", "jacobian_copy", "Linearized", "BlockProducts"]
 
 
 class Reverse:
@@ -201,83 +201,41 @@ def _forward_product(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
             _, u = torch.func.jvp(fn, (x,), (v,))
     return u
 
-def power_iteration(
-    block: nn.Module, x: torch.Tensor, v: torch.Tensor, iterations: int, tolerance: float,
-    linearized: Linearized | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Estimate ``sigma_max(J_i)`` of ``block`` at every row ``x_i``.
+class BlockProducts:
+    """``J v`` and ``J^T u`` of ``block`` at the rows ``x``, by the cheapest exact means.
 
-    Parameters
-    ----------
-    block : nn.Module
-        Eval mode: it acts on each row separately, so one batched Jacobian product is
-        ``n`` independent ones (the batch dimension plays the role of ``vmap``).
-    x, v : Tensor of shape (n, C, H, W)
-        Points and start vectors.
-    iterations : int
-        Most products ``J v`` per row (``>= 1``).
-    tolerance : float
-        Row ``i`` stops once ``g_k - g_{k-1} <= tolerance * g_k`` for its estimate
-        ``g_k = ||J_i v_k||``; its vector and estimate are frozen from then on.
-    linearized : Linearized, optional
-        ``Linearized(block)``, built once per block by the caller (two copies
-        of the block, and the verdict of its one comparison with autograd);
-        built here when omitted.
-
-    Returns
-    -------
-    gain : Tensor of shape (n,)
-        The largest ``||J_i v_i||`` over the unit vectors ``v_i`` visited: a lower
-        bound of ``sigma_max(J_i)`` that power iteration drives up to it.
-    converged : Tensor of shape (n,), bool
-        Whether row ``i`` met the test.
+    ``J^T u`` by reverse mode (:class:`Reverse`). ``J v`` by one forward pass of the
+    masked copy (:class:`Linearized`) where that is exact: the block's first product
+    is computed by autograd too and compared (:meth:`Linearized.matches`), and the
+    verdict is kept on ``linearized`` for every later batch; elsewhere by
+    forward-mode AD.
     """
 
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        return block(t.clone())
+    def __init__(self, block: nn.Module, x: torch.Tensor, linearized: Linearized | None = None) -> None:
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return block(t.clone())
 
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    tiny = torch.finfo(x.dtype).tiny
-    gain = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    with torch.enable_grad(), warnings.catch_warnings():
-        # Forward-mode AD loads decompositions through torch.jit.script once per
-        # process, which warns (FutureWarning); the library prints nothing.
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        reverse = Reverse(fn, x)
-        v = v / row_norms(v).clamp_min(tiny).reshape(shape)
-        # J v by one forward pass of the linearized block where that is exact
-        # (checked against autograd on the block's first product), else by forward-mode AD
-        linearized = linearized or Linearized(block)
-        linear = None if linearized.exact is False else linearized.at(x)
-        for step in range(iterations):
-            # 1. u = J v; ||u|| is the gain of the unit vector v.
-            if linear is not None and (step > 0 or linear.exact):
-                u = linear(v)
-            elif linear is not None:  # the block's one check of its linearization
-                try:
-                    u = reverse.jvp(v)
-                except RuntimeError:  # an operation without a double backward (hardsigmoid)
-                    linearized.exact, linear = False, None
-                    u = _forward_product(fn, x, v)
-                else:
-                    linear.exact = linear.matches(u, v)
-                    linear = linear if linear.exact else None
-            else:
-                u = _forward_product(fn, x, v)
-            new = torch.maximum(gain, row_norms(u))
-            # 2. Convergence test on the rows still running; frozen rows keep their value.
-            if step > 0 and tolerance > 0:
-                met = ~converged & (new - gain <= tolerance * new)
-            else:
-                met = torch.zeros_like(converged)
-            gain = torch.where(converged, gain, new)
-            converged |= met
-            if step == iterations - 1 or bool(converged.all()):
-                break
-            # 3. w = J^T u (reverse mode); 4. v = w / ||w|| on the running rows.
-            w = reverse.vjp(u)
-            norms = row_norms(w).reshape(shape)
-            running = (~converged).reshape(shape) & (norms > 0)
-            v = torch.where(running, w / norms.clamp_min(tiny), v)
-    return gain.detach(), converged
+        self.fn, self.x = fn, x
+        self.reverse = Reverse(fn, x)
+        self.linearized = linearized or Linearized(block)
+        self.linear = None if self.linearized.exact is False else self.linearized.at(x)
+
+    def jv(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v``."""
+        linear = self.linear
+        if linear is not None and linear.exact:
+            return linear(v)
+        if linear is not None:  # the block's one check of its linearization
+            try:
+                u = self.reverse.jvp(v)
+            except RuntimeError:  # an operation without a double backward (hardsigmoid)
+                self.linearized.exact, self.linear = False, None
+                return _forward_product(self.fn, self.x, v)
+            linear.exact = linear.matches(u, v)
+            self.linear = linear if linear.exact else None
+            return u
+        return _forward_product(self.fn, self.x, v)
+
+    def vjp(self, u: torch.Tensor) -> torch.Tensor:
+        """``J^T u``."""
+        return self.reverse.vjp(u)

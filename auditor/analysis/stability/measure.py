@@ -25,7 +25,8 @@ from .capture import Taps, capture, capture_groups
 from .checks import check_bounds, check_device, check_images, check_options, check_power
 from .chunks import distances, group_runs, kept, ratio_or_nan, row_norms, row_slices, rows_per_chunk, share, stats
 from .directions import Directions
-from .linearized import Linearized, jacobian_copy, power_iteration
+from .krylov import largest_gain, plan_steps
+from .linearized import Linearized, jacobian_copy
 from .options import STABILITY_DEFAULTS, StabilityOptions
 from .results import BatchNormStability, BlockStability, StabilityReport, Trajectory, TrajectoryPoint
 
@@ -193,7 +194,10 @@ class _Worst:
     """The worst direction's fields of :class:`BlockStability` (None where not searched), and notes."""
 
     gain: float | None = None
+    gain_converged: bool | None = None
+    gain_residual: float | None = None
     r: float | None = None
+    r_converged: bool | None = None
     r_median: float | None = None
     share_paper: float | None = None
     share_linear: float | None = None
@@ -201,41 +205,65 @@ class _Worst:
     notes: list[str] = field(default_factory=list)
 
 
+def _krylov_rows(block: nn.Module, x: torch.Tensor, start: torch.Tensor, rows: np.ndarray, steps: int,
+                 tolerance: float, per_batch: int, linearized: Linearized) -> tuple[np.ndarray, ...]:
+    """:func:`largest_gain` at the samples ``rows``, ``per_batch`` at a time: gains, residuals, converged."""
+    gains: list[float] = []
+    residuals: list[float] = []
+    flags: list[bool] = []
+    for chunk in row_slices(len(rows), per_batch):
+        index = torch.as_tensor(rows[chunk])
+        found = largest_gain(block, x[index], start[index], steps, tolerance, linearized)
+        gains.extend(kept(found.gain))
+        residuals.extend(kept(found.residual))
+        flags.extend(kept(found.converged))
+    return np.asarray(gains), np.asarray(residuals), np.asarray(flags, dtype=bool)
+
+
 def _worst_direction(
     block: nn.Module, x: torch.Tensor, runs: _BlockRuns, valid_sample: np.ndarray, options: StabilityOptions,
     batch_size: int | None, bounds: Bounds,
 ) -> _Worst:
-    """Step 5: power iteration on ``J^T J`` at every valid sample."""
+    """Step 5: the largest singular value of ``J`` at every valid sample (:mod:`.krylov`)."""
     worst = _Worst()
-    iterations, tolerance = options.power_iterations, options.power_tolerance
-    if iterations == 0:
+    steps, tolerance = options.power_iterations, options.power_tolerance
+    if steps == 0:
         worst.notes.append("power_iterations = 0: worst direction not searched")
         return worst
-    if not valid_sample.any():
+    valid = np.flatnonzero(valid_sample)
+    if not len(valid):
         return worst
-    gains: list[float] = []
-    flags: list[bool] = []
     jacobian_block = jacobian_copy(block)
     linearized = Linearized(jacobian_block)
     per_batch = batch_size if batch_size is not None else max(1, runs.size // 4)
-    for rows in row_slices(x.shape[0], per_batch):
-        gain_rows, flag_rows = power_iteration(
-            jacobian_block, x[rows], runs.start[rows], iterations, tolerance, linearized
-        )
-        gains.extend(kept(gain_rows))
-        flags.extend(kept(flag_rows))
-    gain = np.asarray(gains, dtype=np.float64)
-    met = np.asarray(flags, dtype=bool)
-    worst.unconverged = int((~met[valid_sample]).sum())
-    if worst.unconverged:
+    plan = plan_steps(len(valid), steps)
+    # 1. the survey: every valid sample, plan.survey steps
+    gain, residual, met = _krylov_rows(jacobian_block, x, runs.start, valid, plan.survey, tolerance, per_batch,
+                                       linearized)
+    if plan.refined:
+        # 2. the samples with the largest survey gains (ties: the earlier sample) again, with the rest of the budget
+        order = np.lexsort((np.arange(len(valid)), -gain))[: plan.refined]
+        order = order[~met[order]]
+        if len(order):
+            found = _krylov_rows(jacobian_block, x, runs.start, valid[order], plan.refine_steps, tolerance,
+                                 per_batch, linearized)
+            gain[order], residual[order], met[order] = found
+    worst.unconverged = int((~met).sum())
+    top = int(np.argmax(gain))
+    worst.gain, worst.gain_converged, worst.gain_residual = float(gain[top]), bool(met[top]), float(residual[top])
+    if not worst.gain_converged:
         worst.notes.append(
-            f"power iteration did not converge (relative change > {tolerance:g} after "
-            f"{iterations} products) at {worst.unconverged} of {int(valid_sample.sum())} "
-            "sample(s): worst_gain, worst_r are lower bounds there"
+            f"worst_gain is a lower bound: its Lanczos run stopped at relative residual {residual[top]:.2g} "
+            f"> {tolerance:g} (raise power_iterations)"
         )
-    ratios = gain[valid_sample] * runs.x_norms[valid_sample] / runs.f_norms[valid_sample]
-    worst.gain = float(gain[valid_sample].max())
-    worst.r = float(ratios.max())
+    if worst.unconverged:
+        refined = f"; {plan.refined} refined to {plan.refine_steps} steps" if plan.refined else ""
+        worst.notes.append(
+            f"{worst.unconverged} of {len(valid)} sample(s) did not meet the residual test ({plan.survey} steps"
+            f"{refined}): their worst-direction r is a lower bound, and so are worst_r_median and the worst shares"
+        )
+    ratios = gain * runs.x_norms[valid] / runs.f_norms[valid]
+    worst.r, worst.r_converged = float(ratios.max()), bool(met[int(np.argmax(ratios))])
     worst.r_median = float(np.median(ratios))
     worst.share_paper = share(ratios, bounds[0])
     worst.share_linear = share(ratios, bounds[1])
@@ -322,6 +350,9 @@ def _measure_block(
         worst_share_in_linear_bounds=worst.share_linear,
         inactive_share=float(runs.inactive[valid_sample].mean()) if valid_sample.any() else None,
         worst_unconverged=worst.unconverged,
+        worst_gain_converged=worst.gain_converged,
+        worst_gain_residual=worst.gain_residual,
+        worst_r_converged=worst.r_converged,
         ratios=tuple(float(v) if good else None for v, good in zip(ratios.r, ratios.ok)),
         notes=tuple(notes),
     )

@@ -51,8 +51,9 @@ class BlockStability:
         Share of the ``n`` runs with ``1/kappa <= r <= kappa`` for the paper's kappa
         (Eq. 2) and the exact linearized one; None without bounds.
     worst_gain : float or None
-        Largest ``sigma_max(J)`` found over samples (power iteration: a lower bound
-        that converges from below).
+        Largest ``sigma_max(J)`` over samples: the top Ritz value of a Lanczos run
+        (:mod:`.krylov`), never above the true value; a lower bound of unknown distance
+        where ``worst_gain_converged`` is False.
     worst_r : float or None
         Largest ``sigma_max(J_i) ||x_i|| / ||f(x_i)||`` over samples: the first-order
         ``r`` of the worst direction.
@@ -65,9 +66,17 @@ class BlockStability:
         it is positive and the block ends in a ReLU, ``J`` is rank deficient, so the
         smallest gain (and the lower bound of Lemma 1/2 in the linearization) is 0.
     worst_unconverged : int or None
-        Samples (with a defined ``r``) whose power iteration did not meet the convergence
-        test within ``power_iterations`` products; their gain is a lower bound only. None
-        when the worst direction was not searched.
+        Samples (with a defined ``r``) whose Lanczos run did not meet the residual test
+        (survey samples that were not refined among them); their gain is a lower bound
+        only. None when the worst direction was not searched.
+    worst_gain_converged : bool or None
+        Whether the sample that gives ``worst_gain`` met the residual test
+        ``residual <= power_tolerance``. None when not searched.
+    worst_gain_residual : float or None
+        Its relative Ritz residual ``rho / worst_gain``: some singular value of ``J``
+        lies within ``rho`` of ``worst_gain``.
+    worst_r_converged : bool or None
+        Whether the sample that gives ``worst_r`` met the residual test.
     ratios : tuple of (float or None)
         ``r`` of every run in run order (``j = i * K + k``), None where excluded. Not
         in :meth:`to_dict` unless asked for.
@@ -92,6 +101,9 @@ class BlockStability:
     worst_share_in_linear_bounds: float | None
     inactive_share: float | None
     worst_unconverged: int | None = None
+    worst_gain_converged: bool | None = None
+    worst_gain_residual: float | None = None
+    worst_r_converged: bool | None = None
     ratios: tuple[float | None, ...] = field(default=(), repr=False)
     notes: tuple[str, ...] = ()
 
@@ -196,9 +208,11 @@ class StabilityReport:
         Images (``N``).
     seed : int
     power_iterations : int
-        Most products ``J v`` per sample.
+        Lanczos steps per sample for the worst direction, spent by
+        :func:`~.krylov.plan_steps` (each one ``J v`` and one ``J^T u``).
     power_tolerance : float
-        Convergence test of the power iteration (relative change of the gain estimate).
+        Residual test of the worst direction: a sample's top Ritz value is converged
+        when its relative residual is at most this.
     batch_size : int or None
         Samples per batched Jacobian product as requested; None: from a memory budget.
     dtype : str
@@ -223,5 +237,8 @@ class StabilityReport:
     batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (per-run ratios left out)."""
-        return _fields_dict(self)
+        """JSON-safe dict (per-run ratios left out), with ``worst_gain_lower_bounds``: the blocks whose
+        ``worst_gain`` did not meet the residual test (a lower bound there)."""
+        out = _fields_dict(self)
+        out["worst_gain_lower_bounds"] = [b.name for b in self.blocks if b.worst_gain_converged is False]
+        return out
