@@ -1,20 +1,52 @@
-"""``resdyn angles``: median principal angles per stage from an activation store."""
+"""``resdyn angles``: median principal angles per stage of activation stores or checkpoints."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
-from ._data_options import ClassesOpt, SeedOpt
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
-    CenterOpt, Format, FormatOpt, MaxPairsOpt, NoProgressOpt, OutputOpt, PlotOpt, StagesOpt, SubspaceOpt, split_list,
+    ArchOpt, CacheOpt, CenterOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoProgressOpt,
+    OutputOpt, StagesOpt, SubspaceOpt, resolve_device, split_list,
 )
 
 __all__ = ["register"]
 
-StoreArg = Annotated[Path, typer.Argument(help="Activation store written by 'resdyn extract'.", exists=True, dir_okay=False)]
+InputsArg = Annotated[
+    list[Path],
+    typer.Argument(help="Activation stores written by 'resdyn extract', or checkpoints (with --data); several "
+                   "models are compared side by side.", exists=True),
+]
+OptionalDataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="Images for the checkpoints: a labeled image folder (class per sub-folder), or the "
+                 "NAME of a data source in ./resdyn.toml or ./pyproject.toml. Not needed for stores."),
+]
+NameOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--name", help="A model's name in the table, JSON and figure (default: its file name); once per "
+                 "model, in order.", show_default=False),
+]
+AnglesPlotOpt = Annotated[
+    Optional[Path],
+    typer.Option("--plot", help="Draw angle against stage into this PNG: one panel per model, intra- and "
+                 "inter-class angles per class.", dir_okay=False),
+]
+
+
+def _models(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if "models" in doc:
+        return doc["models"]
+    return [{"name": Path(doc["store"]["path"] or "store").name, "store": doc["store"], "stages": doc["stages"]}]
+
+
+def _described(model: dict[str, Any]) -> str:
+    store = model["store"]
+    where = model.get("checkpoint") or store["path"]
+    return f"{model['name']}: {where}  ({store['arch']}, {store['samples']} samples)"
 
 
 def _tables(doc: dict[str, Any]) -> list[Any]:
@@ -22,51 +54,78 @@ def _tables(doc: dict[str, Any]) -> list[Any]:
 
     from ..report.angles_view import angles_table
 
-    head = Text(f"{doc['store']['path']}  ({doc['store']['arch']}, {doc['store']['samples']} samples)")
     note = "options: " + ", ".join(f"{k}={v}" for k, v in doc["config"].items())
-    return [head, *angles_table(doc["stages"], note=note)]
+    out: list[Any] = []
+    for model in _models(doc):
+        out.extend([Text(_described(model)), *angles_table(model["stages"], note=note)])
+    return out
 
 
 def _markdown(doc: dict[str, Any]) -> str:
     from ..report.angles_view import angles_markdown_table
 
-    return f"## resdyn angles\n\nStore `{doc['store']['path']}` ({doc['store']['arch']})\n\n" + angles_markdown_table(doc["stages"])
+    parts = ["## resdyn angles\n"]
+    for model in _models(doc):
+        parts.append(f"### {_described(model)}\n\n" + angles_markdown_table(model["stages"]))
+    return "\n".join(parts)
 
 
 def angles_command(
-    store_path: StoreArg,
+    inputs: InputsArg,
+    data: OptionalDataOpt = None,
+    name: NameOpt = None,
+    arch: ArchOpt = None,
+    input_size: InputSizeOpt = None,
     stages: StagesOpt = None,
     classes: ClassesOpt = None,
+    preset: PresetOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    per_class: PerClassOpt = None,
     center: CenterOpt = False,
     subspace: SubspaceOpt = None,
     max_pairs: MaxPairsOpt = None,
     seed: SeedOpt = 0,
-    plot: PlotOpt = None,
+    cache: CacheOpt = None,
+    plot: AnglesPlotOpt = None,
+    device: DeviceOpt = Device.cpu,
     fmt: FormatOpt = Format.table,
     output: OutputOpt = None,
     no_progress: NoProgressOpt = False,
 ) -> None:
-    """Median principal angles within and between classes at every stage (the paper's Definition 1)."""
-    from ..tasks.geometry import separation_warning, store_geometry
-    from ._output import emit, progress_bar
+    """Median principal angles within and between classes at every stage (the paper's Definition 1), per model."""
+    from ..subject import parse_input_size
 
-    with progress_bar("angles", enabled=not no_progress and fmt is not Format.json) as update:
-        result = store_geometry(
-            store_path, stages=split_list(stages), classes=split_list(classes), center=center,
-            max_pairs=max_pairs, seed=seed, subspace_k=subspace, progress=update,
+    shape = parse_input_size(input_size)
+    chosen = image_options(preset, size, mean, std, None, per_class, seed)  # usage errors before torch
+    chosen.pop("classes")
+    chosen.pop("seed")
+    from ..tasks.geometry import separation_warning
+    from ..tasks.model_angles import models_angles
+    from ._output import emit, progress_bar, warn
+
+    with progress_bar("models", enabled=not no_progress and fmt is not Format.json) as update:
+        result = models_angles(
+            inputs, data=data, names=name, arch=arch, input_size=shape, image_options=chosen,
+            stages=split_list(stages), classes=split_list(classes), center=center, max_pairs=max_pairs, seed=seed,
+            subspace_k=subspace, cache=cache, device=resolve_device(device), progress=update,
         )
     document = result.to_document()
-    entries = result.stages
+    if result.skipped and result.data is not None:
+        from ..tasks.images import skipped_message
 
-    undefined = separation_warning(entries)
-    if undefined:
-        from ._output import warn
-
-        warn(undefined)
+        warn(skipped_message(result.data["root"], result.skipped))
+    for model in result.models:
+        undefined = separation_warning(model["stages"])
+        if undefined:
+            warn(undefined if len(result.models) == 1 else f"{model['name']}: {undefined}")
     if plot is not None:
-        from ..report.plots import plot_angles_by_stage
+        from ..distributed import world
+        from ..report.figures.models import plot_angles_by_model
 
-        plot_angles_by_stage(entries, plot, title=f"Median principal angles, {document['store']['arch']}")
+        if world().is_main:
+            plot_angles_by_model(result.models, plot, classes=result.classes)
     emit(document, fmt, output, table=_tables, markdown=_markdown)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, UsageError
+from ..io.checkpoint import Checkpoint
 from ..subject import Subject
 
 __all__ = ["CHECKPOINT_SUFFIXES", "Run", "collect_checkpoints", "collect_runs", "order_checkpoints", "natural_key"]
@@ -125,8 +126,12 @@ def collect_runs(items: Sequence[str | Path], names: Sequence[str] | None = None
     return [Run(name, tuple(sorted(paths, key=natural_key))) for name, paths in runs]
 
 
-def _epoch(subject: Subject) -> int | float | None:
-    raw = subject.checkpoint.metadata.get("epoch")
+def _checkpoint(item: Subject | Checkpoint) -> Checkpoint:
+    return item.checkpoint if isinstance(item, Subject) else item
+
+
+def _epoch(item: Subject | Checkpoint) -> int | float | None:
+    raw = _checkpoint(item).metadata.get("epoch")
     try:
         value = float(raw) if raw is not None else None
     except ValueError:
@@ -134,8 +139,10 @@ def _epoch(subject: Subject) -> int | float | None:
     return int(value) if value is not None and value.is_integer() else value
 
 
-def order_checkpoints(subjects: Sequence[Subject]) -> tuple[list[int], list[int | float | None], str]:
-    """The order in which to report ``subjects``, their epochs, and a note when the order is a guess.
+def order_checkpoints(
+    subjects: Sequence[Subject | Checkpoint],
+) -> tuple[list[int], list[int | float | None], str]:
+    """The order in which to report ``subjects`` (opened, or only read), their epochs, and a note when it is a guess.
 
     Returns
     -------
@@ -149,7 +156,7 @@ def order_checkpoints(subjects: Sequence[Subject]) -> tuple[list[int], list[int 
     """
     epochs = [_epoch(s) for s in subjects]
     if all(e is not None for e in epochs):
-        order = sorted(range(len(subjects)), key=lambda i: (epochs[i], natural_key(subjects[i].checkpoint.path)))
+        order = sorted(range(len(subjects)), key=lambda i: (epochs[i], natural_key(_checkpoint(subjects[i]).path)))
         return order, epochs, ""
     return (list(range(len(subjects))), epochs,
             "no 'epoch' metadata in every checkpoint: ordered by natural sort of the file names")

@@ -54,16 +54,20 @@ class TrajectoryResult:
         return {**report_header("trajectory"), "data": self.data, "config": self.config, "series": self.series}
 
 
-def _units(runs: Sequence[Run], arch: str | None, input_size: tuple[int, int] | None) -> tuple[list[Any], list[str]]:
-    """Every checkpoint as ``(run index, path, subject, epoch)`` in training order, and each run's order note."""
-    from ..subject import open_subject
+def _units(runs: Sequence[Run]) -> tuple[list[tuple[int, Path, int | float]], list[str]]:
+    """Every checkpoint as ``(run index, path, epoch)`` in training order, and each run's order note.
+
+    Only the checkpoints are read here (their ``epoch`` metadata); each unit builds
+    its model, so that under torchrun a rank builds only its own.
+    """
+    from ..models.load import load_checkpoint
 
     units, notes = [], []
     for index, run in enumerate(runs):
-        subjects = [open_subject(p, arch=arch, input_size=input_size) for p in run.paths]
-        order, epochs, note = order_checkpoints(subjects)
+        read = [load_checkpoint(p) for p in run.paths]
+        order, epochs, note = order_checkpoints(read)
         notes.append(note)
-        units.extend((index, run.paths[i], subjects[i], epochs[i] if epochs[i] is not None else rank)
+        units.extend((index, run.paths[i], epochs[i] if epochs[i] is not None else rank)
                      for rank, i in enumerate(order))
     return units, notes
 
@@ -128,6 +132,7 @@ def trajectory(
     UsageError
         ``names`` does not give one name per run, or two runs share a name.
     """
+    from ..subject import open_subject
     from .block_kappas import block_kappas
     from .geometry import stage_geometry
     from .images import open_images
@@ -137,11 +142,12 @@ def trajectory(
     if not checkpoints:
         raise InputError("no checkpoints given")
     runs = collect_runs(checkpoints, names)
-    units, notes = _units(runs, arch, input_size)
+    units, notes = _units(runs)
     stage_names = list(stages) if stages else None
 
     def point(done: int) -> tuple[dict[str, Any], tuple, Any]:
-        _, path, subject, epoch = units[done]
+        _, path, epoch = units[done]
+        subject = open_subject(path, arch=arch, input_size=input_size)
         images = open_images(data, subject, **chosen)
         result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=random_seed, device=device)
         entry = {

@@ -1,0 +1,250 @@
+"""``resdyn trajectory`` with several runs and ``--condition`` on the bundled per-epoch runs (issue #28).
+
+One run of the command (three runs, two epochs each) serves every check: the JSON
+against the schema, the runs' names and order, the kappas against ``resdyn
+condition``, the angles against ``resdyn angles`` on the same checkpoint, the tables
+against the JSON, the figures read back from matplotlib's objects against the JSON,
+and the caches reused by a second run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, run_cli, run_json
+
+DIGITS = FIXTURES / "digits"
+RUNS = FIXTURES / "checkpoints"
+NAMES = ["resnet8", "resnet8_nobn", "resnet8_plain"]
+COMMON = ["--data", str(DIGITS), "--per-class", "2", "--stages", "layer1,layer3"]
+
+pytestmark = pytest.mark.skipif(not (RUNS / "resnet8").is_dir(), reason="fixtures not built (python fixtures/build.py)")
+
+
+def _globs() -> list[str]:
+    return [str(RUNS / name / "epoch-0[06].safetensors") for name in NAMES]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """The command once: the JSON and the angle figure."""
+    from auditor.cli import run as cli
+
+    tmp = tmp_path_factory.mktemp("trajectory")
+    paths = {"json": tmp / "t.json", "plot": tmp / "runs.png", "cache": tmp / "cache"}
+    code = cli(["trajectory", *_globs(), *COMMON, "--condition", "--cache", str(paths["cache"]),
+                "--plot", str(paths["plot"]), "--no-progress", "--format", "json", "-o", str(paths["json"])])
+    assert code == 0
+    return {"doc": json.loads(paths["json"].read_text()), **paths}
+
+
+def test_runs_are_named_ordered_and_valid(run: dict) -> None:
+    from auditor.report.document import validate
+
+    doc = run["doc"]
+    validate(doc)
+    assert [r["name"] for r in doc["series"]] == NAMES
+    for entry, name in zip(doc["series"], NAMES):
+        assert [p["epoch"] for p in entry["checkpoints"]] == [0, 6]
+        assert all(Path(p["checkpoint"]).parent.name == name for p in entry["checkpoints"])
+        assert all(p["arch"] == name for p in entry["checkpoints"])
+        assert [[s["name"] for s in p["stages"]] for p in entry["checkpoints"]] == [["layer1", "layer3"]] * 2
+        assert all(not p["condition"]["reused"] for p in entry["checkpoints"])
+    assert run["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kappas_equal_resdyn_condition(run: dict, capsys) -> None:
+    """Each block's kappas and the summary as ``resdyn condition`` gives them (a plain network: its plain kappas)."""
+    plain = run["doc"]["series"][2]["checkpoints"][1]
+    condition = run_json(["condition", plain["checkpoint"]], capsys)
+    got = plain["condition"]["blocks"]
+    assert [b["name"] for b in got] == [b["name"] for b in condition["blocks"]]
+    for mine, theirs in zip(got, condition["blocks"]):
+        for key in ("kappa_paper_residual", "kappa_paper_plain", "kappa_linear_residual", "kappa_linear_plain",
+                    "lemma1_upper_holds", "lemma1_lower_holds", "shortcut"):
+            assert mine.get(key) == theirs.get(key), key
+    for key, value in condition["summary"].items():
+        assert plain["condition"]["summary"][key] == value, key
+
+
+def test_angles_of_two_checkpoints_are_figure_5(run: dict, tmp_path: Path, capsys) -> None:
+    """``resdyn angles`` on two checkpoints (through the trajectory's cache): the trajectory's numbers, a direct
+    pairwise loop on the stored activations, and one panel per model read back from the figure."""
+    import h5py
+
+    from auditor.report.figures.models import draw_angles_by_model, inter_of_class
+
+    series = run["doc"]["series"]
+    wanted = [series[0]["checkpoints"][1], series[2]["checkpoints"][1]]
+    plot = tmp_path / "models.png"
+    doc = run_json(["angles", *(p["checkpoint"] for p in wanted), *COMMON, "--cache", run["cache"],
+                    "--plot", plot], capsys)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert [m["name"] for m in doc["models"]] == ["resnet8/epoch-06", "resnet8_plain/epoch-06"]
+    for model, point in zip(doc["models"], wanted):
+        assert model["stages"] == point["stages"] and model["store"]["path"] == point["store"]
+        assert model["store"]["checkpoint_sha256"] == point["sha256"] and model["store"]["samples"] == 20
+    with h5py.File(doc["models"][1]["store"]["path"], "r") as h5:
+        rows = np.asarray(h5["stages/layer3"][()], dtype=np.float64).reshape(20, -1)
+        labels = np.asarray(h5["samples/label"][()])
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    degrees = np.degrees(np.arccos(np.clip(unit @ unit.T, -1, 1)))
+    layer3 = doc["models"][1]["stages"][1]
+    a, b = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    assert layer3["intra"]["0"] == pytest.approx(degrees[a[0], a[1]], abs=1e-6)
+    assert layer3["inter"]["0|1"] == pytest.approx(np.median(degrees[np.ix_(a, b)]), abs=1e-6)
+
+    classes = run["doc"]["data"]["classes"]
+    fig = draw_angles_by_model(doc["models"], classes=classes)
+    assert [ax.get_title() for ax in fig.axes] == ["resnet8/epoch-06", "resnet8_plain/epoch-06"]
+    assert "degrees" in fig.axes[0].get_ylabel() and len(fig.legends) == 1
+    for ax, model in zip(fig.axes, doc["models"]):
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["layer1", "layer3"]
+        lines = ax.get_lines()
+        assert len(lines) == 2 * len(classes)
+        for index, cls in enumerate(classes):
+            intra, inter = lines[2 * index], lines[2 * index + 1]
+            assert list(intra.get_xdata()) == [0, 1] and intra.get_color() == inter.get_color()
+            assert list(intra.get_ydata()) == [s["intra"][cls] for s in model["stages"]]
+            pairs = [[v for k, v in s["inter"].items() if cls in k.split("|")] for s in model["stages"]]
+            assert list(inter.get_ydata()) == pytest.approx([statistics.median(p) for p in pairs])
+            assert list(inter.get_ydata()) == [inter_of_class(s, cls) for s in model["stages"]]
+
+
+def _cells(markdown: str, title: str) -> list[list[str]]:
+    """The rows of the Markdown table under ``### title``."""
+    block = markdown.split(f"### {title}", 1)[1].split("\n\n", 2)[1]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:] if line.startswith("|")]
+
+
+def test_tables_agree_with_the_json(run: dict) -> None:
+    from auditor.report.trajectory_view import trajectory_markdown
+
+    doc = run["doc"]
+    text = trajectory_markdown(doc)
+    angles = _cells(text, "Median principal angles")
+    expected = []
+    for entry in doc["series"]:
+        for point in entry["checkpoints"]:
+            for stage in point["stages"]:
+                inter = np.array(list(stage["inter"].values()), dtype=float)
+                expected.append([entry["name"], str(point["epoch"]), Path(point["checkpoint"]).name, stage["name"],
+                                 f"{np.mean(list(stage['intra'].values())):.2f}", f"{np.median(inter):.2f}",
+                                 f"{inter.min():.2f}", f"{inter.max():.2f}", f"{stage['separation']:.2f}"])
+    assert angles == expected
+    kappas = _cells(text, "Block condition numbers")
+    assert [row[:2] for row in kappas] == [[n, e] for n in NAMES for e in ("0", "6")]
+    points = [p for entry in doc["series"] for p in entry["checkpoints"]]
+    for row, point in zip(kappas, points):
+        blocks = point["condition"]["blocks"]
+        plain = all(b["shortcut"] == "none" for b in blocks)
+        exact = np.array([b["kappa_linear_plain" if plain else "kappa_linear_residual"] for b in blocks])
+        assert row[2] == str(len(blocks))
+        assert float(row[3]) == pytest.approx(exact.max(), rel=5e-4)
+        assert float(row[4]) == pytest.approx(np.median(exact), rel=5e-4)
+        worst = blocks[int(np.argmax(exact))]["name"]
+        assert row[5] == worst
+        if plain:
+            assert row[6] == "-"
+        else:
+            assert float(row[6]) == pytest.approx(max(b["kappa_paper_residual"] for b in blocks), rel=5e-4)
+        assert row[7] == str(sum(b["lemma1_lower_holds"] is False for b in blocks))
+
+
+def _line_data(line) -> tuple[list[float], list[float]]:
+    return [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]
+
+
+def test_angle_figure_is_figure_2s_layout(run: dict) -> None:
+    """A column per run, a row per stage; each class's line, the inter median and band are the JSON's numbers."""
+    from matplotlib.collections import PolyCollection
+
+    from auditor.report.figures.canvas import class_colours
+    from auditor.report.figures.runs import draw_angle_runs
+
+    doc = run["doc"]
+    classes = doc["data"]["classes"]
+    fig = draw_angle_runs(doc["series"], classes=classes)
+    axes = np.array(fig.axes).reshape(2, 3)
+    assert [ax.get_title() for ax in axes[0]] == NAMES and not any(ax.get_title() for ax in axes[1])
+    assert [ax.get_ylabel().splitlines()[0] for ax in axes[:, 0]] == ["stage layer1", "stage layer3"]
+    assert all("degrees" in ax.get_ylabel() for ax in axes[:, 0]) and all(ax.get_xlabel() == "epoch" for ax in axes[1])
+    assert all(ax.get_shared_y_axes().joined(ax, axes[0][0]) for ax in axes.flat)
+    assert "resnet8 vs resnet8_nobn vs resnet8_plain" in fig._suptitle.get_text()
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes.flat)
+    colours = class_colours(classes)
+    for column, entry in enumerate(doc["series"]):
+        epochs = [p["epoch"] for p in entry["checkpoints"]]
+        for row, stage in enumerate(("layer1", "layer3")):
+            ax = axes[row][column]
+            points = [next(s for s in p["stages"] if s["name"] == stage) for p in entry["checkpoints"]]
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            assert len(lines) == len(classes) + 1
+            for cls in classes:
+                x, y = _line_data(lines[f"intra-class {cls}"])
+                assert x == epochs and y == [p["intra"][cls] for p in points]
+                assert lines[f"intra-class {cls}"].get_color() == colours[cls]
+            x, y = _line_data(lines["inter-class: median over class pairs"])
+            assert x == epochs and y == pytest.approx([statistics.median(p["inter"].values()) for p in points])
+            band = next(c for c in ax.collections if isinstance(c, PolyCollection))
+            vertices = band.get_paths()[0].vertices
+            for epoch, point in zip(epochs, points):
+                at = vertices[np.isclose(vertices[:, 0], epoch), 1]
+                assert at.min() == pytest.approx(min(point["inter"].values()))
+                assert at.max() == pytest.approx(max(point["inter"].values()))
+
+
+def test_kappa_figure_draws_each_block_against_epoch(run: dict) -> None:
+    from auditor.report.figures.kappas import draw_kappa_runs
+
+    doc = run["doc"]
+    fig = draw_kappa_runs(doc["series"])
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == NAMES
+    assert all(ax.get_yscale() == "log" and ax.get_xlabel() == "epoch" for ax in axes)
+    assert "condition number" in axes[0].get_ylabel()
+    assert "Block condition numbers across training" in fig._suptitle.get_text() and len(fig.legends) == 1
+    for ax, entry in zip(axes, doc["series"]):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        epochs = [p["epoch"] for p in entry["checkpoints"]]
+        for index, block in enumerate(entry["checkpoints"][0]["condition"]["blocks"]):
+            plain = block["shortcut"] == "none"
+            for kind, key in (("exact", "kappa_linear"), ("paper", "kappa_paper")):
+                x, y = _line_data(lines[f"{block['name']}, {kind}"])
+                full = f"{key}_{'plain' if plain else 'residual'}"
+                assert x == epochs
+                assert y == [p["condition"]["blocks"][index][full] for p in entry["checkpoints"]]
+                assert all(math.isfinite(v) for v in y)
+
+
+def test_a_second_run_reuses_the_stores_and_the_kappas(run: dict, tmp_path: Path, capsys) -> None:
+    kappas = tmp_path / "kappas.png"
+    doc = run_json(["trajectory", str(RUNS / "resnet8_plain" / "epoch-06.safetensors"), *COMMON, "--condition",
+                    "--cache", run["cache"], "--name", "plain", "--plot-condition", kappas], capsys)
+    point = doc["series"][0]["checkpoints"][0]
+    assert doc["series"][0]["name"] == "plain"
+    assert point["reused_store"] and point["condition"]["reused"]
+    assert point["condition"]["blocks"] == run["doc"]["series"][2]["checkpoints"][1]["condition"]["blocks"]
+    assert point["stages"] == run["doc"]["series"][2]["checkpoints"][1]["stages"]
+    assert kappas.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "a", "--name", "b"], "2 run name(s) for 3 run(s)"),
+        (["--name", "a", "--name", "a", "--name", "b"], "two runs are named 'a'"),
+        (["--plot-condition", "k.png"], "--plot-condition draws the kappas of --condition"),
+    ],
+)
+def test_bad_run_options_are_one_line_exit_2(args, message, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["trajectory", *_globs(), "--data", DIGITS, *args, "-o", tmp_path / "x.json"], capsys)
+    assert code == 2 and out == "" and not (tmp_path / "x.json").exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Hint:" in lines[0], err
