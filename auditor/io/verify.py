@@ -201,6 +201,7 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
     import h5py
 
     from .store import PROVENANCE_KEYS, rows_digest
+    from .store.resume import resume_refusal
 
     attrs = file.attrs
     missing = [k for k in (*PROVENANCE_KEYS, *_ACTIVATION_ATTRS) if k not in attrs]
@@ -221,8 +222,13 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
         skipped, listed = [], []
     selected = int(attribute_value(attrs["num_selected"]))
     if not check.complete:
-        check.problem("complete", f"incomplete: an unfinished extraction ({written + len(skipped)} of {selected} "
-                                  "samples handled); rerun the same extract command to resume it")
+        refusal = resume_refusal(file)
+        if refusal is None:
+            check.problem("complete", f"incomplete: an unfinished extraction ({written + len(skipped)} of {selected} "
+                                      "samples handled); rerun the same extract command to resume it")
+        else:  # the same checks a resume makes: never "resumable" where a resume would refuse
+            check.problem("complete", f"incomplete: an unfinished extraction that cannot be resumed ({refusal}); "
+                                      "delete it and extract again")
     elif written + len(skipped) != selected:
         check.problem("written", f"{written} rows stored + {len(skipped)} skipped != {selected} samples selected")
     check.samples = written

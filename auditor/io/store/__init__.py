@@ -30,12 +30,17 @@ path, under an exclusive lock on ``<name>.lock``. After every batch the rows,
 the ``written`` counter and the ``skipped`` list are flushed together, so a
 killed run leaves a prefix that the next run with the same provenance resumes
 from. The rows are flushed before the counter that covers them, so the
-counter never runs ahead of the data. A resume first reads back every chunk
-below the counter (checksums, finite values, paths and labels against the
-sample list) and cuts the file back to the last verified chunk when one
-fails (:mod:`auditor.io.integrity`). Only a finished store is renamed
-(atomically) to the final name. Everything but the ``created`` attribute is
-identical whether or not a run was interrupted.
+counter never runs ahead of the data. HDF5 is not crash-consistent (a kill in
+the middle of a metadata write leaves bookkeeping that is unsafe to write
+into), so no file a killed process had open is ever written again
+(:mod:`.rebuild`): a new store is laid out in ``<name>.partial.new`` and
+renamed to ``.partial``; a resume opens the ``.partial`` read-only, reads back
+every chunk below the counter (checksums, finite values, paths and labels
+against the sample list, :mod:`auditor.io.integrity`), copies the rows up to
+the last verified chunk into a fresh ``.partial.new`` and renames it over the
+``.partial``. Only a finished store is renamed (atomically) to the final
+name. Everything but the ``created`` attribute is identical whether or not a
+run was interrupted.
 
 A write that fails (no space, I/O error) raises :class:`OutputError` naming
 the file and the cause; the unfinished file is kept when a resume can use it
@@ -44,7 +49,7 @@ and removed otherwise.
 The package, one job a module: :mod:`.layout` (format, provenance, datasets of a
 new file), :mod:`.encoding` (float32 / float16 / bfloat16 in and out),
 :mod:`.lock` (one writer per store), :mod:`.resume` (where an unfinished file
-goes on), :mod:`.writer` (:class:`StoreWriter`), :mod:`.reader`
+goes on), :mod:`.rebuild` (fresh files: layout and resume copies), :mod:`.writer` (:class:`StoreWriter`), :mod:`.reader`
 (:func:`open_store`), :mod:`.faults` (the test suite's kill hook).
 """
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
 
 from ...errors import Remedy, StoreError
 from ..stage_spec import StageSpec
@@ -16,7 +15,7 @@ from .layout import STORED_DTYPE
 __all__ = ["encode_rows", "BFloat16Stage"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
-_BFLOAT16_MAX = float(torch.finfo(torch.bfloat16).max)
+_BFLOAT16_MAX = (2 - 2**-7) * 2.0**127  # torch.finfo(torch.bfloat16).max; torch is imported only to cast
 
 
 def encode_rows(spec: StageSpec, rows: np.ndarray, dtype: str) -> np.ndarray:
@@ -41,6 +40,8 @@ def encode_rows(spec: StageSpec, rows: np.ndarray, dtype: str) -> np.ndarray:
     largest = max(-low, high)
     if dtype == "float32":
         return rows
+    import torch  # float16 / bfloat16 casts only: a float32 writer and every reader need no torch
+
     tensor = torch.from_numpy(rows)
     if dtype == "float16":
         cast = tensor.to(torch.float16)

@@ -1,6 +1,6 @@
 """Where an unfinished store (``<name>.partial``) can be resumed: its provenance, counters and rows read back.
 
-Nothing here writes: the writer cuts the file back to the point found (:class:`ResumePoint`).
+Nothing here writes: the writer copies the rows below the point found (:class:`ResumePoint`) into a fresh file.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 
 from ...errors import Remedy, StoreError
 from ..integrity import ChunkProblem, attribute_value, first_problem, has_checksums
-from .layout import FORMAT, LIBVER, PROVENANCE_KEYS, StoreHeader, dataset_keys
+from .layout import FORMAT, PROVENANCE_KEYS, StoreHeader, dataset_keys
 
-__all__ = ["ResumePoint", "open_partial", "find_resume_point"]
+__all__ = ["ResumePoint", "open_partial", "find_resume_point", "resume_refusal"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def open_partial(partial_path: Path) -> h5py.File:
-    """The unfinished file, open for appending.
+    """The unfinished file, open read-only (a resume copies from it: :mod:`.rebuild`).
 
     Raises
     ------
@@ -64,7 +64,7 @@ def open_partial(partial_path: Path) -> h5py.File:
         It cannot be opened as HDF5.
     """
     try:
-        return h5py.File(partial_path, "r+", libver=LIBVER)
+        return h5py.File(partial_path, "r")
     except OSError as exc:
         raise _refusal(partial_path, f"cannot resume, the unfinished file is unreadable ({exc})") from None
 
@@ -91,17 +91,12 @@ def find_resume_point(f: h5py.File, header: StoreHeader, partial_path: Path) -> 
             partial_path, f"an unfinished extraction with other settings ({', '.join(differs)} differ) is in the way",
         )
     try:
-        written = int(f.attrs["written"])
-        skipped = json.loads(attribute_value(f.attrs["skipped"]))
-        datasets = [f[key] for key in dataset_keys(header)]
+        written, skipped, datasets = _progress(f, dataset_keys(header))
         positions = _skipped_positions(header, written, skipped)
-    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
+    except _Unresumable as exc:
+        raise _refusal(partial_path, f"cannot resume, {exc}") from None
+    except ValueError as exc:
         raise _refusal(partial_path, f"cannot resume, the unfinished file is damaged ({exc})") from None
-    if written < 0 or any(d.shape[0] < written for d in datasets):
-        raise _refusal(partial_path, f"cannot resume, 'written' = {written} does not match the data")
-    unprotected = [d.name for d in datasets[1:] if not has_checksums(d)]
-    if unprotected:
-        raise _refusal(partial_path, f"cannot resume, {unprotected[0]} has no checksums to verify it")
     good, problem = _verified_rows(f, header, written, positions)
     repaired = None
     if good < written:
@@ -114,6 +109,55 @@ def find_resume_point(f: h5py.File, header: StoreHeader, partial_path: Path) -> 
             f"(the {written - good} rows from there on are computed again)"
         )
     return ResumePoint(written, good, skipped, datasets, repaired)
+
+
+class _Unresumable(Exception):
+    """Why an unfinished file cannot be resumed, whatever the command (the text follows "cannot resume, ")."""
+
+
+def _progress(f: h5py.File, keys: list[str]) -> tuple[int, list[dict[str, str]], list[Any]]:
+    """The ``written`` counter, the ``skipped`` list and the growing datasets ``keys``, checked for a resume.
+
+    Raises
+    ------
+    _Unresumable
+        Attributes or datasets that cannot be read, a counter beyond the
+        rows, datasets without checksums.
+    """
+    try:
+        written = int(f.attrs["written"])
+        skipped = json.loads(attribute_value(f.attrs["skipped"]))
+        if not isinstance(skipped, list) or not all(isinstance(s, dict) and "path" in s for s in skipped):
+            raise ValueError("the 'skipped' attribute is not a list of skipped images")
+        datasets = [f[key] for key in keys]
+    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
+        raise _Unresumable(f"the unfinished file is damaged ({' '.join(str(exc).split())})") from None
+    if written < 0 or any(d.shape[0] < written for d in datasets):
+        raise _Unresumable(f"'written' = {written} does not match the data")
+    unprotected = [d.name for d in datasets[1:] if not has_checksums(d)]
+    if unprotected:
+        raise _Unresumable(f"{unprotected[0]} has no checksums to verify it")
+    return written, skipped, datasets
+
+
+def resume_refusal(f: h5py.File) -> str | None:
+    """Why the unfinished store ``f`` cannot be resumed by any command (None: a resume can use it).
+
+    The checks of :func:`find_resume_point` that need no command: what
+    ``resdyn verify`` says of a ``.partial``. A resume also needs the same
+    settings (provenance) and the same sample list; it keeps the rows that
+    read back intact (possibly none).
+    """
+    try:
+        stages = json.loads(attribute_value(f.attrs["stages"]))
+        keys = ["samples/path", "samples/label", *(f"stages/{entry[0]}" for entry in stages)]
+    except (KeyError, ValueError, TypeError, IndexError, OSError, RuntimeError) as exc:
+        return f"the unfinished file is damaged ({' '.join(str(exc).split())})"
+    try:
+        _progress(f, keys)
+    except _Unresumable as exc:
+        return str(exc)
+    return None
 
 
 def _skipped_positions(header: StoreHeader, written: int, skipped: list[dict[str, str]]) -> list[int]:

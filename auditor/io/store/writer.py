@@ -19,6 +19,7 @@ from .encoding import encode_rows
 from .faults import FaultHook
 from .layout import COMPRESSIONS, DTYPES, FORMAT, LIBVER, StoreHeader, create_layout, dataset_keys, rows_digest
 from .lock import StoreLock
+from .rebuild import NEW_SUFFIX, copy_rows, new_file, sync_file
 from .resume import find_resume_point, open_partial
 
 __all__ = ["StoreExistsError", "StoreWriter"]
@@ -95,6 +96,7 @@ class StoreWriter:
         self.path = Path(path)
         self.header = header
         self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.new_path = self.partial_path.with_name(self.partial_path.name + NEW_SUFFIX)
         self.written = 0
         self.skipped: list[dict[str, str]] = []
         self.resumed_from = 0
@@ -139,40 +141,56 @@ class StoreWriter:
         self._flushed = self.consumed
 
     def _create(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.partial_path)
-        try:
-            f = h5py.File(self.partial_path, "w", libver=LIBVER, track_order=True)
-        except OSError as exc:
-            raise OutputError(self.partial_path, io_cause(exc), hint="choose a writable output path") from None
-        self._file = f
+        """Lay out a new file in ``<name>.partial.new`` and rename it to ``.partial`` (:mod:`.rebuild`)."""
+        self._start_new_file(created=None)
         self._fresh = True
+        self._publish()
+
+    def _start_new_file(self, created: object) -> h5py.File:
+        """A new file with the layout (``created`` copied when given) at :attr:`new_path`, as ``self._file``."""
+        try:
+            f = new_file(self.new_path)
+        except OSError as exc:
+            raise OutputError(self.new_path, io_cause(exc), hint="choose a writable output path") from None
+        self._file = f
         try:
             create_layout(f, self.header)
+            if created is not None:
+                f.attrs["created"] = created
+        except (OSError, RuntimeError) as exc:
+            raise self._write_failed(exc) from None
+        return f
+
+    def _publish(self) -> None:
+        """Sync the new file and rename it over ``.partial`` (it stays open for the appends)."""
+        try:
+            sync_file(self._require_open())
+            os.replace(self.new_path, self.partial_path)
         except (OSError, RuntimeError) as exc:
             raise self._write_failed(exc) from None
 
     def _resume(self) -> None:
-        f = self._file = open_partial(self.partial_path)
-        point = find_resume_point(f, self.header, self.partial_path)
-        good, skipped = point.rows, point.skipped
-        if point.repaired is not None:
-            self.repaired = point.repaired
-            warnings.warn(self.repaired, stacklevel=2)
-        # Rows past the counter belong to a batch whose flush did not finish, or failed
-        # verification: drop them.
-        self._flushed = good + len(skipped)  # a failure below keeps the file: it is still resumable
+        """Copy the verified rows of the unfinished file into a fresh one (never writing into the old file)."""
+        old = open_partial(self.partial_path)
         try:
-            if good < point.written:  # the counter first: a kill in between leaves rows past it, which are dropped
+            point = find_resume_point(old, self.header, self.partial_path)
+            good, skipped = point.rows, point.skipped
+            if point.repaired is not None:
+                self.repaired = point.repaired
+                warnings.warn(self.repaired, stacklevel=3)
+            # Rows past the counter belong to a batch whose flush did not finish, or failed
+            # verification: they are not copied.
+            self._flushed = good + len(skipped)  # a failure below keeps the old file: it is still resumable
+            f = self._start_new_file(created=old.attrs.get("created"))
+            try:
+                copy_rows(old, f, dataset_keys(self.header), good)
                 f.attrs["written"] = good
                 f.attrs["skipped"] = json.dumps(skipped)
-                f.flush()
-            for d in point.datasets:
-                if d.shape[0] != good:
-                    d.resize(good, axis=0)
-            f.flush()
-        except (OSError, RuntimeError) as exc:
-            raise self._write_failed(exc) from None
+            except (OSError, RuntimeError) as exc:
+                raise self._write_failed(exc) from None
+        finally:
+            old.close()
+        self._publish()
         self.written = good
         self.skipped = list(skipped)
         self.resumed_from = self.consumed
@@ -186,6 +204,8 @@ class StoreWriter:
             detach_file(self._file)
             self._file = None
         self._datasets = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.new_path)  # a copy or a layout that did not finish
         keep = self._flushed > 0 and self._readable_partial()
         if not keep:
             with contextlib.suppress(OSError):
@@ -351,6 +371,8 @@ class StoreWriter:
             except Exception:  # noqa: BLE001  a close that fails to write: let nothing write again
                 detach_file(self._file)
             self._file = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.new_path)  # a layout or a copy that was not renamed yet
             if self._doomed or (self._fresh and self.consumed == 0):
                 with contextlib.suppress(OSError):
                     os.unlink(self.partial_path)
