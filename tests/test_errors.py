@@ -76,3 +76,100 @@ def test_no_library_error_names_a_command_line_flag() -> None:
                     if isinstance(part, ast.Constant) and isinstance(part.value, str) and flag.search(part.value):
                         offenders.append(f"{path.relative_to(root)}:{part.lineno}: {part.value!r}")
     assert offenders == []
+
+
+# --------------------------------------------------------------------------- outputs (#26, #24 item 8)
+
+
+def test_output_refuses_devices_inputs_missing_folders_and_links(tmp_path, capsys) -> None:
+    """-o writes a regular file or a new name in an existing folder, and nothing else."""
+    import os
+    import stat
+
+    from conftest import FIXTURES, run_cli
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes((FIXTURES / "resnet8-digits.safetensors").read_bytes())
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("kept")
+    (tmp_path / "link.json").symlink_to(elsewhere)
+    cases = {
+        "/dev/full": "it is not a regular file",
+        model: "it is an input of this run",
+        tmp_path / "missing" / "dir" / "r.json": "the folder",
+        tmp_path / "link.json": "it is a symbolic link",
+    }
+    for target, reason in cases.items():
+        code, out, err = run_cli(["inspect", model, "-f", "json", "-o", target], capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"resdyn: error: {target}: cannot write ({reason}") and "Hint:" in err
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    assert model.read_bytes() == (FIXTURES / "resnet8-digits.safetensors").read_bytes()
+    assert not (tmp_path / "missing").exists() and elsewhere.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.json", "link.json", "m.safetensors"]
+
+
+def test_outputs_take_the_umask_and_keep_the_mode_they_replace(tmp_path) -> None:
+    import os
+    import stat
+
+    from auditor.report.document import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "new.json", "{}")
+        write_atomic(tmp_path / "plots" / "a.png", b"png")  # plots: their folder is made
+        assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o644
+        assert stat.S_IMODE(os.stat(tmp_path / "plots" / "a.png").st_mode) == 0o644
+        os.chmod(tmp_path / "new.json", 0o640)
+        write_atomic(tmp_path / "new.json", "[]")
+        assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o640
+        assert (tmp_path / "new.json").read_text() == "[]"
+        os.umask(0o077)
+        write_atomic(tmp_path / "private.json", "{}")
+        assert stat.S_IMODE(os.stat(tmp_path / "private.json").st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "plots", "private.json"]  # no temporary left
+
+
+def test_store_lock_never_follows_a_planted_link(tmp_path) -> None:
+    import pytest
+
+    from auditor.io.store import StoreWriter
+    from test_store import _header
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out.h5.lock").symlink_to(outside / "created-through-the-link")
+    with pytest.raises(StoreError, match="lock file is a symbolic link"):
+        StoreWriter(tmp_path / "out.h5", _header())
+    assert list(outside.iterdir()) == [] and not (tmp_path / "out.h5.partial").exists()
+
+
+def test_scratch_is_removed_on_sigterm_and_after_a_kill(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from auditor.io.scratch import PREFIX, remove_abandoned, scratch_folder
+
+    script = ("import sys, time; from auditor.io.scratch import scratch_folder\n"
+              "with scratch_folder(sys.argv[1]) as s:\n"
+              "    (s / 'activations.h5.partial').write_bytes(b'x' * 1000); print(s, flush=True); time.sleep(60)\n")
+    repo = Path(__file__).resolve().parents[1]
+    for sig, code in ((signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, -signal.SIGINT), (signal.SIGKILL, -signal.SIGKILL)):
+        child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(repo)))
+        folder = Path(child.stdout.readline().strip())
+        assert folder.is_dir() and folder.name.startswith(PREFIX)
+        child.send_signal(sig)
+        assert child.wait(timeout=30) == code
+        child.stdout.close()
+        assert folder.exists() is (sig == signal.SIGKILL)  # a killed run cannot clean up ...
+    with scratch_folder(tmp_path) as mine:  # ... the next one does, and keeps the folders of live runs
+        assert [p.name for p in tmp_path.iterdir()] == [mine.name]
+        assert remove_abandoned(tmp_path) == [] and mine.is_dir()
+    assert list(tmp_path.iterdir()) == []

@@ -60,7 +60,7 @@ def emit(
 ) -> None:
     """Render ``document`` in ``fmt`` to stdout, or atomically to ``output`` (under torchrun: rank 0 only)."""
     from ..distributed import world
-    from ..report.document import dumps, write_atomic
+    from ..report.document import dumps
 
     if not world().is_main:
         return
@@ -97,12 +97,37 @@ def emit(
         except OSError as exc:  # stdout redirected to a full or read-only file system
             raise OutputError("stdout", exc, hint="redirect to a writable location, or pass -o FILE") from exc
     else:
-        try:
-            write_atomic(output, text)
-        except OutputError as exc:
-            exc.hint = "pass -o/--output a writable path with enough free space"
-            raise
+        _write_output(output, text, document)
         _stderr_console().print(f"wrote {output}")
+
+
+def _named_files(value: Any, found: list[str]) -> list[str]:
+    """Every string in a report that could name a file (the checkpoint, a store): ``-o`` must not replace one."""
+    if isinstance(value, str):
+        if 0 < len(value) < 4096 and "\n" not in value and "\0" not in value:
+            found.append(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _named_files(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _named_files(item, found)
+    return found
+
+
+def _write_output(output: Path, text: str, document: Mapping[str, Any]) -> None:
+    """``-o FILE``: a regular file or a new name in an existing folder, never an input; written atomically."""
+    from ..errors import OutputError
+    from ..io.safe_output import OutputRefused, safe_output
+
+    try:
+        with safe_output(output, _named_files(document, [])) as temporary:
+            temporary.write_bytes(text.encode())
+    except OutputRefused:
+        raise
+    except OutputError as exc:
+        exc.hint = "pass -o/--output a writable path with enough free space"
+        raise
 
 
 @contextmanager

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._version import __version__
-from ..errors import OutputError
+from ..io.safe_output import safe_output
 
 if TYPE_CHECKING:
     from ..subject import Subject
@@ -96,6 +93,10 @@ def dumps(document: Mapping[str, Any]) -> str:
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write; renamed to ``path`` when the block succeeds.
 
+    :func:`auditor.io.safe_output.safe_output`, creating missing folders: a
+    device, a folder, a symbolic link or a file the process has open is
+    refused; the file gets the umask's mode or keeps the one it replaces.
+
     Raises
     ------
     OutputError
@@ -103,22 +104,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         permission, path too long, a file where a folder is needed), naming
         ``path``; nothing is left behind.
     """
-    path = Path(path)
-    temporary: str | None = None
-    try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError as exc:  # a file where a folder is needed: say so, not "File exists"
-            raise NotADirectoryError(errno.ENOTDIR, f"{exc.filename} is a file, not a folder", exc.filename) from exc
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except OSError as exc:  # h5py reports its write failures as OSError too
-        raise OutputError(path, exc) from exc
-    finally:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
+    with safe_output(path, make_parents=True) as temporary:
+        yield temporary
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:

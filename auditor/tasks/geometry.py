@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from .. import distributed
 from ..analysis.angles import StageAngles, median_angles, median_angles_h5
 from ..errors import DataError, StoreError
+from ..io.scratch import scratch_folder
 from ..io.store import ActivationStore
 from ..subject import Subject
 from .images import PreparedImages
@@ -304,6 +304,6 @@ def stage_geometry(
         path = cache / cache_name(subject, images, stages, dtype)
         entries, reused, skipped = run(path)
         return GeometryResult(entries, path, reused, skipped)
-    with tempfile.TemporaryDirectory(prefix="resdyn-") as scratch:
-        entries, _, skipped = run(Path(scratch) / "activations.h5")
+    with scratch_folder() as scratch:  # removed on SIGTERM too; a SIGKILLed run's by the next run
+        entries, _, skipped = run(scratch / "activations.h5")
     return GeometryResult(entries, None, False, skipped)

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from ...errors import OutputError, StoreError
@@ -36,10 +37,17 @@ class StoreLock:
 
     def acquire(self, *, wait: bool = False) -> None:
         for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symbolic link planted in its place (it could point anywhere)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
             except OSError as exc:
+                if exc.errno == errno.ELOOP or self.path.is_symlink():
+                    raise StoreError(f"{self.path}: the store's lock file is a symbolic link",
+                                     hint=f"remove {self.path} (resdyn never makes one)") from None
                 raise OutputError(self.path, exc, hint="choose a writable folder for the store") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise StoreError(f"{self.path}: the store's lock file is not a regular file",
+                                 hint=f"remove {self.path} (resdyn never makes one)")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
