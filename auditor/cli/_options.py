@@ -169,7 +169,7 @@ EpsOpt = Annotated[float, typer.Option("--eps", help="Relative perturbation size
 DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded random directions per sample.")]
 SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
 PowerOpt = Annotated[
-    int, typer.Option("--power-iterations", min=0, help="Power iterations on each block's Jacobian for the worst direction (0: skip).")
+    int, typer.Option("--power-iterations", min=0, help="Budget of the worst-direction search: Lanczos on each block's Jacobian with the products of this many power steps per sample (0: skip).")
 ]
 PrecisionOpt = Annotated[
     Precision,

@@ -131,7 +131,7 @@ METRICS: dict[str, _Metric] = {
     "min_sigma": _Metric("layers", "smallest singular value of any conv or linear layer", _agg("layers", "sigma_min", min)),
     "max_amplification": _Metric("stability", "largest measured perturbation amplification r of a block", _agg("stability", "r_max", max)),
     "median_amplification": _Metric("stability", "median over blocks of the median amplification r", _agg("stability", "r_median", _median)),
-    "max_worst_gain": _Metric("stability", "largest local gain of a block (power iteration on its Jacobian)", _agg("stability", "worst_gain", max)),
+    "max_worst_gain": _Metric("stability", "largest local gain of a block (Lanczos on its Jacobian)", _agg("stability", "worst_gain", max)),
     "end_to_end_error": _Metric("stability", "median relative error of the logits for a relative input perturbation eps", _trajectory_final),
     "prediction_flips": _Metric("stability", "samples whose predicted class changed under the input perturbation", _flips),
     "min_separation_deg": _Metric("stages", "smallest (min inter - max intra) angle over stages, degrees", _stage_agg("separation", min)),

@@ -7,9 +7,9 @@ is run on ``x_l`` and ``x_l + d``, and the amplification
     r = (||f(x_l + d) - f(x_l)|| / ||f(x_l)||) / (||d|| / ||x_l||)
 
 is measured. Lemma 2 predicts ``1/kappa <= r <= kappa``. Besides seeded random
-directions, a few power iterations on ``J^T J`` (J the block's Jacobian at x_l:
-``J v`` by the linearized block, checked against autograd, ``J^T u`` by autograd)
-find the worst direction. Lemma 3
+directions, Lanczos on ``J^T J`` (J the block's Jacobian at x_l: ``J v`` by the
+linearized block, checked against autograd, ``J^T u`` by autograd) finds the
+worst direction, with a residual certificate (:mod:`.krylov`). Lemma 3
 (BatchNorm) is checked per BatchNorm layer by comparing the relative perturbation
 at its input and at its output. Finally one input perturbation per run is followed
 through the whole network: the relative error after every block (the trajectory of
@@ -26,17 +26,17 @@ ResNet-20 and 12 x 4 on a ResNet-50 at 224 px: at most ``6e-5`` for every run); 
 errors are independent of ``d``, so they widen ``r`` without biasing it. That is
 four significant digits, ample against the run-to-run spread of ``r`` over
 directions; a much smaller ``eps`` (below about ``1e-5``) needs float64. The Jacobian
-products of the power iteration involve no cancellation and keep float32's ~7 digits.
+products of the Lanczos runs involve no cancellation and keep float32's ~7 digits.
 
-Worst direction. Power iteration on ``J^T J`` per sample, all samples of a batch at
-once (an eval-mode block acts on each row separately, so one batched product is many
-independent ones). Sample ``i`` stops when its gain estimate ``g_k = ||J v_k||``
-changes by at most ``power_tolerance`` relatively (``g_k - g_{k-1} <= tol * g_k``),
-or after ``power_iterations`` products ``J v``; from then on its vector and estimate
-are frozen, so a sample's result does not depend on the others in its batch. Samples
-that never met the test are counted in ``worst_unconverged`` and named in the notes:
-their estimate is still a valid lower bound of ``sigma_max(J_i)`` but not a converged
-one. For the products the block is evaluated on a copy whose eval-mode BatchNorm layers
+Worst direction. Golub-Kahan-Lanczos per sample, all samples of a batch at once (an
+eval-mode block acts on each row separately, so one batched product is many
+independent ones); :mod:`.krylov` states what the top Ritz value and its residual
+certify, and how the budget of ``power_iterations`` power steps per sample is spent
+(a short survey of every sample, then the samples that may hold the maximum). A
+sample stops once its relative residual is at most ``power_tolerance``; from then on
+its value is frozen, so a sample's result does not depend on the others in its batch.
+Samples that never met the test are counted in ``worst_unconverged``: their value is
+still a lower bound of ``sigma_max(J_i)``. For the products the block is evaluated on a copy whose eval-mode BatchNorm layers
 are replaced by the equivalent per-channel affine map ``x * scale + shift`` (same
 function, far cheaper forward-mode derivatives).
 
@@ -50,7 +50,7 @@ With ``N`` samples, ``K`` directions and blocks numbered ``l = 0, 1, ...`` in
   ``j = i * K + k`` is sample ``i``, direction ``k``), each row multiplied by
   ``eps * ||x_l[i]|| / ||d[j]||``; then from the same generator
   ``v0 = torch.randn((N, C, H, W), generator=g, dtype=torch.float32)``, the start of the
-  power iteration;
+  Lanczos runs;
 * trajectory: ``g = torch.Generator().manual_seed(seed + len(anatomy.blocks))``; then
   ``torch.randn((N * K, *input_shape), generator=g, dtype=torch.float32).double()``, row
   ``j`` multiplied by ``eps * ||x[i]|| / ||d[j]||`` (``x`` the images).
