@@ -135,3 +135,42 @@ def test_archive_without_class_folders(tmp_path) -> None:
     archive = _tar_with(tmp_path, lambda a: _add_bytes(a, "loose.png", PNG))
     with pytest.raises(DataError, match="no class folders"):
         scan_image_folder(archive)
+
+
+# --------------------------------------------------------------------------- #26: duplicates, decoded-size cap
+
+
+def test_a_member_name_given_twice_is_refused(tmp_path, capsys) -> None:
+    archive = _tar_with(tmp_path, lambda a: (_add_bytes(a, "c/0.png", PNG), _add_bytes(a, "d/0.png", PNG),
+                                             _add_bytes(a, "c/0.png", PNG[::-1])))
+    with pytest.raises(DataError, match="member 'c/0.png' appears twice"):
+        scan_image_folder(archive)
+    target = tmp_path / "dup.zip"
+    with zipfile.ZipFile(target, "w") as packed, pytest.warns(UserWarning, match="Duplicate name"):
+        packed.writestr("c/0.png", PNG)
+        packed.writestr("c/0.png", PNG)
+    with pytest.raises(DataError, match="appears twice"):
+        scan_image_folder(target)
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_a_member_larger_than_the_cap_is_never_read_whole(suffix, tmp_path, monkeypatch) -> None:
+    import auditor.io.archive as archive_module
+    from auditor.io.images import ImageDataset, ImageFailure, Preprocessing, select_samples
+
+    target = tmp_path / f"bomb{suffix}"
+    big = b"\0" * (3 * 2**20)  # 3 MiB of zeros: a few kB packed
+    if suffix == ".zip":
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as packed:
+            packed.writestr("c/0.png", PNG)
+            packed.writestr("c/1.png", big)
+    else:
+        with tarfile.open(target, "w:gz") as packed:
+            _add_bytes(packed, "c/0.png", PNG)
+            _add_bytes(packed, "c/1.png", big)
+    assert target.stat().st_size < 64 * 1024
+    monkeypatch.setattr(archive_module, "MAX_MEMBER_BYTES", 2**20)
+    index = scan_image_folder(target)
+    assert len(index.reader("c/0.png")) == len(PNG)
+    with pytest.raises(OSError, match="decodes to more than 1 MiB .3 MiB., the cap for one image"):
+        index.reader("c/1.png")  # refused on its declared size, before a byte is decoded

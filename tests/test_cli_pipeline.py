@@ -271,6 +271,7 @@ def test_output_on_a_full_disk_is_an_input_error_naming_the_file(fmt, tmp_path: 
     import os
 
     target = tmp_path / "out" / "report.txt"
+    target.parent.mkdir()  # -o creates no folder (#26: exit 2, tests/test_errors.py)
     monkeypatch.setattr(os, "replace", _enospc)
     code, out, err = run_cli(["condition", CKPT, "--format", fmt, "-o", target, "--no-progress"], capsys)
     assert code == 2 and out == ""

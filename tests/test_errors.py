@@ -173,3 +173,31 @@ def test_scratch_is_removed_on_sigterm_and_after_a_kill(tmp_path) -> None:
         assert [p.name for p in tmp_path.iterdir()] == [mine.name]
         assert remove_abandoned(tmp_path) == [] and mine.is_dir()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- bounds (#26 part 3)
+
+
+def test_counts_beyond_memory_are_refused_before_any_work(capsys, monkeypatch, tmp_path) -> None:
+    import pytest
+
+    import auditor.tasks.bounds as bounds
+    from auditor.tasks.stability import check_stability_options
+    from conftest import FIXTURES, run_cli
+
+    monkeypatch.setattr(bounds, "available_memory", lambda: 16 * 2**30)
+    code, out, err = run_cli(["stability", FIXTURES / "resnet8-digits.safetensors", "--data", FIXTURES / "digits",
+                              "--directions", 10**9, "--samples", 60], capsys)
+    most = 10**9 - -(-(60 * 10**9 * 150 - 16 * 2**30) // (60 * 150))  # 150 bytes a run, 16 GiB free
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err == ("resdyn: error: 60 samples x 1000000000 directions need at least 8.2 TiB of memory, 16.0 GiB is "
+                   f"available Hint: lower --directions {most} (the most that fits now)\n")
+    monkeypatch.setattr(bounds, "available_memory", lambda: 10 * 2**20)
+    with pytest.raises(UsageError, match="need at least 14.3 MiB of memory, 10.0 MiB is available") as info:
+        check_stability_options(eps=1e-3, directions=1000, samples=100, dtype="float32")
+    assert info.value.remedy == Remedy("directions", 1000 - -(-(15_000_000 - 10 * 2**20) // 15_000))
+    check_stability_options(eps=1e-3, directions=10, samples=100, dtype="float32")  # 150 kB: fits
+    code, out, err = run_cli(["extract", FIXTURES / "resnet8-digits.safetensors", "--data", FIXTURES / "digits",
+                              "--batch-size", 256, "-o", tmp_path / "a.h5"], capsys)
+    assert code == 2 and "batches of 256 images need at least" in err and "Hint: lower --batch-size" in err
+    assert list(tmp_path.iterdir()) == []

@@ -297,3 +297,54 @@ def test_loader_start_and_order(tmp_path: Path) -> None:
     tail = list(make_loader(dataset, batch_size=3, start=3))
     assert [b.indices.tolist() for b in tail] == [[3, 4, 5], [6]]
     assert torch.equal(torch.cat([b.images for b in tail]), full[3:])
+
+
+# --------------------------------------------------------------------------- #26: walks, special files, real ranges
+
+
+def test_links_are_followed_but_no_folder_or_image_is_listed_twice(tmp_path) -> None:
+    root = _make_folder(tmp_path / "data", {"class0": 2, "class1": 3})
+    (root / "class0" / "loop").symlink_to("..")  # back to the root: class1 again, as class 0
+    (root / "class0" / "again").symlink_to(root / "class1")
+    (root / "class1" / "self").symlink_to(".")
+    (root / "class0" / "same.png").symlink_to(root / "class1" / "000.png")  # one image under two names
+    extra = _make_folder(tmp_path / "elsewhere", {"more": 2})
+    (root / "class1" / "linked").symlink_to(extra / "more")  # a linked dataset folder: followed
+    index = scan_image_folder(root)
+    assert index.samples == (("class0/000.png", 0), ("class0/001.png", 0),
+                             ("class1/000.png", 1), ("class1/001.png", 1), ("class1/002.png", 1),
+                             ("class1/linked/000.png", 1), ("class1/linked/001.png", 1))
+
+
+def test_special_files_named_as_images_are_skipped_with_a_warning(tmp_path) -> None:
+    import os
+
+    root = _make_folder(tmp_path, {"a": 2, "b": 2})
+    os.mkfifo(root / "a" / "x.png")  # opening it would wait forever
+    with pytest.warns(UserWarning, match=r"1 image name\(s\) that are not regular files skipped .*: a/x.png"):
+        index = scan_image_folder(root)
+    assert [rel for rel, _ in index.samples] == ["a/000.png", "a/001.png", "b/000.png", "b/001.png"]
+
+
+def test_float_and_wide_integer_images_are_mapped_by_their_real_range(tmp_path) -> None:
+    from auditor.io.images import ImageFailure, Preprocessing
+
+    ramp = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    images = {
+        "unit.tiff": Image.fromarray(ramp, "F"),  # floats in [0, 1]: was read as black
+        "byte.tiff": Image.fromarray(ramp * 255, "F"),
+        "wide.tiff": Image.fromarray((ramp * 65535).astype(np.int32), "I"),
+        "negative.tiff": Image.fromarray(ramp - 0.5, "F"),  # no 8-bit range holds it: refused
+    }
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name, image in images.items():
+        image.save(folder / name)
+    index = scan_image_folder(tmp_path)
+    dataset = ImageDataset(select_samples(index), Preprocessing(size=None, preset="none"))
+    loaded = {rel.split("/")[1]: dataset[i][0] for i, (rel, _) in enumerate(index.samples)}
+    expected = np.clip(ramp * 255.0, 0, 255).astype(np.uint8) / np.float32(255)  # PIL's L -> RGB, independently
+    for name in ("unit.tiff", "byte.tiff", "wide.tiff"):
+        assert torch.equal(loaded[name][0], torch.from_numpy(expected.astype(np.float32))), name
+    failure = loaded["negative.tiff"]
+    assert isinstance(failure, ImageFailure) and "no 8-bit range holds them" in failure.reason

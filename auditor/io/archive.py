@@ -7,8 +7,9 @@ Classes, files and their order are exactly those of the unpacked folder (names s
 hidden files and folders left out), so the numbers are the same.
 
 Every member is checked before any image is read: an absolute name, a ``..`` component,
-a symbolic or hard link, a device or FIFO, or bytes that are not an archive refuse the
-whole archive (:class:`~auditor.errors.DataError`, one line).
+a symbolic or hard link, a device or FIFO, a name that appears twice, or bytes that are not
+an archive refuse the whole archive (:class:`~auditor.errors.DataError`, one line). A member
+is streamed and read up to :data:`MAX_MEMBER_BYTES` decoded; a larger one is an unreadable image.
 """
 
 from __future__ import annotations
@@ -23,15 +24,23 @@ from ..errors import DataError
 from .class_choice import choose_classes
 from .image_kinds import is_image
 
-__all__ = ["ARCHIVE_SUFFIXES", "is_archive", "ArchiveReader", "scan_archive"]
+__all__ = ["ARCHIVE_SUFFIXES", "MAX_MEMBER_BYTES", "is_archive", "ArchiveReader", "scan_archive"]
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+# The most one member may decode to: an image file larger than this is reported unreadable, never read
+# whole (a 4 MB zip can hold a 4 GiB member of zeros).
+MAX_MEMBER_BYTES = 256 * 2**20
 
 
 def is_archive(path: str | Path) -> bool:
     """True for an existing file whose name ends in one of :data:`ARCHIVE_SUFFIXES`."""
     path = Path(path)
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _too_large(declared: int | None) -> str:
+    size = "" if declared is None else f" ({declared / 2**20:.0f} MiB)"
+    return f"the archive member decodes to more than {MAX_MEMBER_BYTES // 2**20} MiB{size}, the cap for one image"
 
 
 def _refuse(path: Path, what: str) -> DataError:
@@ -98,8 +107,7 @@ class ArchiveReader:
                     if mode == 0o120000:
                         raise _refuse(self.path, f"member {info.filename!r} is a symbolic link")
                     if not info.is_dir() and name:
-                        names.append(name)
-                        self._members[name] = info
+                        self._add(names, name, info)
             else:
                 for member in handle.getmembers():
                     name = _checked_name(self.path, member.name)
@@ -108,25 +116,42 @@ class ArchiveReader:
                     if not (member.isfile() or member.isdir()):
                         raise _refuse(self.path, f"member {member.name!r} is not a plain file or folder")
                     if member.isfile() and name:
-                        names.append(name)
-                        self._members[name] = member
+                        self._add(names, name, member)
         except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
             raise _refuse(self.path, f"not a readable {self.kind} archive ({type(exc).__name__})") from None
         return names
 
+    def _add(self, names: list[str], name: str, member: Any) -> None:
+        """Record a file member; a name met twice refuses the archive (unpacked, one would overwrite the other)."""
+        if name in self._members:
+            raise _refuse(self.path, f"member {name!r} appears twice (unpacked, the later would replace the earlier)")
+        names.append(name)
+        self._members[name] = member
+
     def read(self, name: str) -> bytes:
-        """The bytes of member ``name`` (as :meth:`files` names it)."""
+        """The bytes of member ``name`` (as :meth:`files` names it), at most :data:`MAX_MEMBER_BYTES` decoded.
+
+        Raises
+        ------
+        OSError
+            The member is larger than the cap (as declared, or as decoded:
+            a declared size may lie); the image is reported unreadable.
+        """
         handle = self._open()
         if not self._members:
             self.files()
         member = self._members[name]
-        if self.kind == "zip":
-            return handle.read(member)
-        stream = handle.extractfile(member)
+        declared = member.file_size if self.kind == "zip" else member.size
+        if declared > MAX_MEMBER_BYTES:
+            raise OSError(_too_large(declared))
+        stream = handle.open(member) if self.kind == "zip" else handle.extractfile(member)
         if stream is None:
             raise OSError(f"{name}: not a regular file")
         with stream:
-            return stream.read()
+            data = stream.read(MAX_MEMBER_BYTES + 1)  # streamed: never more than the cap in memory
+        if len(data) > MAX_MEMBER_BYTES:
+            raise OSError(_too_large(None))
+        return data
 
 
 def scan_archive(path: str | Path, classes: Any = None) -> tuple[Path, tuple[str, ...], tuple[tuple[str, int], ...], Any]:

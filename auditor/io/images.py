@@ -34,6 +34,7 @@ from .archive import is_archive, scan_archive
 from .class_choice import choose_classes
 from .image_kinds import IMAGE_EXTENSIONS, is_image
 from .labels_csv import scan_labels_csv
+from .walk import class_files
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -276,22 +277,6 @@ def images_per_class(classes: Sequence[str], samples: Sequence[tuple[str, int]])
     return counts
 
 
-def _class_files(root: Path, name: str) -> list[str]:
-    """Image paths under ``root/name`` (recursively), relative to root, sorted."""
-    found = []
-    seen: set[str] = set()
-    for directory, subdirs, files in os.walk(root / name, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in seen:  # a symlink loop
-            subdirs[:] = []
-            continue
-        seen.add(real)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        rel = Path(directory).relative_to(root).as_posix()
-        found.extend(f"{rel}/{f}" for f in files if is_image(f))
-    return sorted(found)
-
-
 def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFolderIndex:
     """Index a class-per-folder image tree.
 
@@ -337,8 +322,9 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
         )
     chosen = choose_classes(known, classes, str(given), "no class folder")
     samples: list[tuple[str, int]] = []
+    listed = class_files(path, chosen, is_image)  # links followed, no folder twice, no FIFO
     for label, name in enumerate(chosen):
-        files = _class_files(path, name)
+        files = listed[name]
         if not files:
             raise DataError(
                 f"{given}: class folder {name!r} holds no images",
@@ -480,15 +466,44 @@ class ImageBatch(NamedTuple):
     failures: list[tuple[int, ImageFailure]]
 
 
+def _value_scale(mode: str, array: np.ndarray) -> float:
+    """The white level of a 16-bit, 32-bit integer or float image, from its mode and its real range.
+
+    16-bit: 65535. 32-bit integers: 255 or 65535, whichever holds the values.
+    Floats: 1 for values in [0, 1], 255 for values in [0, 255].
+
+    Raises
+    ------
+    ValueError
+        Values outside every such range (negative, NaN, above 65535): no
+        faithful 8-bit image exists; the image is reported unreadable.
+    """
+    if mode.startswith("I;16"):
+        return 65535.0
+    low, high = float(array.min(initial=0)), float(array.max(initial=0))
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
+        raise ValueError(f"{mode} image with values in [{low:g}, {high:g}]: no 8-bit range holds them")
+    if mode == "F" and high <= 1.0:
+        return 1.0
+    if high <= 255.0:
+        return 255.0
+    if mode == "I" and high <= 65535.0:
+        return 65535.0
+    raise ValueError(f"{mode} image with values up to {high:g}: no 8-bit range holds them")
+
+
 def _open_rgb(path: Path) -> Any:
     from PIL import Image
 
     with Image.open(path) as image:
+        limit = Image.MAX_IMAGE_PIXELS  # PIL's own decompression-bomb limit, an error here rather than a warning
+        if limit and image.width * image.height > limit:
+            raise ValueError(f"{image.width}x{image.height} pixels, more than the decoder's limit of {limit}")
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             array = np.asarray(image, dtype=np.float64)
-            scale = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+            scale = _value_scale(image.mode, array)
             image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8), "L")
         return image.convert("RGB")
 

@@ -73,7 +73,7 @@ def check_output(path: str | Path, inputs: Iterable[str | Path] = (), *, make_pa
     path = Path(path)
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new name (or a file where its folder should be)
         info = None
     except OSError as exc:
         raise OutputError(path, exc) from None
@@ -81,7 +81,7 @@ def check_output(path: str | Path, inputs: Iterable[str | Path] = (), *, make_pa
         folder = path.parent
         if not folder.is_dir():
             if folder.exists():
-                raise OutputRefused(path, f"{folder} is not a folder", "choose an output in an existing folder")
+                raise OutputRefused(path, f"{folder} is a file, not a folder", "choose an output in an existing folder")
             if not make_parents:
                 raise OutputRefused(path, f"the folder {folder} does not exist",
                                     "create the folder first, or choose an output in an existing folder")

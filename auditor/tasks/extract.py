@@ -39,6 +39,7 @@ from ..errors import ArchitectureError, DataError, Remedy, UsageError
 from ..io.images import ImageDataset, collate_images, make_loader
 from ..io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
 from ..models.anatomy import Anatomy, StageSpec
+from .bounds import check_memory, extract_bytes
 
 __all__ = ["ExtractResult", "extract_activations", "resolve_device", "resolve_stages"]
 
@@ -380,6 +381,8 @@ def extract_activations(
             hint="analyze the anatomy at dataset.input_shape",
         )
     specs = resolve_stages(anatomy, stages)
+    need, per_sample = extract_bytes(min(batch_size, max(1, len(dataset))), [s.shape for s in specs])
+    check_memory(need, f"batches of {batch_size} images", "batch_size", batch_size, per_sample)
     target = resolve_device(device)
     selection = dataset.selection
     header = StoreHeader(

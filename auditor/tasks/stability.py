@@ -17,6 +17,7 @@ from .. import distributed
 from ..analysis.stability import STABILITY_DEFAULTS, StabilityReport
 from ..errors import Remedy, UsageError
 from ..subject import Subject
+from .bounds import check_memory, stability_bytes
 from .images import PreparedImages
 
 __all__ = ["StabilityResult", "MIN_EPS", "check_stability_options", "subject_stability"]
@@ -92,6 +93,8 @@ def check_stability_options(*, eps: float, directions: int, samples: int,
                          remedy=Remedy("dtype", "float64") if wider else None)
     if directions < 1 or samples < 1:
         raise UsageError(f"directions ({directions}) and samples ({samples}) must be at least 1")
+    need, per_direction = stability_bytes(samples, directions)  # before any work: no model needed
+    check_memory(need, f"{samples} samples x {directions} directions", "directions", directions, per_direction)
 
 
 def subject_stability(
@@ -139,6 +142,11 @@ def subject_stability(
     from .images import sample_images
 
     check_stability_options(eps=eps, directions=directions, samples=samples, dtype=dtype)
+    # a chunk holds at least one sample's perturbed rows: inputs drawn in float64, outputs in float32
+    widest = max((8 * math.prod(b.input_shape) + 4 * math.prod(b.output_shape) for b in subject.anatomy.blocks),
+                 default=0)
+    need, per_direction = stability_bytes(samples, directions, widest)
+    check_memory(need, f"{samples} samples x {directions} directions", "directions", directions, per_direction)
     sample = sample_images(images, samples, seed)
     if bounds is None:
         # blocks no rule of the linearization covers are measured without Lemma 2 bounds
