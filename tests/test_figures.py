@@ -95,6 +95,9 @@ def test_an_infinite_kappa_is_marked_and_left_off_the_line(figures: dict) -> Non
     assert list(exact.get_ydata()[:2]) == [10.0, 100.0] and math.isnan(exact.get_ydata()[2])
     marks = [t for t in bn.texts if t.get_text() == "inf"]
     assert len(marks) == 1 and marks[0].xy[0] == 10
+    colours = {tuple(line.get_color()) for ax in figures["kappas"].axes for line in ax.get_lines()
+               if line.get_label().startswith("b1,")}
+    assert len(colours) == 1  # a block keeps its colour in every panel
     plain = figures["kappas"].axes[0]  # a block without shortcut: its plain kappas
     assert list(next(line for line in plain.get_lines() if line.get_label() == "b2, exact").get_ydata()) == [7.0] * 3
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..document import write_atomic
 
-__all__ = ["pyplot", "save_figure", "class_colours", "as_floats", "figure_legend", "DPI"]
+__all__ = ["pyplot", "save_figure", "class_colours", "as_floats", "figure_legend", "integer_epochs", "DPI"]
 
 DPI = 110
 
@@ -49,3 +49,11 @@ def figure_legend(fig: Any, handles: Sequence[Any], *, columns: int) -> Any:
     """One legend for the whole figure, below the panels, where it hides no data."""
     return fig.legend(handles=list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns,
                       fontsize=8, frameon=False)
+
+
+def integer_epochs(ax: Any, epochs: Iterable[float]) -> None:
+    """Whole-number ticks on the x axis when every epoch is a whole number."""
+    if all(float(e).is_integer() for e in epochs):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))

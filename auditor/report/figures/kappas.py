@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..nonfinite import INFINITE
-from .canvas import as_floats, figure_legend, pyplot, save_figure
+from .canvas import as_floats, figure_legend, integer_epochs, pyplot, save_figure
 
 __all__ = ["block_kappa_keys", "draw_kappa_runs", "plot_kappa_runs", "run_block_names"]
 
@@ -47,19 +47,20 @@ def draw_kappa_runs(series: Sequence[Mapping[str, Any]], *, title: str = "") -> 
     fig, axes = plt.subplots(1, columns, figsize=(1.2 + 3.6 * columns, 4.0), squeeze=False, sharey=True,
                              sharex=True)
     depth = plt.get_cmap("viridis")
-    handles: dict[str, Any] = {}
+    every: list[str] = []  # one colour per block name, by depth, in every panel
+    for run in series:
+        every.extend(n for n in run_block_names(run) if n not in every)
+    colours = {name: depth(index / max(1, len(every) - 1) * 0.9) for index, name in enumerate(every)}
     for ax, run in zip(axes[0], series):
         epochs = [p["epoch"] for p in run["checkpoints"]]
-        blocks = run_block_names(run)
-        for index, name in enumerate(blocks):
-            colour = depth(index / max(1, len(blocks) - 1) * 0.9)
+        for name in run_block_names(run):
+            colour = colours[name]
             exact = [_kappa(p, name, 0) for p in run["checkpoints"]]
             paper = [_kappa(p, name, 1) for p in run["checkpoints"]]
-            line, = ax.plot(epochs, as_floats(v for v, _ in exact), "-", marker="o", ms=3, lw=1.4, color=colour,
-                            label=f"{name}, exact")
+            ax.plot(epochs, as_floats(v for v, _ in exact), "-", marker="o", ms=3, lw=1.4, color=colour,
+                    label=f"{name}, exact")
             ax.plot(epochs, as_floats(v for v, _ in paper), "--", marker="s", ms=2.5, lw=1.0, color=colour,
                     label=f"{name}, paper")
-            handles.setdefault(name, line)
             for epoch, (_, infinite) in zip(epochs, exact):
                 if infinite:
                     ax.annotate("inf", (epoch, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top",
@@ -68,10 +69,11 @@ def draw_kappa_runs(series: Sequence[Mapping[str, Any]], *, title: str = "") -> 
         ax.set_title(str(run["name"]), fontsize=11, fontweight="bold")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3, which="both")
+        integer_epochs(ax, epochs)
     axes[0][0].set_ylabel("block condition number kappa (log scale)")
     key = [plt.Line2D([], [], color="k", ls="-", marker="o", ms=3, label="exact kappa (linearized block)"),
            plt.Line2D([], [], color="k", ls="--", marker="s", ms=2.5, label="paper kappa (prod M + 1)/(prod m + 1)")]
-    labelled = [plt.Line2D([], [], color=h.get_color(), lw=2, label=f"block {n}") for n, h in handles.items()]
+    labelled = [plt.Line2D([], [], color=colours[n], lw=2, label=f"block {n}") for n in every]
     figure_legend(fig, [*labelled, *key], columns=min(5, len(labelled) + 2))
     names = " vs ".join(str(run["name"]) for run in series)
     fig.suptitle(title or f"Block condition numbers across training: {names}")

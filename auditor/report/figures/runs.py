@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .canvas import as_floats, class_colours, figure_legend, pyplot, save_figure
+from .canvas import as_floats, class_colours, figure_legend, integer_epochs, pyplot, save_figure
 
 __all__ = ["inter_summary", "draw_angle_runs", "plot_angle_runs", "run_stage_names"]
 
@@ -70,6 +70,7 @@ def draw_angle_runs(series: Sequence[Mapping[str, Any]], *, classes: Sequence[st
                 ax.plot(epochs, as_floats(s["intra"].get(cls) if s is not None else None for s in points), "-",
                         marker="o", ms=2.5, lw=1.1, color=colours[cls], label=f"intra-class {cls}")
             ax.grid(alpha=0.3)
+            integer_epochs(ax, epochs)
             if row == 0:
                 ax.set_title(run["name"], fontsize=11, fontweight="bold")
             if column == 0:
