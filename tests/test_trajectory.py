@@ -78,7 +78,9 @@ def test_angles_of_two_checkpoints_are_figure_5(run: dict, tmp_path: Path, capsy
     pairwise loop on the stored activations, and one panel per model read back from the figure."""
     import h5py
 
+    from auditor.report.document import validate
     from auditor.report.figures.models import draw_angles_by_model, inter_of_class
+    from auditor.report.models_view import models_markdown
 
     series = run["doc"]["series"]
     wanted = [series[0]["checkpoints"][1], series[2]["checkpoints"][1]]
@@ -86,7 +88,17 @@ def test_angles_of_two_checkpoints_are_figure_5(run: dict, tmp_path: Path, capsy
     doc = run_json(["angles", *(p["checkpoint"] for p in wanted), *COMMON, "--cache", run["cache"],
                     "--plot", plot], capsys)
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    validate(doc)
     assert [m["name"] for m in doc["models"]] == ["resnet8/epoch-06", "resnet8_plain/epoch-06"]
+    text = models_markdown(doc)
+    for model in doc["models"]:
+        assert f"### {model['name']}: {model['checkpoint']}  ({model['store']['arch']}, 20 samples)" in text
+        rows = _cells(text, f"{model['name']}: ")
+        for row, stage in zip(rows, model["stages"]):
+            intra, inter = list(stage["intra"].values()), list(stage["inter"].values())
+            assert row == [stage["name"], "x".join(map(str, stage["shape"])),
+                           *(f"{v:.2f}" for v in (np.mean(intra), min(intra), max(intra), np.mean(inter), min(inter),
+                                                  max(inter), min(inter) - max(intra)))]
     for model, point in zip(doc["models"], wanted):
         assert model["stages"] == point["stages"] and model["store"]["path"] == point["store"]
         assert model["store"]["checkpoint_sha256"] == point["sha256"] and model["store"]["samples"] == 20
@@ -233,6 +245,13 @@ def test_a_second_run_reuses_the_stores_and_the_kappas(run: dict, tmp_path: Path
     assert point["condition"]["blocks"] == run["doc"]["series"][2]["checkpoints"][1]["condition"]["blocks"]
     assert point["stages"] == run["doc"]["series"][2]["checkpoints"][1]["stages"]
     assert kappas.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_angles_of_a_checkpoint_without_images_is_one_line_exit_2(capsys) -> None:
+    code, out, err = run_cli(["angles", RUNS / "resnet8" / "epoch-06.safetensors"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1
+    assert "a checkpoint needs images" in lines[0] and "Hint: pass --data DIR" in lines[0]
 
 
 @pytest.mark.parametrize(

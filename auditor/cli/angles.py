@@ -37,37 +37,16 @@ AnglesPlotOpt = Annotated[
 ]
 
 
-def _models(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if "models" in doc:
-        return doc["models"]
-    return [{"name": Path(doc["store"]["path"] or "store").name, "store": doc["store"], "stages": doc["stages"]}]
-
-
-def _described(model: dict[str, Any]) -> str:
-    store = model["store"]
-    where = model.get("checkpoint") or store["path"]
-    return f"{model['name']}: {where}  ({store['arch']}, {store['samples']} samples)"
-
-
 def _tables(doc: dict[str, Any]) -> list[Any]:
-    from rich.text import Text
+    from ..report.models_view import models_tables
 
-    from ..report.angles_view import angles_table
-
-    note = "options: " + ", ".join(f"{k}={v}" for k, v in doc["config"].items())
-    out: list[Any] = []
-    for model in _models(doc):
-        out.extend([Text(_described(model)), *angles_table(model["stages"], note=note)])
-    return out
+    return models_tables(doc)
 
 
 def _markdown(doc: dict[str, Any]) -> str:
-    from ..report.angles_view import angles_markdown_table
+    from ..report.models_view import models_markdown
 
-    parts = ["## resdyn angles\n"]
-    for model in _models(doc):
-        parts.append(f"### {_described(model)}\n\n" + angles_markdown_table(model["stages"]))
-    return "\n".join(parts)
+    return models_markdown(doc)
 
 
 def angles_command(
