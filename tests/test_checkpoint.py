@@ -194,3 +194,36 @@ def test_half_precision_weights_are_reported_as_converted(dtype, name, tmp_path:
     for fmt in ("table", "markdown"):
         code, out, err = run_cli(["inspect", half, "--format", fmt], capsys)
         assert code == 0 and f"stored as {name}, analysed as float32" in out and "converted to float32" in err
+
+
+# --------------------------------------------------------------------------- #26: say what a refused file is
+
+
+def test_refusals_say_what_the_file_is(tmp_path: Path) -> None:
+    from auditor.io.checkpoint import read_checkpoint
+
+    gguf = tmp_path / "model.bin"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    with pytest.raises(CheckpointError, match=r"not a readable torch checkpoint \(a GGUF file .llama.cpp., neither"):
+        read_checkpoint(gguf)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes([0x0A, 0x86, 0xB2, 0xAD]) + bytes(range(60)))
+    with pytest.raises(CheckpointError, match=r"unknown format \(first bytes 0a 86 b2 ad 00 01 02 03\)") as info:
+        read_checkpoint(noise)
+    assert "pickle wants to run code" not in str(info.value)
+
+
+def test_negative_variances_and_quantized_weights(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from auditor.io.checkpoint import read_checkpoint
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"bn.weight": torch.ones(4), "bn.running_var": torch.tensor([1.0, -0.5, 2.0, -1.0])}, str(bad))
+    with pytest.raises(CheckpointError, match="'bn.running_var' holds negative variances .2 of 4."):
+        read_checkpoint(bad)
+    quantized = tmp_path / "q.safetensors"
+    save_file({"conv.weight": torch.ones(2, 2, dtype=torch.int8), "bn.num_batches_tracked": torch.tensor(3),
+               "fc.weight": torch.ones(2, 2, dtype=torch.float16)}, str(quantized))
+    assert read_checkpoint(quantized).converted_from == (
+        "float16, int8 (quantized: raw integers, scales not applied)")

@@ -201,3 +201,44 @@ def test_counts_beyond_memory_are_refused_before_any_work(capsys, monkeypatch, t
                               "--batch-size", 256, "-o", tmp_path / "a.h5"], capsys)
     assert code == 2 and "batches of 256 images need at least" in err and "Hint: lower --batch-size" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- #26 part 5: one line for malformed inputs
+
+
+def test_malformed_configs_seeds_and_documents_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+    from pathlib import Path
+
+    import pytest
+
+    from auditor.io.config_file import resdyn_section
+    from conftest import FIXTURES, run_cli
+
+    cases = {
+        "tool = 5\n": "'tool' must be a table, got int 5",
+        '[tool]\nresdyn = "oops"\n': "'tool.resdyn' must be a table, got str 'oops'",
+        "a = " + "[" * 50_000 + "]" * 50_000 + "\n": "not valid TOML (nested too deeply)",
+    }
+    for text, needle in cases.items():
+        path = tmp_path / "pyproject.toml"
+        path.write_text(text)
+        with pytest.raises(UsageError, match=needle.replace("(", ".").replace(")", ".")):
+            resdyn_section(path)
+    monkeypatch.chdir(tmp_path)
+    for std, needle in (("[0.0, 1.0, 1.0]", "std must be three positive numbers"), ("[nan, 1.0, 1.0]", "three finite")):
+        Path("resdyn.toml").write_text(f'[data.d]\npath = "{FIXTURES / "digits"}"\nmean = [0, 0, 0]\nstd = {std}\n')
+        code, out, err = run_cli(["data"], capsys)  # resdyn data refuses what extract refuses
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    Path("resdyn.toml").unlink()
+    for seed in (-1, 2**70):
+        code, out, err = run_cli(["extract", FIXTURES / "resnet8-digits.safetensors", "--data", FIXTURES / "digits",
+                                  "--seed", seed, "-o", tmp_path / "s.h5"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "seed must be a non-negative integer" in err
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("[" * 50_000 + "]" * 50_000)
+    from auditor.models.huggingface import load_json
+    from auditor.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        load_json(folder / "config.json")

@@ -94,6 +94,20 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
+_MAGIC = ((b"GGUF", "a GGUF file (llama.cpp)"), (b"\x89HDF", "an HDF5 file"), (b"\x93NUMPY", "a NumPy array file"),
+          (b"\x08\x01\x12", "possibly an ONNX model"), (b"ggml", "a GGML file"), (b"\x1f\x8b", "a gzip file"))
+
+
+def _what_it_is(path: Path) -> str:
+    """What the first bytes of a file that is no checkpoint say it is (a known format, else its bytes)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if not head:
+        return "an empty file"
+    found = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    return found or f"unknown format (first bytes {head.hex(' ')})"
+
+
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
@@ -213,7 +227,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     fmt = fmt or _sniff(path)
     if fmt is None:
         raise CheckpointError(
-            f"{path}: not a checkpoint (neither safetensors nor a torch file)",
+            f"{path}: not a checkpoint ({_what_it_is(path)}: neither safetensors nor a torch file)",
+            hint="resdyn reads .safetensors, .pt, .pth, .th, .bin",
+        )
+    if fmt == "torch" and _sniff(path) != "torch":  # a torch file is a zip or a pickle: say what it is instead
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({_what_it_is(path)}, neither a zip nor a pickle)",
             hint="resdyn reads .safetensors, .pt, .pth, .th, .bin",
         )
     notes: list[str] = []
@@ -230,6 +249,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path}: tensor '{key}' holds NaN or inf values",
                 hint="the training run diverged or the file is corrupted",
             )
+        if key.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise CheckpointError(  # a variance is never negative: BatchNorm would take a square root of it
+                f"{path}: tensor '{key}' holds negative variances ({int((tensor < 0).sum())} of {tensor.numel()})",
+                hint="the file is corrupted or was edited; export the weights again",
+            )
     converted = _converted_dtypes(state)
     if converted:
         notes.append(f"weights stored as {converted} were converted to float32 for the analysis "
@@ -238,7 +262,16 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _converted_dtypes(state: dict[str, torch.Tensor]) -> str | None:
-    """The floating dtypes other than float32 in ``state`` (``"float16"``, ``"bfloat16, float64"``), or None."""
-    names = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
-                    if t.is_floating_point() and t.dtype != torch.float32})
-    return ", ".join(names) or None
+    """The stored dtypes of weights other than float32 (``"float16"``, ``"bfloat16, float64"``), or None.
+
+    Integer weights and biases (a quantized export: ``int8``) are named as
+    ``"int8 (quantized: raw integers, scales not applied)"``: the model
+    copies them into float32 as they are.
+    """
+    names = {str(t.dtype).removeprefix("torch.") for t in state.values()
+             if t.is_floating_point() and t.dtype != torch.float32}
+    quantized = {str(t.dtype).removeprefix("torch.") for key, t in state.items()
+                 if (t.is_quantized or not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool))
+                 and key.rsplit(".", 1)[-1] in ("weight", "bias")}
+    parts = sorted(names) + [f"{name} (quantized: raw integers, scales not applied)" for name in sorted(quantized)]
+    return ", ".join(parts) or None

@@ -23,7 +23,8 @@ def resdyn_section(path: Path) -> dict[str, Any] | None:
     Raises
     ------
     UsageError
-        An unreadable file or invalid TOML.
+        An unreadable file, invalid or too deeply nested TOML, a ``tool`` or
+        ``tool.resdyn`` that is not a table.
     """
     try:
         import tomllib
@@ -34,5 +35,14 @@ def resdyn_section(path: Path) -> dict[str, Any] | None:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({' '.join(str(exc).split())})") from None
-    tool = data.get("tool", {}).get("resdyn")
-    return tool if path.name == "pyproject.toml" else (data if tool is None else tool)
+    except RecursionError:  # tables or arrays nested thousands deep
+        raise UsageError(f"{path}: not valid TOML (nested too deeply)") from None
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise UsageError(f"{path}: 'tool' must be a table, got {type(tool).__name__} {tool!r:.40}",
+                         hint="resdyn's settings go under [tool.resdyn]")
+    section = tool.get("resdyn")
+    if section is not None and not isinstance(section, dict):
+        raise UsageError(f"{path}: 'tool.resdyn' must be a table, got {type(section).__name__} {section!r:.40}",
+                         hint="write the settings as keys under [tool.resdyn]")
+    return section if path.name == "pyproject.toml" else (data if section is None else section)

@@ -20,6 +20,7 @@ given on the command line override the source's keys. The files searched are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from .config_file import CONFIG_FILES, resdyn_section
 
 __all__ = ["DataSource", "load_data_sources", "resolve_data_source"]
 
+# images.MAX_SEED, the seeds every command takes (not imported: auditor.io.images loads torch)
+_MAX_SEED = 2**62 - 1
 _KEYS = ("path", "classes", "per-class", "seed", "preset", "size", "mean", "std")
 
 
@@ -102,12 +105,18 @@ def _parse(name: str, table: dict[str, Any], file: Path) -> DataSource:
 
         _check(table["preset"], table["preset"] in PRESETS, f"{where} preset", f"one of {', '.join(PRESETS)}")
         options["preset"] = table["preset"]
+    if options.get("seed", 0) > _MAX_SEED:
+        _check(options["seed"], False, f"{where} seed", "an integer below 2**62")
     for key in ("mean", "std"):
         if key in table:
             value = table[key]
             _check(value, isinstance(value, list) and len(value) == 3
                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
                    f"{where} {key}", "three numbers")
+            # what the commands refuse, refused here too: resdyn data never calls "ok" what extract refuses
+            _check(value, all(math.isfinite(v) for v in value), f"{where} {key}", "three finite numbers")
+            if key == "std":
+                _check(value, all(v > 0 for v in value), f"{where} std", "three positive numbers (std divides)")
             options[key] = tuple(float(v) for v in value)
     path = Path(raw).expanduser()
     return DataSource(name, file, path if path.is_absolute() else file.parent / path, options)

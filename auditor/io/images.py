@@ -143,6 +143,8 @@ def _from_metadata(raw: str, base: Preprocessing) -> Preprocessing:
     """``base`` with the fields the metadata JSON names replaced."""
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise UsageError("checkpoint metadata 'preprocessing' is nested too deeply to be read") from None
     except json.JSONDecodeError as exc:
         raise UsageError(
             f"checkpoint metadata 'preprocessing' is not JSON ({exc.msg})",
@@ -365,6 +367,11 @@ class ImageSelection:
     shard: tuple[int, int] = (0, 1)
     reader: Any = None
 
+# Seeds go to numpy (any integer >= 0) and, plus a block's index, to torch.Generator (below 2**64); the
+# stability options take them below 2**62 (analysis/stability/checks.py): one range everywhere.
+MAX_SEED = 2**62 - 1
+
+
 def _class_seed(seed: int, name: str) -> list[int]:
     return [int(seed), zlib.crc32(name.encode())]
 
@@ -402,6 +409,9 @@ def select_samples(
     rank, world = (int(shard[0]), int(shard[1]))
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"invalid shard {rank}/{world}: need 0 <= rank < world")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"seed must be a non-negative integer below 2**62, got {seed!r}",
+                         hint="any seed in that range; 0 is the default")
     if per_class is not None:
         per_class = _positive_int(per_class, "samples per class")
     by_class: list[list[tuple[str, int]]] = [[] for _ in index.classes]

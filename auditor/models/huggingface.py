@@ -118,6 +118,8 @@ def load_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise CheckpointError(f"{path}: not a readable JSON file (nested too deeply)") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -231,7 +233,7 @@ def hf_preprocessing(config: dict[str, Any]) -> dict[str, Any] | None:
             out.update(size=size, resize=size)
     mean, std = config.get("image_mean"), config.get("image_std")
     if config.get("do_normalize", True) and isinstance(mean, list) and isinstance(std, list):
-        out.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+        out.update(mean=mean, std=std)  # checked (3 finite numbers, std > 0) with the other preprocessing
     return out or None
 
 
