@@ -493,3 +493,25 @@ def test_writer_killed_at_100_random_moments_resumes_each_to_the_same_store(comp
     result = json.loads(done.stdout)
     assert result["kills"] == 100 and result["identical"] == 100, result
     assert result["leftovers"] == []  # no lock and no .partial.new left behind
+
+
+# --------------------------------------------------------------------------- #26: the cache keys on the images
+
+
+def test_audit_cache_is_not_reused_after_images_are_replaced_in_place(tmp_path: Path) -> None:
+    from auditor.subject import open_subject
+    from auditor.tasks.geometry import stage_geometry
+    from auditor.tasks.images import open_images
+
+    data = tmp_path / "digits"
+    shutil.copytree(DIGITS, data)
+    subject = open_subject(CKPT)
+    cache = tmp_path / "cache"
+    images = open_images(data, subject, per_class=2)
+    first = stage_geometry(subject, images, cache=cache)
+    assert stage_geometry(subject, open_images(data, subject, per_class=2), cache=cache).reused
+    victim, other = (data / rel for rel, _ in images.dataset.samples[:2])
+    shutil.copyfile(other, victim)  # same name, other pixels
+    again = stage_geometry(subject, open_images(data, subject, per_class=2), cache=cache)
+    assert not again.reused and again.store != first.store
+    assert again.stages != first.stages  # the angles of the new pixels

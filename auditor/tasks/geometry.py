@@ -18,6 +18,7 @@ import numpy as np
 from .. import distributed
 from ..analysis.angles import StageAngles, median_angles, median_angles_h5
 from ..errors import DataError, StoreError
+from ..io.fingerprint import files_fingerprint
 from ..io.scratch import scratch_folder
 from ..io.store import ActivationStore
 from ..subject import Subject
@@ -221,12 +222,15 @@ class GeometryResult:
 
 
 def cache_name(subject: Subject, images: PreparedImages, stages: Sequence[str] | None, dtype: str) -> str:
-    """A file name that changes whenever the store's content would."""
+    """A file name that changes whenever the store's content would (the images' files included)."""
     digest = hashlib.sha256()
     for part in (
         subject.checkpoint.sha256, subject.loaded.arch, str(images.dataset.root),
         json.dumps(images.preprocessing.to_dict(), sort_keys=True), json.dumps(list(images.dataset.samples)),
         json.dumps(list(stages) if stages else None), dtype, json.dumps(list(subject.anatomy.input_shape)),
+        # the images themselves (size, mtime, inode): replaced in place under the same names, they are new data
+        files_fingerprint(images.dataset.root, (rel for rel, _ in images.dataset.samples),
+                          archive=images.dataset.selection.reader is not None),
     ):
         digest.update(part.encode())
         digest.update(b"\0")
