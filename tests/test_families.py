@@ -33,15 +33,17 @@ ALIKE = {"seresnext101d_32x8d", "seresnextaa101d_32x8d"}
 def _seeded_state(name: str, num_classes: int, tmp_path: Path) -> dict[str, torch.Tensor]:
     """Seeded random weights, saved and read back as a plain dict (no metadata).
 
-    The model is built on the meta device and filled with ``torch.randn`` (and
-    zero batch counters): the same keys and shapes as ``build_model``, without
+    The model is built on the meta device and filled with ``torch.randn`` (positive
+    running variances, zero batch counters): the same keys and shapes as ``build_model``, without
     its truncated-normal initialisation, which takes seconds for a ConvNeXt.
     """
     torch.manual_seed(0)
     model = build_on_meta(name, num_classes).to_empty(device="cpu")
     with torch.no_grad():
-        for tensor in model.state_dict().values():
+        for key, tensor in model.state_dict().items():
             tensor.normal_() if tensor.is_floating_point() else tensor.zero_()
+            if key.endswith("running_var"):  # a variance is positive (resdyn refuses negative ones)
+                tensor.abs_().add_(0.1)
     path = tmp_path / f"{name}.pt"
     torch.save(dict(model.state_dict()), path)
     return torch.load(path, weights_only=True)
