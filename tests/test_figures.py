@@ -1,15 +1,24 @@
-"""The comparison figures on small hand-made reports: gaps, infinite kappas, sizes, legends, colours (issue #28).
+"""The comparison figures, read back from matplotlib's objects against the report they draw (issue #28).
 
-The figures of real runs are read back against their JSON in ``test_trajectory.py``;
-these cover what the bundled runs do not hold (no figure is written to disk).
+Figure 2's layout and the kappa figure are drawn from a real ``trajectory --condition``
+report of the three bundled runs (``tests/golden/trajectory.json``; Figure 5 from a
+live ``angles`` run in ``test_trajectory.py``); small hand-made reports cover what the
+bundled runs do not hold: gaps, infinite kappas, sizes, legends, colours. No figure
+is written to disk here.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+GOLDEN = Path(__file__).parent / "golden"
+NAMES = ["resnet8", "resnet8_nobn", "resnet8_plain"]
 
 CLASSES = ["cat", "dog", "emu"]
 STAGES = ["stem", "layer1", "layer2", "layer3", "penultimate"]
@@ -44,6 +53,80 @@ def _series() -> list[dict]:
             points.append({"epoch": epoch, "stages": stages, "condition": {"blocks": blocks}})
         runs.append({"name": name, "checkpoints": points})
     return runs
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    """``resdyn trajectory`` of the three bundled runs at epochs 0 and 6, with ``--condition``."""
+    return json.loads((GOLDEN / "trajectory.json").read_text())
+
+
+def _line_data(line) -> tuple[list[float], list[float]]:
+    return [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]
+
+
+def test_angle_figure_is_figure_2s_layout(report: dict) -> None:
+    """A column per run, a row per stage; each class's line, the inter median and band are the JSON's numbers."""
+    from matplotlib.collections import PolyCollection
+
+    from auditor.report.figures.canvas import class_colours
+    from auditor.report.figures.runs import draw_angle_runs
+
+    doc = report
+    classes = doc["data"]["classes"]
+    fig = draw_angle_runs(doc["series"], classes=classes)
+    axes = np.array(fig.axes).reshape(2, 3)
+    assert [ax.get_title() for ax in axes[0]] == NAMES and not any(ax.get_title() for ax in axes[1])
+    assert [ax.get_ylabel().splitlines()[0] for ax in axes[:, 0]] == ["stage layer1", "stage layer3"]
+    assert all("degrees" in ax.get_ylabel() for ax in axes[:, 0]) and all(ax.get_xlabel() == "epoch" for ax in axes[1])
+    assert all(ax.get_shared_y_axes().joined(ax, axes[0][0]) for ax in axes.flat)
+    assert "resnet8 vs resnet8_nobn vs resnet8_plain" in fig._suptitle.get_text()
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes.flat)
+    colours = class_colours(classes)
+    for column, entry in enumerate(doc["series"]):
+        epochs = [p["epoch"] for p in entry["checkpoints"]]
+        for row, stage in enumerate(("layer1", "layer3")):
+            ax = axes[row][column]
+            points = [next(s for s in p["stages"] if s["name"] == stage) for p in entry["checkpoints"]]
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            assert len(lines) == len(classes) + 1
+            for cls in classes:
+                x, y = _line_data(lines[f"intra-class {cls}"])
+                assert x == epochs and y == [p["intra"][cls] for p in points]
+                assert lines[f"intra-class {cls}"].get_color() == colours[cls]
+            x, y = _line_data(lines["inter-class: median over class pairs"])
+            assert x == epochs and y == pytest.approx([statistics.median(p["inter"].values()) for p in points])
+            band = next(c for c in ax.collections if isinstance(c, PolyCollection))
+            vertices = band.get_paths()[0].vertices
+            for epoch, point in zip(epochs, points):
+                at = vertices[np.isclose(vertices[:, 0], epoch), 1]
+                assert at.min() == pytest.approx(min(point["inter"].values()))
+                assert at.max() == pytest.approx(max(point["inter"].values()))
+
+
+def test_kappa_figure_draws_each_block_against_epoch(report: dict) -> None:
+    from auditor.report.figures.kappas import draw_kappa_runs
+
+    doc = report
+    fig = draw_kappa_runs(doc["series"])
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == NAMES
+    assert all(ax.get_yscale() == "log" and ax.get_xlabel() == "epoch" for ax in axes)
+    assert "condition number" in axes[0].get_ylabel()
+    assert "Block condition numbers across training" in fig._suptitle.get_text() and len(fig.legends) == 1
+    for ax, entry in zip(axes, doc["series"]):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        epochs = [p["epoch"] for p in entry["checkpoints"]]
+        for index, block in enumerate(entry["checkpoints"][0]["condition"]["blocks"]):
+            plain = block["shortcut"] == "none"
+            for kind, key in (("exact", "kappa_linear"), ("paper", "kappa_paper")):
+                x, y = _line_data(lines[f"{block['name']}, {kind}"])
+                full = f"{key}_{'plain' if plain else 'residual'}"
+                assert x == epochs
+                assert y == [p["condition"]["blocks"][index][full] for p in entry["checkpoints"]]
+                assert all(math.isfinite(v) for v in y)
+
+
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 """``resdyn trajectory`` with several runs and ``--condition`` on the bundled per-epoch runs (issue #28).
 
-One run of the command (three runs, two epochs each) serves every check: the JSON
+One run of the command (three runs, four checkpoints) serves every check: the JSON
 against the schema, the runs' names and order, the kappas against ``resdyn
-condition``, the angles against ``resdyn angles`` on the same checkpoint, the tables
-against the JSON, the figures read back from matplotlib's objects against the JSON,
-and the caches reused by a second run.
+condition``, the angles against ``resdyn angles`` and a direct pairwise loop, the
+tables against the JSON, Figure 5 read back from matplotlib's objects, and the
+caches reused by a second run. The trajectory figures are read back against a full
+report in ``test_figures.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.skipif(not (RUNS / "resnet8").is_dir(), reason="fixture
 
 
 def _globs() -> list[str]:
-    return [str(RUNS / name / "epoch-0[06].safetensors") for name in NAMES]
+    """Three runs: resnet8 at epochs 0 and 6 (a glob), the other two at epoch 6 (a file each)."""
+    return [str(RUNS / "resnet8" / "epoch-0[60].safetensors"),
+            *(str(RUNS / name / "epoch-06.safetensors") for name in NAMES[1:])]
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +53,17 @@ def test_runs_are_named_ordered_and_valid(run: dict) -> None:
     doc = run["doc"]
     validate(doc)
     assert [r["name"] for r in doc["series"]] == NAMES
-    for entry, name in zip(doc["series"], NAMES):
-        assert [p["epoch"] for p in entry["checkpoints"]] == [0, 6]
+    for entry, name, epochs in zip(doc["series"], NAMES, ([0, 6], [6], [6])):
+        assert [p["epoch"] for p in entry["checkpoints"]] == epochs
         assert all(Path(p["checkpoint"]).parent.name == name for p in entry["checkpoints"])
         assert all(p["arch"] == name for p in entry["checkpoints"])
-        assert [[s["name"] for s in p["stages"]] for p in entry["checkpoints"]] == [["layer1", "layer3"]] * 2
+        assert all([s["name"] for s in p["stages"]] == ["layer1", "layer3"] for p in entry["checkpoints"])
         assert all(not p["condition"]["reused"] for p in entry["checkpoints"])
 
 
 def test_kappas_equal_resdyn_condition(run: dict, capsys) -> None:
     """Each block's kappas and the summary as ``resdyn condition`` gives them (a plain network: its plain kappas)."""
-    plain = run["doc"]["series"][2]["checkpoints"][1]
+    plain = run["doc"]["series"][2]["checkpoints"][0]
     condition = run_json(["condition", plain["checkpoint"]], capsys)
     got = plain["condition"]["blocks"]
     assert [b["name"] for b in got] == [b["name"] for b in condition["blocks"]]
@@ -82,7 +85,7 @@ def test_angles_of_two_checkpoints_are_figure_5(run: dict, tmp_path: Path, capsy
     from auditor.report.models_view import models_markdown
 
     series = run["doc"]["series"]
-    wanted = [series[0]["checkpoints"][1], series[2]["checkpoints"][1]]
+    wanted = [series[0]["checkpoints"][1], series[2]["checkpoints"][0]]
     plot = tmp_path / "models.png"
     doc = run_json(["angles", *(p["checkpoint"] for p in wanted), *COMMON, "--cache", run["cache"],
                     "--plot", plot], capsys)
@@ -150,8 +153,8 @@ def test_tables_agree_with_the_json(run: dict) -> None:
                                  f"{inter.min():.2f}", f"{inter.max():.2f}", f"{stage['separation']:.2f}"])
     assert angles == expected
     kappas = _cells(text, "Block condition numbers")
-    assert [row[:2] for row in kappas] == [[n, e] for n in NAMES for e in ("0", "6")]
     points = [p for entry in doc["series"] for p in entry["checkpoints"]]
+    assert [row[:2] for row in kappas] == [[e["name"], str(p["epoch"])] for e in doc["series"] for p in e["checkpoints"]]
     for row, point in zip(kappas, points):
         blocks = point["condition"]["blocks"]
         plain = all(b["shortcut"] == "none" for b in blocks)
@@ -168,72 +171,6 @@ def test_tables_agree_with_the_json(run: dict) -> None:
             assert row[7] == str(sum(b["lemma1_lower_holds"] is False for b in blocks))
 
 
-def _line_data(line) -> tuple[list[float], list[float]]:
-    return [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]
-
-
-def test_angle_figure_is_figure_2s_layout(run: dict) -> None:
-    """A column per run, a row per stage; each class's line, the inter median and band are the JSON's numbers."""
-    from matplotlib.collections import PolyCollection
-
-    from auditor.report.figures.canvas import class_colours
-    from auditor.report.figures.runs import draw_angle_runs
-
-    doc = run["doc"]
-    classes = doc["data"]["classes"]
-    fig = draw_angle_runs(doc["series"], classes=classes)
-    axes = np.array(fig.axes).reshape(2, 3)
-    assert [ax.get_title() for ax in axes[0]] == NAMES and not any(ax.get_title() for ax in axes[1])
-    assert [ax.get_ylabel().splitlines()[0] for ax in axes[:, 0]] == ["stage layer1", "stage layer3"]
-    assert all("degrees" in ax.get_ylabel() for ax in axes[:, 0]) and all(ax.get_xlabel() == "epoch" for ax in axes[1])
-    assert all(ax.get_shared_y_axes().joined(ax, axes[0][0]) for ax in axes.flat)
-    assert "resnet8 vs resnet8_nobn vs resnet8_plain" in fig._suptitle.get_text()
-    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes.flat)
-    colours = class_colours(classes)
-    for column, entry in enumerate(doc["series"]):
-        epochs = [p["epoch"] for p in entry["checkpoints"]]
-        for row, stage in enumerate(("layer1", "layer3")):
-            ax = axes[row][column]
-            points = [next(s for s in p["stages"] if s["name"] == stage) for p in entry["checkpoints"]]
-            lines = {line.get_label(): line for line in ax.get_lines()}
-            assert len(lines) == len(classes) + 1
-            for cls in classes:
-                x, y = _line_data(lines[f"intra-class {cls}"])
-                assert x == epochs and y == [p["intra"][cls] for p in points]
-                assert lines[f"intra-class {cls}"].get_color() == colours[cls]
-            x, y = _line_data(lines["inter-class: median over class pairs"])
-            assert x == epochs and y == pytest.approx([statistics.median(p["inter"].values()) for p in points])
-            band = next(c for c in ax.collections if isinstance(c, PolyCollection))
-            vertices = band.get_paths()[0].vertices
-            for epoch, point in zip(epochs, points):
-                at = vertices[np.isclose(vertices[:, 0], epoch), 1]
-                assert at.min() == pytest.approx(min(point["inter"].values()))
-                assert at.max() == pytest.approx(max(point["inter"].values()))
-
-
-def test_kappa_figure_draws_each_block_against_epoch(run: dict) -> None:
-    from auditor.report.figures.kappas import draw_kappa_runs
-
-    doc = run["doc"]
-    fig = draw_kappa_runs(doc["series"])
-    axes = fig.axes
-    assert [ax.get_title() for ax in axes] == NAMES
-    assert all(ax.get_yscale() == "log" and ax.get_xlabel() == "epoch" for ax in axes)
-    assert "condition number" in axes[0].get_ylabel()
-    assert "Block condition numbers across training" in fig._suptitle.get_text() and len(fig.legends) == 1
-    for ax, entry in zip(axes, doc["series"]):
-        lines = {line.get_label(): line for line in ax.get_lines()}
-        epochs = [p["epoch"] for p in entry["checkpoints"]]
-        for index, block in enumerate(entry["checkpoints"][0]["condition"]["blocks"]):
-            plain = block["shortcut"] == "none"
-            for kind, key in (("exact", "kappa_linear"), ("paper", "kappa_paper")):
-                x, y = _line_data(lines[f"{block['name']}, {kind}"])
-                full = f"{key}_{'plain' if plain else 'residual'}"
-                assert x == epochs
-                assert y == [p["condition"]["blocks"][index][full] for p in entry["checkpoints"]]
-                assert all(math.isfinite(v) for v in y)
-
-
 def test_a_second_run_reuses_the_stores_and_the_kappas(run: dict, tmp_path: Path, capsys) -> None:
     kappas = tmp_path / "kappas.png"
     doc = run_json(["trajectory", str(RUNS / "resnet8_plain" / "epoch-06.safetensors"), *COMMON, "--condition",
@@ -241,8 +178,8 @@ def test_a_second_run_reuses_the_stores_and_the_kappas(run: dict, tmp_path: Path
     point = doc["series"][0]["checkpoints"][0]
     assert doc["series"][0]["name"] == "plain"
     assert point["reused_store"] and point["condition"]["reused"]
-    assert point["condition"]["blocks"] == run["doc"]["series"][2]["checkpoints"][1]["condition"]["blocks"]
-    assert point["stages"] == run["doc"]["series"][2]["checkpoints"][1]["stages"]
+    assert point["condition"]["blocks"] == run["doc"]["series"][2]["checkpoints"][0]["condition"]["blocks"]
+    assert point["stages"] == run["doc"]["series"][2]["checkpoints"][0]["stages"]
     assert kappas.read_bytes()[:4] == b"\x89PNG"
 
 

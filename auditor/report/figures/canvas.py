@@ -46,9 +46,8 @@ def as_floats(values: Iterable[float | None]) -> list[float]:
 
 
 def figure_legend(fig: Any, handles: Sequence[Any], *, columns: int) -> Any:
-    """One legend for the whole figure, below the panels, where it hides no data."""
-    return fig.legend(handles=list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns,
-                      fontsize=8, frameon=False)
+    """One legend for the whole figure, below the panels, where it hides no data (needs the constrained layout)."""
+    return fig.legend(handles=list(handles), loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
 
 
 def integer_epochs(ax: Any, epochs: Iterable[float]) -> None:

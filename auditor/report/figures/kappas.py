@@ -44,8 +44,8 @@ def draw_kappa_runs(series: Sequence[Mapping[str, Any]], *, title: str = "") -> 
     """The conditioning figure of a ``trajectory --condition`` report's ``series`` (returns the Figure)."""
     plt = pyplot()
     columns = len(series)
-    fig, axes = plt.subplots(1, columns, figsize=(1.2 + 3.6 * columns, 4.0), squeeze=False, sharey=True,
-                             sharex=True)
+    fig, axes = plt.subplots(1, columns, figsize=(1.2 + 3.6 * columns, 4.0), squeeze=False, sharey=True, sharex=True,
+                             layout="constrained")
     depth = plt.get_cmap("viridis")
     every: list[str] = []  # one colour per block name, by depth, in every panel
     for run in series:
@@ -77,7 +77,6 @@ def draw_kappa_runs(series: Sequence[Mapping[str, Any]], *, title: str = "") -> 
     figure_legend(fig, [*labelled, *key], columns=min(5, len(labelled) + 2))
     names = " vs ".join(str(run["name"]) for run in series)
     fig.suptitle(title or f"Block condition numbers across training: {names}")
-    fig.tight_layout()
     return fig
 
 

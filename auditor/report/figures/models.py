@@ -39,7 +39,7 @@ def draw_angles_by_model(models: Sequence[Mapping[str, Any]], *, classes: Sequen
     count = len(models)
     widest = max(len(m["stages"]) for m in models)
     fig, axes = plt.subplots(1, count, figsize=(1.0 + max(3.6, 0.9 * widest) * count, 4.2), squeeze=False,
-                             sharey=True)
+                             sharey=True, layout="constrained")
     colours = class_colours(classes)
     for ax, model in zip(axes[0], models):
         names = [s["name"] for s in model["stages"]]
@@ -60,7 +60,6 @@ def draw_angles_by_model(models: Sequence[Mapping[str, Any]], *, classes: Sequen
                       label="inter-class (median over the pairs holding the class)")]
     figure_legend(fig, [*handles, *key], columns=min(6, len(handles) + 2))
     fig.suptitle(title or "Median principal angles by stage: " + " vs ".join(str(m["name"]) for m in models))
-    fig.tight_layout()
     return fig
 
 

@@ -54,7 +54,7 @@ def draw_angle_runs(series: Sequence[Mapping[str, Any]], *, classes: Sequence[st
     stages = run_stage_names(series)
     rows, columns = len(stages), len(series)
     fig, axes = plt.subplots(rows, columns, figsize=(1.2 + 3.3 * columns, 0.8 + 2.3 * rows), squeeze=False,
-                             sharex=True, sharey=True)
+                             sharex=True, sharey=True, layout="constrained")
     colours = class_colours(classes)
     for column, run in enumerate(series):
         epochs = [p["epoch"] for p in run["checkpoints"]]
@@ -82,7 +82,6 @@ def draw_angle_runs(series: Sequence[Mapping[str, Any]], *, classes: Sequence[st
     figure_legend(fig, handles, columns=min(6, len(handles)))
     names = " vs ".join(str(run["name"]) for run in series)
     fig.suptitle(title or f"Median principal angles across training: {names}")
-    fig.tight_layout()
     return fig
 
 
