@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,8 @@ def _units(runs: Sequence[Run]) -> tuple[list[tuple[int, Path, int | float]], li
 
     units, notes = [], []
     for index, run in enumerate(runs):
-        read = [load_checkpoint(p) for p in run.paths]
+        # the metadata without the weights: one checkpoint's tensors in memory at a time
+        read = [dataclasses.replace(load_checkpoint(p), state_dict={}) for p in run.paths]
         order, epochs, note = order_checkpoints(read)
         notes.append(note)
         units.extend((index, run.paths[i], epochs[i] if epochs[i] is not None else rank)
