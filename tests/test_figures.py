@@ -70,10 +70,11 @@ def test_angle_figure_is_figure_2s_layout(report: dict) -> None:
     from matplotlib.collections import PolyCollection
 
     from auditor.report.figures.canvas import class_colours
-    from auditor.report.figures.runs import draw_angle_runs
+    from auditor.report.figures.runs import draw_angle_runs, series_classes
 
     doc = report
     classes = doc["data"]["classes"]
+    assert series_classes(doc["series"]) == classes  # the colours the command gives the classes
     fig = draw_angle_runs(doc["series"], classes=classes)
     axes = np.array(fig.axes).reshape(2, 3)
     assert [ax.get_title() for ax in axes[0]] == NAMES and not any(ax.get_title() for ax in axes[1])

@@ -61,9 +61,9 @@ def _figures(document: dict[str, Any], plot: Path | None, kappa_plot: Path | Non
     if not world().is_main:
         return
     if plot is not None:
-        from ..report.figures.runs import plot_angle_runs
+        from ..report.figures.runs import plot_angle_runs, series_classes
 
-        plot_angle_runs(document["series"], plot, classes=document["data"]["classes"])
+        plot_angle_runs(document["series"], plot, classes=series_classes(document["series"]))
     if kappa_plot is not None:
         from ..report.figures.kappas import plot_kappa_runs
 

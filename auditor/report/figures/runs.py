@@ -14,7 +14,7 @@ from typing import Any
 
 from .canvas import as_floats, class_colours, figure_legend, integer_epochs, pyplot, save_figure
 
-__all__ = ["inter_summary", "draw_angle_runs", "plot_angle_runs", "run_stage_names"]
+__all__ = ["inter_summary", "draw_angle_runs", "plot_angle_runs", "run_stage_names", "series_classes"]
 
 
 def inter_summary(stage: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
@@ -32,6 +32,16 @@ def run_stage_names(series: Sequence[Mapping[str, Any]]) -> list[str]:
         for point in run["checkpoints"]:
             names.extend(s["name"] for s in point["stages"] if s["name"] not in names)
     return names
+
+
+def series_classes(series: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every class of the runs' stages, in order of appearance (the first run's order first)."""
+    found: list[str] = []
+    for run in series:
+        for point in run["checkpoints"]:
+            for stage in point["stages"]:
+                found.extend(c for c in stage["intra"] if c not in found)
+    return found
 
 
 def _stage(point: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
