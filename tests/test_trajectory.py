@@ -11,7 +11,6 @@ report in ``test_figures.py``.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
