@@ -27,8 +27,8 @@ OptionalDataOpt = Annotated[
 ]
 NameOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--name", help="A model's name in the table, JSON and figure (default: its file name); once per "
-                 "model, in order.", show_default=False),
+    typer.Option("--name", help="A model's name in the table, JSON and figure (default: its file name without "
+                 "suffix, folder/name when two share it); once per model, in order.", show_default=False),
 ]
 AnglesPlotOpt = Annotated[
     Optional[Path],
