@@ -57,7 +57,6 @@ References
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -79,7 +78,8 @@ from .batched import (
     worker_count,
 )
 from .block_algebra import block_matrices, block_spectra, compress_ends, depthwise_chain, reduce_block
-from .frequencies import constant_tap, frequency_phases, half_plane, kernel_symbols, tap_offsets
+from .frequencies import constant_tap, half_plane, kernel_symbols
+from .frequency_operators import BlockKernels, FrequencyOperator, Woodbury
 from .lanczos import DEFAULT_TOL, LanczosResult, largest_eigenvalues
 
 __all__ = ["OperatorExtremes", "BlockExtremes", "block_extremes", "LANCZOS_MIN_SIDE"]
@@ -148,307 +148,6 @@ class BlockExtremes:
     plain: OperatorExtremes
     residual: OperatorExtremes | None
     side: int
-
-
-# ---------------------------------------------------------------- factors in torch
-
-
-def _real_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight @ x`` for a real (a, b) matrix and a complex (b, F, m) batch: one real GEMM."""
-    b, f, m = x.shape
-    product = weight @ torch.view_as_real(x.contiguous()).reshape(b, f * m * 2)
-    return torch.view_as_complex(product.reshape(weight.shape[0], f, m, 2))
-
-
-def _kron_period(matrix: np.ndarray) -> int:
-    """``p`` with ``matrix == kron(small, I_p)`` (a 1x1 convolution brought to a coarser grid), else 1."""
-    rows, cols = matrix.shape
-    for p in (16, 9, 4):
-        if rows % p or cols % p:
-            continue
-        blocks = matrix.reshape(rows // p, p, cols // p, p)
-        if blocks[:, 0, :, 1].any():  # quick rejection of most matrices: an off-diagonal phase pair
-            continue
-        diagonal = blocks[:, np.arange(p), :, np.arange(p)]  # (p, rows/p, cols/p)
-        if not (diagonal == diagonal[0]).all():
-            continue
-        if np.count_nonzero(blocks) == np.count_nonzero(diagonal):  # nothing off the phase diagonal
-            return p
-    return 1
-
-
-class _Shared:
-    """A frequency-independent (rows, cols) matrix, applied in its most compact form.
-
-    A 1x1 convolution on a grid coarser by ``f`` is ``kron(W, I_{f^2})`` in
-    the polyphase channel order (:func:`auditor.analysis.spectra.to_polyphase`):
-    applied as ``W`` on each phase. Otherwise all-zero rows and columns (the
-    phases a stride skips) are dropped.
-    """
-
-    def __init__(self, matrix: np.ndarray, device: torch.device) -> None:
-        self.rows, self.cols = matrix.shape
-        self._dense = matrix  # kept as numpy: the full matrix only where Woodbury needs it
-        self.device = device
-        self.period = _kron_period(matrix)
-        self.row_index = self.col_index = None
-        if self.period > 1:
-            self.small = torch.from_numpy(np.ascontiguousarray(matrix[:: self.period, :: self.period])).to(device)
-            return
-        nonzero = matrix != 0
-        rows, cols = np.flatnonzero(nonzero.any(axis=1)), np.flatnonzero(nonzero.any(axis=0))
-        small = matrix if rows.size == self.rows and cols.size == self.cols else matrix[np.ix_(rows, cols)]
-        self.small = torch.from_numpy(np.ascontiguousarray(small)).to(device)
-        if rows.size < self.rows:
-            self.row_index = torch.from_numpy(rows).to(device)
-        if cols.size < self.cols:
-            self.col_index = torch.from_numpy(cols).to(device)
-
-    @cached_property
-    def _small_single(self) -> torch.Tensor:
-        """``small`` in float32, for the single-precision warm start (see :func:`_warm_start`)."""
-        return self.small.float()
-
-    def _product(self, transpose: bool, x: torch.Tensor, out_rows: int,
-                 take: torch.Tensor | None, put: torch.Tensor | None) -> torch.Tensor:
-        _, f, m = x.shape
-        small = self._small_single if x.dtype == torch.complex64 else self.small
-        small = small.T if transpose else small
-        if self.period > 1:
-            p = self.period
-            y = _real_matmul(small, x.reshape(x.shape[0] // p, p * f, m))
-            return y.reshape(out_rows, f, m)
-        y = _real_matmul(small, x if take is None else x[take])
-        if put is None:
-            return y
-        out = y.new_zeros(out_rows, f, m)
-        out[put] = y
-        return out
-
-    @property
-    def matrix(self) -> torch.Tensor:
-        """The whole (rows, cols) matrix on the device."""
-        return torch.from_numpy(np.ascontiguousarray(self._dense)).to(self.device)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product(False, x, self.rows, self.col_index, self.row_index)
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return self._product(True, y, self.cols, self.row_index, self.col_index)
-
-
-class _Kernel:
-    """The frequency-independent part of one convolution of the block (built once per operator).
-
-    A single tap at offset zero is the same matrix at every frequency
-    (:class:`_Shared`); any other kernel is ``sum_t phase_t(u) K_t`` over its
-    nonzero taps, each tap a :class:`_Shared` (a polyphase tap touches only
-    some input phases).
-    """
-
-    def __init__(self, weight: np.ndarray, padding: tuple[int, int], grid: tuple[int, int],
-                 device: torch.device) -> None:
-        rows, cols, kh, kw = weight.shape
-        dh, dw = tap_offsets(kh, kw, padding)
-        self.rows, self.cols, self.grid = rows, cols, grid
-        taps = weight.reshape(rows, cols, kh * kw).transpose(2, 0, 1)
-        self.shared: _Shared | None = None
-        tap = constant_tap(weight, padding, grid)
-        if tap is not None:
-            self.shared = _Shared(taps[tap], device)
-            return
-        keep = np.flatnonzero(taps.reshape(kh * kw, -1).any(axis=1))
-        self.taps = [_Shared(taps[t], device) for t in keep]
-        self.offsets = (dh[keep], dw[keep])
-        self.device = device
-
-
-class _Factor:
-    """A :class:`_Kernel` at a batch of frequencies, on (channels, F, m) batches."""
-
-    def __init__(self, kernel: _Kernel, u: np.ndarray, v: np.ndarray) -> None:
-        self.kernel, self.shared = kernel, kernel.shared
-        self.rows, self.cols = kernel.rows, kernel.cols
-        if self.shared is None:
-            device = kernel.device
-            self.phases = torch.from_numpy(frequency_phases(u, v, kernel.grid, *kernel.offsets)).to(device)  # (F, T)
-
-    @cached_property
-    def _phases_single(self) -> torch.Tensor:
-        return self.phases.to(torch.complex64)
-
-    def subset(self, rows: torch.Tensor) -> _Factor:
-        """The factor at the frequencies ``rows`` of its batch only."""
-        part = copy.copy(self)
-        if self.shared is None:
-            part.__dict__.pop("_phases_single", None)
-            part.phases = self.phases[rows]
-        return part
-
-    def _phases(self, x: torch.Tensor) -> torch.Tensor:
-        """The (F, T) phases in ``x``'s precision."""
-        return self._phases_single if x.dtype == torch.complex64 else self.phases
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """(cols, F, m) -> (rows, F, m)."""
-        if self.shared is not None:
-            return self.shared.apply(x)
-        out = None
-        phases = self._phases(x)
-        for t, tap in enumerate(self.kernel.taps):
-            term = tap.apply(x) * phases[None, :, t, None]
-            out = term if out is None else out + term
-        return out
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """(rows, F, m) -> (cols, F, m)."""
-        if self.shared is not None:
-            return self.shared.adjoint(y)
-        out = None
-        phases = self._phases(y)
-        for t, tap in enumerate(self.kernel.taps):
-            term = tap.adjoint(y * phases[None, :, t, None].conj())
-            out = term if out is None else out + term
-        return out
-
-    def apply_to_shared(self, z: torch.Tensor, n_freq: int) -> torch.Tensor:
-        """The factor times one real (cols, m) matrix at every frequency: (F, rows, m) complex."""
-        if self.shared is not None:
-            return (self.shared.matrix @ z).to(torch.complex128).expand(n_freq, -1, -1)
-        y = torch.stack([tap.matrix @ z for tap in self.kernel.taps]).to(torch.complex128)
-        return torch.einsum("ft,trm->frm", self.phases, y)
-
-
-class _Kernels:
-    """The kernels of one block operator, plain or residual (built once, used by every chunk)."""
-
-    def __init__(self, block: Any, residual: bool, device: torch.device) -> None:
-        weights = block.weights if residual else block.plain_weights
-        self.chain = [_Kernel(w, p, block.grid, device) for w, p in zip(weights, block.paddings)]
-        self.identity = residual and block.identity_size > 0
-        self.short = None
-        if residual and not self.identity:
-            self.short = _Kernel(block.short_weight, block.short_padding, block.grid, device)
-
-
-class _Operator:
-    """``A(u)`` (residual) or ``W_k(u) ... W_1(u)`` (plain) for a batch of frequencies."""
-
-    def __init__(self, kernels: _Kernels, u: np.ndarray, v: np.ndarray) -> None:
-        self.factors = [_Factor(k, u, v) for k in kernels.chain]
-        self.identity = kernels.identity
-        self.short = None if kernels.short is None else _Factor(kernels.short, u, v)
-        self.rows, self.cols = self.factors[-1].rows, self.factors[0].cols
-        self.n_freq = len(u)
-
-    def subset(self, rows: torch.Tensor) -> _Operator:
-        """The operator at the frequencies ``rows`` of its batch only."""
-        part = copy.copy(self)
-        part.factors = [factor.subset(rows) for factor in self.factors]
-        part.short = None if self.short is None else self.short.subset(rows)
-        part.n_freq = len(rows)
-        return part
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        for factor in self.factors:
-            y = factor.apply(y)
-        if self.identity:
-            return y + x
-        return y if self.short is None else y + self.short.apply(x)
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        x = y
-        for factor in reversed(self.factors):
-            x = factor.adjoint(x)
-        if self.identity:
-            return x + y
-        return x if self.short is None else x + self.short.adjoint(y)
-
-    def gram(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of (F, n) through ``A^H A`` (or ``A A^H`` when A is wide): the smaller side."""
-        column = x.T.unsqueeze(-1)
-        if self.cols <= self.rows:
-            out = self.adjoint(self.apply(column))
-        else:
-            out = self.apply(self.adjoint(column))
-        return out.squeeze(-1).T
-
-
-class _Woodbury:
-    """``A^{-1}`` for ``A = S + L M(u) R`` by the Woodbury identity (square A, S invertible).
-
-    ``K(u) = I + M(u) R S^{-1} L`` has the size of ``M``'s rows (the
-    bottleneck width); one LU per frequency, then every product with
-    ``A^{-1}`` or ``A^{-H}`` costs ``O(n w)``.
-    """
-
-    def __init__(self, op: _Operator, s_lu: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        self.op = op
-        self.first, self.middle, self.last = op.factors[0], op.factors[1:-1], op.factors[-1]
-        self.s_lu = s_lu
-        z = self.first.shared.matrix @ self._s_solve_real(self.last.shared.matrix, adjoint=False)  # R S^{-1} L
-        m = self.middle[0].apply_to_shared(z, op.n_freq).permute(1, 0, 2)  # (rows, F, p)
-        for factor in self.middle[1:]:
-            m = factor.apply(m)
-        k = m.permute(1, 0, 2) + torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-        self.k_lu, self.k_pivots, info = torch.linalg.lu_factor_ex(k)
-        self.singular = info > 0  # (F,): K(u) singular, so is A(u)
-
-    def subset(self, rows: torch.Tensor) -> _Woodbury:
-        """The inverse at the frequencies ``rows`` of its batch only (the LU factors are sliced, not redone)."""
-        part = copy.copy(self)
-        part.op = self.op.subset(rows)
-        part.first, part.middle, part.last = part.op.factors[0], part.op.factors[1:-1], part.op.factors[-1]
-        part.k_lu, part.k_pivots, part.singular = self.k_lu[rows], self.k_pivots[rows], self.singular[rows]
-        if "_single" in self.__dict__:
-            part._single = (self._single[0], self._single[1][rows])
-        return part
-
-    @cached_property
-    def _single(self) -> tuple[Any, Any]:
-        """The LU factors of ``S`` and ``K(u)`` rounded to single precision (warm start only)."""
-        s_lu = None if self.s_lu is None else (self.s_lu[0].float(), self.s_lu[1])
-        return s_lu, self.k_lu.to(torch.complex64)
-
-    def _s_solve_real(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        if self.s_lu is None:
-            return x
-        s_lu = self._single[0] if x.dtype == torch.float32 else self.s_lu
-        return torch.linalg.lu_solve(*s_lu, x, adjoint=adjoint)
-
-    def _s_solve(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """``S^{-1}`` (or ``S^{-H}``) on a complex (n, F, m) batch, S real."""
-        if self.s_lu is None:
-            return x
-        n, f, m = x.shape
-        solved = self._s_solve_real(torch.view_as_real(x.contiguous()).reshape(n, f * m * 2), adjoint)
-        return torch.view_as_complex(solved.reshape(n, f, m, 2).contiguous())
-
-    def _k_solve(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """``K(u)^{-1}`` (or ``^{-H}``) per frequency on (p, F, m)."""
-        k_lu = self._single[1] if x.dtype == torch.complex64 else self.k_lu
-        solved = torch.linalg.lu_solve(k_lu, self.k_pivots, x.permute(1, 0, 2), adjoint=adjoint)
-        return solved.permute(1, 0, 2)
-
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        s = self._s_solve(x, adjoint=False)
-        t = self.first.apply(s)
-        for factor in self.middle:
-            t = factor.apply(t)
-        return s - self._s_solve(self.last.apply(self._k_solve(t, adjoint=False)), adjoint=False)
-
-    def inverse_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        s = self._s_solve(y, adjoint=True)
-        t = self._k_solve(self.last.adjoint(s), adjoint=True)
-        for factor in reversed(self.middle):
-            t = factor.adjoint(t)
-        return s - self._s_solve(self.first.adjoint(t), adjoint=True)
-
-    def inverse_gram(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of (F, n) through ``A^{-H} A^{-1}``: top eigenvalue ``1 / sigma_min(A)^2``."""
-        column = x.T.unsqueeze(-1)
-        return self.inverse_adjoint(self.inverse(column)).squeeze(-1).T
 
 
 def _shortcut_lu(block: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
@@ -711,10 +410,10 @@ def _chunk_largest(op: Any, start: torch.Tensor,
     return math.sqrt(top), bool(unsure.size)
 
 
-def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray, v: np.ndarray, offset: int,
+def _chunk_extremes(block: Any, kernels: BlockKernels, residual: bool, u: np.ndarray, v: np.ndarray, offset: int,
                     need_min: bool, device: torch.device, s_lu: Any) -> _ChunkResult:
     """Extremes over one chunk of frequencies by Lanczos (see the module docstring, steps 2-3)."""
-    op = _Operator(kernels, u, v)
+    op = FrequencyOperator(kernels, u, v)
     # 2. largest: Lanczos on the Gram operator of the smaller side, first in single precision
     #    on every frequency, then in double precision from those Ritz vectors on the
     #    frequencies that may hold the chunk's maximum (its own convergence test decides)
@@ -724,7 +423,7 @@ def _chunk_extremes(block: Any, kernels: _Kernels, residual: bool, u: np.ndarray
     if not need_min:
         return _ChunkResult(top, top_method, math.inf, "")
     # 3. smallest: Woodbury inverse, Lanczos on A^{-H} A^{-1}, pruned in the same way
-    inverse = _Woodbury(op, s_lu)
+    inverse = Woodbury(op, s_lu)
     rows, run = _batch_maximum(inverse.inverse_gram, lambda part: inverse.subset(part).inverse_gram,
                                _start(len(u), op.cols, offset, device, stream=1), keep=inverse.singular)
     rows = rows.cpu().numpy()
@@ -973,7 +672,7 @@ def _operator_extremes(block: Any, residual: bool, plan: _Plan, device: torch.de
             # wider identity blocks: the plain branch alone compressed to w x w (its
             # end factors' QR cores; a stride-1 bottleneck has no polyphase structure to lose)
             block = _with_compressed_ends(block, triangular=True)
-        kernels = _Kernels(block, residual, device)
+        kernels = BlockKernels(block, residual, device)
         # memory per frequency: the Lanczos basis (48 vectors) and K(u) (width^2), complex128
         vector = max(max(w.shape[:2]) for w in block.weights)
         width = max(w.shape[0] for w in block.weights[1:-1]) if len(block.weights) > 2 else 0
