@@ -242,3 +242,16 @@ def test_malformed_configs_seeds_and_documents_are_one_line(tmp_path, capsys, mo
 
     with pytest.raises(CheckpointError, match="nested too deeply"):
         load_json(folder / "config.json")
+
+
+def test_preprocessor_config_with_strings_for_numbers_is_one_line() -> None:
+    import json
+
+    import pytest
+
+    from auditor.io.images import resolve_preprocessing
+    from auditor.models.huggingface import hf_preprocessing
+
+    found = hf_preprocessing({"image_mean": ["a", "b", "c"], "image_std": [1, 1, 1], "size": {"shortest_edge": 32}})
+    with pytest.raises(UsageError, match=r"mean must be 3 numbers \(R, G, B\), got \['a', 'b', 'c'\]"):
+        resolve_preprocessing(checkpoint_metadata={"preprocessing": json.dumps(found)})
