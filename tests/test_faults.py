@@ -515,3 +515,11 @@ def test_audit_cache_is_not_reused_after_images_are_replaced_in_place(tmp_path: 
     again = stage_geometry(subject, open_images(data, subject, per_class=2), cache=cache)
     assert not again.reused and again.store != first.store
     assert again.stages != first.stages  # the angles of the new pixels
+
+
+def test_verify_reports_damaged_counters_instead_of_raising(tmp_path: Path, killed: Path) -> None:
+    _, partial = _partial_after_kill(tmp_path, killed)
+    with h5py.File(partial, "r+") as f:
+        f.attrs["written"] = "many"
+    check = verify_store(partial)
+    assert not check.ok and "'written' or 'num_selected' attribute cannot be read" in check.problems[0].message

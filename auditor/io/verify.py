@@ -212,15 +212,21 @@ def _check_activations(file: Any, check: StoreCheck) -> list[str]:
             check.problem(key, "a required dataset is missing")
     if check.problems:
         return [k for k in ("samples/label",) if k in file]
-    check.complete = bool(attribute_value(attrs["complete"]))
-    written = int(attribute_value(attrs["written"]))
+    try:
+        check.complete = bool(attribute_value(attrs["complete"]))
+        written = int(attribute_value(attrs["written"]))
+        selected = int(attribute_value(attrs["num_selected"]))
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # damaged counters: reported, never raised
+        check.problem("written", f"the 'complete', 'written' or 'num_selected' attribute cannot be read ({exc})")
+        return [k for k in ("samples/label",) if k in file]
     try:
         skipped = json.loads(attribute_value(attrs["skipped"]))
         listed = json.loads(attribute_value(attrs["stages"]))
+        if not isinstance(skipped, list) or not isinstance(listed, list):
+            raise TypeError("not a list")
     except (ValueError, TypeError):
         check.problem("skipped", "the 'skipped' or 'stages' attribute is not valid JSON")
         skipped, listed = [], []
-    selected = int(attribute_value(attrs["num_selected"]))
     if not check.complete:
         refusal = resume_refusal(file)
         if refusal is None:
