@@ -255,3 +255,21 @@ def test_preprocessor_config_with_strings_for_numbers_is_one_line() -> None:
     found = hf_preprocessing({"image_mean": ["a", "b", "c"], "image_std": [1, 1, 1], "size": {"shortest_edge": 32}})
     with pytest.raises(UsageError, match=r"mean must be 3 numbers \(R, G, B\), got \['a', 'b', 'c'\]"):
         resolve_preprocessing(checkpoint_metadata={"preprocessing": json.dumps(found)})
+
+
+def test_no_output_replaces_a_checkpoint_or_store_the_process_read(tmp_path) -> None:
+    """--save-spectra, plots and -o alike: files read as inputs are remembered (device, inode, size, mtime)."""
+    import pytest
+
+    from auditor.errors import OutputError
+    from auditor.io.checkpoint import read_checkpoint
+    from auditor.report.document import write_atomic
+    from conftest import FIXTURES
+
+    model = tmp_path / "m.safetensors"
+    original = (FIXTURES / "resnet8-digits.safetensors").read_bytes()
+    model.write_bytes(original)
+    read_checkpoint(model)
+    with pytest.raises(OutputError, match="it is an input of this run"):
+        write_atomic(model, b"spectra")
+    assert model.read_bytes() == original and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

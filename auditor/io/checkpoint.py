@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .safe_output import note_input
 
 __all__ = ["Checkpoint", "read_checkpoint", "file_sha256"]
 
@@ -220,6 +221,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file", hint="check the checkpoint path")
+    note_input(path)  # no output of this run may replace it (-o, --save-spectra, plots)
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file, not a checkpoint file")
     suffix = path.suffix.lower()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 
-__all__ = ["OutputRefused", "check_output", "safe_output", "open_inputs"]
+__all__ = ["OutputRefused", "check_output", "safe_output", "note_input", "open_inputs"]
 
 
 class OutputRefused(OutputError):
@@ -31,6 +31,21 @@ class OutputRefused(OutputError):
 
     def __init__(self, path: Path, reason: str, hint: str) -> None:
         super().__init__(path, OSError(errno.EEXIST, reason), hint=hint)
+
+
+# (device, inode, size, mtime) of the files this process read as inputs: size and mtime too, so that
+# an inode the file system reuses for another file later does not match
+_READ: set[tuple[int, int, int, int]] = set()
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def note_input(path: str | Path) -> None:
+    """Remember ``path`` as an input of this process (a checkpoint, a store): no output may replace it."""
+    with contextlib.suppress(OSError):
+        _READ.add(_identity(os.stat(path)))
 
 
 def open_inputs() -> set[tuple[int, int]]:
@@ -53,7 +68,8 @@ def check_output(path: str | Path, inputs: Iterable[str | Path] = (), *, make_pa
     path : str or Path
     inputs : iterable of str or Path
         Files the run reads (a checkpoint, a store): the output must not be
-        one of them; neither may it be a regular file this process has open.
+        one of them; neither may it be a file this process read as an input
+        (:func:`note_input`: checkpoints and stores note themselves) or has open.
     make_parents : bool
         Create missing folders (plots in a folder of their own) instead of
         refusing them.
@@ -106,7 +122,7 @@ def check_output(path: str | Path, inputs: Iterable[str | Path] = (), *, make_pa
         with contextlib.suppress(OSError, ValueError):
             other = os.stat(item)
             named.add((other.st_dev, other.st_ino))
-    if key in named or key in open_inputs():
+    if key in named or _identity(info) in _READ or key in open_inputs():
         raise OutputRefused(path, "it is an input of this run", "choose another output path")
     return path
 

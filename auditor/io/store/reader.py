@@ -12,6 +12,7 @@ import numpy as np
 
 from ...errors import StoreError
 from ..integrity import attribute_value, damage_hint, fails_checksum, has_checksums
+from ..safe_output import note_input
 from .encoding import BFloat16Stage
 from .layout import FORMAT, FORMAT_VERSION, rows_digest
 
@@ -147,6 +148,7 @@ def open_store(path: str | Path, *, warn_unverified: bool = True) -> ActivationS
         dataset. Every message names the file and the key.
     """
     path = Path(path)
+    note_input(path)  # no output of this run may replace it
     if not path.is_file():
         partial = path.with_name(path.name + ".partial")
         hint = (
