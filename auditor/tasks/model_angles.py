@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, Remedy, UsageError
 from .runs import natural_key
 
 __all__ = ["STORE_SUFFIXES", "ModelsAngles", "is_store", "models_angles", "model_names"]
@@ -165,7 +165,8 @@ def models_angles(
     checkpoints = [p for p in paths if not is_store(p)]
     if checkpoints and data is None:
         raise UsageError(f"{checkpoints[0]}: a checkpoint needs images to compute its activations",
-                         hint="pass --data DIR (or the name of a data source), or give the store 'resdyn extract' wrote")
+                         hint="pass {remedy} (a folder or the name of a data source), or give the store "
+                         "'resdyn extract' wrote", remedy=Remedy("data", "DIR"))
     chosen = {**(image_options or {}), "classes": tuple(classes) if classes else None, "seed": seed}
     options = dict(center=center, max_pairs=max_pairs, seed=seed, subspace_k=subspace_k)
     models: list[dict[str, Any]] = []
