@@ -46,6 +46,8 @@ class Format(str, Enum):
     table = "table"
     json = "json"
     markdown = "markdown"
+    html = "html"
+    junit = "junit"
 
 
 class Boundary(str, Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -43,9 +43,11 @@ def warn(message: str) -> None:
 def _render_text(renderables: list[RenderableType], width: int = 120) -> str:
     from rich.console import Console
 
+    from ..report.fit import fit_renderables
+
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None, highlight=False)
-    for renderable in renderables:
+    for renderable in fit_renderables(renderables):
         console.print(renderable)
     return buffer.getvalue()
 
@@ -57,8 +59,12 @@ def emit(
     *,
     table: Callable[[Mapping[str, Any]], list[RenderableType]],
     markdown: Callable[[Mapping[str, Any]], str] | None = None,
+    figures: Sequence[Path] = (),
 ) -> None:
-    """Render ``document`` in ``fmt`` to stdout, or atomically to ``output`` (under torchrun: rank 0 only)."""
+    """Render ``document`` in ``fmt`` to stdout, or atomically to ``output`` (under torchrun: rank 0 only).
+
+    ``figures`` (PNG files the run drew) are embedded in the HTML report.
+    """
     from ..distributed import world
     from ..report.document import dumps
 
@@ -75,14 +81,25 @@ def emit(
         if markdown is None:
             raise ValueError("this command has no markdown renderer")
         text = markdown(document)
+    elif fmt is Format.html:
+        from ..report.html import html_report
+
+        text = html_report(document, table(document), figures)
+    elif fmt is Format.junit:
+        from ..report.junit import junit_report
+
+        text = junit_report(document)
     else:
         renderables = table(document)
         if output is None:
             from rich.console import Console
 
-            # Piped output keeps every column readable instead of rich's 80-column default.
-            console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-            for renderable in renderables:
+            from ..report.fit import fit_renderables
+
+            # Tables fit the terminal (or COLUMNS); piped output is 140 wide instead of rich's 80.
+            wide = sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit()
+            console = Console(highlight=False, width=None if wide else 140)
+            for renderable in fit_renderables(renderables):
                 console.print(renderable)
             return
         text = _render_text(renderables)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -9,6 +10,7 @@ import typer
 
 from ..analysis.stability import STABILITY_DEFAULTS
 from ..errors import ExitCode
+from .ci_reports import JunitOpt, StepSummaryOpt, append_step_summary, step_summary_file, write_junit
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
     ArchOpt, BatchOpt, Boundary, BoundaryOpt, CacheOpt, CenterOpt, CheckpointArg, Device, DeviceOpt, DirectionsOpt,
@@ -81,6 +83,8 @@ def audit_command(
     device: DeviceOpt = Device.cpu,
     fmt: FormatOpt = Format.table,
     output: OutputOpt = None,
+    junit: JunitOpt = None,
+    step_summary: StepSummaryOpt = False,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Conditioning, class geometry and stability in one report, with --fail-on rules for CI."""
@@ -90,6 +94,7 @@ def audit_command(
     config_rules, _ = rules_from_config(config)
     rules = [parse_rule(r) for r in [*config_rules, *(fail_on or [])]]  # malformed rules fail before any work
     shape = parse_input_size(input_size)
+    summary_file = step_summary_file(step_summary)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)
     from ..tasks.audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
     from ..report.audit_view import audit_markdown, audit_tables
@@ -119,17 +124,25 @@ def audit_command(
         undefined = separation_warning(report.document["stages"])
         if undefined:
             warn(undefined)
-    if plots is not None:
-        from ..errors import OutputError
+    with tempfile.TemporaryDirectory(prefix="resdyn-figures-") as scratch:
+        written: list[Path] = []
+        if plots is not None:
+            from ..errors import OutputError
 
-        try:
-            written = _plots(plots, report.document)
-        except OutputError as exc:
-            exc.hint = "pass --plots a writable folder with enough free space"
-            raise
-        for path in written:
-            stderr.print(f"wrote {path}")
-    emit(report.document, fmt, output, table=audit_tables, markdown=audit_markdown)
+            try:
+                written = _plots(plots, report.document)
+            except OutputError as exc:
+                exc.hint = "pass --plots a writable folder with enough free space"
+                raise
+            for path in written:
+                stderr.print(f"wrote {path}")
+        elif fmt is Format.html:  # the page embeds the figures even when none are kept
+            written = _plots(Path(scratch), report.document)
+        emit(report.document, fmt, output, table=audit_tables, markdown=audit_markdown, figures=written)
+    if junit is not None:
+        write_junit(report.document, junit)
+    if summary_file is not None:
+        append_step_summary(summary_file, audit_markdown(report.document))
     if not report.passed:
         raise typer.Exit(int(ExitCode.RULE_FAILED))
 

@@ -13,11 +13,12 @@ from .markdown import checkpoint_markdown
 from .nonfinite import INFINITE
 from .stability_view import stability_markdown, stability_tables
 from .tables import fmt_num, header_text
+from .verdict import verdict_headline
 
-__all__ = ["audit_tables", "audit_markdown", "verdict_lines"]
+__all__ = ["audit_tables", "audit_markdown", "verdict_lines", "measured_text"]
 
 
-def _measured(rule: Mapping[str, Any]) -> str:
+def measured_text(rule: Mapping[str, Any]) -> str:
     """A rule's measured value: the number, ``inf (why)`` or ``undefined (why)``."""
     if rule["value"] is not None:
         return fmt_num(rule["value"])
@@ -26,13 +27,18 @@ def _measured(rule: Mapping[str, Any]) -> str:
 
 
 def verdict_lines(doc: Mapping[str, Any]) -> list[Text]:
-    """PASS / FAIL per rule with the measured value."""
+    """PASS / FAIL per rule with the measured value, then the verdict and one line of findings."""
     verdict = doc.get("verdict") or {}
     lines = []
     for rule in verdict.get("rules", []):
-        value = _measured(rule)
+        value = measured_text(rule)
         label, style = ("PASS", "bold green") if rule["passed"] else ("FAIL", "bold red")
         lines.append(Text(f"{label}  {rule['rule']}  (measured {value})", style=style))
+    status, found = verdict_headline(doc)
+    style = {"passed": "bold green", "FAILED": "bold red"}.get(status, "bold yellow")
+    line = Text(f"verdict: {status}", style=style)
+    line.append(f"; findings: {found}", style="")
+    lines.append(line)
     return lines
 
 
@@ -52,8 +58,9 @@ def audit_tables(doc: Mapping[str, Any]) -> list[Any]:
 def audit_markdown(doc: Mapping[str, Any]) -> str:
     """The audit as a Markdown report."""
     verdict = doc.get("verdict") or {}
-    status = "passed" if verdict.get("passed", True) else "**FAILED**"
-    parts = [f"## resdyn audit: {status}\n\n", checkpoint_markdown(doc)]
+    status, found = verdict_headline(doc)
+    status = "**FAILED**" if status == "FAILED" else status
+    parts = [f"## resdyn audit: {status}\n\n**Findings**: {found}\n\n", checkpoint_markdown(doc)]
     if doc.get("data"):
         d = doc["data"]
         parts.append(f"**Data** `{d['root']}`: {sum(d['samples_per_class'].values())} images in {len(d['classes'])} classes\n")
@@ -66,7 +73,7 @@ def audit_markdown(doc: Mapping[str, Any]) -> str:
         parts.append("\n### Verdict\n\n")
         for rule in verdict["rules"]:
             mark = "pass" if rule["passed"] else "**FAIL**"
-            parts.append(f"- {mark} `{rule['rule']}` (measured {_measured(rule)})\n")
+            parts.append(f"- {mark} `{rule['rule']}` (measured {measured_text(rule)})\n")
     for note in doc.get("notes", []):
         parts.append(f"\n> {note}\n")
     return "".join(parts)

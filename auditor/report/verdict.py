@@ -23,7 +23,9 @@ from typing import Any
 from ..errors import UsageError
 from .nonfinite import INFINITE, Measured, aggregate
 
-__all__ = ["Rule", "METRICS", "parse_rule", "measure", "evaluate", "rules_from_config"]
+__all__ = ["Rule", "METRICS", "NO_RULES", "parse_rule", "measure", "evaluate", "findings", "verdict_headline", "rules_from_config"]
+
+NO_RULES = "no rules given"
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -165,11 +167,49 @@ def measure(metric: str, document: Mapping[str, Any]) -> Measured:
     return METRICS[metric].measure(document)
 
 
+def findings(document: Mapping[str, Any]) -> str:
+    """One line of what the report found, whatever the rules: Lemma 1, singular blocks, flips, separation.
+
+    Read from the document's own numbers (``summary``, ``blocks``, ``stability``,
+    ``stages``), so a report written before this line existed shows it too.
+    """
+    parts = []
+    blocks = [b for b in document.get("blocks") or [] if "lemma1_lower_holds" in b]
+    if blocks:
+        residual = [b for b in blocks if b.get("shortcut") != "none"] or blocks
+        lower = sum(1 for b in residual if b.get("lemma1_lower_holds") is False)
+        parts.append(f"{lower} of {len(residual)} residual blocks violate Lemma 1's lower bound")
+        upper = sum(1 for b in residual if b.get("lemma1_upper_holds") is False)
+        if upper:
+            parts.append(f"{upper} of {len(residual)} violate its upper bound")
+        singular = (document.get("summary") or {}).get("singular_block_names") or []
+        if singular:
+            parts.append(f"{len(singular)} singular (kappa infinite)")
+    trajectory = (document.get("stability") or {}).get("trajectory") or {}
+    if trajectory.get("runs"):
+        parts.append(f"predicted class changed in {trajectory.get('flips', 0)} of {trajectory['runs']} perturbed runs")
+    stages = [s for s in document.get("stages") or [] if s.get("separation") is not None]
+    if stages:
+        parts.append(f"classes separate at {sum(1 for s in stages if s['separation'] > 0)} of {len(stages)} stages "
+                     f"(final separation {stages[-1]['separation']:.2f} degrees)")
+    return "; ".join(parts) if parts else "no findings (no section that checks a claim ran)"
+
+
+def verdict_headline(document: Mapping[str, Any]) -> tuple[str, str]:
+    """``(status, findings)``: ``passed``, ``FAILED`` or ``no rules given``, and the findings line."""
+    verdict = document.get("verdict") or {}
+    line = verdict.get("findings") or findings(document)
+    if not verdict.get("rules"):
+        return NO_RULES, line
+    return ("passed" if verdict.get("passed", True) else "FAILED"), line
+
+
 def evaluate(rules: Iterable[Rule], document: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``verdict`` section: every rule with its measured value and pass/fail.
+    """The ``verdict`` section: every rule with its measured value and pass/fail, and the findings line.
 
     An infinite value (a singular block's kappa) is compared as such and written
     ``"value": null`` with ``"infinite": {"value": "inf"}`` and the reason.
+    Without rules the verdict passes and says so (``"note": "no rules given"``).
     """
     results = []
     for rule in rules:
@@ -187,7 +227,11 @@ def evaluate(rules: Iterable[Rule], document: Mapping[str, Any]) -> dict[str, An
         if math.isinf(value):
             result.update(value=None, **{INFINITE: {"value": "inf" if value > 0 else "-inf"}}, reason=why or "infinite")
         results.append(result)
-    return {"passed": all(r["passed"] for r in results), "rules": results}
+    verdict: dict[str, Any] = {"passed": all(r["passed"] for r in results), "rules": results,
+                               "findings": findings(document)}
+    if not results:
+        verdict["note"] = NO_RULES
+    return verdict
 
 
 def rules_from_config(path: Path | None, start: Path | None = None) -> tuple[list[str], Path | None]:
