@@ -530,3 +530,90 @@ def test_all_zero_class_and_separation_none():
     assert r.intra_reason == {"dead": "all 3 samples are zero vectors"}
     assert r.excluded_zero == {"dead": 3} and r.counts == {"dead": 0}
     assert r.separation is None
+
+
+# --------------------------------------------------------------------------- wide rows (blocked)
+
+
+def _blocked(monkeypatch, row_bytes, block_bytes):
+    """Rows held as read, ``row_bytes`` of them at once, float64 blocks of ``block_bytes`` per side."""
+    monkeypatch.setattr(angles_tiling, "_ROW_BYTES", row_bytes)
+    monkeypatch.setattr(angles_tiling, "_BLOCK_BYTES", block_bytes)
+
+
+def _close(a, b, tol):
+    for field in ("intra", "inter", "subspace"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None)
+        for key in x or {}:
+            assert (x[key] is None) == (y[key] is None), (field, key)
+            if x[key] is not None:
+                assert x[key] == pytest.approx(y[key], abs=tol), (field, key)
+    assert (a.counts, a.excluded_zero, a.pairs_sampled, a.subspace_dims) == (
+        b.counts, b.excluded_zero, b.pairs_sampled, b.subspace_dims)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n", "options"),
+    [(np.float32, 50, {}), (np.float16, 60, {}), (np.float32, 50, {"center": True}),
+     (np.float32, 70, {"max_pairs": 40, "seed": 3}), (np.float16, 47, {"subspace_k": 3}),
+     (np.float32, 70, {"center": True, "max_pairs": 25, "subspace_k": 2})],
+)
+def test_blocked_rows_equal_whole_rows_from_a_store(tmp_path, monkeypatch, dtype, n, options):
+    """Stores of several sizes: rows held as read (a few at once, a few columns in float64 at once) give
+    today's medians (whole float64 rows) to rounding, and the loop's to 1e-6 degrees."""
+    x, labels, names = _mixed_set(n=n, shape=(3, 4, 4))
+    x = x.astype(dtype)
+    _write_store(tmp_path / "s.h5", x)
+    whole = median_angles(x, labels, names, **options)
+    _blocked(monkeypatch, 48 * np.dtype(dtype).itemsize * 9, 8 * 5 * 7)  # 9 rows; 7-column blocks
+    tiling = angles_tiling.Tiling.of(n, 1024, 48, np.dtype(dtype).itemsize)
+    assert tiling.blocked and (tiling.panel_rows, tiling.tile_rows, tiling.width) == (6, 3, 5 * 7 // 6)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        blocked = median_angles_h5(f["stages/layer1"], labels, names, **options)
+    _close(blocked, whole, 1e-11)
+    if not options:
+        intra, inter, counts = _loop_reference(x, labels, len(names))
+        _assert_matches(blocked, intra, inter, counts, names)
+
+
+def test_blocked_rows_keep_extreme_float64_scales_and_refuse_non_finite(monkeypatch):
+    x, labels, names = _mixed_set(n=50, shape=(12,))
+    x[0] *= 1e200  # squares overflow float64
+    x[1] *= 1e-200  # squares underflow
+    whole = median_angles(x, labels, names, center=False)
+    _blocked(monkeypatch, 12 * 8 * 6, 8 * 4 * 5)
+    _close(median_angles(x, labels, names), whole, 1e-11)
+    x[[5, 30]] = np.nan
+    with pytest.raises(DataError, match=r"2 of 50 rows .*first: row 5"):
+        median_angles(x, labels, names)
+
+
+def test_wide_rows_are_held_within_the_budget():
+    """ResNet-50's widest stage at 224 px (256 x 56 x 56 float32): rows held <= 1 GiB for any count."""
+    d = 256 * 56 * 56
+    for n in (60, 2000, 5000):
+        t = angles_tiling.Tiling.of(n, 1024, d, 4)
+        assert t.blocked == (n > 60)  # 60 rows: a panel and a tile of float64 rows fit, as before
+        held = (t.panel_rows + t.tile_rows) * d * (4 if t.blocked else 8)
+        assert held <= angles_tiling._ROW_BYTES
+        assert not t.blocked or t.width * 8 * t.panel_rows <= angles_tiling._BLOCK_BYTES
+        assert t.panel_rows >= 60
+    small = angles_tiling.Tiling.of(3000, 1024, 16 * 32 * 32, 4)  # CIFAR stages: whole float64 rows, as ever
+    assert not small.blocked and (small.panel_rows, small.tile_rows) == (1024, 256)
+
+
+def test_a_damaged_chunk_is_named_by_its_rows_as_verify_names_it(tmp_path):
+    x = np.random.default_rng(0).standard_normal((40, 2, 2, 2)).astype(np.float32)
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("stages/layer1", data=x, chunks=(8, 2, 2, 2), fletcher32=True)
+        info = f["stages/layer1"].id.get_chunk_info(3)  # rows 24:32
+    with open(path, "r+b") as stream:
+        stream.seek(info.byte_offset + info.size // 2)
+        stream.write(bytes(range(7, 23)))
+    with h5py.File(path, "r") as f, pytest.raises(StoreError) as caught:
+        median_angles_h5(f["stages/layer1"], np.arange(40) % 2, ["a", "b"])
+    assert "stages/layer1 rows 24:32: the store is damaged, the chunk fails its Fletcher-32 checksum" in str(
+        caught.value)
+    assert "rows 0:" not in str(caught.value)

@@ -31,18 +31,29 @@ accurate to a few ulps at every angle.
 Medians are exact (all pairs) unless ``max_pairs`` is given. The median of an
 even count is the mean of the two middle values (numpy's convention).
 
-Memory: ``8 * D * (block_rows + min(block_rows, 256))`` bytes of tiles, plus
-8 bytes per pair kept for the exact medians (``N * (N - 1) / 2`` pairs in all
-when every pair is kept; bounded by ``max_pairs`` per class pair otherwise),
-plus, with ``subspace_k``, ``8 * sum_c n_c ** 2`` bytes of class Gram matrices
-and ``8 * n_classes * D * subspace_k`` bytes of principal directions. Nothing
-of size ``N * D`` is ever held, so the features may live on disk.
+Memory: the rows held at once, at most ``_ROW_BYTES`` (1 GiB) whatever the
+number of samples (:mod:`.tiling`): ``8 * D * (block_rows + min(block_rows,
+256))`` bytes of float64 unit rows while that fits (every CIFAR-sized stage);
+wider rows (ResNet-50's first stages at 224 px: 802,816 features) are held as
+read (the store's float32 or float16) in a panel and a tile sized to that
+budget, and made float64 a block of columns at a time (two buffers of 32 MiB)
+just before each GEMM, so a Gram tile is a sum of float64 GEMMs over column
+blocks (the same cosines to rounding, about 1e-14 degrees). Plus 8 bytes per
+pair kept for the exact medians (``N * (N - 1) / 2`` pairs in all when every
+pair is kept: 16 MB for 2,000 samples, 100 MB for 5,000; bounded by
+``max_pairs`` per class pair otherwise), plus, with ``subspace_k``, ``8 *
+sum_c n_c ** 2`` bytes of class Gram matrices and ``8 * n_classes * D *
+subspace_k`` bytes of principal directions. Nothing of size ``N * D`` is ever
+held, so the features may live on disk; the price of a bounded panel is the
+reads: the rows after each panel are read once per panel, about ``N ** 2 /
+(2 * panel_rows)`` row reads in all.
 
 The package, one job a module: :mod:`.compute` (the entry points),
 :mod:`.source` (the input, checked and read in order), :mod:`.rows` (rows
 centred and normalised, their validity), :mod:`.tiling` (panels and tiles),
 :mod:`.pairs` (which pairs are kept, the pool of their angles),
-:mod:`.kernels` (norms, GEMMs, accurate angles), :mod:`.gram` (the passes),
+:mod:`.kernels` (norms, GEMMs, accurate angles), :mod:`.products` (Gram tiles
+of whole or blocked rows), :mod:`.gram` (the passes),
 :mod:`.subspaces` (class subspaces), :mod:`.result` (:class:`StageAngles`).
 
 References

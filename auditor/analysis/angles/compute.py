@@ -54,8 +54,10 @@ def median_angles(
     seed : int, default 0
         Seed of the pair sampling.
     block_rows : int, default 1024
-        Rows held in memory at once (the panel); the tile memory is about
-        ``8 * n_features * (block_rows + min(block_rows, 256))`` bytes.
+        Rows held in memory at once (the panel), at most: the tile memory is
+        about ``8 * n_features * (block_rows + min(block_rows, 256))`` bytes
+        while that is within 1 GiB; wider rows are held as read, fewer at a
+        time, within 1 GiB (see the package docstring).
     subspace_k : int, optional
         Also compare class subspaces: the principal subspace of class ``c`` is
         spanned by the top ``k_c = min(subspace_k, rank)`` right singular

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
-from .kernels import degrees, gemm
+from .kernels import degrees
 from .pairs import PairPlan, pair_key, plan_pairs
+from .products import GramProducts
 from .result import StageAngles, stage_angles
 from .rows import LoadedRows, RowLoader
 from .source import RowSource
@@ -54,9 +54,10 @@ class GramRun:
         self.progress = progress
         self.center = center
         self.prescan = center or max_pairs is not None
-        self.tiling = Tiling.of(source.n, block_rows)
+        self.tiling = Tiling.of(source.n, block_rows, source.d, source.hold.itemsize)
         self.label_counts = np.bincount(labels, minlength=n_classes)
-        self.rows = RowLoader(source, labels, self.tiling.panel_rows, self.tiling.tile_rows)
+        self.rows = RowLoader(source, labels, self.tiling)
+        self.products = GramProducts(self.tiling)
         self.done = 0
         panels = len(self.tiling.panels)
         self.total = self.tiling.count_tiles() + (panels if self.prescan else 0)
@@ -157,7 +158,7 @@ class GramRun:
         want &= plan.full[key]
         pairs = plan.tile_pairs.get(tile)
         # 2. One GEMM for the tile, or a sub-GEMM for the sampled pairs only.
-        g = gemm(rows.rows, cols.rows) if want.any() else None
+        g = self.products.gram(rows, cols) if want.any() else None
         if g is not None:
             self._take(plan, g, key, want & ~plan.sampled[key], rows, cols)
             if self.grams is not None:
@@ -172,18 +173,17 @@ class GramRun:
             cos = g[ri, ci]
         else:
             ur, uc = np.unique(ri), np.unique(ci)
-            sub = gemm(rows.rows[torch.from_numpy(ur)], cols.rows[torch.from_numpy(uc)])
+            sub = self.products.gram(rows, cols, ur, uc)
             cos = sub[np.searchsorted(ur, ri), np.searchsorted(uc, ci)]
-        plan.pool.add(pkey, degrees(cos, rows.rows, cols.rows, lambda: (ri, ci)))
+        plan.pool.add(pkey, degrees(cos, rows.unit_rows, cols.unit_rows, lambda: (ri, ci), self.src.d))
 
-    @staticmethod
     def _take(
-        plan: PairPlan, g: np.ndarray, key: np.ndarray, mask: np.ndarray, rows: LoadedRows, cols: LoadedRows
+        self, plan: PairPlan, g: np.ndarray, key: np.ndarray, mask: np.ndarray, rows: LoadedRows, cols: LoadedRows
     ) -> None:
         """Angles of the masked entries of Gram tile ``g`` into the pool."""
         idx = np.flatnonzero(mask)
         if idx.size == 0:
             return
         q = g.shape[1]
-        ang = degrees(g.ravel()[idx], rows.rows, cols.rows, lambda: (idx // q, idx % q))
+        ang = degrees(g.ravel()[idx], rows.unit_rows, cols.unit_rows, lambda: (idx // q, idx % q), self.src.d)
         plan.pool.add(key.ravel()[idx], ang)

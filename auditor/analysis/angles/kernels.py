@@ -7,7 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["row_norms", "degrees", "gemm", "unrank_pairs"]
+__all__ = ["Rows", "row_norms", "degrees", "gemm", "unrank_pairs"]
+
+Rows = Callable[[np.ndarray], torch.Tensor]  # positions -> float64 unit rows
 
 _REFINE_COS = 0.9999  # |cos| above this: recompute the angle with atan2
 _REFINE_ELEMS = 1 << 21  # float64 elements per chunk of atan2 refinement (16 MiB)
@@ -37,13 +39,13 @@ def row_norms(x: np.ndarray) -> np.ndarray:
     return norms
 
 
-def _atan2_degrees(a: torch.Tensor, b: torch.Tensor, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
-    """Angles between unit rows ``a[ia]`` and ``b[ib]`` as ``2 atan2(|a-b|, |a+b|)``."""
+def _atan2_degrees(a: Rows, b: Rows, ia: np.ndarray, ib: np.ndarray, d: int) -> np.ndarray:
+    """Angles between unit rows ``a(ia)`` and ``b(ib)`` as ``2 atan2(|a-b|, |a+b|)``."""
     out = np.empty(ia.size)
-    step = max(1, _REFINE_ELEMS // max(1, a.shape[1]))
+    step = max(1, _REFINE_ELEMS // max(1, d))
     for s in range(0, ia.size, step):
-        ra = a[torch.from_numpy(ia[s:s + step])]
-        rb = b[torch.from_numpy(ib[s:s + step])]
+        ra = a(ia[s:s + step])
+        rb = b(ib[s:s + step])
         diff = torch.linalg.vector_norm(ra - rb, dim=1)
         summ = torch.linalg.vector_norm(ra + rb, dim=1)
         out[s:s + step] = torch.rad2deg(2.0 * torch.atan2(diff, summ)).numpy()
@@ -52,20 +54,22 @@ def _atan2_degrees(a: torch.Tensor, b: torch.Tensor, ia: np.ndarray, ib: np.ndar
 
 def degrees(
     cos: np.ndarray,
-    a: torch.Tensor,
-    b: torch.Tensor,
+    a: Rows,
+    b: Rows,
     ia: Callable[[], tuple[np.ndarray, np.ndarray]],
+    d: int,
 ) -> np.ndarray:
     """Angles in degrees from cosines; near 0 or 180 degrees recomputed by atan2.
 
-    ``ia()`` returns the row indices into ``a`` and ``b`` of every cosine (only
-    called, lazily, when some pair needs the atan2 form).
+    ``a(index)`` and ``b(index)`` give the float64 unit rows (``d`` values) at
+    positions ``index``; ``ia()`` returns the positions in ``a`` and ``b`` of every
+    cosine (only called, lazily, when some pair needs the atan2 form).
     """
     ang = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
     near = np.flatnonzero(np.abs(cos) > _REFINE_COS)
     if near.size:
         ra, rb = ia()
-        ang[near] = _atan2_degrees(a, b, ra[near], rb[near])
+        ang[near] = _atan2_degrees(a, b, ra[near], rb[near], d)
     return ang
 
 

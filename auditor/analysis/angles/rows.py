@@ -11,26 +11,70 @@ import torch
 from ...errors import DataError
 from .kernels import row_norms
 from .source import RowSource
+from .tiling import Tiling
 
 __all__ = ["LoadedRows", "RowLoader"]
+
+_TINY_NORM = 1e-150  # as kernels.row_norms: below (or non-finite above), rescale the row first
 
 
 @dataclass
 class LoadedRows:
-    """Rows ``[start, start + n)``: unit-normalised rows, labels, validity."""
+    """Rows ``[start, start + n)``: their values, labels and validity.
+
+    Whole rows (``norms`` None): ``values`` are the float64 unit rows. Blocked rows:
+    ``values`` are the rows as read, ``mean`` (or None) is subtracted and the row
+    divided by ``scale`` then ``norms`` (1 where invalid) when :meth:`unit` makes a
+    block of columns float64.
+    """
 
     start: int
-    rows: torch.Tensor  # (n, d) float64, unit rows (invalid rows: anything)
+    values: torch.Tensor  # (n, d): float64 unit rows, or the rows as read (blocked)
     labels: np.ndarray  # (n,) int64
     valid: np.ndarray  # (n,) bool
+    norms: torch.Tensor | None = None  # (n,) float64 (blocked)
+    scale: torch.Tensor | None = None  # (n,) float64, rows rescaled before their norm (blocked, rare)
+    mean: torch.Tensor | None = None  # (d,) float64 (blocked, centred)
 
     def sub(self, lo: int, hi: int) -> LoadedRows:
         """Positions ``[lo, hi)`` of these rows."""
-        return LoadedRows(self.start + lo, self.rows[lo:hi], self.labels[lo:hi], self.valid[lo:hi])
+        cut = (lambda t: None if t is None else t[lo:hi])  # noqa: E731
+        return LoadedRows(self.start + lo, self.values[lo:hi], self.labels[lo:hi], self.valid[lo:hi],
+                          cut(self.norms), cut(self.scale), self.mean)
+
+    def unit(self, k0: int, k1: int, index: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float64 unit rows (those at positions ``index``, default all), columns ``[k0, k1)``.
+
+        Whole rows: a view (or a copy of the rows picked). Blocked rows: made into
+        ``out`` (a flat float64 buffer large enough) when given.
+        """
+        if self.norms is None:
+            rows = self.values if index is None else self.values[index]
+            return rows if (k0, k1) == (0, rows.shape[1]) else rows[:, k0:k1]
+        raw = self.values[:, k0:k1] if index is None else self.values[index, k0:k1]
+        norms = self.norms if index is None else self.norms[index]
+        m, w = raw.shape
+        dst = out[: m * w].view(m, w) if out is not None else torch.empty((m, w), dtype=torch.float64)
+        if self.mean is not None:
+            torch.sub(raw, self.mean[k0:k1], out=dst)
+        else:
+            dst.copy_(raw)
+        if self.scale is not None:
+            dst /= (self.scale if index is None else self.scale[index])[:, None]
+        dst /= norms[:, None]
+        return dst
+
+    def unit_rows(self, index: np.ndarray) -> torch.Tensor:
+        """Every column of the float64 unit rows at positions ``index``."""
+        return self.unit(0, self.values.shape[1], torch.from_numpy(np.asarray(index, dtype=np.int64)))
 
 
 class RowLoader:
-    """Reads rows of ``source`` into two reused float64 buffers (a panel, a tile) and keeps their validity.
+    """Reads rows of ``source`` into two reused buffers (a panel, a tile) and keeps their validity.
+
+    Whole rows are read into float64 buffers and normalised in place; blocked rows
+    (``tiling.blocked``) are kept as read and their norms taken a block of columns
+    at a time (see :mod:`.tiling`).
 
     Attributes
     ----------
@@ -47,17 +91,20 @@ class RowLoader:
         ``valid`` before centring (after a pre-scan; None without one).
     """
 
-    def __init__(self, source: RowSource, labels: np.ndarray, panel_rows: int, tile_rows: int) -> None:
+    def __init__(self, source: RowSource, labels: np.ndarray, tiling: Tiling) -> None:
         self.src = source
         self.labels = labels
+        self.tiling = tiling
         self.valid = np.zeros(source.n, dtype=bool)  # filled when rows are first seen
         self.scanned = 0  # rows [0, scanned) have been seen
         self.bad_rows = 0
         self.first_bad = -1
         self.mean: torch.Tensor | None = None
         self.raw_valid: np.ndarray | None = None
-        self._buf_panel = np.empty((panel_rows, source.d))
-        self._buf_tile = np.empty((tile_rows, source.d))
+        dtype = source.hold if tiling.blocked else np.float64
+        self._buf_panel = np.empty((tiling.panel_rows, source.d), dtype)
+        self._buf_tile = np.empty((tiling.tile_rows, source.d), dtype)
+        self._scratch = torch.empty(tiling.panel_rows * tiling.width, dtype=torch.float64) if tiling.blocked else None
 
     def note_rows(self, a: int, b: int, norms: np.ndarray, valid: np.ndarray) -> None:
         """Record validity of rows ``[a, b)`` the first time they are seen."""
@@ -83,9 +130,12 @@ class RowLoader:
         for p0, p1 in panels:
             x = self._buf_panel[:p1 - p0]
             self.src.read_into(p0, p1, x)
-            if center:
-                total += torch.from_numpy(x).sum(dim=0)  # zero rows add nothing
-            norms = row_norms(x)
+            if self.tiling.blocked:
+                norms, _ = self._blocked_norms(torch.from_numpy(x), None, total if center else None)
+            else:
+                if center:
+                    total += torch.from_numpy(x).sum(dim=0)  # zero rows add nothing
+                norms = row_norms(x)
             self.note_rows(p0, p1, norms, norms > 0)
             tick()
         if self.bad_rows:
@@ -102,17 +152,57 @@ class RowLoader:
         x = (self._buf_tile if tile else self._buf_panel)[:b - a]
         self.src.read_into(a, b, x)
         t = torch.from_numpy(x)
-        if self.mean is not None:
-            t -= self.mean
-        norms = row_norms(x)
+        scale = None
+        if self.tiling.blocked:
+            norms, scale = self._blocked_norms(t, self.mean, None)
+        else:
+            if self.mean is not None:
+                t -= self.mean
+            norms = row_norms(x)
         valid = norms > 0  # False for NaN too
         if self.raw_valid is not None:
             valid &= self.raw_valid[a:b]
-        t /= torch.from_numpy(np.where(valid, norms, 1.0))[:, None]
+        divisor = torch.from_numpy(np.where(valid, norms, 1.0))
+        if not self.tiling.blocked:
+            t /= divisor[:, None]
         if a >= self.scanned:
             if a != self.scanned:  # pragma: no cover - the passes read in order
                 raise RuntimeError("rows must be seen in order")
             self.note_rows(a, b, norms, valid)
         else:
             valid &= self.valid[a:b]
-        return LoadedRows(a, t, self.labels[a:b], valid)
+        if not self.tiling.blocked:
+            return LoadedRows(a, t, self.labels[a:b], valid)
+        return LoadedRows(a, t, self.labels[a:b], valid, divisor, scale, self.mean)
+
+    def _blocked_norms(
+        self, raw: torch.Tensor, mean: torch.Tensor | None, total: torch.Tensor | None,
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Norms of the (centred) rows ``raw``, a block of columns at a time; column sums into ``total``.
+
+        Returns the norms (NaN for rows with NaN or inf) and, when some row's squares
+        under- or overflow float64 (float64 input only), the factor each row is divided
+        by before its norm (None when no row needs one).
+        """
+        n = raw.shape[0]
+        squares = torch.zeros(n, dtype=torch.float64)
+        rows = LoadedRows(0, raw, self.labels[:0], self.valid[:0], torch.ones(n, dtype=torch.float64), None, mean)
+        for k0, k1 in self.tiling.column_blocks():
+            block = rows.unit(k0, k1, out=self._scratch)
+            if total is not None:
+                total[k0:k1] += block.sum(dim=0)  # zero rows add nothing
+            squares += block.square_().sum(dim=1)
+        norms = squares.sqrt_().numpy().copy()
+        scale = None
+        for i in np.flatnonzero(~np.isfinite(norms) | (norms < _TINY_NORM)):
+            row = rows.unit_rows(np.array([i]))[0].numpy()  # one row, float64
+            top = np.abs(row).max() if np.isfinite(row).all() else np.nan
+            if not np.isfinite(top):
+                norms[i] = np.nan
+            elif top == 0.0:
+                norms[i] = 0.0
+            else:  # divide by the largest magnitude first: the direction is unchanged
+                scale = torch.ones(n, dtype=torch.float64) if scale is None else scale
+                scale[i] = top
+                norms[i] = np.linalg.norm(row / top)
+        return norms, scale

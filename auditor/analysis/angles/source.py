@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,10 +15,11 @@ from ...io.integrity import damage_hint, fails_checksum
 __all__ = ["RowSource", "rows_of", "check_dtype", "check_names", "check_labels", "check_options"]
 
 _READ_BYTES = 8 << 20  # bytes per read from a lazy source (8 MiB)
+_HOLD = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # dtypes kept as read
 
 
 class RowSource:
-    """Rows ``[a, b)`` of a 2-D or higher array-like, flattened, into float64 buffers."""
+    """Rows ``[a, b)`` of a 2-D or higher array-like, flattened, into float64 buffers or buffers of :attr:`hold`."""
 
     def __init__(self, data: Any, shape: tuple[int, ...], dtype: np.dtype | None) -> None:
         self.data = data
@@ -28,15 +29,27 @@ class RowSource:
         self.dtype = dtype
         chunk = getattr(data, "chunks", None)
         per_chunk = int(chunk[0]) if chunk else 1
+        self.per_chunk = per_chunk if chunk else None
         itemsize = dtype.itemsize if dtype is not None else 8
         rows = max(1, _READ_BYTES // max(1, self.d * itemsize))
         self.read_rows = max(per_chunk, rows // per_chunk * per_chunk)
         self._stage: np.ndarray | None = None
 
+    @property
+    def hold(self) -> np.dtype:
+        """The dtype that holds rows as read without losing a bit: float16, float32 or float64."""
+        if self.dtype is not None and self.dtype in _HOLD:
+            return self.dtype
+        return np.dtype(np.float64)
+
     def read_into(self, a: int, b: int, out: np.ndarray) -> None:
-        """Fill ``out`` (float64, shape ``(b - a, d)``) with rows ``a:b``."""
+        """Fill ``out`` (float64 or :attr:`hold`, shape ``(b - a, d)``) with rows ``a:b``."""
         if isinstance(self.data, np.ndarray):
             out[...] = self.data[a:b].reshape(b - a, self.d)
+            return
+        if out.dtype == self.dtype and hasattr(self.data, "read_direct"):
+            # Rows kept as read: straight from the file into the buffer.
+            self._guarded(a, b, lambda: self.data.read_direct(out.reshape(b - a, *self.shape[1:]), np.s_[a:b]))
             return
         # Lazy sources: read in sample order, a few MiB at a time.
         for s in range(a, b, self.read_rows):
@@ -44,26 +57,15 @@ class RowSource:
             out[s - a:e - a] = self._read(s, e).reshape(e - s, self.d)
 
     def _read(self, s: int, e: int) -> np.ndarray:
-        try:
+        def read() -> Any:
             if hasattr(self.data, "read_direct") and self.dtype is not None:
                 if self._stage is None:
                     self._stage = np.empty((self.read_rows, *self.shape[1:]), self.dtype)
                 self.data.read_direct(self._stage, np.s_[s:e], np.s_[0:e - s])
                 return self._stage[:e - s]
-            block = self.data[s:e]
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            where = getattr(getattr(self.data, "file", None), "filename", None)
-            name = getattr(self.data, "name", None) or type(self.data).__name__
-            place = f"{where}: {name!r}" if where else repr(name)
-            if fails_checksum(self.data, exc):
-                raise StoreError(
-                    f"{place}: the store is damaged, rows {s}:{e} fail their Fletcher-32 checksum",
-                    hint=damage_hint(where or "STORE"),
-                ) from exc
-            raise StoreError(
-                f"{place}: cannot read rows {s}:{e}: {exc}",
-                hint="the store may be truncated or being written; re-run the extraction",
-            ) from exc
+            return self.data[s:e]
+
+        block = self._guarded(s, e, read)
         if isinstance(block, torch.Tensor):
             block = block.detach().cpu().numpy()
         block = np.asarray(block)
@@ -74,6 +76,42 @@ class RowSource:
             )
         check_dtype(block.dtype, self.shape)
         return block
+
+    def _guarded(self, s: int, e: int, read: Callable[[], Any]) -> Any:
+        """``read()`` of rows ``s:e``; a failure is a :class:`StoreError` naming the file, the key and the rows."""
+        try:
+            return read()
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            where = getattr(getattr(self.data, "file", None), "filename", None)
+            name = getattr(self.data, "name", None) or type(self.data).__name__
+            key = str(name).lstrip("/")
+            place = f"{where}: {key}" if where else key
+            if fails_checksum(self.data, exc):
+                c0, c1 = self._damaged_chunk(s, e)
+                raise StoreError(
+                    f"{place} rows {c0}:{c1}: the store is damaged, the chunk fails its Fletcher-32 checksum",
+                    hint=damage_hint(where or "STORE"),
+                ) from exc
+            raise StoreError(
+                f"{place} rows {s}:{e}: cannot be read: {exc}",
+                hint="the store may be truncated or being written; re-run the extraction",
+            ) from exc
+
+    def _damaged_chunk(self, s: int, e: int) -> tuple[int, int]:
+        """The rows of the first chunk in ``[s, e)`` that fails its read (``s, e`` when none alone does).
+
+        Chunk boundaries, as ``resdyn verify`` names them, so that both name the same rows.
+        """
+        per = self.per_chunk
+        if not per:
+            return s, e
+        for c0 in range(s - s % per, e, per):
+            c1 = min(c0 + per, self.n)
+            try:
+                self.data[c0:c1]
+            except (OSError, RuntimeError, KeyError, ValueError):
+                return c0, c1
+        return s, e
 
 
 def rows_of(features: Any) -> RowSource:

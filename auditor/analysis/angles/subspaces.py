@@ -87,7 +87,9 @@ class ClassGrams:
             for c in np.unique(rows.labels[rows.valid]):
                 pos = np.flatnonzero(rows.valid & (rows.labels == c))
                 w = torch.from_numpy(np.ascontiguousarray(coef[c][self.local[p0 + pos]]))
-                basis[c] += rows.rows[torch.from_numpy(pos)].T @ w
+                pick = torch.from_numpy(pos)
+                for k0, k1 in loader.tiling.column_blocks():  # one block unless the rows are wide
+                    basis[c][k0:k1] += rows.unit(k0, k1, pick).T @ w
             tick()
         # 3. Principal angles per class pair, median in degrees.
         angles: dict[tuple[int, int], float | None] = {}

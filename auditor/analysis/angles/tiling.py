@@ -1,4 +1,18 @@
-"""How the rows are cut: panels held in memory, tiles streamed against them, each tile numbered in order."""
+"""How the rows are cut: panels held in memory, tiles streamed against them, each tile numbered in order.
+
+Two ways to hold rows, chosen by their width (:meth:`Tiling.of`):
+
+- *whole*: the float64 unit rows of a panel and of a tile fit in ``_ROW_BYTES``;
+  each is made once, when read, and a tile of the Gram matrix is one GEMM;
+- *blocked* (wide rows, e.g. ResNet-50's first stage at 224 px, 802,816
+  features): the rows are held as read (the store's float32 or float16, 2 to 4
+  times smaller than float64) and as few as fit in ``_ROW_BYTES`` (a panel twice
+  the tile); a Gram tile is a sum of float64 GEMMs over blocks of ``width``
+  columns, each block made float64, centred and normalised just before its GEMM
+  (two buffers of ``_BLOCK_BYTES``).
+
+Either way the memory of the rows is bounded whatever the number of samples.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +23,51 @@ import numpy as np
 __all__ = ["Tiling"]
 
 _TILE_ROWS = 256  # rows of a streamed tile and of an in-panel strip
+_ROW_BYTES = 1 << 30  # rows held at once (a panel and a tile): 1 GiB
+_BLOCK_BYTES = 32 << 20  # float64 columns made at once, per side of a GEMM (blocked rows)
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """Panels of ``panel_rows`` rows, and tiles of ``tile_rows`` rows, over ``n`` rows.
+    """Panels of ``panel_rows`` rows, and tiles of ``tile_rows`` rows, over ``n`` rows of ``d`` values.
 
     For each panel, in order: its strips of ``tile_rows`` rows against the rest of the
     panel (the upper triangle), then the tiles of the rows after it. The tiles are
-    numbered in that order, which is the order of the Gram pass.
+    numbered in that order, which is the order of the Gram pass. ``blocked`` rows are
+    held as read and made float64 ``width`` columns at a time (module docstring).
     """
 
     n: int
     panel_rows: int
     tile_rows: int
     panels: tuple[tuple[int, int], ...]
+    d: int = 1
+    blocked: bool = False
+    width: int = 1
 
     @classmethod
-    def of(cls, n: int, block_rows: int) -> Tiling:
-        """The tiling of ``n`` rows with panels of at most ``block_rows`` rows."""
+    def of(cls, n: int, block_rows: int, d: int = 1, itemsize: int = 8) -> Tiling:
+        """The tiling of ``n`` rows of ``d`` values (held as ``itemsize`` bytes when blocked).
+
+        Panels have at most ``block_rows`` rows; fewer when rows are so wide that a
+        panel and a tile of float64 rows would pass ``_ROW_BYTES``.
+        """
+        d = max(1, int(d))
         panel_rows = min(int(block_rows), n)
         tile_rows = min(panel_rows, _TILE_ROWS)
-        return cls(n, panel_rows, tile_rows, tuple((p, min(p + panel_rows, n)) for p in range(0, n, panel_rows)))
+        blocked = 8 * d * (panel_rows + tile_rows) > _ROW_BYTES
+        width = d
+        if blocked:
+            fit = max(2, _ROW_BYTES // (d * int(itemsize)))  # rows held at once, as read
+            panel_rows = min(panel_rows, max(1, 2 * fit // 3))
+            tile_rows = min(panel_rows, _TILE_ROWS, max(1, fit - panel_rows))
+            width = min(d, max(1, _BLOCK_BYTES // (8 * panel_rows)))
+        panels = tuple((p, min(p + panel_rows, n)) for p in range(0, n, panel_rows))
+        return cls(n, panel_rows, tile_rows, panels, d, blocked, width)
+
+    def column_blocks(self) -> list[tuple[int, int]]:
+        """The columns ``[k0, k1)`` made float64 at once (one block of every column unless blocked)."""
+        return [(k, min(k + self.width, self.d)) for k in range(0, self.d, self.width)]
 
     def count_tiles(self) -> int:
         """Tiles in all (strips and streamed tiles)."""

@@ -1,0 +1,44 @@
+"""Gram tiles of loaded rows: one float64 GEMM of whole unit rows, or a sum over blocks of columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .kernels import gemm
+from .rows import LoadedRows
+from .tiling import Tiling
+
+__all__ = ["GramProducts"]
+
+
+class GramProducts:
+    """``a @ b.T`` of unit rows, in float64, for the tiling's rows (see :mod:`.tiling`).
+
+    Whole rows: one GEMM (:func:`~.kernels.gemm`). Blocked rows: for every block of
+    columns, both sides are made float64 unit rows in two reused buffers of
+    ``panel_rows * width`` values and multiplied into one accumulated tile.
+    """
+
+    def __init__(self, tiling: Tiling) -> None:
+        self.tiling = tiling
+        size = tiling.panel_rows * tiling.width if tiling.blocked else 0
+        self._left = torch.empty(size, dtype=torch.float64)
+        self._right = torch.empty(size, dtype=torch.float64)
+
+    def gram(
+        self, a: LoadedRows, b: LoadedRows, ia: np.ndarray | None = None, ib: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Cosines between the rows of ``a`` (at positions ``ia``, default all) and of ``b`` (``ib``)."""
+        pick_a = None if ia is None else torch.from_numpy(np.asarray(ia, dtype=np.int64))
+        pick_b = None if ib is None else torch.from_numpy(np.asarray(ib, dtype=np.int64))
+        if not self.tiling.blocked:
+            return gemm(a.unit(0, self.tiling.d, pick_a), b.unit(0, self.tiling.d, pick_b))
+        rows = a.values.shape[0] if ia is None else len(ia)
+        cols = b.values.shape[0] if ib is None else len(ib)
+        out = torch.zeros((rows, cols), dtype=torch.float64)
+        for k0, k1 in self.tiling.column_blocks():
+            left = a.unit(k0, k1, pick_a, out=self._left)
+            right = b.unit(k0, k1, pick_b, out=self._right)
+            out.addmm_(left, right.T)
+        return out.numpy()
