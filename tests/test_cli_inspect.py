@@ -37,6 +37,7 @@ def test_inspect_table_and_input_size(tiny_checkpoint: Path, capsys) -> None:
 
 def test_inspect_output_file_is_atomic(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     target = tmp_path / "out" / "report.json"
+    target.parent.mkdir()  # -o creates no folder (#26)
     code, out, _ = run_cli(["inspect", tiny_checkpoint, "--format", "json", "-o", target], capsys)
     assert code == 0 and out == ""
     assert json.loads(target.read_text())["checkpoint"]["arch"] == "resnet8"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from auditor.report.document import validate
 from conftest import FIXTURES, run_cli, run_json
 
 CKPT = FIXTURES / "resnet8-digits.safetensors"
@@ -116,11 +117,16 @@ def test_audit_bad_input_is_one_line_exit_2(args, message, tmp_path: Path, capsy
 
 
 @pytest.mark.slow
-def test_markdown_and_plots(tmp_path: Path, capsys) -> None:
+def test_markdown_and_plots(tmp_path: Path, capsys, monkeypatch) -> None:
     plots = tmp_path / "plots"
-    code, out, err = run_cli(["audit", CKPT, "--data", DIGITS, *SMALL, "--format", "markdown", "--plots", plots], capsys)
+    summary, junit = tmp_path / "summary.md", tmp_path / "junit.xml"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code, out, err = run_cli(["audit", CKPT, "--data", DIGITS, *SMALL, "--format", "markdown", "--plots", plots,
+                              "--junit", junit, "--step-summary"], capsys)
     assert code == 0, err
-    assert out.startswith("## resdyn audit: passed")
+    assert out.startswith("## resdyn audit: no rules given\n\n**Findings**: 3 of 3 residual blocks violate")
+    assert summary.read_text() == out  # the job summary is the Markdown report
+    assert 'name="no rules given"' in junit.read_text() and f"wrote {junit}" in err
     assert "### Class geometry" in out and "| block |" in out
     for name in ("conditioning.png", "angles.png", "error-trajectory.png"):
         data = (plots / name).read_bytes()
@@ -181,8 +187,15 @@ def test_angles_refuses_files_that_are_not_stores(tmp_path: Path, capsys) -> Non
 @pytest.mark.slow
 def test_stability_command_json_and_plot(tmp_path: Path, capsys) -> None:
     plot = tmp_path / "error.png"
-    doc = run_json(["stability", CKPT, "--data", DIGITS, "--samples", "4", "--directions", "2",
-                    "--power-iterations", "2", "--plot", plot], capsys)
+    code, out, warning = run_cli(["stability", CKPT, "--data", DIGITS, "--samples", "4", "--directions", "2",
+                                  "--power-iterations", "2", "--plot", plot, "--preset", "none", "--format", "json"],
+                                 capsys)
+    assert code == 0, warning
+    doc = json.loads(out)
+    validate(doc)
+    # the preset drops the checkpoint's own normalization: one warning names both
+    assert warning.count("warning:") == 1 and "preset none (option) replaces the normalization" in warning
+    assert "resnet8-digits.safetensors was trained with (mean [0.3058, 0.3058, 0.3058]" in warning
     blocks = doc["stability"]["blocks"]
     assert [b["name"] for b in blocks] == ["layer1.0", "layer2.0", "layer3.0"]
     for block in blocks:

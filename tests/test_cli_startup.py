@@ -80,10 +80,19 @@ def test_help_needs_no_heavy_import(args: list[str]) -> None:
         (["audit", str(FIXTURES / "resnet8-digits.safetensors"), "--mean", "1,2"], "--mean '1,2'"),
         (["condition", str(FIXTURES / "resnet8-digits.safetensors"), "--boundary", "zero", "--save-spectra", "s.h5"],
          "--save-spectra needs --boundary circular"),
+        # value errors that need no torch (#24): refused as fast as usage errors
+        (["audit", str(FIXTURES / "resnet8-digits.safetensors"), "--eps", "2"], "--eps': 2 is outside (0, 1)"),
+        (["stability", str(FIXTURES / "resnet8-digits.safetensors"), "--data", str(FIXTURES / "digits"), "--eps", "0"],
+         "0 is outside (0, 1)"),
+        (["audit", str(FIXTURES / "resnet8-digits.safetensors"), "--data", "no-such-source"],
+         "no data source has that name"),
+        (["stability", str(FIXTURES / "resnet8-digits.safetensors"), "--data", "no-such-source"],
+         "no data source has that name"),
+        (["audit", str(FIXTURES / "resnet8-digits.safetensors"), "--step-summary"], "GITHUB_STEP_SUMMARY is not set"),
     ],
 )
 def test_usage_errors_come_before_any_heavy_import(args: list[str], message: str) -> None:
-    code, heavy, _, err = _child(args)
+    code, heavy, _, err = _child(args, GITHUB_STEP_SUMMARY="")
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("resdyn: error:") and message in lines[0], err

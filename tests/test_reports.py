@@ -287,3 +287,76 @@ def test_html_renders_in_headless_chromium(page: Path, tmp_path: Path) -> None:
     colours = image.getcolors(maxcolors=1 << 20) or []
     assert len(colours) > 50  # text, table borders and the verdict's colour: not a blank page
     assert (255, 235, 233) in {colour for _, colour in colours}  # the failed verdict's box: the inline CSS applied
+
+
+# -- 6. metrics, 9. manual pages, 11. archs, 12. a closed pipe
+
+
+def test_metrics_one_line_each_in_help_and_command(capsys) -> None:
+    from auditor.report.verdict import METRICS
+
+    code, out, _ = run_cli(["metrics"], capsys)
+    assert code == 0 and len(out.splitlines()) == len(METRICS)
+    for line, (name, metric) in zip(out.splitlines(), METRICS.items()):
+        assert line.startswith(name) and line.endswith(metric.help)
+    code, out, _ = run_cli(["metrics", "--format", "json"], capsys)
+    assert [entry["metric"] for entry in json.loads(out)] == list(METRICS)
+    code, out, _ = run_cli(["audit", "--help"], capsys)
+    assert "Metrics: see README" not in out
+    for name, metric in METRICS.items():  # unwrapped: the name and its meaning on one line
+        assert re.search(rf"^\s*{name}\s+{re.escape(metric.help)}$", out, re.MULTILINE), name
+
+
+def test_man_pages_ship_with_the_program(capsys) -> None:
+    code, out, _ = run_cli(["man", "audit"], capsys)
+    assert code == 0 and out.startswith("RESDYN-AUDIT(1)") and "\\f" not in out and "\\-" not in out
+    assert "EXIT STATUS" in out and "--step-summary" in out and "max_kappa_linear_residual" in out
+    code, out, _ = run_cli(["man", "data", "--roff"], capsys)
+    assert code == 0 and out.startswith(".TH RESDYN\\-DATA 1")
+    code, out, err = run_cli(["man", "nosuch"], capsys)
+    assert code == 2 and out == "" and "no manual page for 'nosuch'" in err and "audit" in err
+    from auditor.cli import data
+
+    assert "'resdyn man data'" in Path(data.__file__).read_text()  # the hint cites what pip installs
+
+
+def test_archs_groups_families_in_natural_order(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # every row on one line
+    code, out, _ = run_cli(["archs"], capsys)
+    assert code == 0 and "…" not in out
+    text = " ".join(out.replace("│", " ").split())
+    assert "resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202" in text
+    assert "each also _nobn, _optb, _plain, _optb_nobn, _plain_nobn" in text
+    assert "resnet110_nobn" not in out  # variants are named once per row, every name is in --format json
+
+
+@pytest.mark.parametrize("args", [["metrics"], ["archs"]])
+def test_a_closed_pipe_exits_0(args: list[str]) -> None:
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "auditor", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader is gone before the first write (as `| head` after its lines)
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 0 and err == b""
+
+
+# -- 7. a preset that drops the checkpoint's normalization
+
+
+def test_a_preset_replacing_the_checkpoints_normalization_is_named(audit_doc: dict[str, Any]) -> None:
+    from auditor.report.normalization import dropped_normalization
+
+    doc = copy.deepcopy(audit_doc)
+    doc["checkpoint"]["metadata"]["preprocessing"] = json.dumps({"size": 32, "mean": [0.3058] * 3, "std": [0.3237] * 3})
+    doc["data"]["preprocessing"] = {"size": 32, "resize": None, "mean": [0.3058] * 3, "std": [0.3237] * 3}
+    doc["data"]["preprocessing_source"] = {"mean": "checkpoint metadata", "std": "checkpoint metadata"}
+    assert dropped_normalization(doc) is None
+    doc["data"]["preprocessing"].update(mean=None, std=None)
+    doc["data"]["preprocessing_source"] = {"mean": "preset none (data source 'digits')", "std": "same"}
+    line = dropped_normalization(doc)
+    assert line is not None and line.startswith("preset none (data source 'digits') replaces the normalization "
+                                                "fixtures/resnet8-digits.safetensors was trained with (mean [0.3058")
+    doc["data"]["preprocessing_source"] = {"mean": "option", "std": "option"}  # --mean/--std typed: a choice
+    assert dropped_normalization(doc) is None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import typer
 
 from ..errors import AuditorError, ExitCode, Remedy
-from . import angles, audit, compare, condition, data, extract, stability, trajectory, verify
+from . import angles, audit, compare, condition, data, extract, reference, stability, trajectory, verify
 from .inspect import archs_command, inspect_command
 
 __all__ = ["app", "main"]
@@ -29,7 +29,7 @@ def _register() -> None:
     """Every command, in the order of ``resdyn --help``; each module's ``register`` adds its own."""
     app.command("inspect")(inspect_command)
     app.command("archs")(archs_command)
-    for module in (condition, extract, angles, trajectory, stability, audit, compare, verify, data):
+    for module in (condition, extract, angles, trajectory, stability, audit, compare, verify, data, reference):
         module.register(app)
 
 
@@ -193,8 +193,12 @@ def _run(argv: list[str] | None, debug: bool, fail: Callable[..., int] = _fail) 
     except KeyboardInterrupt:
         print("resdyn: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader closed the pipe (``| head``): it has what it wanted
         return int(ExitCode.OK)
+    except SystemExit as exc:  # click and rich end with exit(1) when a write meets the closed pipe
+        if isinstance(exc.__context__, BrokenPipeError):
+            return int(ExitCode.OK)
+        raise
     except Exception as exc:  # an internal error: still one line and exit 2
         if debug:
             raise
@@ -203,8 +207,17 @@ def _run(argv: list[str] | None, debug: bool, fail: Callable[..., int] = _fail) 
 
 
 def main() -> None:
-    """Console entry point (owns the process: applies the process-wide settings)."""
+    """Console entry point (owns the process: applies the process-wide settings).
+
+    A reader that closes the pipe early (``resdyn archs | head``) is not an error: exit 0, as
+    ``cat`` and ``ls`` do (see :func:`_run`); the output still buffered is dropped.
+    """
     from ..runtime import keep_freed_memory
 
     keep_freed_memory()
-    sys.exit(run(sys.argv[1:]))
+    code = run(sys.argv[1:])
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader is gone: Python's own flush at exit must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)

@@ -36,6 +36,7 @@ __all__ = [
     "Precision",
     "PrecisionOpt",
     "split_list",
+    "check_data_early",
     "resolve_device",
 ]
 
@@ -167,7 +168,15 @@ BoundaryOpt = Annotated[
         "operator by an iterative method (CIFAR-sized inputs).",
     ),
 ]
-EpsOpt = Annotated[float, typer.Option("--eps", help="Relative perturbation size ||d|| / ||x||, in (0, 1).")]
+def _open_unit_interval(value: float) -> float:
+    """``--eps`` must lie in (0, 1): checked while parsing, before torch loads (as every usage error)."""
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"{value:g} is outside (0, 1). Hint: a relative perturbation such as 1e-3")
+    return value
+
+
+EpsOpt = Annotated[float, typer.Option("--eps", help="Relative perturbation size ||d|| / ||x||, in (0, 1).",
+                                       callback=_open_unit_interval)]
 DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded random directions per sample.")]
 SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
 PowerOpt = Annotated[
@@ -185,6 +194,15 @@ def resolve_device(device: Device) -> str:
     from ..tasks.extract import resolve_device as resolve
 
     return str(resolve(device.value))
+
+
+def check_data_early(data: Path | None) -> None:
+    """Refuse a ``--data`` that is neither a path nor a declared source before torch loads (the source is
+    looked up again, the same way, when the images are opened)."""
+    if data is not None:
+        from ..io.data_sources import resolve_data_source
+
+        resolve_data_source(data)
 
 
 def split_list(text: str | None) -> list[str] | None:

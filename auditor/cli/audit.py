@@ -10,12 +10,13 @@ import typer
 
 from ..analysis.stability import STABILITY_DEFAULTS
 from ..errors import ExitCode
+from .reference import metrics_help
 from .ci_reports import JunitOpt, StepSummaryOpt, append_step_summary, step_summary_file, write_junit
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
     ArchOpt, BatchOpt, Boundary, BoundaryOpt, CacheOpt, CenterOpt, CheckpointArg, Device, DeviceOpt, DirectionsOpt,
     EpsOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoFoldOpt, NoProgressOpt, OutputOpt, PowerOpt, Precision,
-    PrecisionOpt, SamplesOpt, StagesOpt, SubspaceOpt, resolve_device, split_list,
+    PrecisionOpt, SamplesOpt, StagesOpt, SubspaceOpt, check_data_early, resolve_device, split_list,
 )
 
 __all__ = ["register"]
@@ -28,7 +29,8 @@ OptionalDataOpt = Annotated[
 FailOnOpt = Annotated[
     Optional[list[str]],
     typer.Option("--fail-on", help="Rule METRIC OP NUMBER, e.g. 'max_kappa_linear_residual>1e4' (repeatable); "
-                 "exit 1 when one holds. Metrics: see README."),
+                 "exit 1 when one holds (OP: > >= < <= == !=). The metrics (also `resdyn metrics`):"
+                 + metrics_help()),
 ]
 ConfigOpt = Annotated[
     Optional[Path],
@@ -95,6 +97,7 @@ def audit_command(
     rules = [parse_rule(r) for r in [*config_rules, *(fail_on or [])]]  # malformed rules fail before any work
     shape = parse_input_size(input_size)
     summary_file = step_summary_file(step_summary)
+    check_data_early(data)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)
     from ..tasks.audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
     from ..report.audit_view import audit_markdown, audit_tables
@@ -111,8 +114,12 @@ def audit_command(
             update(done, total)
 
         report = audit(checkpoint, data=data, rules=rules, options=options, progress=progress)
+    from ..report.normalization import dropped_normalization
     from ._output import warn
 
+    dropped = dropped_normalization(report.document)
+    if dropped:
+        warn(dropped)
     skipped = report.document.get("data", {}).get("skipped")
     if skipped:  # in every format, on stderr (the report lists them too)
         from ..tasks.images import skipped_message

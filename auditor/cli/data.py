@@ -84,7 +84,7 @@ def data_command(fmt: FormatOpt = Format.table, output: OutputOpt = None, folder
     sources, file = load_data_sources(folder)
     if file is None:
         raise UsageError("no data sources: neither ./resdyn.toml has [data.NAME] tables nor ./pyproject.toml "
-                         "[tool.resdyn.data.NAME]", hint="declare one with path = \"folder\" (see 'man resdyn-data')")
+                         "[tool.resdyn.data.NAME]", hint="declare one with path = \"folder\" (see 'resdyn man data')")
     document = data_document(file, [_describe(source) for source in sources.values()])
     emit(document, fmt, output, table=_table, markdown=_markdown)
     broken = [e for e in document["sources"] if not e["ok"]]

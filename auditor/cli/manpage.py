@@ -44,6 +44,9 @@ _EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "stability": [("Perturbation growth per block:", "resdyn stability model.safetensors --data images/ --eps 1e-3")],
     "audit": [("Everything, with a rule:", "resdyn audit model.safetensors --data images/ --fail-on 'lemma1_lower_violations>0'")],
     "compare": [("Two reports side by side:", "resdyn compare bn.json nobn.json")],
+    "metrics": [("The metrics of --fail-on rules, as JSON:", "resdyn metrics --format json")],
+    "man": [("This page's command as plain text:", "resdyn man man"),
+            ("Install a page where man(1) finds it:", "resdyn man audit --roff > ~/.local/share/man/man1/resdyn-audit.1")],
 }
 
 
@@ -71,7 +74,10 @@ def _param_lines(param: Any) -> list[str]:
         help_text += f" [default: {value}]"
     if isinstance(default, Enum):
         help_text += " [choices: " + ", ".join(str(c.value) for c in type(default)) + "]"
-    lines.append(_escape(help_text))
+    paragraph, marked, block = help_text.partition("\n\n\b\n")  # click's mark: lines kept as written
+    lines.append(_escape(paragraph))
+    for line in block.splitlines() if marked else []:
+        lines += [".br", _escape(line)]
     return lines
 
 

@@ -10,7 +10,7 @@ from ..analysis.stability import STABILITY_DEFAULTS
 from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
 from ._options import (
     ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, DirectionsOpt, EpsOpt, Format, FormatOpt, InputSizeOpt,
-    NoProgressOpt, OutputOpt, PlotOpt, PowerOpt, Precision, PrecisionOpt, SamplesOpt, resolve_device,
+    NoProgressOpt, OutputOpt, PlotOpt, PowerOpt, Precision, PrecisionOpt, SamplesOpt, check_data_early, resolve_device,
 )
 
 __all__ = ["register"]
@@ -59,6 +59,7 @@ def stability_command(
 
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
+    check_data_early(data)
     from ..tasks.stability import check_stability_options
 
     check_stability_options(eps=eps, directions=directions, samples=samples, dtype=dtype.value)
@@ -80,12 +81,17 @@ def stability_command(
     if result.skipped:
         warn(skipped_message(images.dataset.root, result.skipped))
     document = result.to_document()
+    from ..report.normalization import dropped_normalization
+
+    dropped = dropped_normalization(document)
+    if dropped:
+        warn(dropped)
     if plot is not None:
         from ..report.plots import plot_error_trajectory
 
         plot_error_trajectory(document["stability"]["trajectory"]["points"], eps, plot,
                               title=f"Perturbation through {subject.loaded.arch} (eps={eps:g})")
-    emit(document, fmt, output, table=_tables, markdown=_markdown)
+    emit(document, fmt, output, table=_tables, markdown=_markdown, figures=[plot] if plot is not None else [])
 
 
 def register(app: typer.Typer) -> None:

@@ -82,7 +82,10 @@ def table_html(table: Table) -> str:
     for cells, row in zip(table_cells(table), table.rows):
         group = sum(1 for cell in cells if _plain(cell)) == 1 and _style_class(getattr(cells[0], "style", "")) == "group"
         css = "group" if group else _style_class(row.style)
-        body = "".join(f"<td{_attr(j)}>{html.escape(_plain(cell).strip())}</td>" for j, cell in zip(justify, cells))
+        if group:  # a stage's heading row: one cell across the table
+            body = f'<td colspan="{len(cells)}">{html.escape(_plain(cells[0]).strip())}</td>'
+        else:
+            body = "".join(f"<td{_attr(j)}>{html.escape(_plain(cell).strip())}</td>" for j, cell in zip(justify, cells))
         rows.append(f"<tr{_attr(css)}>{body}</tr>")
     caption = f"<caption>{html.escape(_plain(table.title))}</caption>" if table.title else ""
     return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
