@@ -386,3 +386,37 @@ def test_buffer_sets_never_outnumber_the_batches(tmp_path: Path, monkeypatch: py
     assert made == [sets]
     with open_store(tmp_path / "acts.h5") as store:
         assert len(store.paths) == 6
+
+
+# --------------------------------------------------------------------------- disk space (#27)
+
+
+@pytest.mark.parametrize(("size", "counts", "dtype"), [(32, {"a": 12, "b": 12}, "float32"),
+                                                        (16, {"a": 30, "b": 20}, "float16")])
+def test_store_size_is_estimated_within_ten_percent(tmp_path: Path, size: int, counts: dict, dtype: str) -> None:
+    _make_folder(tmp_path / "img", counts, size=size)
+    dataset = ImageDataset(select_samples(scan_image_folder(tmp_path / "img")), PRESETS["none"])
+    result = _extract(_InPlace(), dataset, tmp_path / "s.h5", dtype=dtype)
+    written = (tmp_path / "s.h5").stat().st_size
+    assert abs(result.estimated_bytes - written) <= 0.1 * written, (result.estimated_bytes, written)
+
+
+def test_a_folder_without_room_is_refused_before_the_first_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from auditor.errors import OutputError
+    from auditor.tasks import store_space
+    from conftest import run_cli
+
+    asked = []
+    monkeypatch.setattr(store_space, "free_bytes", lambda folder: asked.append(folder) or 1000)
+    dataset = _tiny_dataset(tmp_path / "img")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputError, match=r"no room for the activation store: about .* for 6 images, 1.0 kB free"):
+        _extract(_InPlace(), dataset, tmp_path / "out" / "s.h5")
+    assert asked == [tmp_path / "out"] and list((tmp_path / "out").iterdir()) == []  # nothing written, no lock
+    # The audit's scratch store: one line, exit 2, naming --cache.
+    code, out, err = run_cli(["audit", REPO / "fixtures" / "resnet8-digits.safetensors", "--data",
+                              REPO / "fixtures" / "digits", "--per-class", "2", "--no-progress"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert "no room for the activation store" in lines[0] and "Hint:" in lines[0] and "--cache" in lines[0]

@@ -40,6 +40,7 @@ from ..io.images import ImageDataset, collate_images, make_loader
 from ..io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
 from ..models.anatomy import Anatomy, StageSpec
 from .bounds import check_memory, extract_bytes
+from .store_space import check_store_space
 
 __all__ = ["ExtractResult", "extract_activations", "resolve_device", "resolve_stages"]
 
@@ -67,6 +68,8 @@ class ExtractResult:
         Samples an earlier, interrupted run had already handled (0: fresh).
     device : str
         Where the forward pass ran.
+    estimated_bytes : int
+        The store's size as estimated before the first image (0 on ranks other than 0).
     """
 
     path: Path
@@ -76,6 +79,7 @@ class ExtractResult:
     seconds: float
     resumed_from: int
     device: str
+    estimated_bytes: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -359,6 +363,9 @@ def extract_activations(
     StoreError
         Existing output, a concurrent writer, an unfinished file with other
         provenance, NaN / inf activations, float16 overflow.
+    OutputError
+        The output's folder has less free space than the store's estimated size
+        (checked before the first image), or a write failed.
     ArchitectureError
         A stage the forward pass does not reach, or of another shape.
     """
@@ -405,6 +412,7 @@ def extract_activations(
         return _extract_ranks(model, specs, dataset, out_path, header, overwrite=overwrite, device=target,
                               batch_size=batch_size, workers=workers, strict=strict, progress=progress,
                               started=started)
+    estimate = check_store_space(out_path, header)  # before the first image
     with StoreWriter(out_path, header, overwrite=overwrite) as writer:
         resumed_from = writer.consumed
         if progress is not None:
@@ -418,7 +426,7 @@ def extract_activations(
         progress(total, total)
     return ExtractResult(
         path, written, tuple(s.name for s in specs), skipped,
-        time.perf_counter() - started, resumed_from, str(target),
+        time.perf_counter() - started, resumed_from, str(target), estimate,
     )
 
 
@@ -506,8 +514,11 @@ def _extract_ranks(
     total = len(dataset)
     writer: StoreWriter | None = None
 
+    estimate = 0
+
     def open_writer() -> int:
-        nonlocal writer
+        nonlocal writer, estimate
+        estimate = check_store_space(out_path, header)  # before the first image
         writer = StoreWriter(out_path, header, overwrite=overwrite)
         return writer.consumed
 
@@ -572,5 +583,5 @@ def _extract_ranks(
         progress(total, total)
     return ExtractResult(
         Path(path), written, tuple(s.name for s in specs), skipped,
-        time.perf_counter() - started, resumed_from, str(device),
+        time.perf_counter() - started, resumed_from, str(device), estimate,
     )

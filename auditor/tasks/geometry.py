@@ -6,6 +6,7 @@ activations of a checkpoint on an image folder, then calls it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 
 from .. import distributed
 from ..analysis.angles import StageAngles, median_angles, median_angles_h5
-from ..errors import DataError, StoreError
+from ..errors import DataError, OutputError, Remedy, StoreError
 from ..io.fingerprint import files_fingerprint
 from ..io.scratch import scratch_folder
 from ..io.store import ActivationStore
@@ -291,6 +292,12 @@ def stage_geometry(
             except (StoreBusyError, StoreExistsError):  # another process sharing the cache writes it:
                 wait_for_writer(path)  # wait, then reuse (or resume) its store (under torchrun: RankError, refused)
                 continue
+            except OutputError as exc:  # no room (estimated up front, or a write that failed): say where else
+                if getattr(exc.cause, "errno", None) == errno.ENOSPC:
+                    exc.hint = ("free some space, or pass {remedy} a folder with room for the activation store"
+                                + ("" if cache is not None else " (or set TMPDIR to one)"))
+                    exc.remedy = Remedy("cache", None)
+                raise
             skipped = result.skipped
             break
 
