@@ -40,7 +40,9 @@ def test_audit_json_has_every_section(audit_doc: dict) -> None:
     assert [b["name"] for b in audit_doc["blocks"]] == ["layer1.0", "layer2.0", "layer3.0"]
     assert [s["name"] for s in audit_doc["stages"]] == ["stem", "layer1", "layer2", "layer3", "penultimate"]
     assert len(audit_doc["stability"]["blocks"]) == 3
-    assert audit_doc["verdict"] == {"passed": True, "rules": []}
+    assert audit_doc["verdict"] == {"passed": True, "rules": [], "note": "no rules given",
+                                    "findings": audit_doc["verdict"]["findings"]}
+    assert audit_doc["verdict"]["findings"].startswith("3 of 3 residual blocks violate Lemma 1's lower bound; ")
     for block in audit_doc["blocks"]:
         assert block["kappa_paper_residual"] <= block["kappa_paper_plain"]
 
