@@ -131,6 +131,9 @@ def audit_command(
         undefined = separation_warning(report.document["stages"])
         if undefined:
             warn(undefined)
+    from ..distributed import world
+
+    speaks = world().is_main  # under torchrun rank 0 alone writes (emit checks it too)
     with tempfile.TemporaryDirectory(prefix="resdyn-figures-") as scratch:
         written: list[Path] = []
         if plots is not None:
@@ -143,12 +146,12 @@ def audit_command(
                 raise
             for path in written:
                 stderr.print(f"wrote {path}")
-        elif fmt is Format.html:  # the page embeds the figures even when none are kept
+        elif fmt is Format.html and speaks:  # the page embeds the figures even when none are kept
             written = _plots(Path(scratch), report.document)
         emit(report.document, fmt, output, table=audit_tables, markdown=audit_markdown, figures=written)
-    if junit is not None:
+    if junit is not None and speaks:
         write_junit(report.document, junit)
-    if summary_file is not None:
+    if summary_file is not None and speaks:
         append_step_summary(summary_file, audit_markdown(report.document))
     if not report.passed:
         raise typer.Exit(int(ExitCode.RULE_FAILED))
