@@ -3,8 +3,7 @@
 :class:`ConvOperator` (a 2-D convolution with its stride, padding, groups and per-channel
 factors on a (C, H, W) input), the two parameter-free shortcuts (:class:`IdentityShortcut`,
 :class:`OptionAShortcut`), :class:`Extremes` (a largest and smallest singular value and how
-they were found), :func:`linear_operator` (a Linear layer as a 1x1 convolution) and the boundary
-models (:data:`BOUNDARIES`, :func:`check_boundary`). No numerics: :mod:`.spectra`,
+they were found), :func:`linear_operator` (a Linear layer as a 1x1 convolution). No numerics: :mod:`.spectra`,
 :mod:`.block_algebra` and :mod:`.conditioning` compute on them.
 """
 
@@ -15,20 +14,10 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, UsageError
+from ..errors import InputError
 
-__all__ = ["ConvOperator", "OptionAShortcut", "IdentityShortcut", "Extremes", "linear_operator", "BOUNDARIES",
-           "check_boundary", "pair_of_ints", "shape_of_map"]
-
-# The boundary models of a convolution: periodic (the FFT's) or the zero padding torch applies.
-BOUNDARIES = ("circular", "zero")
-
-
-def check_boundary(boundary: str) -> None:
-    """Refuse a boundary that is not one of :data:`BOUNDARIES` (a :class:`UsageError`)."""
-    if boundary not in BOUNDARIES:
-        raise UsageError(f"boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
-
+__all__ = ["ConvOperator", "OptionAShortcut", "IdentityShortcut", "Extremes", "linear_operator", "pair_of_ints",
+           "shape_of_map"]
 
 def pair_of_ints(value: Any, what: str) -> tuple[int, int]:
     if isinstance(value, str):

@@ -54,12 +54,12 @@ from .batched import (
     worker_count,
 )
 from .frequencies import frequency_phases, half_plane, kernel_symbols
+from .boundary import check_boundary
 from .operators import (
     ConvOperator,
     Extremes,
     IdentityShortcut,
     OptionAShortcut,
-    check_boundary,
     linear_operator,
     pair_of_ints,
 )

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..analysis.boundary import BOUNDARIES
+
 __all__ = [
     "Format",
     "Device",
@@ -51,11 +53,9 @@ class Format(str, Enum):
     junit = "junit"
 
 
-class Boundary(str, Enum):
-    """Boundary model of the convolution operator."""
-
-    circular = "circular"
-    zero = "zero"
+# --boundary's choices, from the library's one list of boundary models
+Boundary = Enum("Boundary", {name: name for name in BOUNDARIES}, type=str)  # type: ignore[misc]
+Boundary.__doc__ = "Boundary model of the convolution operator."
 
 
 class Precision(str, Enum):
