@@ -15,7 +15,7 @@ from conftest import CHECKPOINTS, ROOT, needs_shared, run_cli, run_json
 
 def test_inspect_json(tiny_checkpoint: Path, capsys) -> None:
     doc = run_json(["inspect", tiny_checkpoint], capsys)
-    assert doc["schema_version"] == "1"
+    assert doc["schema_version"] == "2"
     assert doc["checkpoint"]["arch"] == "resnet8"
     assert doc["checkpoint"]["arch_source"] == "metadata"
     from auditor.models.cifar_resnet import cifar_resnet

@@ -326,7 +326,7 @@ def test_save_spectra_on_a_full_disk_leaves_nothing(tmp_path: Path, capsys, monk
         (lambda d: {"tool": "resdyn", "schema_version": "1"}, "not a resdyn report"),
         (lambda d: [d], "not a resdyn report"),
         (lambda d: {**d, "tool": None}, "not a resdyn report"),
-        (lambda d: {**d, "schema_version": "2"}, "schema_version '2' is not supported"),
+        (lambda d: {**d, "schema_version": "3"}, "schema_version '3' is not supported"),
         (lambda d: {**d, "blocks": [1]}, "at blocks/0"),
         (lambda d: {**d, "blocks": [{**d["blocks"][0], "kappa_linear_residual": "big"}]}, "at blocks/0/kappa_linear_residual"),
         (lambda d: {k: v for k, v in d.items() if k != "command"}, "'command' is a required property"),
@@ -344,6 +344,18 @@ def test_compare_refuses_json_that_is_not_a_report(damage, message, tmp_path: Pa
         lines = err.strip().splitlines()
         assert len(lines) == 1 and str(bad) in lines[0] and message in lines[0], err
         assert "internal error" not in err
+
+
+def test_compare_reads_a_baseline_written_under_schema_version_1(tmp_path: Path, capsys) -> None:
+    """A CI baseline from before version 2 (only trajectory's series changed) still compares."""
+    new = tmp_path / "new.json"
+    code, _, err = run_cli(["condition", CKPT, "--format", "json", "-o", new, "--no-progress"], capsys)
+    assert code == 0, err
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**json.loads(new.read_text()), "schema_version": "1"}))
+    code, out, err = run_cli(["compare", old, new, "--format", "json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["command"] == "compare"
 
 
 @pytest.fixture

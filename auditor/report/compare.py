@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .document import SCHEMA_VERSION
+from .document import READABLE_VERSIONS
 from .nonfinite import INFINITE, Measured, entry_value, put
 from .verdict import METRICS, Rule
 
@@ -28,8 +28,9 @@ def load_report(path: Path) -> dict[str, Any]:
     if not isinstance(tool, dict) or tool.get("name") != "resdyn":
         raise InputError(f"{path}: not a resdyn report", hint="pass JSON reports written by resdyn")
     version = str(document.get("schema_version", ""))
-    if version.split(".")[0] != SCHEMA_VERSION:
-        raise InputError(f"{path}: schema_version {version!r} is not supported (this resdyn reads {SCHEMA_VERSION})")
+    if version.split(".")[0] not in READABLE_VERSIONS:
+        raise InputError(f"{path}: schema_version {version!r} is not supported "
+                         f"(this resdyn reads {', '.join(READABLE_VERSIONS)})")
     _check_finite(path, document)
     _check_schema(path, document)
     return document

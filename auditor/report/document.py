@@ -22,9 +22,12 @@ from ..io.safe_output import safe_output
 if TYPE_CHECKING:
     from ..subject import Subject
 
-__all__ = ["SCHEMA_VERSION", "tool_info", "report_header", "json_safe", "dumps", "atomic_output", "write_atomic", "validate"]
+__all__ = ["SCHEMA_VERSION", "READABLE_VERSIONS", "tool_info", "report_header", "json_safe", "dumps", "atomic_output", "write_atomic", "validate"]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Versions whose audit, condition and stability sections this resdyn still reads (compare): 2 changed
+# only trajectory's ``series`` (one entry per run) and added fields elsewhere.
+READABLE_VERSIONS = ("1", "2")
 
 
 def tool_info() -> dict[str, str]:
