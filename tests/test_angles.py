@@ -556,8 +556,8 @@ def _close(a, b, tol):
 @pytest.mark.parametrize(
     ("dtype", "n", "options"),
     [(np.float32, 50, {}), (np.float16, 60, {}), (np.float32, 50, {"center": True}),
-     (np.float32, 70, {"max_pairs": 40, "seed": 3}), (np.float16, 47, {"subspace_k": 3}),
-     (np.float32, 70, {"center": True, "max_pairs": 25, "subspace_k": 2})],
+     (np.float32, 50, {"max_pairs": 40, "seed": 3}), (np.float16, 47, {"subspace_k": 3}),
+     (np.float32, 50, {"center": True, "max_pairs": 25, "subspace_k": 2})],
 )
 def test_blocked_rows_equal_whole_rows_from_a_store(tmp_path, monkeypatch, dtype, n, options):
     """Stores of several sizes: rows held as read (a few at once, a few columns in float64 at once) give
