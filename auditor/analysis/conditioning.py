@@ -43,6 +43,7 @@ __all__ = [
     "BlockConditioning",
     "block_singular_values",
     "condition_block",
+    "FoundExtremes",
 ]
 
 # Relative slack of the Lemma 1 checks: both sides are computed in float64 to
@@ -272,6 +273,7 @@ def condition_block(
     shortcut_kind: str | None = None,
     layer_extremes: Sequence[tuple[float, float]] | None = None,
     full_spectra: bool = False,
+    extremes: FoundExtremes | None = None,
 ) -> BlockConditioning:
     """Paper and exact condition numbers of one block, and Lemma 1 checked.
 
@@ -293,6 +295,11 @@ def condition_block(
         reference, :func:`block_singular_values`) instead of computing only the
         extremes (:func:`auditor.analysis.block_extremes.block_extremes`: the
         same values, far less work on wide blocks).
+    extremes : FoundExtremes, optional
+        The block operators' extremes found elsewhere (the zero-padded
+        operators of :mod:`auditor.analysis.zero_block_extremes`); a ``sigma_min``
+        of NaN is unknown (its reason in ``unconverged``): its kappa is None and
+        Lemma 1's lower check None.
 
     Returns
     -------
@@ -355,7 +362,7 @@ def condition_block(
         reasons["kappa_paper_plain"] = singular_layer
     # 2. the block operator, exact per frequency
     use_shortcut = shortcut is not None and kind != "other"
-    found = _block_operator_extremes(convs, shortcut if use_shortcut else None, full_spectra)
+    found = extremes or _block_operator_extremes(convs, shortcut if use_shortcut else None, full_spectra)
     sigma_plain = found.plain
     kappa_linear_plain, why = _kappa(*sigma_plain, big_m, found.side, "the plain branch")
     if found.unconverged.get("plain"):
@@ -384,15 +391,25 @@ def condition_block(
         kappa_linear_residual, why = None, found.unconverged["residual"]
     if why:
         reasons["kappa_linear_residual"] = why
+    lower_holds = None if math.isnan(sigma_residual[1]) else bool(sigma_residual[1] >= lower * (1 - LEMMA_RTOL))
+    if lower_holds is None:
+        reasons["lemma1_lower_holds"] = found.unconverged.get("residual", "sigma_min unknown")
     return BlockConditioning(
         name, stage, kind, sigma, kappa_paper_residual, kappa_paper_plain, kappa_linear_residual, kappa_linear_plain,
         sigma_residual, sigma_plain,
-        bool(sigma_residual[0] <= upper * (1 + LEMMA_RTOL)), bool(sigma_residual[1] >= lower * (1 - LEMMA_RTOL)),
+        bool(sigma_residual[0] <= upper * (1 + LEMMA_RTOL)), lower_holds,
         (lower, upper), (s_max, s_min), reasons, found.methods,
     )
 
 
-class _FoundExtremes(NamedTuple):
+class FoundExtremes(NamedTuple):
+    """``(sigma_max, sigma_min)`` of the plain and residual operators, and how they were found.
+
+    ``side`` is the larger matrix dimension (the singularity threshold),
+    ``methods`` the ``linear_method`` entries, ``unconverged`` the reason of
+    each operator (``plain``, ``residual``) whose kappa is not known.
+    """
+
     plain: tuple[float, float]
     residual: tuple[float, float] | None
     side: int
@@ -400,13 +417,13 @@ class _FoundExtremes(NamedTuple):
     unconverged: dict[str, str]
 
 
-def _block_operator_extremes(convs: Sequence[ConvOperator], shortcut: Shortcut, full_spectra: bool) -> _FoundExtremes:
+def _block_operator_extremes(convs: Sequence[ConvOperator], shortcut: Shortcut, full_spectra: bool) -> FoundExtremes:
     """(sigma_max, sigma_min) of the plain and residual operators: fast extremes, or the full spectra."""
     if full_spectra:
         spectra = block_spectra(convs, shortcut)
         residual = spectra.extremes(residual=True) if shortcut is not None else None
         methods = {"plain": "full-spectrum", **({"residual": "full-spectrum"} if shortcut is not None else {})}
-        return _FoundExtremes(spectra.extremes(residual=False), residual, spectra.side, methods, {})
+        return FoundExtremes(spectra.extremes(residual=False), residual, spectra.side, methods, {})
     found = block_extremes(convs, shortcut, device=convs[0].weight.device)
     methods, unconverged = {"plain": found.plain.method}, {}
     parts = [("plain", found.plain)] + ([("residual", found.residual)] if found.residual is not None else [])
@@ -415,4 +432,4 @@ def _block_operator_extremes(convs: Sequence[ConvOperator], shortcut: Shortcut, 
         if not part.converged:
             unconverged[key] = f"the {key} operator's extreme singular values did not converge ({part.method})"
     residual = None if found.residual is None else (found.residual.sigma_max, found.residual.sigma_min)
-    return _FoundExtremes((found.plain.sigma_max, found.plain.sigma_min), residual, found.side, methods, unconverged)
+    return FoundExtremes((found.plain.sigma_max, found.plain.sigma_min), residual, found.side, methods, unconverged)

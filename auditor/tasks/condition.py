@@ -7,6 +7,7 @@ model's modules (folding eval-mode BatchNorm as a per-channel scale unless
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import statistics
@@ -21,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import distributed
-from ..analysis.conditioning import BlockConditioning, condition_block
+from ..analysis.conditioning import BlockConditioning, FoundExtremes, condition_block
 from ..analysis.pooled_projection import pooled_projection
 from ..analysis.spectra import (
     ConvOperator,
@@ -30,6 +31,12 @@ from ..analysis.spectra import (
     conv_extreme_singular_values,
     conv_singular_values,
     linear_operator,
+)
+from ..analysis.zero_block_extremes import (
+    DEFAULT_MAX_ITERATIONS,
+    ZeroBlockExtremes,
+    ZeroOperatorExtremes,
+    zero_block_extremes,
 )
 from ..errors import ArchitectureError, UsageError
 from ..models.anatomy import BlockInfo, ConvInfo, LayerInfo
@@ -62,6 +69,7 @@ class LayerSpectrum:
     converged: bool = True
     kappa_reason: str | None = None
     singular_values: np.ndarray | None = field(default=None, repr=False, compare=False)
+    boundary: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe entry of the ``layers`` section."""
@@ -78,6 +86,8 @@ class LayerSpectrum:
         }
         if self.kappa_reason:
             entry["kappa_reason"] = self.kappa_reason
+        if self.boundary is not None:  # written for the zero boundary (circular reports stay as they were)
+            entry["boundary"] = self.boundary
         return entry
 
 
@@ -91,6 +101,7 @@ class ConditionReport:
     blocks: tuple[BlockConditioning, ...]
     block_info: tuple[BlockInfo, ...]
     subject: Subject | None = field(default=None, repr=False, compare=False)
+    block_extras: tuple[dict[str, Any], ...] = ()
 
     def to_document(self) -> dict[str, Any]:
         """The ``condition`` report (JSON contract of ``resdyn condition``); needs ``subject``."""
@@ -148,6 +159,8 @@ class ConditionReport:
         out["worst_block"] = worst
         if INFINITE in out:  # after the kappas, as the blocks' entries have it
             out[INFINITE] = out.pop(INFINITE)
+        if self.boundary != "circular":
+            out["boundary"] = self.boundary
         return out
 
     def block_entries(self) -> list[dict[str, Any]]:
@@ -157,6 +170,8 @@ class ConditionReport:
             entry = {"name": info.name, "stage": info.stage, "shortcut": info.shortcut}
             entry.update({k: v for k, v in conditioning_entry(cond).items() if k not in ("name", "stage")})
             entry["linearization"] = linearization_entries(info)
+            if self.block_extras:
+                entry.update(self.block_extras[len(entries)])
             entries.append(entry)
         return entries
 
@@ -388,8 +403,65 @@ def _layer_spectrum(
         kappa, reason = None, "not finite"
     return LayerSpectrum(
         layer.name, layer.kind, layer.input_shape, sigma_max, sigma_min, kappa, method, bn,
-        converged, reason, values if keep else None,
+        converged, reason, values if keep else None, None if boundary == "circular" else boundary,
     )
+
+
+# ---------------------------------------------------------------- zero-padded blocks
+
+
+def _zero_part(part: ZeroOperatorExtremes) -> tuple[tuple[float, float], str | None]:
+    """``(sigma_max, sigma_min)`` (NaN where only an interval is known) and why a kappa is unknown."""
+    if part.sigma_min is None:
+        return (part.sigma_max, math.nan), part.reason or "sigma_min not certified"
+    if not part.max_converged:
+        return (part.sigma_max, part.sigma_min), part.reason or "sigma_max did not converge"
+    return (part.sigma_max, part.sigma_min), None
+
+
+def zero_found(found: ZeroBlockExtremes) -> FoundExtremes:
+    """The zero-padded extremes as :func:`auditor.analysis.conditioning.condition_block` takes them.
+
+    Parameters
+    ----------
+    found : ZeroBlockExtremes
+        From :func:`auditor.analysis.zero_block_extremes.zero_block_extremes`.
+
+    Returns
+    -------
+    FoundExtremes
+        An interval's ``sigma_min`` is NaN and its operator's reason is in ``unconverged``.
+    """
+    parts = [("plain", found.plain)] + ([("residual", found.residual)] if found.residual is not None else [])
+    values, methods, unconverged = {}, {}, {}
+    for key, part in parts:
+        values[key], why = _zero_part(part)
+        methods[key] = f"zero: {part.method}"
+        if why:
+            unconverged[key] = why
+    return FoundExtremes(values["plain"], values.get("residual"), found.side, methods, unconverged)
+
+
+def _zero_extras(found: ZeroBlockExtremes, cond: BlockConditioning) -> tuple[dict[str, Any], bool | None]:
+    """A block entry's zero-boundary fields: the boundary, and each interval with its kappa interval.
+
+    Returns the fields and Lemma 1's lower check decided by the interval where it can be
+    (``lower >= prod m_i + s_min``: holds; ``upper <`` it: violated; else None).
+    """
+    extras: dict[str, Any] = {"boundary": "zero"}
+    holds = cond.lemma1_lower_holds
+    for key, part in (("plain", found.plain), ("residual", found.residual)):
+        if part is None or part.sigma_min is not None:
+            continue
+        low, high = part.sigma_min_interval
+        extras[f"sigma_min_interval_{key}"] = [low, high]
+        extras[f"kappa_linear_{key}_interval"] = [
+            part.sigma_max / high if high > 0 else None, part.sigma_max / low if low > 0 else None,
+        ]
+        if key == "residual" and cond.lemma1_bounds is not None:
+            bound = cond.lemma1_bounds[0] * (1 - 1e-9)
+            holds = True if low >= bound else (False if high < bound else None)
+    return extras, holds
 
 
 def block_operators(
@@ -463,6 +535,7 @@ def condition(
     progress: Progress | None = None,
     full_spectra: bool = False,
     skip_uncovered: bool = False,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
 ) -> ConditionReport:
     """Spectra of every conv / linear layer and condition numbers of every block.
 
@@ -474,8 +547,10 @@ def condition(
         Fold eval-mode BatchNorm into the preceding convolution.
     boundary : {"circular", "zero"}
         ``circular``: all singular values, exact, by FFT (Sedghi et al. 2019);
-        ``zero``: exact extremes of the zero-padded operator (iterative).
-        Block condition numbers always use the circular model.
+        ``zero``: exact extremes of the zero-padded operators (iterative), of
+        the layers and of the blocks (:mod:`auditor.analysis.zero_block_extremes`:
+        a block's ``sigma_min`` that cannot be certified is an interval, its
+        kappa None with the reason, ``*_interval`` fields beside it).
     device : str
         ``cpu`` or ``cuda``.
     keep_spectra : bool
@@ -488,6 +563,9 @@ def condition(
     skip_uncovered : bool
         Leave out the blocks with a part no rule of the linearization covers
         (for the stability bounds) instead of refusing the network.
+    max_iterations : int
+        Zero boundary: Lanczos steps of each block operator's run before its
+        extreme is reported uncertified (an interval).
 
     Raises
     ------
@@ -534,21 +612,40 @@ def condition(
         if layer.name in block_layers and spectrum.method in ("fft-circular", "svd"):
             circular_extremes[layer.name] = (spectrum.sigma_max, spectrum.sigma_min)
 
-    def block_conditioning(index: int) -> BlockConditioning:
+    zero_extremes = {layer.name: (s.sigma_max, s.sigma_min) for layer, s in zip(layers, spectra)
+                     if boundary == "zero" and s.sigma_max is not None and s.sigma_min is not None}
+
+    def block_conditioning(index: int) -> tuple[BlockConditioning, dict[str, Any] | None]:
         block = blocks_info[index]
         convs, shortcut = block_operators(modules, block, fold_bn=fold_bn, device=target)
+        if boundary == "zero":
+            # the zero-padded block operators, and the layers' zero-padded extremes in the paper's kappa
+            known = [zero_extremes.get(c.name) for c in block.convs]
+            use = shortcut if block.shortcut != "other" else None
+            found = zero_block_extremes(convs, use, max_iterations=max_iterations)
+            cond = condition_block(
+                convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
+                layer_extremes=None if None in known else known, extremes=zero_found(found),
+            )
+            extras, holds = _zero_extras(found, cond)
+            if holds is not None and holds != cond.lemma1_lower_holds:
+                reasons = {k: v for k, v in cond.reasons.items() if k != "lemma1_lower_holds"}
+                cond = dataclasses.replace(cond, lemma1_lower_holds=holds, reasons=reasons)
+            return cond, extras
         known = [circular_extremes.get(c.name) for c in block.convs]
         return condition_block(
             convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
             layer_extremes=None if None in known else known, full_spectra=full_spectra,
-        )
+        ), None
 
-    blocks = distributed.compute(
+    found = distributed.compute(
         len(blocks_info), block_conditioning,
         costs=[sum(_cost(modules, c.name, c.input_shape) for c in (*b.convs, *b.shortcut_convs)) for b in blocks_info],
         progress=_shifted(progress, len(layers), total),
     )
-    return ConditionReport(boundary, fold_bn, tuple(spectra), tuple(blocks), blocks_info, subject)
+    blocks = tuple(cond for cond, _ in found)
+    extras = tuple(extra for _, extra in found) if boundary == "zero" else ()
+    return ConditionReport(boundary, fold_bn, tuple(spectra), blocks, blocks_info, subject, extras)
 
 
 def save_spectra(path: str | Path, report: ConditionReport) -> None:

@@ -1,0 +1,579 @@
+"""Extreme singular values of linearized blocks with zero padding (the real convolutions).
+
+A block with factors ``W_1 .. W_k`` (the convolutions of
+:class:`auditor.analysis.spectra.ConvOperator`, every factor of the
+linearization folded in) and shortcut ``S`` is, with ReLU taken as the
+identity, the linear map ``A = S + W_k ... W_1`` that torch applies: each
+``W_i`` is ``conv2d`` with the layer's own stride, padding and groups (a
+dilated kernel enters as its zero-filled plain kernel), times its per-channel
+output factors; ``S`` is the identity, option A (``x[:, ::s, ::s]`` between
+zero channels) or a convolution (a 1x1 projection with stride, the pooled
+projection of :mod:`auditor.analysis.pooled_projection`). The plain branch is
+``B = W_k ... W_1``. Singular values are over ``m = min(rows, cols)``: the
+Gram operator ``G`` of the smaller side (``A^T A`` for a tall or square ``A``,
+``A A^T`` for a wide one) has them squared as eigenvalues.
+
+How each extreme is found, and what certifies it:
+
+1. **Structural zero.** ``rank B <= min_i min(rows_i, cols_i)`` and
+   ``rank A <= rank B + rank S``; a bound below ``m`` proves ``sigma_min = 0``
+   (a bottleneck's plain branch). No solve.
+2. **Dense** (``m <= dense_max``): the operator's matrix (the torch map applied
+   to the identity's columns) and LAPACK's SVD: every value, exact.
+3. **Sparse** (the matrix has at most ``sparse_max_nnz`` stored entries, e.g.
+   every CIFAR block): ``sigma_max^2`` is the top eigenvalue of ``G`` by
+   Lanczos with full reorthogonalization on the torch products (``conv2d`` and
+   its adjoint ``conv_transpose2d``), stopped when the Ritz residual
+   ``||G y - theta y|| <= tol theta`` (an eigenvalue lies within it; Parlett,
+   Thm 4.5.1). ``sigma_min``: the matrix built exactly from the kernels
+   (``scipy.sparse``, one entry per tap and pixel) is factored by SuperLU
+   (``A`` itself when square, ``G`` otherwise), and Lanczos on ``G^{-1}`` (two
+   triangular solves per step) gives ``sigma_min^2 = 1 / lambda_max(G^{-1})``
+   with the same residual test. An exactly singular pivot is ``sigma_min = 0``.
+4. **Interval** (larger operators, e.g. 224 px, or step 3 not converged within
+   ``max_iterations``): no number, a certified interval
+   ``[lower, upper]``. ``upper`` is the Rayleigh quotient ``y^T G y`` of the
+   smallest Ritz vector of the Lanczos run on ``G`` (of the inverse run in
+   step 3: ``1 / sqrt(theta)``), which no eigenvalue's minimum exceeds
+   (Courant-Fischer); ``lower`` is Weyl's ``sigma_min(S) - ||B||`` with
+   ``||B|| <= prod_i ||W_i||`` and ``||W_i|| <= sum_taps ||c_o K_ab||_2``
+   (the triangle inequality over the taps: a provable bound), or 0.
+
+References
+----------
+.. [1] B. N. Parlett, "The Symmetric Eigenvalue Problem", SIAM 1998 (Ritz
+   values, residual bounds, Lanczos with reorthogonalization).
+.. [2] H. Weyl, "Das asymptotische Verteilungsgesetz der Eigenwerte linearer
+   partieller Differentialgleichungen", Math. Ann. 71 (1912) (perturbation of
+   singular values).
+.. [3] X. S. Li, "An overview of SuperLU", ACM TOMS 31 (2005).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .batched import blas_single_thread, torch_single_thread
+from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
+
+__all__ = [
+    "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
+    "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ",
+]
+
+# Lanczos steps (largest values, and the smallest by inverse iteration) before an extreme is given up
+# as not certified: the interval then.
+DEFAULT_MAX_ITERATIONS = 300
+# Operators with at most this many singular values take the dense SVD.
+DENSE_MAX = 1024
+# Operators whose sparse matrix (the product of the factors' matrices) holds more entries take the interval path.
+SPARSE_MAX_NNZ = 40_000_000
+_TOL = 1e-9  # relative Ritz residual of the Lanczos runs (sigma to ~5e-10)
+# Operators up to this many unknowns run on one thread (products of one vector: thread barriers cost more
+# than the work on a busy machine, see batched.torch_single_thread).
+_ONE_THREAD_MAX = 1 << 17
+_SEED = 0
+
+
+@dataclass(frozen=True)
+class ZeroOperatorExtremes:
+    """``sigma_max`` and ``sigma_min`` of one zero-padded operator, or an interval for ``sigma_min``.
+
+    Attributes
+    ----------
+    sigma_max : float
+        Largest singular value (a Lanczos lower bound when ``max_converged`` is False).
+    sigma_min : float or None
+        Smallest of ``min(rows, cols)`` singular values; None when only ``sigma_min_interval`` is known.
+    sigma_min_interval : (float, float)
+        ``[lower, upper]`` certified to hold ``sigma_min`` (both equal to it when it is known).
+    method : str
+        ``dense-svd``, ``lanczos; sparse-lu-inverse-lanczos``, ``lanczos; structural-zero (...)``,
+        ``lanczos; interval`` ...
+    max_converged : bool
+        The Lanczos residual test of ``sigma_max`` passed.
+    reason : str or None
+        Why ``sigma_min`` is an interval (or why ``sigma_max`` did not converge).
+    steps : int
+        Operator products spent.
+    """
+
+    sigma_max: float
+    sigma_min: float | None
+    sigma_min_interval: tuple[float, float]
+    method: str
+    max_converged: bool = True
+    reason: str | None = None
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class ZeroBlockExtremes:
+    """Extremes of the plain branch and of the residual block (None without a shortcut)."""
+
+    plain: ZeroOperatorExtremes
+    residual: ZeroOperatorExtremes | None
+    side: int
+
+
+# ---------------------------------------------------------------- torch maps
+
+
+def _conv_forward(op: ConvOperator) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                             Callable[[torch.Tensor], torch.Tensor]]:
+    """``conv2d`` and its adjoint ``conv_transpose2d`` (output padding restores the input size), float64."""
+    weight = op.scaled_weight().detach().to(torch.float64)
+    _, h, w = op.input_shape
+    _, ho, wo = op.output_shape
+    (kh, kw), (sh, sw), (ph, pw) = op.kernel_size, op.stride, op.padding
+    extra = (h - ((ho - 1) * sh - 2 * ph + kh), w - ((wo - 1) * sw - 2 * pw + kw))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight.to(x.device), stride=op.stride, padding=op.padding, groups=op.groups)
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(y, weight.to(y.device), stride=op.stride, padding=op.padding,
+                                  output_padding=extra, groups=op.groups)
+
+    return forward, adjoint
+
+
+def _option_a_maps(shortcut: OptionAShortcut) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                       Callable[[torch.Tensor], torch.Tensor]]:
+    c, h, w = shortcut.input_shape
+    s, before = shortcut.stride, shortcut.pad_before
+    out = shortcut.output_shape
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = x.new_zeros(x.shape[0], *out)
+        y[:, before:before + c] = x[:, :, ::s, ::s]
+        return y
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        x = y.new_zeros(y.shape[0], c, h, w)
+        x[:, :, ::s, ::s] = y[:, before:before + c]
+        return x
+
+    return forward, adjoint
+
+
+def _shortcut_maps(shortcut: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                           Callable[[torch.Tensor], torch.Tensor]]:
+    if isinstance(shortcut, IdentityShortcut):
+        return (lambda x: x), (lambda y: y)
+    if isinstance(shortcut, OptionAShortcut):
+        return _option_a_maps(shortcut)
+    return _conv_forward(shortcut)
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """A zero-padded block operator as torch functions on batches ``(N, C, H, W)``, float64.
+
+    Attributes
+    ----------
+    forward, adjoint : callable
+        ``x -> A x`` and ``y -> A^T y``.
+    input_shape, output_shape : tuple of int
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    adjoint: Callable[[torch.Tensor], torch.Tensor]
+    input_shape: tuple[int, int, int]
+    output_shape: tuple[int, int, int]
+
+    @property
+    def rows(self) -> int:
+        """``C_out H_out W_out``."""
+        return math.prod(self.output_shape)
+
+    @property
+    def cols(self) -> int:
+        """``C_in H W``."""
+        return math.prod(self.input_shape)
+
+
+def block_map(convs: Sequence[ConvOperator], shortcut: Any) -> BlockMap:
+    """``A = S + W_k ... W_1`` (``shortcut=None``: the plain branch) with zero padding.
+
+    Parameters
+    ----------
+    convs : sequence of ConvOperator
+        ``W_1 .. W_k``; each one's ``input_shape`` is the previous one's torch output shape.
+    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
+
+    Returns
+    -------
+    BlockMap
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not chain (the anatomy gives chained shapes).
+    """
+    maps = [_conv_forward(op) for op in convs]
+    for before, after in zip(convs, convs[1:]):
+        if tuple(before.output_shape) != tuple(after.input_shape):
+            raise ValueError(f"{before.name} gives {before.output_shape}, {after.name} takes {after.input_shape}")
+    short = None if shortcut is None else _shortcut_maps(shortcut)
+    if shortcut is not None and tuple(shortcut.output_shape) != tuple(convs[-1].output_shape):
+        raise ValueError(f"shortcut gives {shortcut.output_shape}, the branch {convs[-1].output_shape}")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for f, _ in maps:
+            y = f(y)
+        return y if short is None else y + short[0](x)
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        x = y
+        for _, g in reversed(maps):
+            x = g(x)
+        return x if short is None else x + short[1](y)
+
+    return BlockMap(forward, adjoint, tuple(convs[0].input_shape), tuple(convs[-1].output_shape))
+
+
+# ---------------------------------------------------------------- sparse matrices
+
+
+def _conv_sparse(op: ConvOperator) -> Any:
+    """The zero-padded convolution's matrix (rows ``(o, i, j)``, columns ``(c, y, x)``), one entry per tap and pixel."""
+    import scipy.sparse as sp
+
+    weight = op.scaled_weight().detach().to("cpu", torch.float64).numpy()
+    c_in, h, w = op.input_shape
+    c_out, ho, wo = op.output_shape
+    (kh, kw), (sh, sw), (ph, pw) = op.kernel_size, op.stride, op.padding
+    per_in, per_out = c_in // op.groups, c_out // op.groups
+    outs = np.arange(c_out)
+    channel = (outs // per_out)[:, None] * per_in + np.arange(per_in)[None, :]  # (c_out, per_in) input channel
+    rows, cols, values = [], [], []
+    for a in range(kh):
+        ys = sh * np.arange(ho) + a - ph
+        for b in range(kw):
+            xs = sw * np.arange(wo) + b - pw
+            iy, ix = np.nonzero((ys[:, None] >= 0) & (ys[:, None] < h) & (xs[None, :] >= 0) & (xs[None, :] < w))
+            if not len(iy):
+                continue
+            out_pixel, in_pixel = iy * wo + ix, ys[iy] * w + xs[ix]
+            rows.append(np.broadcast_to((outs[:, None] * ho * wo)[:, :, None] + out_pixel, (c_out, per_in, len(iy))))
+            cols.append((channel * h * w)[:, :, None] + in_pixel)
+            values.append(np.broadcast_to(weight[:, :, a, b][:, :, None], (c_out, per_in, len(iy))))
+    if not rows:
+        return sp.csr_matrix((c_out * ho * wo, c_in * h * w))
+    matrix = sp.coo_matrix((np.concatenate([v.ravel() for v in values]),
+                            (np.concatenate([r.ravel() for r in rows]), np.concatenate([c.ravel() for c in cols]))),
+                           shape=(c_out * ho * wo, c_in * h * w))
+    return matrix.tocsr()
+
+
+def _shortcut_sparse(shortcut: Any) -> Any:
+    import scipy.sparse as sp
+
+    if isinstance(shortcut, IdentityShortcut):
+        return sp.identity(math.prod(shortcut.input_shape), format="csr")
+    if isinstance(shortcut, OptionAShortcut):
+        c, h, w = shortcut.input_shape
+        out_c, ho, wo = shortcut.output_shape
+        s = shortcut.stride
+        ch, y, x = np.meshgrid(np.arange(c), np.arange(ho), np.arange(wo), indexing="ij")
+        rows = ((ch + shortcut.pad_before) * ho + y) * wo + x
+        cols = (ch * h + s * y) * w + s * x
+        return sp.csr_matrix((np.ones(rows.size), (rows.ravel(), cols.ravel())), shape=(out_c * ho * wo, c * h * w))
+    return _conv_sparse(shortcut)
+
+
+def sparse_matrix(convs: Sequence[ConvOperator], shortcut: Any) -> Any:
+    """``S + W_k ... W_1`` (``shortcut=None``: the plain branch) as a ``scipy.sparse`` CSR matrix.
+
+    Parameters
+    ----------
+    convs : sequence of ConvOperator
+    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (C_out H_out W_out, C_in H W)
+        Built from the kernels' entries (an independent construction from the
+        torch maps of :func:`block_map`, which the tests compare).
+    """
+    product = _conv_sparse(convs[0])
+    for op in convs[1:]:
+        product = _conv_sparse(op) @ product
+    return product if shortcut is None else (product + _shortcut_sparse(shortcut)).tocsr()
+
+
+def _estimated_nnz(convs: Sequence[ConvOperator]) -> float:
+    """Stored entries of the product: rows times input channels reached times the grown stencil's area."""
+    reach_h = reach_w = 1.0
+    scale = 1.0  # input pixels per output pixel along one axis
+    for op in convs:
+        kh, kw = op.kernel_size
+        reach_h += (kh - 1) * scale
+        reach_w += (kw - 1) * scale
+        scale *= op.stride[0]
+    groups_dense = all(op.groups == 1 for op in convs)
+    per_row = (convs[0].in_channels if groups_dense else max(op.in_channels // op.groups for op in convs))
+    return float(math.prod(convs[-1].output_shape)) * per_row * reach_h * reach_w
+
+
+# ---------------------------------------------------------------- Lanczos
+
+
+@dataclass(frozen=True)
+class _Run:
+    top: float
+    top_converged: bool
+    bottom_upper: float  # Rayleigh quotient of the smallest Ritz vector: >= lambda_min
+    bottom_ritz: float
+    steps: int
+
+
+def _lanczos(apply: Callable[[torch.Tensor], torch.Tensor], n: int, max_steps: int, tol: float,
+             *, want_bottom: bool, dtype: torch.dtype = torch.float64) -> _Run:
+    """Lanczos with full reorthogonalization on a symmetric PSD operator of size ``n``.
+
+    Stops when the top Ritz pair's residual ``|beta_k s_k| <= tol theta`` (an
+    eigenvalue lies within it, Parlett Thm 4.5.1), on an invariant subspace,
+    or after ``max_steps`` products. With ``want_bottom`` the smallest Ritz
+    vector's Rayleigh quotient is evaluated (one more product): an upper bound
+    of the smallest eigenvalue.
+    """
+    generator = torch.Generator().manual_seed(_SEED)
+    steps = max(1, min(n, max_steps))
+    basis = torch.zeros(steps + 1, n, dtype=dtype)
+    start = torch.randn(n, dtype=dtype, generator=generator)
+    basis[0] = start / torch.linalg.vector_norm(start)
+    alpha, beta = [], []
+    top, converged, vectors, values, used = 0.0, False, None, None, 0
+    for j in range(steps):
+        w = apply(basis[j])
+        used += 1
+        alpha.append(float(basis[j] @ w))
+        for _ in range(2):  # full reorthogonalization, twice is enough
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        norm = float(torch.linalg.vector_norm(w))
+        beta.append(norm)
+        t = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+        values, vectors = np.linalg.eigh(t)
+        top = float(values[-1])
+        residual = abs(norm * vectors[-1, -1])
+        invariant = norm <= 64 * np.finfo(float).eps * max(abs(top), np.finfo(float).tiny)
+        if invariant or residual <= tol * abs(top):
+            converged = True
+            break
+        basis[j + 1] = w / norm
+    k = len(alpha)
+    bottom_upper = bottom_ritz = float(values[0]) if values is not None else 0.0
+    if want_bottom and vectors is not None:
+        y = basis[:k].T @ torch.from_numpy(vectors[:, 0]).to(dtype)
+        y = y / torch.linalg.vector_norm(y)
+        bottom_upper = float(y @ apply(y))
+        used += 1
+    return _Run(top, converged, bottom_upper, bottom_ritz, used)
+
+
+def _gram(mapping: BlockMap) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple[int, ...], int]:
+    """The Gram operator of the smaller side on flat vectors, its shape and size."""
+    if mapping.rows >= mapping.cols:
+        shape = mapping.input_shape
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            return mapping.adjoint(mapping.forward(v.reshape(1, *shape))).reshape(-1)
+    else:
+        shape = mapping.output_shape
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            return mapping.forward(mapping.adjoint(v.reshape(1, *shape))).reshape(-1)
+    return apply, shape, math.prod(shape)
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def _tap_norm_bound(op: ConvOperator) -> float:
+    """``||W|| <= sum_taps ||c_o K_ab||_2`` (triangle inequality; each tap is a shifted, masked copy)."""
+    weight = op.scaled_weight().detach().to("cpu", torch.float64)
+    c_out, per_in, kh, kw = weight.shape
+    per_out = c_out // op.groups
+    total = 0.0
+    for a in range(kh):
+        for b in range(kw):
+            tap = weight[:, :, a, b].reshape(op.groups, per_out, per_in)
+            total += float(torch.linalg.matrix_norm(tap, ord=2).max())
+    return total
+
+
+def _shortcut_sigma_min(shortcut: Any, side: str) -> float:
+    """A provable lower bound of ``sigma_min(S)`` over the block's ``min(rows, cols)`` values (0 if unknown)."""
+    if isinstance(shortcut, IdentityShortcut):
+        return 1.0
+    if isinstance(shortcut, OptionAShortcut):
+        c, h, w = shortcut.input_shape
+        dropped = shortcut.stride > 1 and (h > 1 or w > 1)
+        # wide side: rows of the zero channels are zero (if any); tall side: dropped pixels are a kernel
+        zero_rows = shortcut.out_channels > c
+        return 0.0 if (side == "wide" and zero_rows) or (side == "tall" and dropped) else 1.0
+    if shortcut.kernel_size == (1, 1) and shortcut.padding == (0, 0) and shortcut.groups == 1:
+        matrix = shortcut.scaled_weight().detach().to("cpu", torch.float64)[:, :, 0, 0]
+        c_out, c_in = matrix.shape
+        values = torch.linalg.svdvals(matrix)
+        strided = shortcut.stride != (1, 1)
+        if side == "wide" and c_out <= c_in:  # S S^T = I (x) W W^T on the output pixels
+            return float(values[-1])
+        if side == "tall" and not strided and c_in <= c_out:  # S^T S = I (x) W^T W
+            return float(values[-1])
+    return 0.0
+
+
+def _weyl_lower(convs: Sequence[ConvOperator], shortcut: Any, side: str) -> float:
+    """``max(0, sigma_min(S) - prod_i ||W_i||)`` with provable bounds of both terms."""
+    if shortcut is None:
+        return 0.0
+    branch = math.prod(_tap_norm_bound(op) for op in convs)
+    return max(0.0, _shortcut_sigma_min(shortcut, side) - branch)
+
+
+def _rank_bound(convs: Sequence[ConvOperator], shortcut: Any) -> int | None:
+    """An upper bound of ``rank A`` from the factors' sizes; None when the identity makes none."""
+    chain = min(min(math.prod(op.output_shape), math.prod(op.input_shape)) for op in convs)
+    if shortcut is None:
+        return chain
+    if isinstance(shortcut, IdentityShortcut):
+        return None
+    return chain + min(math.prod(shortcut.output_shape), math.prod(shortcut.input_shape))
+
+
+# ---------------------------------------------------------------- one operator
+
+
+def _dense_extremes(mapping: BlockMap) -> ZeroOperatorExtremes:
+    columns = torch.eye(mapping.cols, dtype=torch.float64).reshape(mapping.cols, *mapping.input_shape)
+    matrix = torch.cat([mapping.forward(part) for part in columns.split(512)]).reshape(mapping.cols, -1).T
+    values = np.linalg.svd(matrix.numpy(), compute_uv=False)
+    top, bottom = float(values[0]), float(values[-1])
+    return ZeroOperatorExtremes(top, bottom, (bottom, bottom), "dense-svd")
+
+
+def _inverse_smallest(matrix: Any, rows_ge_cols: bool, max_steps: int, tol: float) -> tuple[float | None, float, str]:
+    """``sigma_min`` by Lanczos on ``G^{-1}`` from a SuperLU factor; (value or None, upper bound, note)."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import splu
+
+    square = matrix.shape[0] == matrix.shape[1]
+    try:
+        if square:
+            factor = splu(sp.csc_matrix(matrix), permc_spec="MMD_AT_PLUS_A")
+
+            def inverse_gram(v: torch.Tensor) -> torch.Tensor:  # A^{-1} A^{-T}: same eigenvalues as (A^T A)^{-1}
+                return torch.from_numpy(factor.solve(factor.solve(v.numpy(), trans="T")))
+        else:
+            gram = (matrix.T @ matrix) if rows_ge_cols else (matrix @ matrix.T)
+            factor = splu(sp.csc_matrix(gram), permc_spec="MMD_AT_PLUS_A")
+
+            def inverse_gram(v: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(factor.solve(v.numpy()))
+    except RuntimeError:  # SuperLU: "Factor is exactly singular"
+        return 0.0, 0.0, "sparse-lu (exactly singular pivot)"
+    n = matrix.shape[1] if (square or rows_ge_cols) else matrix.shape[0]
+    run = _lanczos(inverse_gram, n, max_steps, tol, want_bottom=False)
+    if not math.isfinite(run.top) or run.top <= 0:
+        return 0.0, 0.0, "sparse-lu (singular to working precision)"
+    bound = 1.0 / math.sqrt(run.top)  # theta <= lambda_max(G^{-1}), so this is >= sigma_min
+    return (bound if run.top_converged else None), bound, "sparse-lu-inverse-lanczos"
+
+
+def zero_operator_extremes(convs: Sequence[ConvOperator], shortcut: Any, *,
+                           max_iterations: int = DEFAULT_MAX_ITERATIONS, tol: float = _TOL,
+                           dense_max: int = DENSE_MAX, sparse_max_nnz: float = SPARSE_MAX_NNZ) -> ZeroOperatorExtremes:
+    """Extremes of ``S + W_k ... W_1`` (``shortcut=None``: the plain branch) with zero padding.
+
+    Parameters
+    ----------
+    convs : sequence of ConvOperator
+    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
+    max_iterations : int
+        Lanczos steps of each run before it stops without certificate.
+    tol : float
+        Relative Ritz residual of the convergence tests.
+    dense_max : int
+        Dense SVD up to this many singular values.
+    sparse_max_nnz : float
+        Sparse factorization up to this many (estimated) stored entries.
+
+    Returns
+    -------
+    ZeroOperatorExtremes
+        See the module docstring for the methods and certificates.
+    """
+    mapping = block_map(convs, shortcut)
+    if max(mapping.rows, mapping.cols) > _ONE_THREAD_MAX:
+        return _extremes(mapping, convs, shortcut, max_iterations, tol, dense_max, sparse_max_nnz)
+    # imported before blas_single_thread(): that limits the BLAS libraries loaded so far
+    import scipy.sparse.linalg  # noqa: F401
+
+    with blas_single_thread(), torch_single_thread():
+        return _extremes(mapping, convs, shortcut, max_iterations, tol, dense_max, sparse_max_nnz)
+
+
+def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, max_iterations: int, tol: float,
+              dense_max: int, sparse_max_nnz: float) -> ZeroOperatorExtremes:
+    """:func:`zero_operator_extremes` once the threads are set."""
+    m = min(mapping.rows, mapping.cols)
+    if m <= dense_max:
+        return _dense_extremes(mapping)
+    apply, _, n = _gram(mapping)
+    rank = _rank_bound(convs, shortcut)
+    structural = rank is not None and rank < m
+    large = _estimated_nnz(convs) > sparse_max_nnz
+    run = _lanczos(apply, n, max_iterations, tol, want_bottom=large and not structural)
+    top = math.sqrt(max(run.top, 0.0))
+    max_note = None if run.top_converged else f"sigma_max did not converge in {max_iterations} Lanczos steps"
+    if structural:
+        return ZeroOperatorExtremes(top, 0.0, (0.0, 0.0), f"lanczos; structural-zero (rank <= {rank} < {m})",
+                                    run.top_converged, max_note, run.steps)
+    side = "tall" if mapping.rows >= mapping.cols else "wide"
+    lower = _weyl_lower(convs, shortcut, side)
+    if large:
+        upper = math.sqrt(max(run.bottom_upper, 0.0))
+        why = (f"sigma_min not certified: the operator ({mapping.rows} x {mapping.cols}) is beyond the sparse "
+               f"factorization, and Lanczos ({run.steps} products) bounds it only from above")
+        return ZeroOperatorExtremes(top, None, (min(lower, upper), upper), "lanczos; interval", run.top_converged,
+                                    "; ".join(filter(None, [max_note, why])), run.steps)
+    value, upper, method = _inverse_smallest(sparse_matrix(convs, shortcut), side == "tall", max_iterations, tol)
+    if value is None:
+        why = f"sigma_min not certified: inverse Lanczos did not converge in {max_iterations} steps"
+        return ZeroOperatorExtremes(top, None, (min(lower, upper), upper), f"lanczos; {method}; interval",
+                                    run.top_converged, "; ".join(filter(None, [max_note, why])), run.steps)
+    return ZeroOperatorExtremes(top, value, (value, value), f"lanczos; {method}", run.top_converged, max_note,
+                                run.steps)
+
+
+def zero_block_extremes(convs: Sequence[ConvOperator], shortcut: Any, **options: Any) -> ZeroBlockExtremes:
+    """Extremes of a block's plain branch and (with a shortcut) of the residual operator, zero padding.
+
+    Parameters
+    ----------
+    convs : sequence of ConvOperator
+        ``W_1 .. W_k`` as :func:`auditor.tasks.condition.block_operators` builds them.
+    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
+    **options
+        ``max_iterations``, ``tol``, ``dense_max``, ``sparse_max_nnz`` of :func:`zero_operator_extremes`.
+
+    Returns
+    -------
+    ZeroBlockExtremes
+        ``side`` is the larger dimension of the operator (for the singularity threshold).
+    """
+    plain = zero_operator_extremes(convs, None, **options)
+    residual = None if shortcut is None else zero_operator_extremes(convs, shortcut, **options)
+    side = max(math.prod(convs[-1].output_shape), math.prod(convs[0].input_shape))
+    return ZeroBlockExtremes(plain, residual, side)

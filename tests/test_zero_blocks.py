@@ -1,0 +1,165 @@
+"""Zero-padded block extremes (issue 23) against the dense operators of torch modules.
+
+The reference is the block built from torch modules (``nn.Conv2d`` with its
+padding, stride, groups; eval ``nn.BatchNorm2d``; ReLU taken as the identity):
+its matrix is the module's response to the identity's columns minus its
+response to zero (the BatchNorm shift), and numpy's SVD gives every singular
+value. The operators under test are built by hand from the same modules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auditor.analysis.pooled_projection import pooled_projection
+from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
+from auditor.analysis.zero_block_extremes import sparse_matrix, zero_block_extremes, zero_operator_extremes
+
+from conftest import run_json
+
+D = torch.float64
+
+
+def _conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1, bn: bool = True,
+          seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False)]
+    if bn:
+        norm = nn.BatchNorm2d(c_out)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-1, 1)
+        norm.running_var.uniform_(0.3, 2.0)
+        norm.running_mean.uniform_(-1, 1)
+        layers.append(norm)
+    return nn.Sequential(*layers).to(D).eval()
+
+
+def _op(module: nn.Sequential, shape: tuple[int, int, int]) -> ConvOperator:
+    conv = module[0]
+    scale = None
+    if len(module) > 1:
+        bn = module[1]
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return ConvOperator(conv.weight.detach(), shape, stride=conv.stride, padding=conv.padding, groups=conv.groups,
+                        out_scale=scale)
+
+
+def _dense(function, shape: tuple[int, int, int]) -> np.ndarray:
+    n = int(np.prod(shape))
+    with torch.no_grad():
+        columns = torch.eye(n, dtype=D).reshape(n, *shape)
+        out = function(columns) - function(torch.zeros(1, *shape, dtype=D))
+    return out.reshape(n, -1).T.numpy()
+
+
+def _chain(modules: list[nn.Sequential], shape: tuple[int, int, int]) -> list[ConvOperator]:
+    ops, x = [], torch.zeros(1, *shape, dtype=D)
+    for module in modules:
+        ops.append(_op(module, tuple(x.shape[1:])))
+        x = module(x)
+    return ops
+
+
+def _check(modules, shortcut_fn, shortcut_op, shape, *, force_sparse: bool = True) -> None:
+    """Both operators (plain, residual) against the dense SVD, to 1e-6 relative."""
+    ops = _chain(modules, shape)
+
+    def plain(x):
+        for module in modules:
+            x = module(x)
+        return x
+
+    options = {"dense_max": 0} if force_sparse else {}
+    found = zero_block_extremes(ops, shortcut_op, **options)
+    for part, function in ((found.plain, plain), (found.residual, lambda x: plain(x) + shortcut_fn(x))):
+        if part is None:
+            continue
+        values = np.linalg.svd(_dense(function, shape), compute_uv=False)
+        assert part.sigma_max == pytest.approx(values[0], rel=1e-6)
+        assert part.sigma_min is not None, part.reason
+        assert part.sigma_min == pytest.approx(values[-1], rel=1e-6, abs=1e-9 * values[0])
+
+
+def _pool_1x1(c_in: int, c_out: int, bn: bool) -> nn.Sequential:
+    module = _conv(c_in, c_out, k=1, bn=bn, seed=3)
+    return nn.Sequential(nn.AvgPool2d(2, 2), *module).to(D).eval()
+
+
+SHAPE = (4, 8, 8)
+
+
+@pytest.mark.parametrize("bn", [True, False])
+@pytest.mark.parametrize("kind", ["identity", "projection", "option_a", "pooled"])
+def test_basic_blocks_equal_the_dense_operator(kind: str, bn: bool) -> None:
+    c = SHAPE[0]
+    if kind == "identity":
+        modules = [_conv(c, c, bn=bn, seed=1), _conv(c, c, bn=bn, seed=2)]
+        _check(modules, lambda x: x, IdentityShortcut(SHAPE), SHAPE)
+        return
+    modules = [_conv(c, 2 * c, stride=2, bn=bn, seed=1), _conv(2 * c, 2 * c, bn=bn, seed=2)]
+    if kind == "option_a":
+        shortcut = OptionAShortcut(SHAPE, 2 * c, 2, c // 2)
+        _check(modules, lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, c // 2, c // 2)), shortcut, SHAPE)
+    elif kind == "projection":
+        projection = _conv(c, 2 * c, k=1, stride=2, bn=bn, seed=3)
+        _check(modules, projection, _op(projection, SHAPE), SHAPE)
+    else:
+        pooled = _pool_1x1(c, 2 * c, bn)
+        scale = None if not bn else pooled[2].weight.detach() / torch.sqrt(pooled[2].running_var + pooled[2].eps)
+        _check(modules, pooled, pooled_projection(pooled[1].weight.detach(), 2, SHAPE, out_scale=scale), SHAPE)
+
+
+def test_dense_path_and_sparse_matrix_agree_with_torch() -> None:
+    modules = [_conv(4, 4, seed=5), _conv(4, 4, seed=6)]
+    ops = _chain(modules, SHAPE)
+    _check(modules, lambda x: x, IdentityShortcut(SHAPE), SHAPE, force_sparse=False)
+    matrix = _dense(lambda x: modules[1](modules[0](x)) + x, SHAPE)
+    assert np.abs(sparse_matrix(ops, IdentityShortcut(SHAPE)).toarray() - matrix).max() < 1e-12
+
+
+def test_bottleneck_plain_branch_is_structurally_singular() -> None:
+    shape = (8, 6, 6)
+    modules = [_conv(8, 2, k=1, seed=1), _conv(2, 2, seed=2), _conv(2, 8, k=1, seed=3)]
+    _check(modules, lambda x: x, IdentityShortcut(shape), shape)
+    found = zero_block_extremes(_chain(modules, shape), None, dense_max=0)
+    assert found.plain.sigma_min == 0.0 and "structural-zero" in found.plain.method
+
+
+def test_inverted_residual_with_depthwise_conv() -> None:
+    shape = (4, 6, 6)
+    modules = [_conv(4, 8, k=1, seed=1), _conv(8, 8, groups=8, seed=2), _conv(8, 4, k=1, seed=3)]
+    _check(modules, lambda x: x, IdentityShortcut(shape), shape)
+
+
+def test_convnext_like_7x7_depthwise_block() -> None:
+    shape = (4, 8, 8)
+    modules = [_conv(4, 4, k=7, groups=4, seed=1), _conv(4, 16, k=1, bn=False, seed=2),
+               _conv(16, 4, k=1, bn=False, seed=3)]
+    _check(modules, lambda x: x, IdentityShortcut(shape), shape)
+
+
+@pytest.mark.parametrize("large", [True, False])
+def test_interval_contains_the_dense_value(large: bool) -> None:
+    modules = [_conv(4, 4, seed=7), _conv(4, 4, seed=8)]
+    ops = _chain(modules, SHAPE)
+    value = np.linalg.svd(_dense(lambda x: modules[1](modules[0](x)) + x, SHAPE), compute_uv=False)[-1]
+    # large: beyond the sparse factorization; else the inverse Lanczos stopped after 2 steps
+    limits = {"sparse_max_nnz": 0} if large else {"max_iterations": 2}
+    found = zero_operator_extremes(ops, IdentityShortcut(SHAPE), dense_max=0, **limits)
+    assert found.sigma_min is None and "not certified" in (found.reason or "")
+    low, high = found.sigma_min_interval
+    assert low <= value * (1 + 1e-12) and value <= high * (1 + 1e-12)
+
+
+def test_cli_json_says_zero_for_blocks(tiny_checkpoint, capsys) -> None:
+    document = run_json(["condition", tiny_checkpoint, "--boundary", "zero", "--input-size", "8", "--no-progress"],
+                        capsys)
+    assert document["config"]["boundary"] == "zero"
+    assert document["summary"]["boundary"] == "zero"
+    assert document["blocks"] and all(block["boundary"] == "zero" for block in document["blocks"])
+    assert all(layer["boundary"] == "zero" for layer in document["layers"])
+    assert all(block["linear_method"]["plain"].startswith("zero: ") for block in document["blocks"])
