@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auditor.analysis.batched import blas_single_thread
 from auditor.analysis.pooled_projection import pooled_projection
 from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 from auditor.analysis.zero_block_extremes import sparse_matrix, zero_block_extremes, zero_operator_extremes
@@ -48,6 +49,12 @@ def _op(module: nn.Sequential, shape: tuple[int, int, int]) -> ConvOperator:
                         out_scale=scale)
 
 
+def _values(matrix: np.ndarray) -> np.ndarray:
+    """Every singular value by numpy's SVD (one BLAS thread: tiny matrices on a busy machine)."""
+    with blas_single_thread():
+        return np.linalg.svd(matrix, compute_uv=False)
+
+
 def _dense(function, shape: tuple[int, int, int]) -> np.ndarray:
     n = int(np.prod(shape))
     with torch.no_grad():
@@ -78,7 +85,7 @@ def _check(modules, shortcut_fn, shortcut_op, shape, *, force_sparse: bool = Tru
     for part, function in ((found.plain, plain), (found.residual, lambda x: plain(x) + shortcut_fn(x))):
         if part is None:
             continue
-        values = np.linalg.svd(_dense(function, shape), compute_uv=False)
+        values = _values(_dense(function, shape))
         assert part.sigma_max == pytest.approx(values[0], rel=1e-6)
         assert part.sigma_min is not None, part.reason
         assert part.sigma_min == pytest.approx(values[-1], rel=1e-6, abs=1e-9 * values[0])
@@ -146,7 +153,7 @@ def test_convnext_like_7x7_depthwise_block() -> None:
 def test_interval_contains_the_dense_value(large: bool) -> None:
     modules = [_conv(4, 4, seed=7), _conv(4, 4, seed=8)]
     ops = _chain(modules, SHAPE)
-    value = np.linalg.svd(_dense(lambda x: modules[1](modules[0](x)) + x, SHAPE), compute_uv=False)[-1]
+    value = _values(_dense(lambda x: modules[1](modules[0](x)) + x, SHAPE))[-1]
     # large: beyond the sparse factorization; else the inverse Lanczos stopped after 2 steps
     limits = {"sparse_max_nnz": 0} if large else {"max_iterations": 2}
     found = zero_operator_extremes(ops, IdentityShortcut(SHAPE), dense_max=0, **limits)
@@ -156,7 +163,7 @@ def test_interval_contains_the_dense_value(large: bool) -> None:
 
 
 def test_cli_json_says_zero_for_blocks(tiny_checkpoint, capsys) -> None:
-    document = run_json(["condition", tiny_checkpoint, "--boundary", "zero", "--input-size", "8", "--no-progress"],
+    document = run_json(["condition", tiny_checkpoint, "--boundary", "zero", "--input-size", "4", "--no-progress"],
                         capsys)
     assert document["config"]["boundary"] == "zero"
     assert document["summary"]["boundary"] == "zero"
