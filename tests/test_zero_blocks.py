@@ -170,3 +170,10 @@ def test_cli_json_says_zero_for_blocks(tiny_checkpoint, capsys) -> None:
     assert document["blocks"] and all(block["boundary"] == "zero" for block in document["blocks"])
     assert all(layer["boundary"] == "zero" for layer in document["layers"])
     assert all(block["linear_method"]["plain"].startswith("zero: ") for block in document["blocks"])
+    from rich.console import Console
+
+    from auditor.report.condition_view import blocks_table
+
+    console = Console(width=200, record=True)
+    console.print(blocks_table(document))
+    assert "Block conditioning (zero boundary" in console.export_text()

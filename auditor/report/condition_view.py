@@ -54,7 +54,8 @@ def blocks_table(doc: Mapping[str, Any]) -> Table:
     summary = doc.get("summary", {})
     worst = summary.get("worst_block")
     caption = linearization_caption(doc["blocks"])
-    table = Table(title=f"Block conditioning (circular boundary, linearized: {caption})", title_justify="left")
+    boundary = doc.get("config", {}).get("boundary", "circular")
+    table = Table(title=f"Block conditioning ({boundary} boundary, linearized: {caption})", title_justify="left")
     for column, justify in [
         ("block", "left"), ("shortcut", "left"), ("sigma max/min per conv", "left"),
         ("kappa paper res", "right"), ("kappa paper plain", "right"), ("kappa exact res", "right"),
