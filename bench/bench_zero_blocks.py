@@ -1,0 +1,102 @@
+"""Benchmark: ``resdyn condition --boundary zero`` against the circular default, whole processes.
+
+Run by hand (not part of the tests)::
+
+    python bench/bench_zero_blocks.py                    # the trained CIFAR ResNet-56, zero vs circular
+    python bench/bench_zero_blocks.py --repeat 2
+    python bench/bench_zero_blocks.py --imagenet resnet18 resnet50   # 224 px, zero only (must finish)
+
+ResNet-56 (``../shared/data/checkpoints/cifar10-resnet56-akamaster.th``): both
+commands in the same run, each in a fresh process (``--format json -o OUT``),
+best of ``--repeat``; the wall times, their ratio (goal of issue 23: zero <= 5x
+circular) and the load average before each run are printed (a busy machine
+slows both, not always alike: time on a quiet one, load below 1.2).
+
+``--imagenet``: a torchvision model (random init, seed 0, BatchNorm statistics
+drawn away from the identity), saved as safetensors in a temporary folder, then
+``resdyn condition --boundary zero`` on it at 224 px; prints the time and how
+many blocks have a certified ``sigma_min`` and how many an interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESNET56 = ROOT.parent / "shared" / "data" / "checkpoints" / "cifar10-resnet56-akamaster.th"
+
+
+def _condition(model: Path, out: Path, *extra: str) -> float:
+    """Wall seconds of one ``resdyn condition`` process."""
+    command = [sys.executable, "-m", "auditor", "condition", str(model), "--format", "json", "-o", str(out),
+               "--no-progress", *extra]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _intervals(report: Path) -> tuple[int, int]:
+    """Blocks whose residual (or plain) sigma_min is certified, and those with an interval."""
+    blocks = json.loads(report.read_text())["blocks"]
+    interval = sum(any(k.startswith("sigma_min_interval") for k in b) for b in blocks)
+    return len(blocks) - interval, interval
+
+
+def _cifar(repeat: int) -> None:
+    best = {"circular": float("inf"), "zero": float("inf")}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(repeat):
+            for boundary in ("circular", "zero"):
+                load = os.getloadavg()[0]
+                seconds = _condition(RESNET56, Path(folder) / f"{boundary}.json", "--boundary", boundary)
+                print(f"resnet56 {boundary:8s} {seconds:8.1f} s   (load before: {load:.2f})", flush=True)
+                best[boundary] = min(best[boundary], seconds)
+        certified, interval = _intervals(Path(folder) / "zero.json")
+    print(f"resnet56 zero / circular = {best['zero'] / best['circular']:.2f}x (goal <= 5x); "
+          f"blocks certified {certified}, interval {interval}")
+
+
+def _imagenet(models: list[str]) -> None:
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        for arch in models:
+            torch.manual_seed(0)
+            model = getattr(torchvision.models, arch)(weights=None).eval()
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_var.uniform_(0.5, 1.5)
+                    module.running_mean.uniform_(-0.1, 0.1)
+            path = Path(folder) / f"{arch}.safetensors"
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+            load = os.getloadavg()[0]
+            out = Path(folder) / f"{arch}.json"
+            seconds = _condition(path, out, "--boundary", "zero")
+            certified, interval = _intervals(out)
+            print(f"{arch} 224 px zero {seconds:8.1f} s (load before: {load:.2f}); blocks certified {certified}, "
+                  f"interval {interval}", flush=True)
+
+
+def main() -> None:
+    """Parse the options and run the benchmarks."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--imagenet", nargs="*", metavar="ARCH", help="torchvision architectures at 224 px")
+    args = parser.parse_args()
+    if args.imagenet:
+        _imagenet(args.imagenet)
+    else:
+        _cifar(args.repeat)
+
+
+if __name__ == "__main__":
+    main()
