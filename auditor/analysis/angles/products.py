@@ -16,8 +16,10 @@ class GramProducts:
     """``a @ b.T`` of unit rows, in float64, for the tiling's rows (see :mod:`.tiling`).
 
     Whole rows: one GEMM (:func:`~.kernels.gemm`). Blocked rows: for every block of
-    columns, both sides are made float64 unit rows in two reused buffers of
-    ``panel_rows * width`` values and multiplied into one accumulated tile.
+    columns, both sides are made float64 (centred) in two reused buffers of
+    ``panel_rows * width`` values and multiplied into one accumulated tile, which
+    is divided by the rows' norms at the end (float32 / float16 rows; float64
+    rows are divided value by value first, as their products could overflow).
     """
 
     def __init__(self, tiling: Tiling) -> None:
@@ -37,8 +39,15 @@ class GramProducts:
         rows = a.values.shape[0] if ia is None else len(ia)
         cols = b.values.shape[0] if ib is None else len(ib)
         out = torch.zeros((rows, cols), dtype=torch.float64)
+        # Rows stored as float32 / float16 cannot overflow their products: divide the tile by the
+        # norms once instead of every value of every block (half the passes over the blocks).
+        div_a, div_b = a.divisors(pick_a), b.divisors(pick_b)
+        fold = div_a is not None and div_b is not None
         for k0, k1 in self.tiling.column_blocks():
-            left = a.unit(k0, k1, pick_a, out=self._left)
-            right = b.unit(k0, k1, pick_b, out=self._right)
+            left = a.unit(k0, k1, pick_a, out=self._left, divide=not fold)
+            right = b.unit(k0, k1, pick_b, out=self._right, divide=not fold)
             out.addmm_(left, right.T)
+        if fold:
+            out /= div_a[:, None]
+            out /= div_b[None, :]
         return out.numpy()

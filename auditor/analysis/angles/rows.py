@@ -42,11 +42,14 @@ class LoadedRows:
         return LoadedRows(self.start + lo, self.values[lo:hi], self.labels[lo:hi], self.valid[lo:hi],
                           cut(self.norms), cut(self.scale), self.mean)
 
-    def unit(self, k0: int, k1: int, index: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def unit(self, k0: int, k1: int, index: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             *, divide: bool = True) -> torch.Tensor:
         """Float64 unit rows (those at positions ``index``, default all), columns ``[k0, k1)``.
 
         Whole rows: a view (or a copy of the rows picked). Blocked rows: made into
-        ``out`` (a flat float64 buffer large enough) when given.
+        ``out`` (a flat float64 buffer large enough) when given; without ``divide``,
+        centred but not divided by :meth:`divisors` (for a caller that divides the
+        products instead).
         """
         if self.norms is None:
             rows = self.values if index is None else self.values[index]
@@ -59,10 +62,19 @@ class LoadedRows:
             torch.sub(raw, self.mean[k0:k1], out=dst)
         else:
             dst.copy_(raw)
+        if not divide:
+            return dst
         if self.scale is not None:
             dst /= (self.scale if index is None else self.scale[index])[:, None]
         dst /= norms[:, None]
         return dst
+
+    def divisors(self, index: torch.Tensor | None = None) -> torch.Tensor | None:
+        """What blocked rows are divided by, when one division is exact enough: None for whole rows,
+        and for rows rescaled first or held as float64 (their products could overflow)."""
+        if self.norms is None or self.scale is not None or self.values.dtype == torch.float64:
+            return None
+        return self.norms if index is None else self.norms[index]
 
     def unit_rows(self, index: np.ndarray) -> torch.Tensor:
         """Every column of the float64 unit rows at positions ``index``."""
