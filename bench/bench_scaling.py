@@ -28,10 +28,10 @@ What it does, for each size N (10 classes x N/10 images):
    audit of 2,000 images <= 2.0x the bare forward; angles <= 1.3x the bare
    read + Gram), peak memory, disk (written and estimated).
 
-Timings need a quiet machine: the load average is printed first, and the
-script refuses to time (it still measures memory and disk) when it is above
-``--max-load`` (default 1.2) unless ``--force``. Children use 2 threads
-(``--threads``).
+Timings need a quiet machine: the script refuses to start when the load
+average is above ``--max-load`` (default 1.2); ``--force`` runs anyway (memory
+and disk stay valid, the times are marked as not comparable). Children use 2
+threads (``--threads``).
 """
 
 from __future__ import annotations
@@ -177,9 +177,11 @@ def main() -> None:
     if not CIFAR.is_dir():
         raise SystemExit(f"{CIFAR} is absent: the benchmark needs the shared CIFAR-10 images")
     load = _load()
-    timed = args.force or load < args.max_load
-    print(f"load average {load:.2f}: " + ("timing" if timed else f"above {args.max_load}, memory and disk only "
-                                           "(times are printed but are not comparable; --force to time anyway)"))
+    quiet = load < args.max_load
+    if not (quiet or args.force):
+        raise SystemExit(f"load average {load:.2f} is above {args.max_load}: times would not be comparable "
+                         "(--force to measure anyway: memory and disk stay valid)")
+    print(f"load average {load:.2f}" + ("" if quiet else f", above {args.max_load}: times are not comparable"))
     work = args.work or Path(tempfile.mkdtemp(prefix="resdyn-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
     model = _model(work)
@@ -213,8 +215,8 @@ def main() -> None:
         print(f"{r['images']:>7} {r['audit_s']:9.1f} {r['audit_s'] / r['forward_s']:6.2f} {r['audit_mib']:9.0f} "
               f"{r['angles_s']:9.1f} {r['angles_s'] / r['read_gram_s']:11.2f} {r['angles_mib']:9.0f} "
               f"{r['disk'] / 1e9:8.2f} {r['estimate'] / r['disk']:8.3f}x")
-    if not timed:
-        print("(times taken on a busy machine: not comparable)")
+    if not quiet:
+        print(f"(times taken at a load average of {load:.2f} and more: not comparable)")
     print(f"kept in {work}")
 
 
