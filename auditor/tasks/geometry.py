@@ -293,9 +293,12 @@ def stage_geometry(
                 wait_for_writer(path)  # wait, then reuse (or resume) its store (under torchrun: RankError, refused)
                 continue
             except OutputError as exc:  # no room (estimated up front, or a write that failed): say where else
-                if getattr(exc.cause, "errno", None) == errno.ENOSPC:
-                    exc.hint = ("free some space, or pass {remedy} a folder with room for the activation store"
-                                + ("" if cache is not None else " (or set TMPDIR to one)"))
+                if getattr(exc.cause, "errno", None) == errno.ENOSPC and exc.remedy is None:
+                    elsewhere = ("pass {remedy} a folder with room for the activation store"
+                                 + ("" if cache is not None else " (or set TMPDIR to one)"))
+                    up_front = str(exc.cause.strerror).startswith("no room for the activation store")
+                    exc.hint = (f"free some space, or {elsewhere}" if up_front or not exc.hint
+                                else f"{exc.hint}; or {elsewhere}")  # a failed write keeps what it says of the file
                     exc.remedy = Remedy("cache", None)
                 raise
             skipped = result.skipped
