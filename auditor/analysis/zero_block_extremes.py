@@ -65,7 +65,7 @@ from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 
 __all__ = [
     "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
-    "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ",
+    "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ", "LARGE_MAX_STEPS",
 ]
 
 # Lanczos steps (largest values, and the smallest by inverse iteration) before an extreme is given up
@@ -75,6 +75,9 @@ DEFAULT_MAX_ITERATIONS = 300
 DENSE_MAX = 1024
 # Operators whose sparse matrix (the product of the factors' matrices) holds more entries take the interval path.
 SPARSE_MAX_NNZ = 40_000_000
+# Lanczos steps on the operators beyond the sparse factorization (224 px: each step is a block's forward
+# and adjoint in float64; the basis is kept for the reorthogonalization).
+LARGE_MAX_STEPS = 80
 _TOL = 1e-9  # relative Ritz residual of the Lanczos runs (sigma to ~5e-10)
 # Operators up to this many unknowns run on one thread (products of one vector: thread barriers cost more
 # than the work on a busy machine, see batched.torch_single_thread).
@@ -349,8 +352,8 @@ def _lanczos(apply: Callable[[torch.Tensor], torch.Tensor], n: int, max_steps: i
     """
     generator = torch.Generator().manual_seed(_SEED)
     steps = max(1, min(n, max_steps))
-    basis = torch.zeros(steps + 1, n, dtype=dtype)
     start = torch.randn(n, dtype=dtype, generator=generator)
+    basis = torch.empty(steps + 1, n, dtype=dtype)  # pages are committed as rows are written
     basis[0] = start / torch.linalg.vector_norm(start)
     alpha, beta = [], []
     top, converged, vectors, values, used = 0.0, False, None, None, 0
@@ -535,9 +538,10 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     rank = _rank_bound(convs, shortcut)
     structural = rank is not None and rank < m
     large = _estimated_nnz(convs) > sparse_max_nnz
-    run = _lanczos(apply, n, max_iterations, tol, want_bottom=large and not structural)
+    steps = min(max_iterations, LARGE_MAX_STEPS) if large else max_iterations
+    run = _lanczos(apply, n, steps, tol, want_bottom=large and not structural)
     top = math.sqrt(max(run.top, 0.0))
-    max_note = None if run.top_converged else f"sigma_max did not converge in {max_iterations} Lanczos steps"
+    max_note = None if run.top_converged else f"sigma_max did not converge in {steps} Lanczos steps"
     if structural:
         return ZeroOperatorExtremes(top, 0.0, (0.0, 0.0), f"lanczos; structural-zero (rank <= {rank} < {m})",
                                     run.top_converged, max_note, run.steps)
