@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import distributed
+from ..analysis.boundary import check_boundary
 from ..analysis.conditioning import BlockConditioning, FoundExtremes, condition_block
 from ..analysis.pooled_projection import pooled_projection
 from ..analysis.spectra import (
@@ -47,10 +48,8 @@ from ..subject import Subject
 
 __all__ = [
     "LayerSpectrum", "ConditionReport", "condition", "block_operators", "save_spectra", "conditioning_entry",
-    "BOUNDARIES",
 ]
 
-BOUNDARIES = ("circular", "zero")
 Progress = Callable[[int, int], None]
 
 
@@ -572,8 +571,7 @@ def condition(
     ArchitectureError
         A block holds a part the linearization does not cover (unless ``skip_uncovered``).
     """
-    if boundary not in BOUNDARIES:
-        raise UsageError(f"boundary {boundary!r} is not one of {', '.join(BOUNDARIES)}")
+    check_boundary(boundary)
     target = torch.device(device)
     model = subject.loaded.model
     modules = dict(model.named_modules())
