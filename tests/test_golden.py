@@ -26,15 +26,17 @@ from rich.console import Console
 
 from auditor.report.audit_view import audit_markdown, audit_tables
 from auditor.report.markdown import inspect_markdown
+from auditor.report.models_view import models_markdown, models_tables
 from auditor.report.tables import inspect_tables
+from auditor.report.trajectory_view import trajectory_markdown, trajectory_tables
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("RESDYN_UPDATE_GOLDEN") == "1"
 
 
-def _table_text(renderables: list[Any]) -> str:
+def _table_text(renderables: list[Any], width: int = 120) -> str:
     stream = io.StringIO()
-    console = Console(width=120, force_terminal=True, color_system=None, file=stream, legacy_windows=False)
+    console = Console(width=width, force_terminal=True, color_system=None, file=stream, legacy_windows=False)
     for renderable in renderables:
         console.print(renderable)
     return stream.getvalue()
@@ -45,6 +47,12 @@ VIEWS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "audit.md": ("audit.json", audit_markdown),
     "inspect.table.txt": ("inspect.json", lambda doc: _table_text(inspect_tables(doc))),
     "inspect.md": ("inspect.json", inspect_markdown),
+    # trajectory.json: resdyn trajectory on the three bundled runs at epochs 0 and 6 with --condition;
+    # angles-models.json: resdyn angles on two bundled checkpoints (#28); rendered 140 wide
+    "trajectory.table.txt": ("trajectory.json", lambda doc: _table_text(trajectory_tables(doc), 140)),
+    "trajectory.md": ("trajectory.json", trajectory_markdown),
+    "angles-models.table.txt": ("angles-models.json", lambda doc: _table_text(models_tables(doc), 140)),
+    "angles-models.md": ("angles-models.json", models_markdown),
 }
 
 
@@ -66,3 +74,6 @@ def test_golden_inputs_are_valid_reports() -> None:
 
     for source in {source for source, _ in VIEWS.values()}:
         validate(json.loads((GOLDEN / source).read_text()))
+    trajectory = json.loads((GOLDEN / "trajectory.json").read_text())
+    assert [run["name"] for run in trajectory["series"]] == ["resnet8", "resnet8_nobn", "resnet8_plain"]
+    assert len(json.loads((GOLDEN / "angles-models.json").read_text())["models"]) == 2
