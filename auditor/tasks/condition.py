@@ -413,7 +413,7 @@ def _zero_part(part: ZeroOperatorExtremes) -> tuple[tuple[float, float], str | N
     """``(sigma_max, sigma_min)`` (NaN where only an interval is known) and why a kappa is unknown."""
     if part.sigma_min is None:
         return (part.sigma_max, math.nan), part.reason or "sigma_min not certified"
-    if not part.max_converged:
+    if not part.max_converged and part.sigma_min > 0:  # sigma_min = 0 is singular whatever sigma_max is
         return (part.sigma_max, part.sigma_min), part.reason or "sigma_max did not converge"
     return (part.sigma_max, part.sigma_min), None
 
