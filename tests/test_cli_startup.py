@@ -89,6 +89,8 @@ def test_help_needs_no_heavy_import(args: list[str]) -> None:
         (["stability", str(FIXTURES / "resnet8-digits.safetensors"), "--data", "no-such-source"],
          "no data source has that name"),
         (["audit", str(FIXTURES / "resnet8-digits.safetensors"), "--step-summary"], "GITHUB_STEP_SUMMARY is not set"),
+        (["stability", str(FIXTURES / "resnet8-digits.safetensors"), "--data", str(FIXTURES / "digits"), "--eps",
+          "1e-7"], "eps must be at least 1e-05 with float32"),
     ],
 )
 def test_usage_errors_come_before_any_heavy_import(args: list[str], message: str) -> None:

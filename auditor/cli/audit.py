@@ -98,6 +98,10 @@ def audit_command(
     shape = parse_input_size(input_size)
     summary_file = step_summary_file(step_summary)
     check_data_early(data)
+    if data is not None:  # stability runs: its eps floor before torch loads
+        from ..analysis.stability.options import check_eps
+
+        check_eps(eps, dtype.value)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)
     from ..tasks.audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
     from ..report.audit_view import audit_markdown, audit_tables

@@ -60,6 +60,9 @@ def stability_command(
     shape = parse_input_size(input_size)
     chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
     check_data_early(data)
+    from ..analysis.stability.options import check_eps
+
+    check_eps(eps, dtype.value)  # before torch loads
     from ..tasks.stability import check_stability_options
 
     check_stability_options(eps=eps, directions=directions, samples=samples, dtype=dtype.value)

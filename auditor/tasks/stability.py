@@ -15,7 +15,8 @@ from typing import Any
 
 from .. import distributed
 from ..analysis.stability import STABILITY_DEFAULTS, StabilityReport
-from ..errors import Remedy, UsageError
+from ..analysis.stability.options import MIN_EPS, check_eps
+from ..errors import UsageError
 from ..subject import Subject
 from .bounds import check_memory, stability_bytes
 from .images import PreparedImages
@@ -24,14 +25,6 @@ __all__ = ["StabilityResult", "MIN_EPS", "check_stability_options", "subject_sta
 
 Progress = Callable[[int, int], None]
 
-# Smallest usable eps per working dtype. ``r`` differences two forward passes whose
-# rounding is a few units of the dtype's resolution (float32: 6e-8) relative to the
-# output, so its relative error is about that over eps: measured against float64 on
-# the bundled ResNet-8 (8 images x 2 directions), block r_median off by 0.25 % at
-# 1e-5, 1.3 % at 3e-6, 10 % at 1e-6, 56 % at 3e-7 and 9x at 1e-8; far below, the
-# perturbation vanishes when added (at 1e-12 every r and end-to-end error read 0.0).
-# float64: the same margin over its resolution (1.1e-16).
-MIN_EPS = {"float32": 1e-5, "float64": 1e-13}
 
 
 @dataclass(frozen=True)
@@ -81,16 +74,7 @@ def check_stability_options(*, eps: float, directions: int, samples: int,
         perturbation would drown in rounding); ``directions`` or ``samples``
         below 1; ``dtype`` not float32 or float64.
     """
-    if dtype not in MIN_EPS:
-        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(MIN_EPS)}")
-    if not (0 < eps < 1):
-        raise UsageError(f"eps {eps!r} is outside (0, 1)", hint="a relative perturbation such as 1e-3")
-    if eps < MIN_EPS[dtype]:
-        wider = dtype == "float32"
-        raise UsageError(f"eps {eps:g} is below what {dtype} products resolve: eps must be at least "
-                         f"{MIN_EPS[dtype]:g} with {dtype} products",
-                         hint="use {remedy} for smaller" if wider else None,
-                         remedy=Remedy("dtype", "float64") if wider else None)
+    check_eps(eps, dtype)
     if directions < 1 or samples < 1:
         raise UsageError(f"directions ({directions}) and samples ({samples}) must be at least 1")
     need, per_direction = stability_bytes(samples, directions)  # before any work: no model needed
