@@ -43,7 +43,7 @@ from torch import nn
 from .chunks import row_norms
 from .linearized import BlockProducts, Linearized
 
-__all__ = ["KrylovGain", "largest_gain"]
+__all__ = ["KrylovGain", "largest_gain", "StepPlan", "plan_steps", "SURVEY_STEPS"]
 
 
 @dataclass(frozen=True)
