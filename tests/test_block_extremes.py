@@ -232,8 +232,11 @@ def test_whole_bottleneck_network_fast_equals_full_spectra(monkeypatch: pytest.M
     from auditor.tasks.condition import condition
     from auditor.models.anatomy import analyze_anatomy
 
+    class Narrow(Bottleneck):  # ResNet-50's blocks with 1x instead of 4x output channels (64..512, not 256..2048):
+        expansion = 1          # the same structure (width 8..64 below them), a quarter of the sides
+
     torch.manual_seed(0)
-    model = ResNet(Bottleneck, [2, 1, 1, 1], width_per_group=8).eval()
+    model = ResNet(Narrow, [2, 1, 1, 1], width_per_group=8).eval()
     g = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):  # folding must matter, as in a trained network
