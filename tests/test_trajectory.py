@@ -182,6 +182,17 @@ def test_a_second_run_reuses_the_stores_and_the_kappas(run: dict, tmp_path: Path
     assert kappas.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_html_embeds_the_figures_the_run_drew(run: dict, tmp_path: Path, capsys) -> None:
+    """--format html with --plot / --plot-condition: both PNGs inside the page (from the cached stores)."""
+    page = tmp_path / "t.html"
+    code, _, err = run_cli(["trajectory", str(RUNS / "resnet8_plain" / "epoch-06.safetensors"), *COMMON,
+                            "--condition", "--cache", run["cache"], "--plot", tmp_path / "a.png",
+                            "--plot-condition", tmp_path / "k.png", "--format", "html", "-o", page], capsys)
+    assert code == 0, err
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 2 and "<table" in text
+
+
 def test_angles_of_a_checkpoint_without_images_is_one_line_exit_2(capsys) -> None:
     code, out, err = run_cli(["angles", RUNS / "resnet8" / "epoch-06.safetensors"], capsys)
     lines = err.strip().splitlines()

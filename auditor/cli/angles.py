@@ -105,7 +105,8 @@ def angles_command(
 
         if world().is_main:
             plot_angles_by_model(result.models, plot, classes=result.classes)
-    emit(document, fmt, output, table=_tables, markdown=_markdown)
+    emit(document, fmt, output, table=_tables, markdown=_markdown,
+         figures=[plot] if plot is not None else [])  # html embeds it
 
 
 def register(app: typer.Typer) -> None:

@@ -116,7 +116,8 @@ def trajectory_command(
     if result.skipped:
         warn(skipped_message(result.data["root"], result.skipped))
     _figures(document, plot, plot_condition)
-    emit(document, fmt, output, table=_tables, markdown=_markdown)
+    drawn = [path for path in (plot, plot_condition) if path is not None]
+    emit(document, fmt, output, table=_tables, markdown=_markdown, figures=drawn)  # html embeds them
 
 
 def register(app: typer.Typer) -> None:
