@@ -9,8 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .figures.canvas import pyplot as _pyplot
-from .figures.canvas import save_figure as _save
+from .figures.canvas import pyplot, save_figure
 
 __all__ = ["plot_angles_by_stage", "plot_error_trajectory", "plot_conditioning"]
 
@@ -24,7 +23,7 @@ def _values(mapping: Mapping[str, float | None]) -> list[float]:
 def _draw_angles(ax: Any, x: Sequence[Any], series: Sequence[Mapping[str, Any]], *, legend: bool) -> None:
     """Intra per class (solid), inter per pair (dashed) or as a min-max band."""
     classes = list(series[0]["intra"]) if series else []
-    colors = _pyplot().get_cmap("tab10")
+    colors = pyplot().get_cmap("tab10")
     for index, name in enumerate(classes):
         ys = [s["intra"].get(name) for s in series]
         ax.plot(x, [float("nan") if y is None else y for y in ys], "-o", ms=3, lw=1.4,
@@ -49,19 +48,19 @@ def _draw_angles(ax: Any, x: Sequence[Any], series: Sequence[Mapping[str, Any]],
 
 def plot_angles_by_stage(stages: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
     """Angle against stage: within-class (solid) and between-class (dashed / band) medians."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     names = [s["name"] for s in stages]
     _draw_angles(ax, list(range(len(names))), stages, legend=True)
     ax.set_xticks(list(range(len(names))), names)
     ax.set_xlabel("stage (before each down-sampling)")
     ax.set_title(title or "Median principal angles by stage")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_error_trajectory(points: Sequence[Mapping[str, Any]], eps: float, path: Path, *, title: str = "") -> Path:
     """Relative error after every block for an input perturbation of relative size eps."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = [p["name"] for p in points]
     x = list(range(len(names)))
@@ -80,12 +79,12 @@ def plot_error_trajectory(points: Sequence[Mapping[str, Any]], eps: float, path:
     ax.set_title(title or "Perturbation along the network (the dynamical system's trajectory)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_conditioning(blocks: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
     """Paper and exact condition numbers per block (log scale)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = [b["name"] for b in blocks]
     x = list(range(len(names)))
@@ -109,4 +108,4 @@ def plot_conditioning(blocks: Sequence[Mapping[str, Any]], path: Path, *, title:
     ax.set_title(title or "Block condition numbers")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
