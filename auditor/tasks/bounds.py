@@ -18,13 +18,26 @@ from collections.abc import Sequence
 
 from ..errors import Remedy, UsageError
 
-__all__ = ["available_memory", "check_memory", "stability_bytes", "extract_bytes"]
+__all__ = ["available_memory", "check_memory", "stability_bytes", "extract_bytes", "size_text"]
 
 # Bookkeeping per perturbed run of a block (a float64 reference norm, and the Python floats of the
 # direction, output and BatchNorm norms and the deltas kept for the report): about 150 bytes.
 RUN_BYTES = 150
 # Buffer sets an extraction keeps in flight (_BufferPool: one being filled, three queued, one written).
 EXTRACT_SETS = 5
+
+
+def size_text(n: float, *, binary: bool = False) -> str:
+    """``n`` bytes for a person: ``13.7 GB``, ``512 MB``, ``40 kB`` (powers of 1000, as ``df -H``), or with
+    ``binary`` ``1.5 GiB``, ``512.0 MiB`` (powers of 1024, as ``free -h``: memory)."""
+    base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
+    if n < base:
+        return f"{n:.0f} B"
+    for unit in units[1:-1]:
+        n /= base
+        if n < base:
+            return f"{n:.1f} {unit}"
+    return f"{n / base:.1f} {units[-1]}"
 
 
 def available_memory() -> int:
@@ -40,14 +53,6 @@ def available_memory() -> int:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (OSError, ValueError):
         return 2**63 - 1  # unknown: nothing is refused
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def check_memory(need: int, what: str, name: str, value: int, per_unit: int) -> None:
@@ -75,7 +80,7 @@ def check_memory(need: int, what: str, name: str, value: int, per_unit: int) -> 
     if need <= free:
         return
     fits = max(1, value - math.ceil((need - free) / max(1, per_unit)))
-    raise UsageError(f"{what} need at least {_size(need)} of memory, {_size(free)} is available",
+    raise UsageError(f"{what} need at least {size_text(need, binary=True)} of memory, {size_text(free, binary=True)} is available",
                      hint="lower {remedy} (the most that fits now)", remedy=Remedy(name, fits))
 
 

@@ -24,8 +24,9 @@ import numpy as np
 from ..errors import OutputError, Remedy
 from ..io.store import StoreHeader
 from ..io.store.layout import STORED_DTYPE, samples_per_chunk
+from .bounds import size_text
 
-__all__ = ["store_bytes", "free_bytes", "check_store_space", "size_text"]
+__all__ = ["store_bytes", "free_bytes", "check_store_space"]
 
 _FIXED_BYTES = 24 * 1024  # superblock, groups, attributes, the classes (measured: 20-23 KiB)
 _CHUNK_BYTES = 4 + 64  # a chunk's checksum and its share of the chunk index
@@ -59,15 +60,6 @@ def store_bytes(header: StoreHeader) -> int:
 def free_bytes(folder: Path) -> int:
     """Bytes free for this user in ``folder`` (``shutil.disk_usage``)."""
     return shutil.disk_usage(folder).free
-
-
-def size_text(n: float) -> str:
-    """``n`` bytes for a person: ``13.7 GB``, ``512 MB``, ``40 kB`` (powers of 1000, as ``df -H``)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
 
 
 def check_store_space(path: str | Path, header: StoreHeader, *, hint: str | None = None,
