@@ -23,8 +23,8 @@ from auditor.analysis.stability import capture as capture_module
 from auditor.analysis.stability import chunks as chunks_module
 from auditor.analysis.stability.chunks import concatenate, distances, kept, repeats
 from auditor.analysis.stability.directions import Directions
-from auditor.analysis.stability.krylov import StepPlan, largest_gain, plan_steps
-from auditor.analysis.stability.linearized import Linearized, Reverse, jacobian_copy
+from auditor.analysis.stability.krylov import GolubKahan, Round, largest_gain, plan_rounds
+from auditor.analysis.stability.linearized import BlockProducts, Linearized, Reverse, jacobian_copy
 from auditor.errors import InputError, UsageError
 from auditor.models.anatomy import analyze_anatomy
 from auditor.models.registry import build_model
@@ -481,17 +481,43 @@ def test_lanczos_stops_once_the_krylov_space_is_invariant(monkeypatch):
 
 
 def test_the_step_budget_goes_to_the_samples_that_may_hold_the_maximum():
-    """Survey steps everywhere, the quarter with the largest survey gains refined; never more steps in all."""
+    """Survey steps everywhere, then the better half continues round by round; never more work in all."""
     for samples in (1, 2, 3, 5, 8, 32, 61):
         for steps in (1, 3, 4, 8, 20):
-            plan = plan_steps(samples, steps)
+            rounds = plan_rounds(samples, steps)
+            assert rounds[0].keep == samples
             # the power iteration's work in forward passes (steps J v at 1, steps - 1 J^T u at 2): a Lanczos
-            # step costs 3, a refined run's recorded forward pass 3 more (or steps Lanczos steps, no refinement)
-            used = 3 * (samples * plan.survey + plan.refined * (plan.refine_steps + 1))
-            assert used <= samples * (3 * steps - 2) or (plan.refined == 0 and plan.survey == steps)
-            assert plan.refine_steps > steps or plan.refined == 0
-    assert plan_steps(32, 8) == StepPlan(survey=3, refined=8, refine_steps=16)
-    assert plan_steps(1, 8).refined == 0 and plan_steps(1, 8).survey == 8
+            # step costs 3, each row of a round records its forward pass (1)
+            used = sum(r.keep * (1 + 3 * r.steps) for r in rounds)
+            assert used <= samples * (3 * steps - 2) or rounds == (Round(samples, steps),)
+            assert all(a.keep > b.keep for a, b in zip(rounds, rounds[1:]))  # halving, never a round twice
+            if len(rounds) > 1:
+                assert rounds[-1].keep == 1 and sum(r.steps for r in rounds) > steps
+    assert [r.keep for r in plan_rounds(32, 8)] == [32, 16, 8, 4, 2, 1]
+    assert sum(r.steps for r in plan_rounds(32, 8)) == 53
+    assert plan_rounds(1, 8) == (Round(1, 8),)
+
+
+def test_a_run_continued_is_the_run_made_at_once():
+    """GolubKahan.advance in parts, on a subset, equals one run of as many steps (the racing rounds rely on it)."""
+    net, _ = _tiny(ReluBlock, seed=2, channels=2, size=4)
+    block = jacobian_copy(net.block)
+    x, v = _images(3, seed=11, shape=(2, 4, 4)), _images(3, seed=12, shape=(2, 4, 4))
+    x, v = x.double(), v.double()
+    block = block.double()
+    at_once = largest_gain(block, x, v, 7, 0.0)
+    runs = GolubKahan(v)
+    runs.advance(BlockProducts(block, x), torch.arange(3), 3, 0.0)
+    rows = torch.tensor([0, 2])
+    runs.advance(BlockProducts(block, x[rows]), rows, 4, 0.0)
+    parts = runs.result()
+    assert parts.steps.tolist() == [7, 3, 7]
+    assert torch.allclose(parts.gain[rows], at_once.gain[rows], rtol=1e-12, atol=0)
+    assert torch.allclose(parts.residual[rows], at_once.residual[rows], rtol=1e-9, atol=1e-15)
+    # the row left behind kept its 3-step value: a lower bound of the 7-step one (interlacing)
+    assert parts.gain[1] <= at_once.gain[1] + 1e-12
+    with pytest.raises(ValueError, match="different steps"):
+        runs.advance(BlockProducts(block, x), torch.arange(3), 1, 0.0)
 
 
 def test_unconverged_power_iteration_is_reported():

@@ -32,7 +32,7 @@ Worst direction. Golub-Kahan-Lanczos per sample, all samples of a batch at once 
 eval-mode block acts on each row separately, so one batched product is many
 independent ones); :mod:`.krylov` states what the top Ritz value and its residual
 certify, and how the budget of ``power_iterations`` power steps per sample is spent
-(a short survey of every sample, then the samples that may hold the maximum). A
+(a race: a short survey of every sample, then round by round the better half goes on). A
 sample stops once its relative residual is at most ``power_tolerance``; from then on
 its value is frozen, so a sample's result does not depend on the others in its batch.
 Samples that never met the test are counted in ``worst_unconverged``: their value is

@@ -25,8 +25,8 @@ from .capture import Taps, capture, capture_groups
 from .checks import check_bounds, check_device, check_images, check_options, check_power
 from .chunks import distances, group_runs, kept, ratio_or_nan, row_norms, row_slices, rows_per_chunk, share, stats
 from .directions import Directions
-from .krylov import largest_gain, plan_steps
-from .linearized import Linearized, jacobian_copy
+from .krylov import GolubKahan, plan_rounds
+from .linearized import BlockProducts, Linearized, jacobian_copy
 from .options import STABILITY_DEFAULTS, StabilityOptions
 from .results import BatchNormStability, BlockStability, StabilityReport, Trajectory, TrajectoryPoint
 
@@ -205,21 +205,6 @@ class _Worst:
     notes: list[str] = field(default_factory=list)
 
 
-def _krylov_rows(block: nn.Module, x: torch.Tensor, start: torch.Tensor, rows: np.ndarray, steps: int,
-                 tolerance: float, per_batch: int, linearized: Linearized) -> tuple[np.ndarray, ...]:
-    """:func:`largest_gain` at the samples ``rows``, ``per_batch`` at a time: gains, residuals, converged."""
-    gains: list[float] = []
-    residuals: list[float] = []
-    flags: list[bool] = []
-    for chunk in row_slices(len(rows), per_batch):
-        index = torch.as_tensor(rows[chunk])
-        found = largest_gain(block, x[index], start[index], steps, tolerance, linearized)
-        gains.extend(kept(found.gain))
-        residuals.extend(kept(found.residual))
-        flags.extend(kept(found.converged))
-    return np.asarray(gains), np.asarray(residuals), np.asarray(flags, dtype=bool)
-
-
 def _worst_direction(
     block: nn.Module, x: torch.Tensor, runs: _BlockRuns, valid_sample: np.ndarray, options: StabilityOptions,
     batch_size: int | None, bounds: Bounds,
@@ -236,18 +221,25 @@ def _worst_direction(
     jacobian_block = jacobian_copy(block)
     linearized = Linearized(jacobian_block)
     per_batch = batch_size if batch_size is not None else max(1, runs.size // 4)
-    plan = plan_steps(len(valid), steps)
-    # 1. the survey: every valid sample, plan.survey steps
-    gain, residual, met = _krylov_rows(jacobian_block, x, runs.start, valid, plan.survey, tolerance, per_batch,
-                                       linearized)
-    if plan.refined:
-        # 2. the samples with the largest survey gains (ties: the earlier sample) again, with the rest of the budget
-        order = np.lexsort((np.arange(len(valid)), -gain))[: plan.refined]
-        order = order[~met[order]]
-        if len(order):
-            found = _krylov_rows(jacobian_block, x, runs.start, valid[order], plan.refine_steps, tolerance,
-                                 per_batch, linearized)
-            gain[order], residual[order], met[order] = found
+    rounds = plan_rounds(len(valid), steps)
+    runs_gk = GolubKahan(runs.start[torch.as_tensor(valid)])
+    alive = np.arange(len(valid))
+    for race in rounds:
+        # the race's best `keep` by gain so far (ties: the earlier sample) continue their own runs
+        gains = runs_gk.gain.numpy()
+        alive = alive[np.lexsort((alive, -gains[alive]))][: race.keep]
+        active = alive[~runs_gk.converged.numpy()[alive]]  # converged here: an invariant Krylov space, exact
+        for chunk in row_slices(len(active), per_batch):
+            rows = torch.as_tensor(active[chunk])
+            products = BlockProducts(jacobian_block, x[torch.as_tensor(valid)[rows]], linearized)
+            # no freezing at `tolerance` in the race: a frozen sample's steps would be lost, not given to
+            # another, and a residual of 1e-2 can still sit 1-2 % below sigma_max (a lower singular value)
+            runs_gk.advance(products, rows, race.steps, 0.0)
+            del products
+    found = runs_gk.result()
+    del runs_gk
+    gain, residual = found.gain.numpy(), found.residual.numpy()
+    met = found.converged.numpy() | (residual <= tolerance)
     worst.unconverged = int((~met).sum())
     top = int(np.argmax(gain))
     worst.gain, worst.gain_converged, worst.gain_residual = float(gain[top]), bool(met[top]), float(residual[top])
@@ -257,10 +249,11 @@ def _worst_direction(
             f"> {tolerance:g} (raise power_iterations)"
         )
     if worst.unconverged:
-        refined = f"; {plan.refined} refined to {plan.refine_steps} steps" if plan.refined else ""
+        raced = (f"; the better half continued round by round, up to {int(found.steps.max())} steps"
+                 if len(rounds) > 1 else "")
         worst.notes.append(
-            f"{worst.unconverged} of {len(valid)} sample(s) did not meet the residual test ({plan.survey} steps"
-            f"{refined}): their worst-direction r is a lower bound, and so are worst_r_median and the worst shares"
+            f"{worst.unconverged} of {len(valid)} sample(s) did not meet the residual test ({rounds[0].steps} steps"
+            f"{raced}): their worst-direction r is a lower bound, and so are worst_r_median and the worst shares"
         )
     ratios = gain * runs.x_norms[valid] / runs.f_norms[valid]
     worst.r, worst.r_converged = float(ratios.max()), bool(met[int(np.argmax(ratios))])

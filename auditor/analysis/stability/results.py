@@ -67,7 +67,7 @@ class BlockStability:
         smallest gain (and the lower bound of Lemma 1/2 in the linearization) is 0.
     worst_unconverged : int or None
         Samples (with a defined ``r``) whose Lanczos run did not meet the residual test
-        (survey samples that were not refined among them); their gain is a lower bound
+        (samples dropped early from the race among them); their gain is a lower bound
         only. None when the worst direction was not searched.
     worst_gain_converged : bool or None
         Whether the sample that gives ``worst_gain`` met the residual test
@@ -209,7 +209,7 @@ class StabilityReport:
     seed : int
     power_iterations : int
         Lanczos steps per sample for the worst direction, spent by
-        :func:`~.krylov.plan_steps` (each one ``J v`` and one ``J^T u``).
+        :func:`~.krylov.plan_rounds` (each one ``J v`` and one ``J^T u``).
     power_tolerance : float
         Residual test of the worst direction: a sample's top Ritz value is converged
         when its relative residual is at most this.
