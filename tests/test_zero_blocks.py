@@ -177,3 +177,38 @@ def test_cli_json_says_zero_for_blocks(tiny_checkpoint, capsys) -> None:
     console = Console(width=200, record=True)
     console.print(blocks_table(document))
     assert "Block conditioning (zero boundary" in console.export_text()
+
+
+def test_plain_branch_of_square_factors_takes_each_factors_lu() -> None:
+    # three square factors (1x1, 3x3, 1x1 at 4 channels): B^{-1} B^{-T} from the factors' own LUs
+    shape = (4, 8, 8)
+    modules = [_conv(4, 4, k=1, seed=11), _conv(4, 4, seed=12), _conv(4, 4, k=1, seed=13)]
+    _check(modules, lambda x: x, IdentityShortcut(shape), shape)
+    found = zero_operator_extremes(_chain(modules, shape), None, dense_max=0)
+    assert "per-factor" in found.method
+
+
+def test_plain_branch_with_a_singular_square_factor_is_zero() -> None:
+    modules = [_conv(4, 4, seed=14, bn=False), _conv(4, 4, seed=15, bn=False)]
+    modules[1][0].weight.data[:, :, 1, 1] = 0.0  # the centre tap's output channel 0 row ...
+    modules[1][0].weight.data[0] = 0.0  # ... and output channel 0 entirely: W_2 has zero rows
+    ops = _chain(modules, SHAPE)
+    values = _values(_dense(lambda x: modules[1](modules[0](x)), SHAPE))
+    assert values[-1] < 1e-12 * values[0]
+    found = zero_operator_extremes(ops, None, dense_max=0)
+    assert found.sigma_min == 0.0 and found.sigma_min_interval == (0.0, 0.0)
+    assert found.sigma_max == pytest.approx(values[0], rel=1e-6)
+
+
+def test_cli_max_iterations(tiny_checkpoint, capsys) -> None:
+    from conftest import run_cli
+
+    code, _, err = run_cli(["condition", tiny_checkpoint, "--boundary", "zero", "--max-iterations", "0"], capsys)
+    assert code == 2 and "--max-iterations" in err and len(err.strip().splitlines()) == 1
+    # 9 px: the first stage's operators (16 x 9 x 9) are beyond the dense SVD; one Lanczos step certifies nothing
+    document = run_json(["condition", tiny_checkpoint, "--boundary", "zero", "--input-size", "9", "--no-progress",
+                         "--max-iterations", "1"], capsys)
+    first = [b for b in document["blocks"] if b["stage"] == document["blocks"][0]["stage"]]
+    assert first and all("sigma_min_interval_residual" in b for b in first)
+    low, high = first[0]["sigma_min_interval_residual"]
+    assert 0 <= low <= high

@@ -35,6 +35,7 @@ __all__ = [
     "DirectionsOpt",
     "SamplesOpt",
     "PowerOpt",
+    "MaxIterationsOpt",
     "Precision",
     "PrecisionOpt",
     "split_list",
@@ -181,6 +182,14 @@ DirectionsOpt = Annotated[int, typer.Option("--directions", min=1, help="Seeded 
 SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Images to measure on (spread over the classes).")]
 PowerOpt = Annotated[
     int, typer.Option("--power-iterations", min=0, help="Budget of the worst-direction search: Lanczos on each block's Jacobian with the products of this many power steps per sample (0: skip).")
+]
+MaxIterationsOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-iterations", min=1,
+                 help="--boundary zero: the most Lanczos steps of one run on a block operator (its sigma_max; its "
+                 "sigma_min by inverse iteration on a sparse LU); default 300, at most 80 on operators too large to "
+                 "factor (e.g. 224 px). A sigma_min not certified within them is no number: a certified interval "
+                 "[lower, upper], kappa as an interval, and the reason in the report."),
 ]
 PrecisionOpt = Annotated[
     Precision,

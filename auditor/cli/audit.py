@@ -16,7 +16,7 @@ from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt,
 from ._options import (
     ArchOpt, BatchOpt, Boundary, BoundaryOpt, CacheOpt, CenterOpt, CheckpointArg, Device, DeviceOpt, DirectionsOpt,
     EpsOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoFoldOpt, NoProgressOpt, OutputOpt, PowerOpt, Precision,
-    PrecisionOpt, SamplesOpt, StagesOpt, SubspaceOpt, check_data_early, resolve_device, split_list,
+    MaxIterationsOpt, PrecisionOpt, SamplesOpt, StagesOpt, SubspaceOpt, check_data_early, resolve_device, split_list,
 )
 
 __all__ = ["register"]
@@ -63,6 +63,7 @@ def audit_command(
     input_size: InputSizeOpt = None,
     no_fold_bn: NoFoldOpt = False,
     boundary: BoundaryOpt = Boundary.circular,
+    max_iterations: MaxIterationsOpt = None,
     preset: PresetOpt = None,
     size: SizeOpt = None,
     mean: MeanOpt = None,
@@ -112,6 +113,7 @@ def audit_command(
         stages=tuple(split_list(stages) or ()) or None, center=center, max_pairs=max_pairs,
         subspace=subspace, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
         dtype=dtype.value, batch_size=batch_size, device=resolve_device(device), cache=cache,
+        max_iterations=max_iterations,
     )
     with progress_bar("audit", enabled=not no_progress and fmt is not Format.json) as update:
         def progress(phase: str, done: int, total: int) -> None:

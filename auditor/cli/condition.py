@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import (
-    ArchOpt, Boundary, BoundaryOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoFoldOpt,
-    NoProgressOpt, OutputOpt, resolve_device,
+    ArchOpt, Boundary, BoundaryOpt, CheckpointArg, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, MaxIterationsOpt,
+    NoFoldOpt, NoProgressOpt, OutputOpt, resolve_device,
 )
 
 __all__ = ["register"]
@@ -27,6 +27,7 @@ def condition_command(
     input_size: InputSizeOpt = None,
     no_fold_bn: NoFoldOpt = False,
     boundary: BoundaryOpt = Boundary.circular,
+    max_iterations: MaxIterationsOpt = None,
     save: SaveSpectraOpt = None,
     device: DeviceOpt = Device.cpu,
     fmt: FormatOpt = Format.table,
@@ -49,6 +50,7 @@ def condition_command(
         report = condition(
             subject, fold_bn=not no_fold_bn, boundary=boundary.value, device=resolve_device(device),
             keep_spectra=save is not None, progress=update,
+            **({} if max_iterations is None else {"max_iterations": max_iterations}),
         )
     document = report.to_document()
     if save is not None:

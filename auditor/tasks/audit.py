@@ -52,6 +52,7 @@ class AuditOptions:
     workers: int = 0
     device: str = "cpu"
     cache: Path | None = None
+    max_iterations: int | None = None  # --boundary zero: Lanczos steps per block operator run (None: the default)
 
     @property
     def random_seed(self) -> int:
@@ -162,8 +163,9 @@ def audit(
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    steps = {} if opts.max_iterations is None else {"max_iterations": opts.max_iterations}
     conditioning = condition(subject, fold_bn=opts.fold_bn, boundary=opts.boundary, device=opts.device,
-                             progress=phase("conditioning"))
+                             progress=phase("conditioning"), **steps)
     timings["condition"] = time.perf_counter() - start
     anatomy = anatomy_sections(subject.anatomy)
     document: dict[str, Any] = {
