@@ -20,8 +20,20 @@ Why float64: a float32 GEMM over ``D ~ 1e5`` features has cosine errors of
 about ``1e-7 .. 1e-6``; on ReLU activations with ``D = 102400`` the medians
 from a float32 Gram were off by up to ``3e-5`` degrees (bench/bench_angles.py),
 from a float64 Gram by ``6e-14``. The medians are specified to ``1e-6``
-degrees, so the tiles are float64 (about half the float32 GEMM speed on CPU;
-computing only the upper triangle wins most of it back).
+degrees, so the medians are those of float64 cosines.
+
+Float32 products, exact medians (:mod:`.exact`, ``products="float32"``, and
+``"auto"`` for float32 / float16 stages of at least 1e9 multiply-adds): float32
+rows are exact in float32, so their Gram tiles are float32 GEMMs over chunks of
+1024 features summed in float64, each cosine known to a rigorous bound ``e``
+(Higham's ``gamma_1024 = 6.1e-5``); only the pairs whose angle interval
+straddles a median's bracket are recomputed in float64, and the medians are the
+float64 path's (to the last bit where the same operations give the pair at the
+median; about 1e-14 degrees otherwise). The rows are held as float32 (twice
+the rows of float64 in the same memory: a 300-image ResNet-50 stage is one
+panel, read once) and their float64 norms taken in the same pass as the read.
+Too many ambiguous pairs (over 1 % of a stage's, at least 4,096) or norms
+outside ``[1e-12, 1e18]``: that stage is computed again in float64.
 
 ``arccos`` is ill-conditioned near 0 and 180 degrees, so every pair with
 ``|cos| > 0.9999`` (closer than about 0.81 degrees to 0 or 180) is recomputed
@@ -41,7 +53,8 @@ just before each GEMM, so a Gram tile is a sum of float64 GEMMs over column
 blocks (the same cosines to rounding, about 1e-14 degrees). Plus 8 bytes per
 pair kept for the exact medians (``N * (N - 1) / 2`` pairs in all when every
 pair is kept: 16 MB for 2,000 samples, 100 MB for 5,000; bounded by
-``max_pairs`` per class pair otherwise), plus, with ``subspace_k``, ``8 *
+``max_pairs`` per class pair otherwise; 16 with float32 products, the pair's id
+beside its cosine), plus, with ``subspace_k``, ``8 *
 sum_c n_c ** 2`` bytes of class Gram matrices and ``8 * n_classes * D *
 subspace_k`` bytes of principal directions. Nothing of size ``N * D`` is ever
 held, so the features may live on disk; the price of a bounded panel is the
@@ -53,7 +66,8 @@ The package, one job a module: :mod:`.compute` (the entry points),
 centred and normalised, their validity), :mod:`.tiling` (panels and tiles),
 :mod:`.pairs` (which pairs are kept, the pool of their angles),
 :mod:`.kernels` (norms, GEMMs, accurate angles), :mod:`.products` (Gram tiles
-of whole or blocked rows), :mod:`.gram` (the passes),
+of whole, blocked or float32 rows), :mod:`.exact` (float32 products, their
+bound, the exact medians), :mod:`.gram` (the passes),
 :mod:`.subspaces` (class subspaces), :mod:`.result` (:class:`StageAngles`).
 
 References

@@ -8,12 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import StoreError
+from ...errors import StoreError, UsageError
 from .gram import GramRun, Progress
 from .result import StageAngles
-from .source import check_labels, check_names, check_options, rows_of
+from .source import RowSource, check_labels, check_names, check_options, rows_of
 
 __all__ = ["median_angles", "median_angles_h5"]
+
+_PRODUCTS = ("auto", "float32", "float64")
+_FLOAT32_ROWS = (np.dtype(np.float16), np.dtype(np.float32))  # exact in float32
+_FLOAT32_WORK = 10 ** 9  # multiply-adds of a stage's Gram from which "auto" takes float32 products
 
 
 def median_angles(
@@ -27,6 +31,7 @@ def median_angles(
     block_rows: int = 1024,
     subspace_k: int | None = None,
     progress: Progress | None = None,
+    products: str = "auto",
 ) -> StageAngles:
     """Median intra- and inter-class angles of one stage's activations.
 
@@ -71,6 +76,17 @@ def median_angles(
         ``1e-12`` times the largest are dropped as rank-deficient.
     progress : callable, optional
         Called as ``progress(done, total)`` after every unit of work.
+    products : {"auto", "float32", "float64"}, default "auto"
+        How the Gram products are taken; the medians are the same either way.
+        ``"float64"``: float64 GEMMs (the reference). ``"float32"``: float32
+        GEMMs over chunks of 2048 features with a rigorous error bound, then
+        the few pairs whose angle the bound leaves ambiguous around a median
+        recomputed in float64 (:mod:`auditor.analysis.angles.exact`); only for
+        float32 or float16 rows and without ``subspace_k`` (whose class Grams
+        need float64 entries), float64 otherwise, and float64 again when more
+        than 1 % of the pairs are ambiguous. ``"auto"``: ``"float32"`` when a
+        stage's Gram has at least 1e9 multiply-adds (``N (N - 1) / 2 x D``),
+        where it pays.
 
     Returns
     -------
@@ -116,12 +132,25 @@ def median_angles(
     names = check_names(class_names)
     lab = check_labels(labels, len(names), source)
     check_options(max_pairs=max_pairs, block_rows=block_rows, subspace_k=subspace_k, seed=seed)
-    # 2. Run the passes (see GramRun) and assemble the result.
-    run = GramRun(
-        source, lab, len(names), center=center, max_pairs=max_pairs,
-        block_rows=block_rows, subspace_k=subspace_k, progress=progress,
-    )
-    return run.run(seed).result(names)
+    if products not in _PRODUCTS:
+        raise UsageError(f"products must be one of {', '.join(_PRODUCTS)}, got {products!r}")
+    # 2. Run the passes (see GramRun) and assemble the result; float64 where float32 gave up.
+    float32 = _float32(products, source, subspace_k)
+    for f32 in (True, False) if float32 else (False,):
+        run = GramRun(
+            source, lab, len(names), center=center, max_pairs=max_pairs,
+            block_rows=block_rows, subspace_k=subspace_k, progress=progress, float32=f32,
+        ).run(seed)
+        if not run.gave_up:
+            break
+    return run.result(names)
+
+
+def _float32(products: str, source: RowSource, subspace_k: int | None) -> bool:
+    """Whether the Gram products are float32 (see :func:`median_angles`, ``products``)."""
+    if products == "float64" or subspace_k or source.hold not in _FLOAT32_ROWS:
+        return False
+    return products == "float32" or source.n * (source.n - 1) // 2 * source.d >= _FLOAT32_WORK
 
 
 def median_angles_h5(
@@ -135,6 +164,7 @@ def median_angles_h5(
     block_rows: int = 1024,
     subspace_k: int | None = None,
     progress: Progress | None = None,
+    products: str = "auto",
 ) -> StageAngles:
     """:func:`median_angles` of a stage dataset of an activation store, out of core.
 
@@ -146,7 +176,7 @@ def median_angles_h5(
         whole chunks (about 8 MiB), never loaded whole. A lazy wrapper with
         ``shape``, ``dtype``, ``name`` and row slicing (the store's bfloat16
         stages) is read by slicing, in the same order and sizes.
-    labels, class_names, center, max_pairs, seed, block_rows, subspace_k, progress
+    labels, class_names, center, max_pairs, seed, block_rows, subspace_k, progress, products
         As in :func:`median_angles` (``labels`` is the store's
         ``samples/label``, ``class_names`` its ``classes``).
 
@@ -183,5 +213,5 @@ def median_angles_h5(
         )
     return median_angles(
         dataset, labels, class_names, center=center, max_pairs=max_pairs, seed=seed,
-        block_rows=block_rows, subspace_k=subspace_k, progress=progress,
+        block_rows=block_rows, subspace_k=subspace_k, progress=progress, products=products,
     )

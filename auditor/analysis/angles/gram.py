@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .exact import bound_holds, cos_bound, exact_angles, exact_medians
 from .kernels import degrees
 from .pairs import PairPlan, pair_key, plan_pairs
 from .products import GramProducts
@@ -34,6 +35,8 @@ class GramRun:
        sampled pairs bucketed by tile;
     3. the Gram pass (:meth:`_gram_pass`): every tile of the row Gram matrix once;
        angles go to the pool (and, with ``subspace_k``, into the :class:`ClassGrams`);
+       with ``float32`` products, cosines and pair ids, then the exact medians
+       (:meth:`_repair`, :mod:`.exact`; ``gave_up`` when the caller must use float64);
     4. the subspaces (with ``subspace_k``, :meth:`ClassGrams.subspace_angles`):
        principal angles between the class subspaces.
 
@@ -44,7 +47,7 @@ class GramRun:
     def __init__(
         self, source: RowSource, labels: np.ndarray, n_classes: int, *, center: bool,
         max_pairs: int | None, block_rows: int, subspace_k: int | None,
-        progress: Progress | None,
+        progress: Progress | None, float32: bool = False,
     ) -> None:
         self.src = source
         self.labels = labels
@@ -54,7 +57,11 @@ class GramRun:
         self.progress = progress
         self.center = center
         self.prescan = center or max_pairs is not None
-        self.tiling = Tiling.of(source.n, block_rows, source.d, source.hold.itemsize)
+        self.float32 = float32
+        self.tiling = (
+            Tiling.of_float32(source.n, block_rows, source.d) if float32
+            else Tiling.of(source.n, block_rows, source.d, source.hold.itemsize)
+        )
         self.label_counts = np.bincount(labels, minlength=n_classes)
         self.rows = RowLoader(source, labels, self.tiling)
         self.products = GramProducts(self.tiling)
@@ -66,6 +73,8 @@ class GramRun:
         self.grams: ClassGrams | None = None  # with subspace_k
         self.subspace_angles: dict[tuple[int, int], float | None] | None = None
         self.subspace_dims: list[int] | None = None
+        self.ambiguous = 0  # float32: pairs recomputed in float64
+        self.gave_up = False  # float32: the bound does not hold or too many pairs are ambiguous: use float64
 
     def run(self, seed: int) -> GramRun:
         """Every pass, in order; returns self."""
@@ -76,11 +85,14 @@ class GramRun:
         self.plan = plan_pairs(
             self.labels, self.rows.raw_valid, self.label_counts, self.n_classes,
             max_pairs=self.max_pairs, subspace_k=self.subspace_k, seed=seed, tiling=self.tiling,
+            ids=self.float32,
         )
         if self.subspace_k:
             self.grams = ClassGrams(self.labels, self.label_counts, self.n_classes)
-        # 3. The Gram tiles: every pair once.
+        # 3. The Gram tiles: every pair once; float32 products: then the exact medians.
         self._gram_pass(self.plan)
+        if self.float32:
+            self._repair(self.plan)
         # 4. Optional principal subspaces (one more pass).
         if self.subspace_k:
             assert self.grams is not None
@@ -96,6 +108,28 @@ class GramRun:
             names, self.labels, self.rows.valid, self.label_counts, self.plan.pool, self.plan.sampled,
             self.subspace_angles, self.subspace_dims,
         )
+
+    def _repair(self, plan: PairPlan) -> None:
+        """Exact medians from the float32 cosines (:mod:`.exact`); ``gave_up`` when the bound cannot be used."""
+        low, high = self.rows.norm_range
+        if not plan.pool.size.any():
+            plan.pool.medians = {}
+            return
+        if not bound_holds(low, high):
+            self.gave_up = True
+            return
+        e = cos_bound(self.src.d, rounded=self.center, min_norm=low)
+        counted: list[int] = []
+
+        def angles(ids: np.ndarray) -> np.ndarray:
+            counted.append(ids.size)
+            return exact_angles(ids, self.rows)
+
+        medians = exact_medians(plan.pool, e, angles)
+        self.ambiguous = sum(counted)
+        if medians is None:
+            self.gave_up = True
+        plan.pool.medians = medians
 
     def _tick(self) -> None:
         self.done += 1
@@ -159,6 +193,7 @@ class GramRun:
         pairs = plan.tile_pairs.get(tile)
         # 2. One GEMM for the tile, or a sub-GEMM for the sampled pairs only.
         g = self.products.gram(rows, cols) if want.any() else None
+        n = self.src.n
         if g is not None:
             self._take(plan, g, key, want & ~plan.sampled[key], rows, cols)
             if self.grams is not None:
@@ -175,6 +210,9 @@ class GramRun:
             ur, uc = np.unique(ri), np.unique(ci)
             sub = self.products.gram(rows, cols, ur, uc)
             cos = sub[np.searchsorted(ur, ri), np.searchsorted(uc, ci)]
+        if self.float32:
+            plan.pool.add(pkey, cos, (g1[ok] * n + g2[ok]).astype(np.int64))
+            return
         plan.pool.add(pkey, degrees(cos, rows.unit_rows, cols.unit_rows, lambda: (ri, ci), self.src.d))
 
     def _take(
@@ -185,5 +223,9 @@ class GramRun:
         if idx.size == 0:
             return
         q = g.shape[1]
+        if self.float32:  # cosines and pair ids: the exact medians come after the pass
+            ids = (rows.start + idx // q) * self.src.n + cols.start + idx % q
+            plan.pool.add(key.ravel()[idx], g.ravel()[idx], ids)
+            return
         ang = degrees(g.ravel()[idx], rows.unit_rows, cols.unit_rows, lambda: (idx // q, idx % q), self.src.d)
         plan.pool.add(key.ravel()[idx], ang)

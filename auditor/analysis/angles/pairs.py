@@ -17,15 +17,21 @@ class AnglePool:
 
     Key ``c * n_classes + d`` (``c <= d``) owns ``capacity[key]`` slots from
     ``offset[key]``; tiles append to many keys at once without a Python loop.
+    With ``ids`` the pool holds cosines from float32 products instead (see
+    :mod:`.exact`) and each pair's id ``i * n_samples + j`` beside it (8 more bytes
+    a pair); :attr:`medians` then holds the exact medians once repaired.
     """
 
-    def __init__(self, capacity: np.ndarray) -> None:
+    def __init__(self, capacity: np.ndarray, *, ids: bool = False) -> None:
         self.capacity = capacity
         self.offset = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
         self.size = np.zeros_like(capacity)
         self.data = np.empty(int(capacity.sum()))
+        self.ids = np.empty(int(capacity.sum()), dtype=np.int64) if ids else None
+        self.medians: dict[int, float] | None = None  # set by exact.exact_medians (ids only)
 
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+    def add(self, keys: np.ndarray, values: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Append ``values`` (and, for a pool with ids, the pairs' ``ids``) to their ``keys``."""
         if keys.size == 0:
             return
         # 1. Group by key (stable), 2. rank inside each group, 3. write after the fill.
@@ -34,13 +40,20 @@ class AnglePool:
         start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         count = np.diff(np.r_[start, keys.size])
         rank = np.arange(keys.size) - np.repeat(start, count)
-        self.data[self.offset[keys] + self.size[keys] + rank] = values[order]
+        slots = self.offset[keys] + self.size[keys] + rank
+        self.data[slots] = values[order]
+        if self.ids is not None:
+            assert ids is not None
+            self.ids[slots] = ids[order]
         self.size[keys[start]] += count
 
     def median(self, key: int) -> float | None:
+        """The median angle of ``key`` (None without pairs)."""
         n = int(self.size[key])
         if n == 0:
             return None
+        if self.medians is not None:
+            return self.medians[key]
         o = int(self.offset[key])
         return float(np.median(self.data[o:o + n], overwrite_input=True))
 
@@ -75,11 +88,12 @@ class PairPlan:
 
 def plan_pairs(
     labels: np.ndarray, raw_valid: np.ndarray | None, label_counts: np.ndarray, n_classes: int, *,
-    max_pairs: int | None, subspace_k: int | None, seed: int, tiling: Tiling,
+    max_pairs: int | None, subspace_k: int | None, seed: int, tiling: Tiling, ids: bool = False,
 ) -> PairPlan:
     """Size the pool per class pair and draw the sampled pairs (``max_pairs``).
 
-    ``raw_valid`` (from the pre-scan; None without one) marks the samples with a direction.
+    ``raw_valid`` (from the pre-scan; None without one) marks the samples with a direction;
+    ``ids``: the pool keeps cosines and pair ids (float32 products, :mod:`.exact`).
     """
     nk = n_classes
     counts = (
@@ -97,7 +111,7 @@ def plan_pairs(
     full = upper & ~sampled
     if subspace_k:  # class Grams need every intra-class entry
         full[np.arange(nk) * (nk + 1)] = True
-    plan = PairPlan(sampled, full, AnglePool(np.where(sampled, k or 0, pop)))
+    plan = PairPlan(sampled, full, AnglePool(np.where(sampled, k or 0, pop), ids=ids))
     if not sampled.any():
         return plan
     # 2. Uniform without replacement over the pairs of valid samples, key by key.

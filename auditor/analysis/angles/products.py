@@ -1,10 +1,11 @@
-"""Gram tiles of loaded rows: one float64 GEMM of whole unit rows, or a sum over blocks of columns."""
+"""Gram tiles of loaded rows: one float64 GEMM of whole unit rows, a sum over blocks of columns, or float32 products."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .exact import float32_products
 from .kernels import gemm
 from .rows import LoadedRows
 from .tiling import Tiling
@@ -20,6 +21,9 @@ class GramProducts:
     ``panel_rows * width`` values and multiplied into one accumulated tile, which
     is divided by the rows' norms at the end (float32 / float16 rows; float64
     rows are divided value by value first, as their products could overflow).
+    Float32 rows: :func:`~.exact.float32_products` (float32 GEMMs over chunks of
+    columns, summed in float64) divided by the float64 norms: cosines within
+    :func:`~.exact.cos_bound` of the exact ones.
     """
 
     def __init__(self, tiling: Tiling) -> None:
@@ -34,6 +38,11 @@ class GramProducts:
         """Cosines between the rows of ``a`` (at positions ``ia``, default all) and of ``b`` (``ib``)."""
         pick_a = None if ia is None else torch.from_numpy(np.asarray(ia, dtype=np.int64))
         pick_b = None if ib is None else torch.from_numpy(np.asarray(ib, dtype=np.int64))
+        if self.tiling.float32:
+            out = float32_products(a.values, b.values, pick_a, pick_b)
+            out /= (a.norms if pick_a is None else a.norms[pick_a])[:, None]
+            out /= (b.norms if pick_b is None else b.norms[pick_b])[None, :]
+            return out.numpy()
         if not self.tiling.blocked:
             return gemm(a.unit(0, self.tiling.d, pick_a), b.unit(0, self.tiling.d, pick_b))
         rows = a.values.shape[0] if ia is None else len(ia)

@@ -13,9 +13,10 @@ from .kernels import row_norms
 from .source import RowSource
 from .tiling import Tiling
 
-__all__ = ["LoadedRows", "RowLoader"]
+__all__ = ["LoadedRows", "RowLoader", "float32_norms"]
 
 _TINY_NORM = 1e-150  # as kernels.row_norms: below (or non-finite above), rescale the row first
+_NORM_BYTES = 32 << 20  # float64 values made at once for the norms of float32 rows
 
 
 @dataclass
@@ -25,7 +26,9 @@ class LoadedRows:
     Whole rows (``norms`` None): ``values`` are the float64 unit rows. Blocked rows:
     ``values`` are the rows as read, ``mean`` (or None) is subtracted and the row
     divided by ``scale`` then ``norms`` (1 where invalid) when :meth:`unit` makes a
-    block of columns float64.
+    block of columns float64. Float32 rows (``float32``, :meth:`.tiling.Tiling.of_float32`):
+    ``values`` are the float32 rows, centred (then rounded to float32) when centred, and
+    ``norms`` the float64 norms of the exact (centred) rows; never made unit rows.
     """
 
     start: int
@@ -35,12 +38,13 @@ class LoadedRows:
     norms: torch.Tensor | None = None  # (n,) float64 (blocked)
     scale: torch.Tensor | None = None  # (n,) float64, rows rescaled before their norm (blocked, rare)
     mean: torch.Tensor | None = None  # (d,) float64 (blocked, centred)
+    float32: bool = False  # float32 rows (see the class docstring)
 
     def sub(self, lo: int, hi: int) -> LoadedRows:
         """Positions ``[lo, hi)`` of these rows."""
         cut = (lambda t: None if t is None else t[lo:hi])  # noqa: E731
         return LoadedRows(self.start + lo, self.values[lo:hi], self.labels[lo:hi], self.valid[lo:hi],
-                          cut(self.norms), cut(self.scale), self.mean)
+                          cut(self.norms), cut(self.scale), self.mean, self.float32)
 
     def unit(self, k0: int, k1: int, index: torch.Tensor | None = None, out: torch.Tensor | None = None,
              *, divide: bool = True) -> torch.Tensor:
@@ -81,6 +85,31 @@ class LoadedRows:
         return self.unit(0, self.values.shape[1], torch.from_numpy(np.asarray(index, dtype=np.int64)))
 
 
+def float32_norms(rows: torch.Tensor, mean: torch.Tensor | None, total: torch.Tensor | None) -> np.ndarray:
+    """Float64 norms of float32 ``rows`` (minus ``mean``, float64, when given), a few rows at a time.
+
+    With ``mean`` the centred rows are written back rounded to float32 (each value within a
+    relative ``2**-24`` of the exact one: :func:`.exact.cos_bound` counts it); with ``total``
+    (float64) their column sums are added to it. NaN or inf give a non-finite norm.
+    """
+    n, d = rows.shape
+    if mean is None and total is None:  # one fused pass: float32 products are exact in float64
+        x = rows.numpy()
+        return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    norms = np.empty(n)
+    step = max(1, _NORM_BYTES // (8 * max(1, d)))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        v = rows[r0:r1].to(torch.float64)
+        if mean is not None:
+            v -= mean
+            rows[r0:r1] = v
+        if total is not None:
+            total += v.sum(dim=0)
+        norms[r0:r1] = torch.linalg.vector_norm(v, dim=1).numpy()
+    return norms
+
+
 class RowLoader:
     """Reads rows of ``source`` into two reused buffers (a panel, a tile) and keeps their validity.
 
@@ -113,10 +142,14 @@ class RowLoader:
         self.first_bad = -1
         self.mean: torch.Tensor | None = None
         self.raw_valid: np.ndarray | None = None
-        dtype = source.hold if tiling.blocked else np.float64
+        dtype = np.float32 if tiling.float32 else source.hold if tiling.blocked else np.float64
         self._buf_panel = np.empty((tiling.panel_rows, source.d), dtype)
-        self._buf_tile = np.empty((tiling.tile_rows, source.d), dtype)
+        streamed = len(tiling.panels) > 1
+        self._buf_tile = np.empty((tiling.tile_rows if streamed else 0, source.d), dtype)
         self._scratch = torch.empty(tiling.panel_rows * tiling.width, dtype=torch.float64) if tiling.blocked else None
+        self.panel_span = (0, 0)  # rows [a, b) in the panel buffer as read (float32 rows, not centred)
+        self.norm_range = (np.inf, 0.0)  # smallest and largest norm of a valid row (float32 rows)
+        self.norms = np.ones(source.n) if tiling.float32 else None  # float64 norms (float32 rows; 1 if invalid)
 
     def note_rows(self, a: int, b: int, norms: np.ndarray, valid: np.ndarray) -> None:
         """Record validity of rows ``[a, b)`` the first time they are seen."""
@@ -142,7 +175,9 @@ class RowLoader:
         for p0, p1 in panels:
             x = self._buf_panel[:p1 - p0]
             self.src.read_into(p0, p1, x)
-            if self.tiling.blocked:
+            if self.tiling.float32:
+                norms = float32_norms(torch.from_numpy(x), None, total if center else None)
+            elif self.tiling.blocked:
                 norms, _ = self._blocked_norms(torch.from_numpy(x), None, total if center else None)
             else:
                 if center:
@@ -165,7 +200,10 @@ class RowLoader:
         self.src.read_into(a, b, x)
         t = torch.from_numpy(x)
         scale = None
-        if self.tiling.blocked:
+        if self.tiling.float32:
+            norms = float32_norms(t, self.mean, None)
+            self.panel_span = (a, b) if not tile and self.mean is None else (0, 0)
+        elif self.tiling.blocked:
             norms, scale = self._blocked_norms(t, self.mean, None)
         else:
             if self.mean is not None:
@@ -175,7 +213,7 @@ class RowLoader:
         if self.raw_valid is not None:
             valid &= self.raw_valid[a:b]
         divisor = torch.from_numpy(np.where(valid, norms, 1.0))
-        if not self.tiling.blocked:
+        if not (self.tiling.blocked or self.tiling.float32):
             t /= divisor[:, None]
         if a >= self.scanned:
             if a != self.scanned:  # pragma: no cover - the passes read in order
@@ -183,9 +221,36 @@ class RowLoader:
             self.note_rows(a, b, norms, valid)
         else:
             valid &= self.valid[a:b]
+        if self.tiling.float32:
+            assert self.norms is not None
+            self.norms[a:b] = divisor.numpy()
+            if valid.any():
+                seen = norms[valid]
+                self.norm_range = (min(self.norm_range[0], float(seen.min())), max(self.norm_range[1], float(seen.max())))
+            return LoadedRows(a, t, self.labels[a:b], valid, divisor, float32=True)
         if not self.tiling.blocked:
             return LoadedRows(a, t, self.labels[a:b], valid)
         return LoadedRows(a, t, self.labels[a:b], valid, divisor, scale, self.mean)
+
+    def raw_rows(self, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``pick`` (increasing, at most ``panel_rows``) as read (float32 rows, not centred).
+
+        Returns rows ``x`` and the position in ``x`` of every row of ``pick``: a view of the
+        panel buffer when it still holds them as read (a stage of one panel, not centred);
+        else they are read again, in runs of consecutive rows, into it (after the Gram pass,
+        which no longer needs it).
+        """
+        p0, p1 = self.panel_span
+        if pick.size and p0 <= pick[0] and pick[-1] < p1:
+            return self._buf_panel[:p1 - p0], pick - p0
+        self.panel_span = (0, 0)
+        out = self._buf_panel[:pick.size]
+        at = 0
+        for run in np.split(pick, np.flatnonzero(np.diff(pick) != 1) + 1):
+            a, b = int(run[0]), int(run[-1]) + 1
+            self.src.read_into(a, b, out[at:at + b - a])
+            at += b - a
+        return out, np.arange(pick.size)
 
     def _blocked_norms(
         self, raw: torch.Tensor, mean: torch.Tensor | None, total: torch.Tensor | None,

@@ -11,6 +11,10 @@ Two ways to hold rows, chosen by their width (:meth:`Tiling.of`):
   columns, each block made float64, centred and normalised just before its GEMM
   (two buffers of ``_BLOCK_BYTES``).
 
+- *float32* (:meth:`Tiling.of_float32`, the float32 products of :mod:`.exact`): the
+  rows are held as float32 (half the bytes of float64: twice the rows in a panel),
+  centred once when read; a stage that fits in ``_ROW_BYTES`` is one panel, read once.
+
 Either way the memory of the rows is bounded whatever the number of samples.
 """
 
@@ -44,6 +48,7 @@ class Tiling:
     d: int = 1
     blocked: bool = False
     width: int = 1
+    float32: bool = False
 
     @classmethod
     def of(cls, n: int, block_rows: int, d: int = 1, itemsize: int = 8) -> Tiling:
@@ -64,6 +69,24 @@ class Tiling:
             width = min(d, max(1, _BLOCK_BYTES // (8 * panel_rows)))
         panels = tuple((p, min(p + panel_rows, n)) for p in range(0, n, panel_rows))
         return cls(n, panel_rows, tile_rows, panels, d, blocked, width)
+
+    @classmethod
+    def of_float32(cls, n: int, block_rows: int, d: int) -> Tiling:
+        """The tiling of ``n`` rows of ``d`` values held as float32 (4 bytes each), within ``_ROW_BYTES``.
+
+        One panel of every row when they fit (and ``block_rows`` allows); else a panel
+        of two thirds of what fits and tiles of the rest (at most ``_TILE_ROWS``).
+        """
+        d = max(1, int(d))
+        fit = max(2, _ROW_BYTES // (4 * d))
+        panel_rows = min(int(block_rows), n)
+        if panel_rows < n or n > fit:
+            panel_rows = min(panel_rows, max(1, 2 * fit // 3))
+            tile_rows = min(panel_rows, _TILE_ROWS, max(1, fit - panel_rows))
+        else:
+            tile_rows = min(panel_rows, _TILE_ROWS)
+        panels = tuple((p, min(p + panel_rows, n)) for p in range(0, n, panel_rows))
+        return cls(n, panel_rows, tile_rows, panels, d, False, d, True)
 
     def column_blocks(self) -> list[tuple[int, int]]:
         """The columns ``[k0, k1)`` made float64 at once (one block of every column unless blocked)."""
