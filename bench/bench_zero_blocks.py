@@ -5,6 +5,7 @@ Run by hand (not part of the tests)::
     python bench/bench_zero_blocks.py                    # the trained CIFAR ResNet-56, zero vs circular
     python bench/bench_zero_blocks.py --repeat 2
     python bench/bench_zero_blocks.py --imagenet resnet18 resnet50   # 224 px, zero only (must finish)
+    python bench/bench_zero_blocks.py --operators layer1.1 layer2.1 layer3.1   # ResNet-56, in process, per operator
 
 ResNet-56 (``../shared/data/checkpoints/cifar10-resnet56-akamaster.th``): both
 commands in the same run, each in a fresh process (``--format json -o OUT``),
@@ -16,6 +17,12 @@ slows both, not always alike: time on a quiet one, load below 1.2).
 drawn away from the identity), saved as safetensors in a temporary folder, then
 ``resdyn condition --boundary zero`` on it at 224 px; prints the time and how
 many blocks have a certified ``sigma_min`` and how many an interval.
+
+``--operators``: ResNet-56's named blocks in this process, each operator (plain
+branch, residual) on its own: wall and CPU seconds of
+:func:`auditor.analysis.zero_block_extremes.zero_operator_extremes` (one
+thread: CPU seconds are what a quiet machine's wall time would be), the
+method and ``sigma_min``.
 """
 
 from __future__ import annotations
@@ -86,13 +93,40 @@ def _imagenet(models: list[str]) -> None:
                   f"interval {interval}", flush=True)
 
 
+def _operators(names: list[str]) -> None:
+    from auditor.analysis.zero_block_extremes import zero_operator_extremes
+    from auditor.subject import open_subject
+    from auditor.tasks.condition import block_operators
+
+    subject = open_subject(RESNET56)
+    modules = dict(subject.loaded.model.named_modules())
+    total = 0.0
+    for block in subject.anatomy.blocks:
+        if names and block.name not in names:
+            continue
+        convs, shortcut = block_operators(modules, block)
+        for part, name in ((None, "plain"), (shortcut, "residual")):
+            load = os.getloadavg()[0]
+            wall, cpu = time.perf_counter(), time.process_time()
+            found = zero_operator_extremes(convs, part)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            total += cpu
+            print(f"{block.name:9s} {name:8s} {tuple(convs[0].input_shape)}  wall {wall:6.2f} s  cpu {cpu:6.2f} s  "
+                  f"(load before: {load:.2f})  sigma_min {found.sigma_min}  {found.method}", flush=True)
+    print(f"cpu seconds in all: {total:.1f}")
+
+
 def main() -> None:
     """Parse the options and run the benchmarks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--imagenet", nargs="*", metavar="ARCH", help="torchvision architectures at 224 px")
+    parser.add_argument("--operators", nargs="*", metavar="BLOCK",
+                        help="ResNet-56 blocks to time per operator in process (none named: every block)")
     args = parser.parse_args()
-    if args.imagenet:
+    if args.operators is not None:
+        _operators(args.operators)
+    elif args.imagenet:
         _imagenet(args.imagenet)
     else:
         _cifar(args.repeat)
