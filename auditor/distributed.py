@@ -47,6 +47,7 @@ __all__ = [
     "compute",
     "compute_shares",
     "on_main",
+    "everyone",
     "agree",
     "TIMEOUT_ENV",
     "LEDGER_ENV",
@@ -428,6 +429,37 @@ def compute_shares(
         for unit, value in zip(indices, values):
             results[unit] = value
     return results
+
+
+def everyone(work: Callable[[], T]) -> list[T]:
+    """``work()`` on every rank; every rank's result, in rank order, on every rank.
+
+    For work that every rank does on its own share and that the ranks then combine
+    (a stage's Gram tiles). Single-process: ``[work()]``.
+
+    Raises
+    ------
+    RankError
+        On every rank, when ``work`` failed on any (the lowest failing rank is named).
+    """
+    here = world()
+    if here.size == 1:
+        return [work()]
+    status: dict[str, Any] | None = None
+    value: Any = None
+    started = time.perf_counter()
+    try:
+        value = work()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        status = _failure(exc)
+    worked = time.perf_counter() - started
+    gathered = _all_gather((status, value))
+    _raise_first([s for s, _ in gathered])
+    _ledger.append({"phase": getattr(work, "__qualname__", "work"), "units": here.size, "mine": 1,
+                    "cost_share": 1.0 / here.size, "work_s": worked, "wait_s": time.perf_counter() - started - worked})
+    return [v for _, v in gathered]
 
 
 def on_main(work: Callable[[], T]) -> T:

@@ -200,3 +200,84 @@ def test_float32_rows_are_held_within_the_budget():
 def test_products_option_is_checked():
     with pytest.raises(UsageError, match="products"):
         median_angles(np.ones((3, 2), np.float32), [0, 0, 1], ["a", "b"], products="float16")
+
+
+# --------------------------------------------------------------------------- torchrun: the Gram tiles split
+
+
+_SPLIT_ANGLES = """
+import json, sys
+import numpy as np
+from auditor import distributed
+from auditor.analysis.angles import products
+from auditor.tasks.geometry import store_angles
+
+pairs = []
+real = products.float32_products
+def counted(a, b, ia=None, ib=None):
+    out = real(a, b, ia, ib)
+    pairs.append(out.numel())
+    return out
+products.float32_products = counted
+
+class Store:  # what store_angles reads of an activation store
+    path = "memory"
+    def __init__(self):
+        rng = np.random.default_rng(7)
+        self.labels = rng.integers(0, 3, 90)
+        self.classes = ["a", "b", "c"]
+        self.stage_names = ["s1", "s2"]
+        self.data = {"s1": np.maximum(rng.standard_normal((90, 4, 10, 10)) + 0.3, 0).astype(np.float32),
+                     "s2": rng.standard_normal((90, 700)).astype(np.float32)}
+    def stage(self, name):
+        return self.data[name]
+
+distributed.init()
+options = json.loads(sys.argv[1])
+entries = store_angles(Store(), **options)
+distributed.shutdown()
+print(json.dumps({"entries": entries, "pairs": sum(pairs)}))
+"""
+
+
+class _Store:
+    """What store_angles reads of an activation store (as in _SPLIT_ANGLES)."""
+
+    path = "memory"
+
+    def __init__(self):
+        rng = np.random.default_rng(7)
+        self.labels = rng.integers(0, 3, 90)
+        self.classes = ["a", "b", "c"]
+        self.stage_names = ["s1", "s2"]
+        self.data = {"s1": np.maximum(rng.standard_normal((90, 4, 10, 10)) + 0.3, 0).astype(np.float32),
+                     "s2": rng.standard_normal((90, 700)).astype(np.float32)}
+
+    def stage(self, name):
+        return self.data[name]
+
+
+@pytest.mark.slow
+def test_torchrun_splits_the_gram_tiles_and_gives_one_process_medians(tmp_path, monkeypatch):
+    """Two gloo ranks each compute part of every stage's float32 products (rows centred, so read again for the
+    repair); both give the single process's medians, bit for bit, equal to float64 numpy's to 1e-9 degrees."""
+    import json
+
+    from auditor.analysis.angles import products
+    from auditor.tasks.geometry import store_angles
+    from test_distributed import _two_ranks
+
+    options = {"products": "float32", "center": True}
+    ranks = _two_ranks([json.dumps(options)], tmp_path, program=["-c", _SPLIT_ANGLES])
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    outs = [json.loads(r.stdout.strip().splitlines()[-1]) for r in ranks]
+    pairs = []
+    real = products.float32_products
+    monkeypatch.setattr(products, "float32_products", lambda *a: pairs.append(real(*a).numel()) or real(*a))
+    store = _Store()
+    one = json.loads(json.dumps(store_angles(store, **options)))
+    assert outs[0]["entries"] == outs[1]["entries"] == one
+    assert 0 < outs[0]["pairs"] < sum(pairs) and 0 < outs[1]["pairs"] < sum(pairs)  # each rank a part
+    for entry, name in zip(one, store.stage_names):
+        ref = _reference(store.data[name], store.labels, 3, center=True)
+        _check(type("R", (), {"intra": entry["intra"], "inter": entry["inter"]}), ref, store.classes)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import distributed
-from ..analysis.angles import StageAngles, median_angles, median_angles_h5
+from ..analysis.angles import Share, StageAngles, median_angles, median_angles_h5
 from ..errors import DataError, OutputError, Remedy, StoreError
 from ..io.fingerprint import files_fingerprint
 from ..io.scratch import scratch_folder
@@ -100,6 +100,7 @@ def store_angles(
     seed: int = 0,
     subspace_k: int | None = None,
     progress: Progress | None = None,
+    products: str = "auto",
 ) -> list[dict[str, Any]]:
     """Median principal angles of every (selected) stage of ``store``.
 
@@ -110,7 +111,7 @@ def store_angles(
         Stage names, in the order wanted; default all (network order).
     classes : sequence of str, optional
         Classes to keep, in the order wanted; default all.
-    center, max_pairs, seed, subspace_k, progress
+    center, max_pairs, seed, subspace_k, progress, products
         As in :func:`auditor.analysis.angles.median_angles`.
 
     Returns
@@ -120,15 +121,17 @@ def store_angles(
 
     Notes
     -----
-    Under torchrun rank 0 computes them with every core of its machine and gives
-    them to the other ranks (the Gram products' rounding depends on the thread
-    count, so this keeps the single process's numbers).
+    Under torchrun a stage with float32 products (see ``products``) is split: each
+    rank computes its share of the Gram tiles and every rank gets the medians of all,
+    the single process's (exact medians do not depend on how the float32 products
+    round); a stage with float64 products is computed by rank 0 with every core of its
+    machine and given to the other ranks (their rounding depends on the thread count,
+    so this keeps the single process's numbers).
     """
-    if distributed.world().size > 1:
-        return distributed.on_main(lambda: store_angles(
-            store, stages=stages, classes=classes, center=center, max_pairs=max_pairs, seed=seed,
-            subspace_k=subspace_k, progress=progress,
-        ))
+    share = None
+    here = distributed.world()
+    if here.size > 1:
+        share = Share(here.rank, here.size, distributed.split, distributed.everyone, distributed.on_main)
     names = list(stages) if stages else list(store.stage_names)
     for name in names:
         store.stage(name)  # refuses unknown stages, naming the ones in the file
@@ -155,7 +158,8 @@ def store_angles(
         inner = None
         if progress is not None:
             inner = lambda done, total, i=index: progress(i * 1000 + done * 1000 // max(total, 1), len(names) * 1000)  # noqa: E731
-        options = dict(center=center, max_pairs=max_pairs, seed=seed, subspace_k=subspace_k, progress=inner)
+        options = dict(center=center, max_pairs=max_pairs, seed=seed, subspace_k=subspace_k, progress=inner,
+                       products=products, share=share)
         if keep_rows is not None:
             result = median_angles(_RowSubset(data, keep_rows), labels, class_names, **options)
         elif hasattr(data, "id"):

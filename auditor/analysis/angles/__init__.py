@@ -78,7 +78,8 @@ References
 
 from __future__ import annotations
 
-from .compute import median_angles, median_angles_h5
+from .compute import median_angles, median_angles_h5, products_of
+from .gram import Share
 from .result import StageAngles
 
-__all__ = ["StageAngles", "median_angles", "median_angles_h5"]
+__all__ = ["Share", "StageAngles", "median_angles", "median_angles_h5", "products_of"]

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from ...errors import StoreError, UsageError
-from .gram import GramRun, Progress
+from .gram import GramRun, Progress, Share
 from .result import StageAngles
 from .source import RowSource, check_labels, check_names, check_options, rows_of
 
-__all__ = ["median_angles", "median_angles_h5"]
+__all__ = ["median_angles", "median_angles_h5", "products_of"]
 
 _PRODUCTS = ("auto", "float32", "float64")
 _FLOAT32_ROWS = (np.dtype(np.float16), np.dtype(np.float32))  # exact in float32
@@ -32,6 +32,7 @@ def median_angles(
     subspace_k: int | None = None,
     progress: Progress | None = None,
     products: str = "auto",
+    share: Share | None = None,
 ) -> StageAngles:
     """Median intra- and inter-class angles of one stage's activations.
 
@@ -87,6 +88,11 @@ def median_angles(
         than 1 % of the pairs are ambiguous. ``"auto"``: ``"float32"`` when a
         stage's Gram has at least 1e9 multiply-adds (``N (N - 1) / 2 x D``),
         where it pays.
+    share : Share, optional
+        Under torchrun (every process calls this with the same arguments): with
+        float32 products, each process computes its share of the Gram tiles and
+        every process gets the medians of all, equal to one process's; float64
+        products are computed by rank 0 alone (``share.on_main``).
 
     Returns
     -------
@@ -135,15 +141,25 @@ def median_angles(
     if products not in _PRODUCTS:
         raise UsageError(f"products must be one of {', '.join(_PRODUCTS)}, got {products!r}")
     # 2. Run the passes (see GramRun) and assemble the result; float64 where float32 gave up.
-    float32 = _float32(products, source, subspace_k)
-    for f32 in (True, False) if float32 else (False,):
-        run = GramRun(
-            source, lab, len(names), center=center, max_pairs=max_pairs,
-            block_rows=block_rows, subspace_k=subspace_k, progress=progress, float32=f32,
+    def passes(float32: bool, part: Share | None = None) -> GramRun:
+        return GramRun(
+            source, lab, len(names), center=center, max_pairs=max_pairs, block_rows=block_rows,
+            subspace_k=subspace_k, progress=progress, float32=float32, share=part,
         ).run(seed)
+
+    if _float32(products, source, subspace_k):
+        run = passes(True, share)
         if not run.gave_up:
-            break
-    return run.result(names)
+            return run.result(names)
+    if share is not None and share.size > 1:
+        result: StageAngles = share.on_main(lambda: passes(False).result(names))
+        return result
+    return passes(False).result(names)
+
+
+def products_of(features: Any, *, products: str = "auto", subspace_k: int | None = None) -> str:
+    """``"float32"`` or ``"float64"``: the Gram products :func:`median_angles` takes (before any fallback)."""
+    return "float32" if _float32(products, rows_of(features), subspace_k) else "float64"
 
 
 def _float32(products: str, source: RowSource, subspace_k: int | None) -> bool:
@@ -165,6 +181,7 @@ def median_angles_h5(
     subspace_k: int | None = None,
     progress: Progress | None = None,
     products: str = "auto",
+    share: Share | None = None,
 ) -> StageAngles:
     """:func:`median_angles` of a stage dataset of an activation store, out of core.
 
@@ -176,7 +193,7 @@ def median_angles_h5(
         whole chunks (about 8 MiB), never loaded whole. A lazy wrapper with
         ``shape``, ``dtype``, ``name`` and row slicing (the store's bfloat16
         stages) is read by slicing, in the same order and sizes.
-    labels, class_names, center, max_pairs, seed, block_rows, subspace_k, progress, products
+    labels, class_names, center, max_pairs, seed, block_rows, subspace_k, progress, products, share
         As in :func:`median_angles` (``labels`` is the store's
         ``samples/label``, ``class_names`` its ``classes``).
 
@@ -213,5 +230,5 @@ def median_angles_h5(
         )
     return median_angles(
         dataset, labels, class_names, center=center, max_pairs=max_pairs, seed=seed,
-        block_rows=block_rows, subspace_k=subspace_k, progress=progress, products=products,
+        block_rows=block_rows, subspace_k=subspace_k, progress=progress, products=products, share=share,
     )

@@ -60,7 +60,7 @@ _U64 = 2.0 ** -53
 def float32_products(
     a: torch.Tensor, b: torch.Tensor, ia: torch.Tensor | None = None, ib: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``a[ia] @ b[ib].T`` (float32 rows, default every row) as float32 GEMMs over ``_CHUNK`` columns, summed in float64.
+    """``a[ia] @ b[ib].T`` (float32 rows, default all) as float32 GEMMs over ``_CHUNK`` columns, summed in float64.
 
     Chunks are batched (one ``torch.bmm`` for many) so that a tile is a few calls whatever
     the width of the rows; the result is float64, within :func:`cos_bound` times the

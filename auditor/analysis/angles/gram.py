@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .exact import bound_holds, cos_bound, exact_angles, exact_medians
 from .kernels import degrees
-from .pairs import PairPlan, pair_key, plan_pairs
+from .pairs import AnglePool, PairPlan, pair_key, plan_pairs
 from .products import GramProducts
 from .result import StageAngles, stage_angles
 from .rows import LoadedRows, RowLoader
@@ -16,9 +18,35 @@ from .source import RowSource
 from .subspaces import ClassGrams
 from .tiling import Tiling
 
-__all__ = ["GramRun", "Progress"]
+__all__ = ["GramRun", "Progress", "Share"]
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part of a stage's Gram tiles among ``size`` processes (torchrun), and how the parts meet.
+
+    Attributes
+    ----------
+    rank, size : int
+        This process and the number of processes.
+    split : callable
+        ``split(costs, size)``: the tile numbers of each process, balancing the costs; the
+        same on every process (:func:`auditor.distributed.split`).
+    everyone : callable
+        ``everyone(work)``: ``work()`` on every process, every process's result in rank
+        order on every process (a failure anywhere raises everywhere).
+    on_main : callable
+        ``on_main(work)``: ``work()`` on rank 0 alone, its result on every process (the
+        float64 products, whose rounding depends on the thread count).
+    """
+
+    rank: int
+    size: int
+    split: Callable[[list[float], int], list[list[int]]]
+    everyone: Callable[[Callable[[], Any]], list[Any]]
+    on_main: Callable[[Callable[[], Any]], Any]
 
 
 class GramRun:
@@ -47,7 +75,7 @@ class GramRun:
     def __init__(
         self, source: RowSource, labels: np.ndarray, n_classes: int, *, center: bool,
         max_pairs: int | None, block_rows: int, subspace_k: int | None,
-        progress: Progress | None, float32: bool = False,
+        progress: Progress | None, float32: bool = False, share: Share | None = None,
     ) -> None:
         self.src = source
         self.labels = labels
@@ -59,7 +87,7 @@ class GramRun:
         self.prescan = center or max_pairs is not None
         self.float32 = float32
         self.tiling = (
-            Tiling.of_float32(source.n, block_rows, source.d) if float32
+            Tiling.of_float32(source.n, block_rows, source.d, parts=share.size if share else 1) if float32
             else Tiling.of(source.n, block_rows, source.d, source.hold.itemsize)
         )
         self.label_counts = np.bincount(labels, minlength=n_classes)
@@ -73,6 +101,8 @@ class GramRun:
         self.grams: ClassGrams | None = None  # with subspace_k
         self.subspace_angles: dict[tuple[int, int], float | None] | None = None
         self.subspace_dims: list[int] | None = None
+        self.share = share if float32 and share is not None and share.size > 1 else None
+        self.mine = self._my_tiles() if self.share is not None else None  # tiles of this process (None: all)
         self.ambiguous = 0  # float32: pairs recomputed in float64
         self.gave_up = False  # float32: the bound does not hold or too many pairs are ambiguous: use float64
 
@@ -89,8 +119,12 @@ class GramRun:
         )
         if self.subspace_k:
             self.grams = ClassGrams(self.labels, self.label_counts, self.n_classes)
-        # 3. The Gram tiles: every pair once; float32 products: then the exact medians.
-        self._gram_pass(self.plan)
+        # 3. The Gram tiles: every pair once (this process's tiles, then every process's pairs together);
+        # float32 products: then the exact medians (the same on every process).
+        if self.share is not None:
+            self._shared_pass(self.share, self.plan)
+        else:
+            self._gram_pass(self.plan)
         if self.float32:
             self._repair(self.plan)
         # 4. Optional principal subspaces (one more pass).
@@ -131,6 +165,35 @@ class GramRun:
             self.gave_up = True
         plan.pool.medians = medians
 
+    def _my_tiles(self) -> set[int]:
+        """The tiles this process computes: the tiles in pass order, split by their pairs."""
+        assert self.share is not None
+        n, tr = self.src.n, self.tiling.tile_rows
+        costs: list[float] = []
+        for p0, p1 in self.tiling.panels:
+            costs += [float(min(tr, p1 - s0) * (p1 - s0)) for s0 in range(p0, p1, tr)]
+            costs += [float((p1 - p0) * min(tr, n - j0)) for j0 in range(p1, n, tr)]
+        return set(self.share.split(costs, self.share.size)[self.share.rank])
+
+    def _shared_pass(self, share: Share, plan: PairPlan) -> None:
+        """This process's tiles, then every process's cosines and pair ids in one pool (on every process)."""
+        pool = plan.pool
+
+        def mine() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            self._gram_pass(plan)
+            assert pool.ids is not None
+            used = np.flatnonzero(pool.size)
+            keys = np.repeat(used, pool.size[used])
+            at = np.concatenate([np.arange(pool.offset[k], pool.offset[k] + pool.size[k]) for k in used]) \
+                if used.size else np.empty(0, dtype=np.int64)
+            return keys, pool.data[at], pool.ids[at]
+
+        parts = share.everyone(mine)
+        merged = AnglePool(pool.capacity, ids=True)
+        for keys, values, ids in parts:
+            merged.add(keys, values, ids)
+        plan.pool = merged
+
     def _tick(self) -> None:
         self.done += 1
         if self.progress is not None:
@@ -148,7 +211,7 @@ class GramRun:
             panel = loader.load(p0, p1)
             for s0 in range(p0, p1, tr):
                 s1 = min(s0 + tr, p1)
-                if not loader.bad_rows:
+                if not loader.bad_rows and self._owned(tile):
                     rows = panel.sub(s0 - p0, s1 - p0)
                     cols = panel.sub(s0 - p0, p1 - p0)
                     self._tile(plan, tile, rows, cols, triangular=True)
@@ -158,15 +221,18 @@ class GramRun:
                 j1 = min(j0 + tr, n)
                 if first and j0 >= loader.scanned:
                     block = loader.load(j0, j1, tile=True)  # first sight: always read
-                    if not loader.bad_rows:
+                    if not loader.bad_rows and self._owned(tile):
                         self._tile(plan, tile, panel, block, triangular=False)
-                elif self._needed(plan, tile, panel, j0, j1):
+                elif self._owned(tile) and self._needed(plan, tile, panel, j0, j1):
                     block = loader.load(j0, j1, tile=True)
                     self._tile(plan, tile, panel, block, triangular=False)
                 tile += 1
                 self._tick()
             if first and loader.bad_rows:
                 loader.raise_bad()
+
+    def _owned(self, tile: int) -> bool:
+        return self.mine is None or tile in self.mine
 
     def _needed(self, plan: PairPlan, tile: int, panel: LoadedRows, j0: int, j1: int) -> bool:
         """Whether the streamed tile ``[j0, j1)`` against ``panel`` has work."""

@@ -226,7 +226,8 @@ class RowLoader:
             self.norms[a:b] = divisor.numpy()
             if valid.any():
                 seen = norms[valid]
-                self.norm_range = (min(self.norm_range[0], float(seen.min())), max(self.norm_range[1], float(seen.max())))
+                low, high = self.norm_range
+                self.norm_range = (min(low, float(seen.min())), max(high, float(seen.max())))
             return LoadedRows(a, t, self.labels[a:b], valid, divisor, float32=True)
         if not self.tiling.blocked:
             return LoadedRows(a, t, self.labels[a:b], valid)

@@ -71,11 +71,13 @@ class Tiling:
         return cls(n, panel_rows, tile_rows, panels, d, blocked, width)
 
     @classmethod
-    def of_float32(cls, n: int, block_rows: int, d: int) -> Tiling:
+    def of_float32(cls, n: int, block_rows: int, d: int, parts: int = 1) -> Tiling:
         """The tiling of ``n`` rows of ``d`` values held as float32 (4 bytes each), within ``_ROW_BYTES``.
 
         One panel of every row when they fit (and ``block_rows`` allows); else a panel
-        of two thirds of what fits and tiles of the rest (at most ``_TILE_ROWS``).
+        of two thirds of what fits and tiles of the rest (at most ``_TILE_ROWS``). Split
+        among ``parts`` processes: tiles of at most a quarter of a part of a panel (at
+        least 16 rows), so that the parts can be balanced.
         """
         d = max(1, int(d))
         fit = max(2, _ROW_BYTES // (4 * d))
@@ -85,6 +87,8 @@ class Tiling:
             tile_rows = min(panel_rows, _TILE_ROWS, max(1, fit - panel_rows))
         else:
             tile_rows = min(panel_rows, _TILE_ROWS)
+        if parts > 1:
+            tile_rows = min(tile_rows, max(16, panel_rows // (4 * parts)))
         panels = tuple((p, min(p + panel_rows, n)) for p in range(0, n, panel_rows))
         return cls(n, panel_rows, tile_rows, panels, d, False, d, True)
 
