@@ -27,9 +27,12 @@ How each extreme is found, and what certifies it:
    ``||G y - theta y|| <= tol theta`` (an eigenvalue lies within it; Parlett,
    Thm 4.5.1). ``sigma_min``: the matrix built exactly from the kernels
    (``scipy.sparse``, one entry per tap and pixel) is factored by SuperLU
-   (``A`` itself when square, ``G`` otherwise), and Lanczos on ``G^{-1}`` (two
-   triangular solves per step) gives ``sigma_min^2 = 1 / lambda_max(G^{-1})``
-   with the same residual test. An exactly singular pivot is ``sigma_min = 0``.
+   (``A`` itself when square, ``G`` otherwise; a plain branch of square
+   factors: each ``W_i`` on its own, ``B^{-1} = W_1^{-1} ... W_k^{-1}``, whose
+   3x3 stencils fill in far less than the product's 5x5 one), and Lanczos on
+   ``G^{-1}`` (two triangular solves per factor and step) gives
+   ``sigma_min^2 = 1 / lambda_max(G^{-1})`` with the same residual test. An
+   exactly singular pivot is ``sigma_min = 0``.
 4. **Interval** (larger operators, e.g. 224 px, or step 3 not converged within
    ``max_iterations``): no number, a certified interval
    ``[lower, upper]``. ``upper`` is the Rayleigh quotient ``y^T G y`` of the
@@ -98,7 +101,8 @@ class ZeroOperatorExtremes:
     sigma_min_interval : (float, float)
         ``[lower, upper]`` certified to hold ``sigma_min`` (both equal to it when it is known).
     method : str
-        ``dense-svd``, ``lanczos; sparse-lu-inverse-lanczos``, ``lanczos; structural-zero (...)``,
+        ``dense-svd``, ``lanczos; sparse-lu-inverse-lanczos`` (``sparse-lu-per-factor-inverse-lanczos``: a plain
+        branch of square factors), ``lanczos; structural-zero (...)``,
         ``lanczos; interval`` ...
     max_converged : bool
         The Lanczos residual test of ``sigma_max`` passed.
