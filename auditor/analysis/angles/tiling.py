@@ -27,6 +27,7 @@ import numpy as np
 __all__ = ["Tiling"]
 
 _TILE_ROWS = 256  # rows of a streamed tile and of an in-panel strip
+_STRIP_ROWS = 64  # float32 rows of one panel: rows of an in-panel strip
 _ROW_BYTES = 1 << 30  # rows held at once (a panel and a tile): 1 GiB
 _BLOCK_BYTES = 32 << 20  # float64 columns made at once, per side of a GEMM (blocked rows)
 
@@ -74,8 +75,9 @@ class Tiling:
     def of_float32(cls, n: int, block_rows: int, d: int, parts: int = 1) -> Tiling:
         """The tiling of ``n`` rows of ``d`` values held as float32 (4 bytes each), within ``_ROW_BYTES``.
 
-        One panel of every row when they fit (and ``block_rows`` allows); else a panel
-        of two thirds of what fits and tiles of the rest (at most ``_TILE_ROWS``). Split
+        One panel of every row when they fit (and ``block_rows`` allows), in strips of
+        ``_STRIP_ROWS``; else a panel of two thirds of what fits and tiles of the rest (at
+        most ``_TILE_ROWS``). Split
         among ``parts`` processes: tiles of at most a quarter of a part of a panel (at
         least 16 rows), so that the parts can be balanced.
         """
@@ -85,8 +87,8 @@ class Tiling:
         if panel_rows < n or n > fit:
             panel_rows = min(panel_rows, max(1, 2 * fit // 3))
             tile_rows = min(panel_rows, _TILE_ROWS, max(1, fit - panel_rows))
-        else:
-            tile_rows = min(panel_rows, _TILE_ROWS)
+        else:  # one panel: strips of few rows, as the diagonal blocks are computed whole (256: 1.4x the work)
+            tile_rows = min(panel_rows, _STRIP_ROWS)
         if parts > 1:
             tile_rows = min(tile_rows, max(16, panel_rows // (4 * parts)))
         panels = tuple((p, min(p + panel_rows, n)) for p in range(0, n, panel_rows))
