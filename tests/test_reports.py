@@ -201,7 +201,7 @@ def test_step_summary_unset_is_one_line_before_any_work(capsys, monkeypatch, tmp
 
 
 def test_step_summary_appends_and_shortens_below_the_limit(audit_doc: dict[str, Any], tmp_path: Path) -> None:
-    from auditor.cli.ci_reports import SUMMARY_LIMIT, append_step_summary, shortened
+    from auditor.report.step_summary import SUMMARY_LIMIT, append_step_summary, shortened
 
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
@@ -307,7 +307,7 @@ def test_metrics_one_line_each_in_help_and_command(capsys) -> None:
         assert re.search(rf"^\s*{name}\s+{re.escape(metric.help)}$", out, re.MULTILINE), name
 
 
-def test_man_pages_ship_with_the_program(capsys) -> None:
+def test_man_pages_ship_with_the_program(capsys, tmp_path) -> None:
     code, out, _ = run_cli(["man", "audit"], capsys)
     assert code == 0 and out.startswith("RESDYN-AUDIT(1)") and "\\f" not in out and "\\-" not in out
     assert "EXIT STATUS" in out and "--step-summary" in out and "max_kappa_linear_residual" in out
@@ -315,9 +315,8 @@ def test_man_pages_ship_with_the_program(capsys) -> None:
     assert code == 0 and out.startswith(".TH RESDYN\\-DATA 1")
     code, out, err = run_cli(["man", "nosuch"], capsys)
     assert code == 2 and out == "" and "no manual page for 'nosuch'" in err and "audit" in err
-    from auditor.cli import data
-
-    assert "'resdyn man data'" in Path(data.__file__).read_text()  # the hint cites what pip installs
+    code, out, err = run_cli(["data", "--dir", tmp_path], capsys)  # a folder without sources
+    assert code == 2 and out == "" and "'resdyn man data'" in err  # the hint cites what pip installs
 
 
 def test_archs_groups_families_in_natural_order(capsys, monkeypatch) -> None:

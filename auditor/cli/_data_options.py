@@ -1,16 +1,20 @@
-"""Options shared by the commands that read images (extract, stability, trajectory, audit)."""
+"""Options shared by the commands that read images (extract, stability, trajectory, audit, angles), and the
+one :class:`~auditor.tasks.data_request.DataRequest` built from them."""
 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import UsageError
+from ..subject import parse_input_size
+from ..tasks.data_request import DataRequest
 from ._options import split_list
 
-__all__ = ["image_options", "Preset", "PresetOpt", "SizeOpt", "MeanOpt", "StdOpt", "ClassesOpt", "PerClassOpt", "SeedOpt", "parse_triple"]
+__all__ = ["data_request", "Preset", "PresetOpt", "SizeOpt", "MeanOpt", "StdOpt", "ClassesOpt", "PerClassOpt", "SeedOpt", "parse_triple"]
 
 
 class Preset(str, Enum):
@@ -50,7 +54,11 @@ def parse_triple(text: str | None, option: str) -> tuple[float, float, float] | 
     return values  # type: ignore[return-value]
 
 
-def image_options(
+def data_request(
+    data: str | Path | None,
+    *,
+    arch: str | None,
+    input_size: str | None,
     preset: Preset | None,
     size: int | None,
     mean: str | None,
@@ -58,10 +66,18 @@ def image_options(
     classes: str | None,
     per_class: int | None,
     seed: int | None,
-) -> dict:
-    """The keyword arguments of :func:`auditor.tasks.images.open_images` from the shared options."""
+) -> DataRequest:
+    """The :class:`DataRequest` of the shared options, checked before torch loads.
+
+    Raises
+    ------
+    UsageError
+        A malformed ``--input-size``, ``--mean`` or ``--std`` (in this order).
+    """
+    shape = parse_input_size(input_size)
     chosen = split_list(classes)
-    return dict(
-        preset=preset.value if preset else None, size=size, mean=parse_triple(mean, "--mean"),
-        std=parse_triple(std, "--std"), classes=tuple(chosen) if chosen else None, per_class=per_class, seed=seed,
+    return DataRequest(
+        data=data, arch=arch, input_size=shape, preset=preset.value if preset else None, size=size,
+        mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), classes=tuple(chosen) if chosen else None,
+        per_class=per_class, seed=seed,
     )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, data_request
 from ._options import (
     ArchOpt, CacheOpt, CenterOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoProgressOpt,
     OutputOpt, StagesOpt, SubspaceOpt, resolve_device, split_list,
@@ -37,18 +37,6 @@ AnglesPlotOpt = Annotated[
 ]
 
 
-def _tables(doc: dict[str, Any]) -> list[Any]:
-    from ..report.models_view import models_tables
-
-    return models_tables(doc)
-
-
-def _markdown(doc: dict[str, Any]) -> str:
-    from ..report.models_view import models_markdown
-
-    return models_markdown(doc)
-
-
 def angles_command(
     inputs: InputsArg,
     data: OptionalDataOpt = None,
@@ -74,20 +62,16 @@ def angles_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Median principal angles within and between classes at every stage (the paper's Definition 1), per model."""
-    from ..subject import parse_input_size
-
-    shape = parse_input_size(input_size)
-    chosen = image_options(preset, size, mean, std, None, per_class, seed)  # usage errors before torch
-    chosen.pop("classes")
-    chosen.pop("seed")
+    request = data_request(data, arch=arch, input_size=input_size, preset=preset, size=size, mean=mean, std=std,
+                           classes=classes, per_class=per_class, seed=seed)  # usage errors before torch
+    from ..report.models_view import models_markdown, models_tables
     from ..tasks.geometry import separation_warning
     from ..tasks.model_angles import models_angles
     from ._output import emit, progress_bar, warn
 
     with progress_bar("models", enabled=not no_progress and fmt is not Format.json) as update:
         result = models_angles(
-            inputs, data=data, names=name, arch=arch, input_size=shape, image_options=chosen,
-            stages=split_list(stages), classes=split_list(classes), center=center, max_pairs=max_pairs, seed=seed,
+            inputs, request, names=name, stages=split_list(stages), center=center, max_pairs=max_pairs,
             subspace_k=subspace, cache=cache, device=resolve_device(device), progress=update,
         )
     document = result.to_document()
@@ -105,7 +89,7 @@ def angles_command(
 
         if world().is_main:
             plot_angles_by_model(result.models, plot, classes=result.classes)
-    emit(document, fmt, output, table=_tables, markdown=_markdown,
+    emit(document, fmt, output, table=models_tables, markdown=models_markdown,
          figures=[plot] if plot is not None else [])  # html embeds it
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from ..analysis.stability import STABILITY_DEFAULTS
 from ..errors import ExitCode
 from .reference import metrics_help
-from .ci_reports import JunitOpt, StepSummaryOpt, append_step_summary, step_summary_file, write_junit
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
+from .ci_reports import JunitOpt, StepSummaryOpt, junit_to, step_summary_file
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, data_request
 from ._options import (
     ArchOpt, BatchOpt, Boundary, BoundaryOpt, CacheOpt, CenterOpt, CheckpointArg, Device, DeviceOpt, DirectionsOpt,
     EpsOpt, Format, FormatOpt, InputSizeOpt, MaxPairsOpt, NoFoldOpt, NoProgressOpt, OutputOpt, PowerOpt, Precision,
@@ -38,20 +38,6 @@ ConfigOpt = Annotated[
                  exists=True, dir_okay=False),
 ]
 PlotsOpt = Annotated[Optional[Path], typer.Option("--plots", help="Write PNG figures into this folder.", file_okay=False)]
-
-
-def _plots(directory: Path, document: dict[str, Any]) -> list[Path]:
-    from ..report.plots import plot_angles_by_stage, plot_conditioning, plot_error_trajectory
-
-    arch = document["checkpoint"]["arch"]
-    written = [plot_conditioning(document["blocks"], directory / "conditioning.png", title=f"Block condition numbers, {arch}")]
-    if document.get("stages"):
-        written.append(plot_angles_by_stage(document["stages"], directory / "angles.png", title=f"Median principal angles, {arch}"))
-    if document.get("stability"):
-        eps = document["stability"]["eps"]
-        written.append(plot_error_trajectory(document["stability"]["trajectory"]["points"], eps,
-                                             directory / "error-trajectory.png", title=f"Perturbation through {arch} (eps={eps:g})"))
-    return written
 
 
 def audit_command(
@@ -92,24 +78,23 @@ def audit_command(
 ) -> None:
     """Conditioning, class geometry and stability in one report, with --fail-on rules for CI."""
     from ..report.verdict import parse_rule, rules_from_config
-    from ..subject import parse_input_size
 
     config_rules, _ = rules_from_config(config)
     rules = [parse_rule(r) for r in [*config_rules, *(fail_on or [])]]  # malformed rules fail before any work
-    shape = parse_input_size(input_size)
     summary_file = step_summary_file(step_summary)
     check_data_early(data)
     if data is not None:  # stability runs: its eps floor before torch loads
         from ..analysis.stability.options import check_eps
 
         check_eps(eps, dtype.value)
-    chosen = image_options(preset, size, mean, std, classes, per_class, seed)
+    request = data_request(data, arch=arch, input_size=input_size, preset=preset, size=size, mean=mean, std=std,
+                           classes=classes, per_class=per_class, seed=seed)
     from ..tasks.audit import AuditOptions, audit  # the library (torch, numpy) only past the usage checks
     from ..report.audit_view import audit_markdown, audit_tables
     from ._output import emit, progress_bar, stderr
 
     options = AuditOptions(
-        arch=arch, input_size=shape, fold_bn=not no_fold_bn, boundary=boundary.value, **chosen,
+        **request.options(), fold_bn=not no_fold_bn, boundary=boundary.value,
         stages=tuple(split_list(stages) or ()) or None, center=center, max_pairs=max_pairs,
         subspace=subspace, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
         dtype=dtype.value, batch_size=batch_size, device=resolve_device(device), cache=cache,
@@ -140,24 +125,28 @@ def audit_command(
     from ..distributed import world
 
     speaks = world().is_main  # under torchrun rank 0 alone writes (emit checks it too)
+    from ..report.plots import audit_figures
+
     with tempfile.TemporaryDirectory(prefix="resdyn-figures-") as scratch:
         written: list[Path] = []
         if plots is not None:
             from ..errors import OutputError
 
             try:
-                written = _plots(plots, report.document)
+                written = audit_figures(plots, report.document)
             except OutputError as exc:
                 exc.hint = "pass --plots a writable folder with enough free space"
                 raise
             for path in written:
                 stderr.print(f"wrote {path}")
         elif fmt is Format.html and speaks:  # the page embeds the figures even when none are kept
-            written = _plots(Path(scratch), report.document)
+            written = audit_figures(Path(scratch), report.document)
         emit(report.document, fmt, output, table=audit_tables, markdown=audit_markdown, figures=written)
     if junit is not None and speaks:
-        write_junit(report.document, junit)
+        junit_to(report.document, junit)
     if summary_file is not None and speaks:
+        from ..report.step_summary import append_step_summary
+
         append_step_summary(summary_file, audit_markdown(report.document))
     if not report.passed:
         raise typer.Exit(int(ExitCode.RULE_FAILED))

@@ -1,4 +1,7 @@
-"""Reports for CI systems beside the main one: ``--junit FILE`` and ``--step-summary``."""
+"""The options of the reports for CI systems beside the main one: ``--junit FILE`` and ``--step-summary``.
+
+The reports themselves are written by :mod:`auditor.report.junit` and :mod:`auditor.report.step_summary`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import OutputError, UsageError
+from ..report.step_summary import SUMMARY_VARIABLE
 
-__all__ = ["JunitOpt", "StepSummaryOpt", "SUMMARY_LIMIT", "step_summary_file", "write_junit", "append_step_summary",
-           "shortened"]
-
-SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
-SUMMARY_LIMIT = 1024 * 1024  # GitHub shows a job summary of at most 1 MiB per step
+__all__ = ["JunitOpt", "StepSummaryOpt", "step_summary_file", "junit_to"]
 
 JunitOpt = Annotated[
     Optional[Path],
@@ -41,38 +41,14 @@ def step_summary_file(wanted: bool) -> Path | None:
     return Path(value)
 
 
-def write_junit(document: Mapping[str, Any], path: Path) -> None:
-    """Write the JUnit XML of ``document`` to ``path`` atomically (the report's inputs are never replaced)."""
-    from ..io.safe_output import safe_output
-    from ..report.junit import junit_report
+def junit_to(document: Mapping[str, Any], path: Path) -> None:
+    """``--junit FILE``: :func:`auditor.report.junit.write_junit`, a failure's hint naming the option."""
+    from ..report.junit import write_junit
     from ._output import stderr
 
-    text = junit_report(document)
     try:
-        with safe_output(path, [str(document.get("checkpoint", {}).get("path", ""))]) as temporary:
-            temporary.write_bytes(text.encode())
+        write_junit(document, path)
     except OutputError as exc:
         exc.hint = "pass --junit a writable path"
         raise
     stderr.print(f"wrote {path}")
-
-
-def shortened(text: str, room: int) -> str:
-    """``text`` whole when it fits ``room`` bytes (UTF-8), else cut at a line with a note saying so."""
-    data = text.encode()
-    if len(data) <= room:
-        return text
-    note = (f"\n\n> **Shortened**: this report is {len(data):,} bytes; a job summary holds at most "
-            f"{SUMMARY_LIMIT:,}. The whole report is in the JSON or HTML output (`--format json|html -o FILE`).\n")
-    keep = data[: max(0, room - len(note.encode()))].decode(errors="ignore")
-    return keep[: keep.rfind("\n") + 1] + note
-
-
-def append_step_summary(path: Path, markdown: str) -> None:
-    """Append ``markdown`` to the job summary ``path``, shortened to what is left of its 1 MiB."""
-    try:
-        used = path.stat().st_size if path.exists() else 0
-        with open(path, "a", encoding="utf-8") as summary:
-            summary.write(shortened(markdown if markdown.endswith("\n") else markdown + "\n", SUMMARY_LIMIT - used))
-    except OSError as exc:
-        raise OutputError(path, exc, hint=f"set ${SUMMARY_VARIABLE} to a writable file") from exc

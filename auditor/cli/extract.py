@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, data_request
 from ._options import (
     ArchOpt, BatchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt, StagesOpt, split_list,
 )
@@ -66,16 +66,12 @@ def extract_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Store the activations of every down-sampling stage for real images (resumable after a kill)."""
-    from ..subject import parse_input_size
-
-    shape = parse_input_size(input_size)
-    chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
-    from ..tasks.images import open_images
-    from ..subject import open_subject
+    request = data_request(data, arch=arch, input_size=input_size, preset=preset, size=size, mean=mean, std=std,
+                           classes=classes, per_class=per_class, seed=seed)  # usage errors before torch
+    from ..tasks.images import open_data
     from ._output import progress_bar, stderr, warn
 
-    subject = open_subject(checkpoint, arch=arch, input_size=shape)
-    images = open_images(data, subject, **chosen)
+    subject, images = open_data(checkpoint, request)
     with progress_bar("extract", enabled=not no_progress, unit="images") as update:
         result = run_extract(subject, images, output, stages=split_list(stages), dtype=dtype.value,
                              compression=compression.value, batch_size=batch_size, workers=workers,

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 
 from ..analysis.stability import STABILITY_DEFAULTS
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, data_request
 from ._options import (
     ArchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, DirectionsOpt, EpsOpt, Format, FormatOpt, InputSizeOpt,
     NoProgressOpt, OutputOpt, PlotOpt, PowerOpt, Precision, PrecisionOpt, SamplesOpt, check_data_early, resolve_device,
 )
 
 __all__ = ["register"]
-
-
-
-def _tables(doc: dict[str, Any]) -> list[Any]:
-    from ..report.stability_view import stability_tables
-    from ..report.tables import header_text
-
-    return [header_text(doc), *stability_tables(doc["stability"])]
-
-
-def _markdown(doc: dict[str, Any]) -> str:
-    from ..report.markdown import checkpoint_markdown
-    from ..report.stability_view import stability_markdown
-
-    return "## resdyn stability\n\n" + checkpoint_markdown(doc) + "\n" + stability_markdown(doc["stability"])
 
 
 def stability_command(
@@ -55,10 +38,8 @@ def stability_command(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Perturbation amplification per block at real inputs, BatchNorm's effect, and the end-to-end error (Lemmas 2, 3)."""
-    from ..subject import parse_input_size
-
-    shape = parse_input_size(input_size)
-    chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
+    request = data_request(data, arch=arch, input_size=input_size, preset=preset, size=size, mean=mean, std=std,
+                           classes=classes, per_class=per_class, seed=seed)  # usage errors before torch
     check_data_early(data)
     from ..analysis.stability.options import check_eps
 
@@ -66,20 +47,18 @@ def stability_command(
     from ..tasks.stability import check_stability_options
 
     check_stability_options(eps=eps, directions=directions, samples=samples, dtype=dtype.value)
-    from ..subject import open_subject
-    from ..tasks.images import open_images, skipped_message
+    from ..tasks.images import open_data, skipped_message
+    from ..report.stability_view import stability_report_markdown, stability_report_tables
     from ..tasks.stability import subject_stability
     from ._output import emit, progress_bar, warn
 
-    subject = open_subject(checkpoint, arch=arch, input_size=shape)
-    images = open_images(data, subject, **chosen)
+    subject, images = open_data(checkpoint, request)
     # one bar: the conditioning (for the Lemma 1 bounds), then the blocks
     with progress_bar("stability", enabled=not no_progress and fmt is not Format.json) as update:
         result = subject_stability(
             subject, images, eps=eps, directions=directions, samples=samples, power_iterations=power_iterations,
             seed=STABILITY_DEFAULTS.seed if seed is None else seed, device=resolve_device(device), dtype=dtype.value,
-            condition_progress=update,
-            progress=update,
+            condition_progress=update, progress=update,
         )
     if result.skipped:
         warn(skipped_message(images.dataset.root, result.skipped))
@@ -90,11 +69,11 @@ def stability_command(
     if dropped:
         warn(dropped)
     if plot is not None:
-        from ..report.plots import plot_error_trajectory
+        from ..report.plots import stability_figure
 
-        plot_error_trajectory(document["stability"]["trajectory"]["points"], eps, plot,
-                              title=f"Perturbation through {subject.loaded.arch} (eps={eps:g})")
-    emit(document, fmt, output, table=_tables, markdown=_markdown, figures=[plot] if plot is not None else [])
+        stability_figure(document, plot)
+    emit(document, fmt, output, table=stability_report_tables, markdown=stability_report_markdown,
+         figures=[plot] if plot is not None else [])
 
 
 def register(app: typer.Typer) -> None:

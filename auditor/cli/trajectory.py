@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, image_options
+from ._data_options import ClassesOpt, MeanOpt, PerClassOpt, PresetOpt, SeedOpt, SizeOpt, StdOpt, data_request
 from ._options import (
     ArchOpt, CacheOpt, DataOpt, Device, DeviceOpt, Format, FormatOpt, InputSizeOpt, NoFoldOpt, NoProgressOpt,
     OutputOpt, StagesOpt, resolve_device, split_list,
@@ -42,34 +42,6 @@ KappaPlotOpt = Annotated[
 ]
 
 
-def _tables(doc: dict[str, Any]) -> list[Any]:
-    from ..report.trajectory_view import trajectory_tables
-
-    return trajectory_tables(doc)
-
-
-def _markdown(doc: dict[str, Any]) -> str:
-    from ..report.trajectory_view import trajectory_markdown
-
-    return trajectory_markdown(doc)
-
-
-def _figures(document: dict[str, Any], plot: Path | None, kappa_plot: Path | None) -> None:
-    """Rank 0 draws the figures (under torchrun every rank holds the same report)."""
-    from ..distributed import world
-
-    if not world().is_main:
-        return
-    if plot is not None:
-        from ..report.figures.runs import plot_angle_runs, series_classes
-
-        plot_angle_runs(document["series"], plot, classes=series_classes(document["series"]))
-    if kappa_plot is not None:
-        from ..report.figures.kappas import plot_kappa_runs
-
-        plot_kappa_runs(document["series"], kappa_plot)
-
-
 def trajectory_command(
     checkpoints: CheckpointsArg,
     data: DataOpt,
@@ -96,28 +68,32 @@ def trajectory_command(
 ) -> None:
     """Median principal angles per stage for each checkpoint of one or more training runs, ordered by epoch."""
     from ..errors import UsageError
-    from ..subject import parse_input_size
 
     if plot_condition is not None and not condition:
         raise UsageError("--plot-condition draws the kappas of --condition", hint="add --condition")
-    shape = parse_input_size(input_size)
-    chosen = image_options(preset, size, mean, std, classes, per_class, seed)  # usage errors before torch
+    request = data_request(data, arch=arch, input_size=input_size, preset=preset, size=size, mean=mean, std=std,
+                           classes=classes, per_class=per_class, seed=seed)  # usage errors before torch
+    from ..report.trajectory_view import trajectory_markdown, trajectory_tables
     from ..tasks.images import skipped_message
     from ..tasks.trajectory import trajectory
     from ._output import emit, progress_bar, warn
 
     with progress_bar("checkpoints", enabled=not no_progress and fmt is not Format.json) as update:
         result = trajectory(
-            checkpoints, data, names=name, arch=arch, input_size=shape, stages=split_list(stages),
-            image_options=chosen, seed=seed, cache=cache, conditioning=condition, fold_bn=not no_fold_bn,
-            device=resolve_device(device), progress=update,
+            checkpoints, request, names=name, stages=split_list(stages), cache=cache, conditioning=condition,
+            fold_bn=not no_fold_bn, device=resolve_device(device), progress=update,
         )
     document = result.to_document()
     if result.skipped:
         warn(skipped_message(result.data["root"], result.skipped))
-    _figures(document, plot, plot_condition)
-    drawn = [path for path in (plot, plot_condition) if path is not None]
-    emit(document, fmt, output, table=_tables, markdown=_markdown, figures=drawn)  # html embeds them
+    from ..distributed import world
+
+    if world().is_main:  # rank 0 draws the figures (under torchrun every rank holds the same report)
+        from ..report.figures.runs import trajectory_figures
+
+        trajectory_figures(document, plot, plot_condition)
+    drawn = [path for path in (plot, plot_condition) if path is not None]  # html embeds them
+    emit(document, fmt, output, table=trajectory_tables, markdown=trajectory_markdown, figures=drawn)
 
 
 def register(app: typer.Typer) -> None:

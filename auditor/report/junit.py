@@ -18,12 +18,13 @@ import datetime
 import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .audit_view import measured_text
 from .verdict import NO_RULES, verdict_headline
 
-__all__ = ["junit_report", "lemma_properties"]
+__all__ = ["junit_report", "lemma_properties", "write_junit"]
 
 _LEMMA_CHECKS = ("lemma1_lower_holds", "lemma1_upper_holds")
 
@@ -82,3 +83,18 @@ def junit_report(document: Mapping[str, Any]) -> str:
     ET.SubElement(suite, "system-out").text = f"verdict: {status}; findings: {findings}"
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_junit(document: Mapping[str, Any], path: Path) -> None:
+    """Write the JUnit XML of ``document`` to ``path`` atomically (the report's inputs are never replaced).
+
+    Raises
+    ------
+    OutputError
+        ``path`` cannot be written, or would replace the report's checkpoint.
+    """
+    from ..io.safe_output import safe_output
+
+    text = junit_report(document)
+    with safe_output(path, [str(document.get("checkpoint", {}).get("path", ""))]) as temporary:
+        temporary.write_bytes(text.encode())

@@ -11,7 +11,7 @@ from typing import Any
 
 from .figures.canvas import pyplot, save_figure
 
-__all__ = ["plot_angles_by_stage", "plot_error_trajectory", "plot_conditioning"]
+__all__ = ["plot_angles_by_stage", "plot_error_trajectory", "plot_conditioning", "stability_figure", "audit_figures"]
 
 _MANY_PAIRS = 12  # above this, inter-class angles are drawn as a band, not one line per pair
 
@@ -109,3 +109,23 @@ def plot_conditioning(blocks: Sequence[Mapping[str, Any]], path: Path, *, title:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def stability_figure(document: Mapping[str, Any], path: Path) -> Path:
+    """The perturbation trajectory of a ``stability`` or ``audit`` report into ``path``."""
+    arch, eps = document["checkpoint"]["arch"], document["stability"]["eps"]
+    return plot_error_trajectory(document["stability"]["trajectory"]["points"], eps, path,
+                                 title=f"Perturbation through {arch} (eps={eps:g})")
+
+
+def audit_figures(directory: Path, document: Mapping[str, Any]) -> list[Path]:
+    """The figures of an ``audit`` report into ``directory``: conditioning, and with images angles and stability."""
+    arch = document["checkpoint"]["arch"]
+    written = [plot_conditioning(document["blocks"], directory / "conditioning.png",
+                                 title=f"Block condition numbers, {arch}")]
+    if document.get("stages"):
+        written.append(plot_angles_by_stage(document["stages"], directory / "angles.png",
+                                            title=f"Median principal angles, {arch}"))
+    if document.get("stability"):
+        written.append(stability_figure(document, directory / "error-trajectory.png"))
+    return written

@@ -8,10 +8,11 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from .markdown import md_table
-from .tables import fmt_num
+from .markdown import checkpoint_markdown, md_table
+from .tables import fmt_num, header_text
 
-__all__ = ["stability_tables", "stability_markdown", "worst_gain_note"]
+__all__ = ["stability_tables", "stability_markdown", "stability_report_tables", "stability_report_markdown",
+           "worst_gain_note"]
 
 
 def _share(value: float | None) -> str:
@@ -105,3 +106,13 @@ def stability_markdown(section: Mapping[str, Any]) -> str:
         text += (f"\nEnd to end: median relative error of the logits {fmt_num(trajectory['logits'].get('median'))}; "
                  f"predicted class changed in {trajectory.get('flips', 0)} of {trajectory.get('runs', 0)} runs.\n")
     return text
+
+
+def stability_report_tables(doc: Mapping[str, Any]) -> list[Any]:
+    """The ``stability`` report as tables: the checkpoint's header, then the section."""
+    return [header_text(doc), *stability_tables(doc["stability"])]
+
+
+def stability_report_markdown(doc: Mapping[str, Any]) -> str:
+    """The ``stability`` report as Markdown."""
+    return "## resdyn stability\n\n" + checkpoint_markdown(doc) + "\n" + stability_markdown(doc["stability"])

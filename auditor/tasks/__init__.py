@@ -11,7 +11,10 @@ renders; notebooks call the same functions.
 - :mod:`.stability`: perturbation growth through the blocks at real inputs.
 - :mod:`.trajectory`: class geometry across the checkpoints of a training run.
 - :mod:`.audit`: all of the above in one report, with a verdict.
-- :mod:`.images`: an image folder prepared for a subject (shared by the tasks).
+- :mod:`.images`: an image folder prepared for a subject; ``open_data``, the one opening step
+  (checkpoint and images) of every task that reads images.
+- :mod:`.data_request`: ``DataRequest``, what a command asks of its images (torch-free).
+- :mod:`.sources`: the ``data`` report of a project's named data sources.
 
 Importing this package imports nothing heavy.
 """

@@ -18,6 +18,7 @@ from ..analysis.stability import STABILITY_DEFAULTS
 from ..errors import Remedy, UsageError
 from ..report.document import report_header
 from ..report.verdict import METRICS, Rule, evaluate, parse_rule
+from .data_request import DataRequest
 
 __all__ = ["AuditOptions", "AuditReport", "audit"]
 
@@ -58,6 +59,12 @@ class AuditOptions:
     def random_seed(self) -> int:
         """The seed of the draws after the image selection (angle pairs, stability samples and directions)."""
         return 0 if self.seed is None else self.seed
+
+    def data_request(self, data: str | Path | None) -> DataRequest:
+        """The images ``data`` as these options prepare them, for :func:`auditor.tasks.images.open_data`."""
+        return DataRequest(data, arch=self.arch, input_size=self.input_size, preset=self.preset, size=self.size,
+                           mean=self.mean, std=self.std, classes=self.classes, per_class=self.per_class,
+                           seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe copy (paths as strings; ``seed`` as used by the draws, the images' seed is in ``data``)."""
@@ -150,16 +157,15 @@ def audit(
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    subject = open_subject(checkpoint, arch=opts.arch, input_size=opts.input_size)
     images = None
-    if data is not None:  # cheap checks of every data input before any heavy work
-        from .images import open_images
-
+    if data is None:
+        subject = open_subject(checkpoint, arch=opts.arch, input_size=opts.input_size)
+    else:  # cheap checks of every data input before any heavy work
+        from .images import open_data
         from .stability import check_stability_options
 
         check_stability_options(eps=opts.eps, directions=opts.directions, samples=opts.samples, dtype=opts.dtype)
-        images = open_images(data, subject, preset=opts.preset, size=opts.size, mean=opts.mean, std=opts.std,
-                             classes=opts.classes, per_class=opts.per_class, seed=opts.seed)
+        subject, images = open_data(checkpoint, opts.data_request(data))
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()

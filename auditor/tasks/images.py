@@ -20,9 +20,10 @@ from ..io.images import (
     scan_image_folder,
     select_samples,
 )
-from ..subject import Subject
+from ..subject import Subject, open_subject
+from .data_request import DataRequest
 
-__all__ = ["PreparedImages", "ImageSample", "open_images", "sample_images", "skipped_message"]
+__all__ = ["PreparedImages", "ImageSample", "open_data", "open_images", "sample_images", "skipped_message"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,32 @@ def open_images(
     used = preset or ("checkpoint metadata" if has_meta and size is None and mean is None else _default_preset(subject))
     origin = _preprocessing_origin(subject, preset, size, mean, std, caller, source.name if source else None)
     return PreparedImages(dataset, preprocessing, used, source.section() if source is not None else None, origin)
+
+
+def open_data(checkpoint: str | Path, request: DataRequest) -> tuple[Subject, PreparedImages]:
+    """Open a checkpoint and the images it is measured on: the one opening step of every command that reads images.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        Checkpoint file (or folder), as in :func:`auditor.subject.open_subject`.
+    request : DataRequest
+        The images (``request.data``, required here), the architecture and input size, and the
+        preprocessing and selection options.
+
+    Returns
+    -------
+    (Subject, PreparedImages)
+
+    Raises
+    ------
+    AuditorError
+        What :func:`auditor.subject.open_subject` and :func:`open_images` raise.
+    """
+    if request.data is None:
+        raise ValueError("open_data needs request.data (a folder or a data source's name)")
+    subject = open_subject(checkpoint, arch=request.arch, input_size=request.input_size)
+    return subject, open_images(request.data, subject, **request.image_options())
 
 
 def _preprocessing_origin(

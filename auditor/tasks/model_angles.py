@@ -8,12 +8,14 @@ another, and names each model for the comparison figure (the paper's Figure 5).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, Remedy, UsageError
+from .data_request import DataRequest
 from .runs import natural_key
 
 __all__ = ["STORE_SUFFIXES", "ModelsAngles", "is_store", "models_angles", "model_names"]
@@ -108,17 +110,12 @@ class ModelsAngles:
 
 def models_angles(
     inputs: Sequence[str | Path],
+    request: DataRequest | None = None,
     *,
-    data: str | Path | None = None,
     names: Sequence[str] | None = None,
-    arch: str | None = None,
-    input_size: tuple[int, int] | None = None,
-    image_options: dict[str, Any] | None = None,
     stages: Sequence[str] | None = None,
-    classes: Sequence[str] | None = None,
     center: bool = False,
     max_pairs: int | None = None,
-    seed: int = 0,
     subspace_k: int | None = None,
     cache: Path | None = None,
     device: str = "cpu",
@@ -130,19 +127,15 @@ def models_angles(
     ----------
     inputs : sequence of str or Path
         Activation stores (``resdyn extract``) or checkpoints, in the order wanted.
-    data : str or Path, optional
-        Images for the checkpoints (an image folder or a data source's name);
-        required when ``inputs`` holds a checkpoint.
+    request : DataRequest, optional
+        Images for the checkpoints (``request.data``: an image folder or a data source's
+        name; required when ``inputs`` holds a checkpoint), with their architecture, input
+        size and preprocessing; ``request.classes`` selects the images of a checkpoint and
+        the rows of a store, ``request.seed`` (None: 0) seeds the images and the pairs.
     names : sequence of str, optional
         One name per model (see :func:`model_names`).
-    arch, input_size
-        For the checkpoints, as in :func:`auditor.subject.open_subject`.
-    image_options : dict, optional
-        Keyword arguments of :func:`auditor.tasks.images.open_images`; ``classes``
-        and ``seed`` are added.
-    stages, classes, center, max_pairs, seed, subspace_k
-        As in :func:`auditor.tasks.geometry.store_angles` (``classes`` selects the
-        images of a checkpoint, the rows of a store).
+    stages, center, max_pairs, subspace_k
+        As in :func:`auditor.tasks.geometry.store_angles`.
     cache : Path, optional
         Keep the checkpoints' activation stores here and reuse them.
     device : str
@@ -154,20 +147,21 @@ def models_angles(
     UsageError
         A checkpoint without ``data``; names that do not fit (see :func:`model_names`).
     """
-    from ..subject import open_subject
     from .geometry import stage_geometry, store_geometry
-    from .images import open_images
+    from .images import open_data
 
     paths = [Path(p) for p in inputs]
     if not paths:
         raise DataError("no store or checkpoint given")
     labels = model_names(paths, names)
     checkpoints = [p for p in paths if not is_store(p)]
-    if checkpoints and data is None:
+    request = request or DataRequest()
+    if checkpoints and request.data is None:
         raise UsageError(f"{checkpoints[0]}: a checkpoint needs images to compute its activations",
                          hint="pass {remedy} (a folder or the name of a data source), or give the store "
                          "'resdyn extract' wrote", remedy=Remedy("data", "DIR"))
-    chosen = {**(image_options or {}), "classes": tuple(classes) if classes else None, "seed": seed}
+    seed, classes = request.random_seed, request.classes
+    request = dataclasses.replace(request, seed=seed)  # a store's pairs and a checkpoint's images: one seed
     options = dict(center=center, max_pairs=max_pairs, seed=seed, subspace_k=subspace_k)
     models: list[dict[str, Any]] = []
     first_data: dict[str, Any] | None = None
@@ -178,8 +172,7 @@ def models_angles(
             result = store_geometry(path, stages=stages, classes=classes, **options)
             models.append({"name": name, "store": result.store, "stages": result.stages})
         else:
-            subject = open_subject(path, arch=arch, input_size=input_size)
-            images = open_images(data, subject, **chosen)  # type: ignore[arg-type]
+            subject, images = open_data(path, request)
             found = stage_geometry(subject, images, cache=cache, stages=stages, device=device, **options)
             skipped = skipped or found.skipped
             described = images.section(found.skipped)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import distributed
 from ..errors import InputError
+from .data_request import DataRequest
 from .runs import CHECKPOINT_SUFFIXES, Run, collect_checkpoints, collect_runs, order_checkpoints
 
 __all__ = ["CHECKPOINT_SUFFIXES", "TrajectoryResult", "collect_checkpoints", "collect_runs", "order_checkpoints",
@@ -76,14 +77,10 @@ def _units(runs: Sequence[Run]) -> tuple[list[tuple[int, Path, int | float]], li
 
 def trajectory(
     checkpoints: Sequence[str | Path],
-    data: str | Path,
+    request: DataRequest,
     *,
     names: Sequence[str] | None = None,
-    arch: str | None = None,
-    input_size: tuple[int, int] | None = None,
     stages: Sequence[str] | None = None,
-    image_options: dict[str, Any] | None = None,
-    seed: int | None = None,
     cache: Path | None = None,
     conditioning: bool = False,
     fold_bn: bool = True,
@@ -97,20 +94,15 @@ def trajectory(
     checkpoints : sequence of str or Path
         Runs: folders of per-epoch checkpoints, glob patterns, or checkpoint files
         (grouped by folder; see :func:`auditor.tasks.runs.collect_runs`).
-    data : str or Path
-        Class-per-folder image directory.
+    request : DataRequest
+        The images (a class-per-folder directory or a data source's name), the architecture and
+        input size, and the preprocessing, for every checkpoint; its ``seed`` is the seed of the
+        image selection and of the angles' pair sampling (None: 0, and a data source's own seed
+        for its images).
     names : sequence of str, optional
         One name per run (default: the folder names).
-    arch, input_size
-        As in :func:`auditor.subject.open_subject`.
     stages : sequence of str, optional
         Stage names (default all).
-    image_options : dict, optional
-        Keyword arguments of :func:`auditor.tasks.images.open_images` (preset, size,
-        mean, std, classes, per_class); ``seed`` is added.
-    seed : int or None
-        Seed of the image selection and of the angles' pair sampling; None: 0, and a
-        data source's own seed for its images.
     cache : Path, optional
         Keep the activation stores (see :func:`auditor.tasks.geometry.stage_geometry`)
         and the blocks' kappas (see :func:`auditor.tasks.block_kappas.block_kappas`)
@@ -134,13 +126,11 @@ def trajectory(
     UsageError
         ``names`` does not give one name per run, or two runs share a name.
     """
-    from ..subject import open_subject
     from .block_kappas import block_kappas
     from .geometry import stage_geometry
-    from .images import open_images
+    from .images import open_data
 
-    chosen = {**(image_options or {}), "seed": seed}  # None: a data source's seed picks the images
-    random_seed = 0 if seed is None else seed
+    random_seed = request.random_seed  # the images: request.seed (None: a data source's seed picks them)
     if not checkpoints:
         raise InputError("no checkpoints given")
     runs = collect_runs(checkpoints, names)
@@ -149,8 +139,7 @@ def trajectory(
 
     def point(done: int) -> tuple[dict[str, Any], tuple, Any]:
         _, path, epoch = units[done]
-        subject = open_subject(path, arch=arch, input_size=input_size)
-        images = open_images(data, subject, **chosen)
+        subject, images = open_data(path, request)
         result = stage_geometry(subject, images, cache=cache, stages=stage_names, seed=random_seed, device=device)
         entry = {
             "epoch": epoch,
@@ -181,6 +170,6 @@ def trajectory(
         elif section != first:  # this run's checkpoints prepare the images otherwise
             entry["data"] = section
         series.append(entry)
-    config = {"seed": random_seed, "per_class": chosen.get("per_class"), "stages": stage_names,
+    config = {"seed": random_seed, "per_class": request.per_class, "stages": stage_names,
               "condition": conditioning, "fold_bn": fold_bn}
     return TrajectoryResult(series, first, config, skipped)

@@ -14,7 +14,8 @@ from typing import Any
 
 from .canvas import as_floats, class_colours, figure_legend, integer_epochs, pyplot, save_figure
 
-__all__ = ["inter_summary", "draw_angle_runs", "plot_angle_runs", "run_stage_names", "series_classes"]
+__all__ = ["inter_summary", "draw_angle_runs", "plot_angle_runs", "run_stage_names", "series_classes",
+           "trajectory_figures"]
 
 
 def inter_summary(stage: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
@@ -99,3 +100,15 @@ def plot_angle_runs(series: Sequence[Mapping[str, Any]], path: Path, *, classes:
                     title: str = "") -> Path:
     """Write :func:`draw_angle_runs`' figure to ``path`` (PNG, atomically)."""
     return save_figure(draw_angle_runs(series, classes=classes, title=title), path)
+
+
+def trajectory_figures(document: Mapping[str, Any], plot: Path | None, kappa_plot: Path | None) -> list[Path]:
+    """The figures of a ``trajectory`` report: the angles into ``plot``, the blocks' kappas into ``kappa_plot``."""
+    written = []
+    if plot is not None:
+        written.append(plot_angle_runs(document["series"], plot, classes=series_classes(document["series"])))
+    if kappa_plot is not None:
+        from .kappas import plot_kappa_runs
+
+        written.append(plot_kappa_runs(document["series"], kappa_plot))
+    return written
