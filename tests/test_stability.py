@@ -492,9 +492,9 @@ def test_the_step_budget_goes_to_the_samples_that_may_hold_the_maximum():
             assert used <= samples * (3 * steps - 2) or rounds == (Round(samples, steps),)
             assert all(a.keep > b.keep for a, b in zip(rounds, rounds[1:]))  # halving, never a round twice
             if len(rounds) > 1:
-                assert rounds[-1].keep == 1 and sum(r.steps for r in rounds) > steps
-    assert [r.keep for r in plan_rounds(32, 8)] == [32, 16, 8, 4, 2, 1]
-    assert sum(r.steps for r in plan_rounds(32, 8)) == 53
+                assert rounds[-1].keep == 1 and sum(r.steps for r in rounds) >= steps
+    assert [r.keep for r in plan_rounds(32, 8)] == [32, 8, 4, 2, 1]  # the cut to 16 gets no step: it only halves
+    assert sum(r.steps for r in plan_rounds(32, 8)) == 37
     assert plan_rounds(1, 8) == (Round(1, 8),)
 
 
