@@ -401,6 +401,23 @@ def test_store_size_is_estimated_within_ten_percent(tmp_path: Path, size: int, c
     assert abs(result.estimated_bytes - written) <= 0.1 * written, (result.estimated_bytes, written)
 
 
+def test_the_progress_line_is_told_the_estimate_before_the_first_image(tmp_path: Path) -> None:
+    from auditor.tasks.bounds import size_text
+
+    _make_folder(tmp_path / "img", {"a": 3, "b": 3}, size=16)
+    dataset = ImageDataset(select_samples(scan_image_folder(tmp_path / "img")), PRESETS["none"])
+    events: list = []
+
+    def progress(done: int, total: int) -> None:
+        events.append((done, total))
+
+    progress.note = lambda text: events.append(text)  # type: ignore[attr-defined]
+    result = _extract(_InPlace(), dataset, tmp_path / "s.h5", progress=progress)
+    notes = [e for e in events if isinstance(e, str)]
+    assert notes == [f"store about {size_text(result.estimated_bytes)}"]
+    assert isinstance(events[0], str)  # before any image was counted
+
+
 def test_a_folder_without_room_is_refused_before_the_first_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from auditor.errors import OutputError

@@ -149,7 +149,10 @@ def _write_output(output: Path, text: str, document: Mapping[str, Any]) -> None:
 
 @contextmanager
 def progress_bar(description: str, *, enabled: bool, unit: str = "") -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback drawing a rich bar on stderr when enabled."""
+    """A ``progress(done, total)`` callback drawing a rich bar on stderr when enabled.
+
+    Its ``note(text)`` method shows ``text`` at the end of the line (absent when not drawn).
+    """
     stderr = _stderr_console()
     show = enabled and stderr.is_terminal and not os.environ.get("CI")
     if not show:
@@ -164,13 +167,18 @@ def progress_bar(description: str, *, enabled: bool, unit: str = "") -> Iterator
         TaskProgressColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
     ]
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=None, rate="")
+        task = bar.add_task(description, total=None, rate="", note="")
 
         def update(done: int, total: int) -> None:
             elapsed = bar.tasks[0].elapsed or 0.0
             rate = f"{done / elapsed:.1f} {unit}/s" if unit and elapsed > 0 else ""
             bar.update(task, completed=done, total=total, rate=rate)
 
+        def note(text: str) -> None:
+            bar.update(task, note=text)
+
+        update.note = note  # type: ignore[attr-defined]  # e.g. the store's estimated size, before the first image
         yield update

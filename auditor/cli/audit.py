@@ -101,8 +101,16 @@ def audit_command(
         max_iterations=max_iterations,
     )
     with progress_bar("audit", enabled=not no_progress and fmt is not Format.json) as update:
+        shown = {"phase": ""}
+
         def progress(phase: str, done: int, total: int) -> None:
+            if phase != shown["phase"] and hasattr(update, "note"):  # the phase, and its note (the store's size)
+                shown["phase"] = phase
+                update.note(phase)
             update(done, total)
+
+        if hasattr(update, "note"):
+            progress.note = lambda text: update.note(f"{shown['phase']}: {text}")  # type: ignore[attr-defined]
 
         report = audit(checkpoint, data=data, rules=rules, options=options, progress=progress)
     from ..report.normalization import dropped_normalization

@@ -132,7 +132,8 @@ def audit(
     options : AuditOptions, optional
         Defaults as in :class:`AuditOptions`; keyword ``overrides`` replace fields.
     progress : callable, optional
-        ``progress(phase, done, total)``.
+        ``progress(phase, done, total)``; its ``note(text)`` method, where it has one, gets
+        the activation store's estimated size before the first image.
 
     Returns
     -------
@@ -153,7 +154,15 @@ def audit(
     parsed = _rules(rules, data is not None)
 
     def phase(name: str) -> Callable[[int, int], None]:
-        return (lambda done, total: progress(name, done, total)) if progress else (lambda done, total: None)
+        if progress is None:
+            return lambda done, total: None
+
+        def step(done: int, total: int) -> None:
+            progress(name, done, total)
+
+        if callable(getattr(progress, "note", None)):  # the extraction's store estimate for the progress line
+            step.note = progress.note  # type: ignore[attr-defined]
+        return step
 
     timings: dict[str, float] = {}
     start = time.perf_counter()

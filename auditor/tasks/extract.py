@@ -40,7 +40,7 @@ from ..io.images import ImageDataset, collate_images, make_loader
 from ..io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
 from ..models.anatomy import Anatomy, StageSpec
 from .bounds import check_memory, extract_bytes
-from .store_space import check_store_space
+from .store_space import check_store_space, say_estimate
 
 __all__ = ["ExtractResult", "extract_activations", "resolve_device", "resolve_stages"]
 
@@ -343,7 +343,9 @@ def extract_activations(
         ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     progress : callable, optional
         ``progress(done, total)`` after each batch, ``done`` counting samples
-        handled (including those of an earlier, interrupted run).
+        handled (including those of an earlier, interrupted run). Where it has a
+        ``note(text)`` method, that is called once before the first image with the
+        store's estimated size (for the progress line).
     overwrite : bool
         Replace an existing store and discard an unfinished one.
     strict : bool
@@ -413,6 +415,7 @@ def extract_activations(
                               batch_size=batch_size, workers=workers, strict=strict, progress=progress,
                               started=started)
     estimate = check_store_space(out_path, header)  # before the first image
+    say_estimate(progress, estimate)
     with StoreWriter(out_path, header, overwrite=overwrite) as writer:
         resumed_from = writer.consumed
         if progress is not None:
@@ -519,6 +522,7 @@ def _extract_ranks(
     def open_writer() -> int:
         nonlocal writer, estimate
         estimate = check_store_space(out_path, header)  # before the first image
+        say_estimate(progress, estimate)
         writer = StoreWriter(out_path, header, overwrite=overwrite)
         return writer.consumed
 

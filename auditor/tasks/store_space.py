@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +28,7 @@ from ..io.store import StoreHeader
 from ..io.store.layout import STORED_DTYPE, samples_per_chunk
 from .bounds import size_text
 
-__all__ = ["store_bytes", "free_bytes", "check_store_space"]
+__all__ = ["store_bytes", "free_bytes", "check_store_space", "say_estimate"]
 
 _FIXED_BYTES = 24 * 1024  # superblock, groups, attributes, the classes (measured: 20-23 KiB)
 _CHUNK_BYTES = 4 + 64  # a chunk's checksum and its share of the chunk index
@@ -100,3 +102,10 @@ def check_store_space(path: str | Path, header: StoreHeader, *, hint: str | None
         error.remedy = remedy
         raise error
     return need
+
+
+def say_estimate(progress: Callable[..., Any] | None, estimate: int) -> None:
+    """Tell a progress callback with a ``note(text)`` method the store's estimated size ("store about 13.7 GB")."""
+    note = getattr(progress, "note", None)
+    if callable(note):
+        note(f"store about {size_text(estimate)}")
