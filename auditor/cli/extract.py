@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ from ._options import (
     ArchOpt, BatchOpt, CheckpointArg, DataOpt, Device, DeviceOpt, InputSizeOpt, NoProgressOpt, StagesOpt, split_list,
 )
 
-__all__ = ["register", "DType", "Compression", "run_extract"]
+__all__ = ["register", "DType", "Compression"]
 
 
 class DType(str, Enum):
@@ -68,30 +68,21 @@ def extract_command(
     """Store the activations of every down-sampling stage for real images (resumable after a kill)."""
     request = data_request(data, arch=arch, input_size=input_size, preset=preset, size=size, mean=mean, std=std,
                            classes=classes, per_class=per_class, seed=seed)  # usage errors before torch
+    from ..tasks.extract import extract_subject
     from ..tasks.images import open_data
     from ._output import progress_bar, stderr, warn
 
     subject, images = open_data(checkpoint, request)
     with progress_bar("extract", enabled=not no_progress, unit="images") as update:
-        result = run_extract(subject, images, output, stages=split_list(stages), dtype=dtype.value,
-                             compression=compression.value, batch_size=batch_size, workers=workers,
-                             device=device.value, overwrite=overwrite, strict=strict, progress=update)
+        result = extract_subject(subject, images, output, stages=split_list(stages), dtype=dtype.value,
+                                 compression=compression.value, batch_size=batch_size, workers=workers,
+                                 device=device.value, overwrite=overwrite, strict=strict, progress=update)
     if result.skipped:
         warn(f"{len(result.skipped)} unreadable image(s) skipped (listed in the file's 'skipped' attribute): "
              + ", ".join(s["path"] for s in result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else ""))
     resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
     stderr.print(f"wrote {result.path}: {result.samples} samples, stages {', '.join(result.stages)}, "
                  f"{result.seconds:.1f} s on {result.device}{resumed}")
-
-
-def run_extract(subject: Any, images: Any, output: Path, **options: Any) -> Any:
-    """Call :func:`auditor.tasks.extract.extract_activations` for a subject and its images."""
-    from ..tasks.extract import extract_activations
-
-    return extract_activations(
-        subject.loaded.model, subject.anatomy, images.dataset, output,
-        checkpoint_sha256=subject.checkpoint.sha256, arch=subject.loaded.arch, **options,
-    )
 
 
 def register(app: typer.Typer) -> None:

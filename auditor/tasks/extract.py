@@ -39,10 +39,12 @@ from ..errors import ArchitectureError, DataError, Remedy, UsageError
 from ..io.images import ImageDataset, collate_images, make_loader
 from ..io.store import COMPRESSIONS, DTYPES, StoreHeader, StoreWriter
 from ..models.anatomy import Anatomy, StageSpec
+from ..subject import Subject
 from .bounds import check_memory, extract_bytes
+from .images import PreparedImages
 from .store_space import check_store_space, say_estimate
 
-__all__ = ["ExtractResult", "extract_activations", "resolve_device", "resolve_stages"]
+__all__ = ["ExtractResult", "extract_activations", "extract_subject", "resolve_device", "resolve_stages"]
 
 ProgressCallback = Callable[[int, int], None]
 _QUEUE_SIZE = 3
@@ -588,4 +590,15 @@ def _extract_ranks(
     return ExtractResult(
         Path(path), written, tuple(s.name for s in specs), skipped,
         time.perf_counter() - started, resumed_from, str(device), estimate,
+    )
+
+
+def extract_subject(subject: Subject, images: PreparedImages, out_path: str | Path, **options: Any) -> ExtractResult:
+    """:func:`extract_activations` for a subject and its images (from :func:`auditor.tasks.images.open_data`).
+
+    ``options`` are :func:`extract_activations`' keywords after ``arch`` (``stages``, ``dtype``, ...).
+    """
+    return extract_activations(
+        subject.loaded.model, subject.anatomy, images.dataset, out_path,
+        checkpoint_sha256=subject.checkpoint.sha256, arch=subject.loaded.arch, **options,
     )
