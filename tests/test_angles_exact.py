@@ -172,6 +172,22 @@ def test_too_many_ambiguous_pairs_fall_back_to_float64(monkeypatch):
     _check(got, _reference(x, labels, len(names)), names, tol=1e-11)
 
 
+def test_crowded_medians_give_up_early(monkeypatch):
+    """When an eighth of the pairs already predict too many repairs, the float32 pass stops there."""
+    from auditor.analysis.angles import products
+
+    x, labels, names = _relu_set(150, 300, seed=9)
+    monkeypatch.setattr(angles_exact, "_REPAIR_MIN", 0)
+    monkeypatch.setattr(angles_exact, "_REPAIR_FRACTION", 10 ** 9)
+    monkeypatch.setattr(angles_exact, "_PROBE_PAIRS", 50)
+    calls = []
+    real = products.float32_products
+    monkeypatch.setattr(products, "float32_products", lambda *a: calls.append(1) or real(*a))
+    got = median_angles(x, labels, names, products="float32")
+    assert len(calls) == 1  # the first 64-row strip (about 7,500 of 11,175 pairs), then float64
+    _check(got, _reference(x, labels, len(names)), names, tol=1e-11)
+
+
 def test_cos_bound_holds_on_signed_rows_with_cancellation():
     """The bound covers the float32 products' error even where the dot product cancels (signed rows)."""
     rng = np.random.default_rng(6)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .exact import bound_holds, cos_bound, exact_angles, exact_medians
+from .exact import bound_holds, cos_bound, exact_angles, exact_medians, predicted_repairs, probe_after, repair_limit
 from .kernels import degrees
 from .pairs import AnglePool, PairPlan, pair_key, plan_pairs
 from .products import GramProducts
@@ -105,6 +105,7 @@ class GramRun:
         self.mine = self._my_tiles() if self.share is not None else None  # tiles of this process (None: all)
         self.ambiguous = 0  # float32: pairs recomputed in float64
         self.gave_up = False  # float32: the bound does not hold or too many pairs are ambiguous: use float64
+        self.probed = False  # float32: the repairs were predicted (see _hopeless)
 
     def run(self, seed: int) -> GramRun:
         """Every pass, in order; returns self."""
@@ -125,7 +126,7 @@ class GramRun:
             self._shared_pass(self.share, self.plan)
         else:
             self._gram_pass(self.plan)
-        if self.float32:
+        if self.float32 and not self.gave_up:
             self._repair(self.plan)
         # 4. Optional principal subspaces (one more pass).
         if self.subspace_k:
@@ -215,6 +216,8 @@ class GramRun:
                     rows = panel.sub(s0 - p0, s1 - p0)
                     cols = panel.sub(s0 - p0, p1 - p0)
                     self._tile(plan, tile, rows, cols, triangular=True)
+                    if self._hopeless(plan):
+                        return
                 tile += 1
                 self._tick()
             for j0 in range(p1, n, tr):
@@ -226,10 +229,29 @@ class GramRun:
                 elif self._owned(tile) and self._needed(plan, tile, panel, j0, j1):
                     block = loader.load(j0, j1, tile=True)
                     self._tile(plan, tile, panel, block, triangular=False)
+                if self._hopeless(plan):
+                    return
                 tile += 1
                 self._tick()
             if first and loader.bad_rows:
                 loader.raise_bad()
+
+    def _hopeless(self, plan: PairPlan) -> bool:
+        """Float32 products, once an eighth of the pairs are in: whether the repairs will pass their limit
+        (then ``gave_up``, and the pass stops). Not when shared: every process must decide alike."""
+        pool = plan.pool
+        if not self.float32 or self.share is not None or self.probed:
+            return False
+        total = int(pool.capacity.sum())
+        if int(pool.size.sum()) < probe_after(total) or self.rows.bad_rows:
+            return False
+        self.probed = True
+        low, high = self.rows.norm_range
+        if not bound_holds(low, high):
+            return False  # decided after the pass
+        e = cos_bound(self.src.d, rounded=self.center, min_norm=low)
+        self.gave_up = predicted_repairs(pool, e) > repair_limit(total)
+        return self.gave_up
 
     def _owned(self, tile: int) -> bool:
         return self.mine is None or tile in self.mine
