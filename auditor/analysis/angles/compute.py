@@ -151,6 +151,7 @@ def median_angles(
         run = passes(True, share)
         if not run.gave_up:
             return run.result(names)
+        del run  # its rows: the float64 passes hold their own
     if share is not None and share.size > 1:
         result: StageAngles = share.on_main(lambda: passes(False).result(names))
         return result
