@@ -96,7 +96,7 @@ class _Repairs:
     ("n", "d", "options", "block_rows"),
     [(80, 700, {}, 1024), (97, 2500, {}, 23), (90, 1500, {"center": True}, 1024),
      (90, 1500, {"center": True}, 17), (120, 900, {"max_pairs": 300, "seed": 2}, 1024),
-     (61, 3000, {"max_pairs": 40, "center": True}, 13)],
+     (61, 1200, {"max_pairs": 40, "center": True}, 13)],
 )
 def test_float32_products_give_the_float64_medians(monkeypatch, n, d, options, block_rows):
     """Stores of several sizes, one panel or many (rows read again for the repair), centred or not,
@@ -170,6 +170,30 @@ def test_too_many_ambiguous_pairs_fall_back_to_float64(monkeypatch):
     got = median_angles(x, labels, names, products="float32")
     assert repairs.pairs == 0  # gave up before repairing: float64 products
     _check(got, _reference(x, labels, len(names)), names, tol=1e-11)
+
+
+@pytest.mark.parametrize("options", [{"block_rows": 23}, {"block_rows": 17, "center": True, "max_pairs": 200}])
+def test_two_shares_in_one_process_combine_to_the_single_process_medians(options):
+    """Each share computes only its tiles (panels and streamed tiles); the two parts together give the
+    single process's medians bit for bit (in one process: rank 1's part first, then rank 0 with both)."""
+    from auditor import distributed
+    from auditor.analysis.angles import Share
+
+    x, labels, names = _relu_set(80, 600, seed=12)
+    one = median_angles(x, labels, names, products="float32", **options)
+    parts = {}
+
+    def share(rank, everyone):
+        return Share(rank, 2, distributed.split, everyone, lambda work: work())
+
+    nothing = (np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
+    median_angles(x, labels, names, products="float32", **options,
+                  share=share(1, lambda work: [nothing, parts.setdefault(1, work())]))
+    two = median_angles(x, labels, names, products="float32", **options,
+                        share=share(0, lambda work: [parts.setdefault(0, work()), parts[1]]))
+    assert parts[0][0].size > 0 and parts[1][0].size > 0  # each share computed some pairs, no pair twice
+    assert np.intersect1d(parts[0][2], parts[1][2]).size == 0
+    assert (two.intra, two.inter, two.counts) == (one.intra, one.inter, one.counts)
 
 
 def test_crowded_medians_give_up_early(monkeypatch):
