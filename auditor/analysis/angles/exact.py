@@ -44,7 +44,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .kernels import degrees, row_norms
+from .kernels import degrees
 from .pairs import AnglePool
 from .rows import RowLoader
 
