@@ -445,21 +445,24 @@ def everyone(work: Callable[[], T]) -> list[T]:
     here = world()
     if here.size == 1:
         return [work()]
-    status: dict[str, Any] | None = None
-    value: Any = None
     started = time.perf_counter()
-    try:
-        value = work()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:
-        status = _failure(exc)
+    status, value = _attempt(work)
     worked = time.perf_counter() - started
     gathered = _all_gather((status, value))
     _raise_first([s for s, _ in gathered])
     _ledger.append({"phase": getattr(work, "__qualname__", "work"), "units": here.size, "mine": 1,
                     "cost_share": 1.0 / here.size, "work_s": worked, "wait_s": time.perf_counter() - started - worked})
     return [v for _, v in gathered]
+
+
+def _attempt(work: Callable[[], T]) -> tuple[dict[str, Any] | None, T | None]:
+    """``(None, work())``, or ``(status, None)`` when it failed (an interrupt or exit passes through)."""
+    try:
+        return None, work()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        return _failure(exc), None
 
 
 def on_main(work: Callable[[], T]) -> T:
@@ -480,13 +483,8 @@ def on_main(work: Callable[[], T]) -> T:
     value: Any = None
     started = time.perf_counter()
     if here.is_main:
-        try:
-            with _local(), _all_cores():
-                value = work()
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:
-            status = _failure(exc)
+        with _local(), _all_cores():
+            status, value = _attempt(work)
     worked = time.perf_counter() - started
     status, value = _all_gather((status, value))[0]
     _raise_first([status])
