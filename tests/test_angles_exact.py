@@ -8,6 +8,8 @@ about 1e-3 degrees, so agreement to 1e-9 degrees checks the repair of the ambigu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -260,17 +262,8 @@ def counted(a, b, ia=None, ib=None):
     return out
 products.float32_products = counted
 
-class Store:  # what store_angles reads of an activation store
-    path = "memory"
-    def __init__(self):
-        rng = np.random.default_rng(7)
-        self.labels = rng.integers(0, 3, 90)
-        self.classes = ["a", "b", "c"]
-        self.stage_names = ["s1", "s2"]
-        self.data = {"s1": np.maximum(rng.standard_normal((90, 4, 10, 10)) + 0.3, 0).astype(np.float32),
-                     "s2": rng.standard_normal((90, 700)).astype(np.float32)}
-    def stage(self, name):
-        return self.data[name]
+sys.path.insert(0, sys.argv[2])
+from test_angles_exact import _Store as Store  # noqa: E402
 
 distributed.init()
 options = json.loads(sys.argv[1])
@@ -281,7 +274,7 @@ print(json.dumps({"entries": entries, "pairs": sum(pairs)}))
 
 
 class _Store:
-    """What store_angles reads of an activation store (as in _SPLIT_ANGLES)."""
+    """What store_angles reads of an activation store (here and in the _SPLIT_ANGLES ranks)."""
 
     path = "memory"
 
@@ -308,7 +301,7 @@ def test_torchrun_splits_the_gram_tiles_and_gives_one_process_medians(tmp_path, 
     from test_distributed import _two_ranks
 
     options = {"products": "float32", "center": True}
-    ranks = _two_ranks([json.dumps(options)], tmp_path, program=["-c", _SPLIT_ANGLES])
+    ranks = _two_ranks([json.dumps(options), str(Path(__file__).parent)], tmp_path, program=["-c", _SPLIT_ANGLES])
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
     outs = [json.loads(r.stdout.strip().splitlines()[-1]) for r in ranks]
     pairs = []
