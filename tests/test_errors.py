@@ -156,7 +156,10 @@ def test_scratch_is_removed_on_sigterm_and_after_a_kill(tmp_path) -> None:
 
     from auditor.io.scratch import PREFIX, remove_abandoned, scratch_folder
 
-    script = ("import sys, time; from auditor.io.scratch import scratch_folder\n"
+    # the signals' default dispositions in the child, whatever the test runner's (an ignored SIGINT or SIGTERM
+    # is inherited across exec, and the scratch folder rightly leaves an ignored signal ignored)
+    script = ("import signal, sys, time; from auditor.io.scratch import scratch_folder\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_DFL); signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "with scratch_folder(sys.argv[1]) as s:\n"
               "    (s / 'activations.h5.partial').write_bytes(b'x' * 1000); print(s, flush=True); time.sleep(60)\n")
     repo = Path(__file__).resolve().parents[1]
