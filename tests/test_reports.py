@@ -359,3 +359,19 @@ def test_a_preset_replacing_the_checkpoints_normalization_is_named(audit_doc: di
                                                 "fixtures/resnet8-digits.safetensors was trained with (mean [0.3058")
     doc["data"]["preprocessing_source"] = {"mean": "option", "std": "option"}  # --mean/--std typed: a choice
     assert dropped_normalization(doc) is None
+
+
+def test_the_note_under_the_stability_table_names_every_lower_bound():
+    """Blocks whose worst gain or worst r did not meet the residual test are counted and named; none: one line."""
+    from auditor.report.stability_view import worst_gain_note
+
+    def block(name, gain_ok, r_ok):
+        return {"name": name, "worst_gain": 2.0, "worst_gain_converged": gain_ok, "worst_r": 1.5, "worst_r_converged": r_ok}
+
+    section = {"power_tolerance": 0.01, "blocks": [block("a", True, True), block("b", True, True)]}
+    assert worst_gain_note(section) == "worst gain: converged (relative Lanczos residual <= 0.01) in all 2 blocks"
+    section["blocks"] = [block("a", False, True), block("b", True, False), block("c", True, False)]
+    note = worst_gain_note(section)
+    assert note.startswith("worst gain: 1 of 3 blocks are lower bounds") and note.count(": a;") == 1
+    assert note.endswith("worst r: 2 of 3 lower bounds ('>='; its sample's run did not meet the test): b, c")
+    assert worst_gain_note({"blocks": [{"name": "a", "worst_gain_converged": None}]}) == ""  # not searched

@@ -26,7 +26,7 @@ def _lower_bound(block: Mapping[str, Any], key: str) -> str:
 
 
 def worst_gain_note(section: Mapping[str, Any]) -> str:
-    """One line: whether every block's worst gain met the residual test, or which did not."""
+    """One line: whether every block's worst gain met the residual test, or which did not (and worst r's)."""
     blocks = section.get("blocks") or []
     searched = [b for b in blocks if b.get("worst_gain_converged") is not None]
     if not searched:
@@ -35,10 +35,19 @@ def worst_gain_note(section: Mapping[str, Any]) -> str:
     tolerance = section.get("power_tolerance")
     test = f"relative Lanczos residual <= {tolerance:g}" if tolerance is not None else "the residual test"
     if not lower:
-        return f"worst gain: converged ({test}) in all {len(searched)} blocks"
-    shown = ", ".join(lower[:6]) + (", ..." if len(lower) > 6 else "")
-    return (f"worst gain: {len(lower)} of {len(searched)} blocks are lower bounds ('>='; {test} not met "
-            f"within power_iterations): {shown}")
+        line = f"worst gain: converged ({test}) in all {len(searched)} blocks"
+    else:
+        line = (f"worst gain: {len(lower)} of {len(searched)} blocks are lower bounds ('>='; {test} not met "
+                f"within power_iterations): {_names(lower)}")
+    r_lower = [b["name"] for b in searched if b.get("worst_r_converged") is False]
+    if r_lower:  # worst r's sample may be one the race left after a few steps
+        line += (f"; worst r: {len(r_lower)} of {len(searched)} lower bounds ('>='; its sample's run did not "
+                 f"meet the test): {_names(r_lower)}")
+    return line
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
 
 def _block_rows(section: Mapping[str, Any]) -> list[list[str]]:
