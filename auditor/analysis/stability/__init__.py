@@ -32,10 +32,10 @@ Worst direction. Golub-Kahan-Lanczos per sample, all samples of a batch at once 
 eval-mode block acts on each row separately, so one batched product is many
 independent ones); :mod:`.krylov` states what the top Ritz value and its residual
 certify, and how the budget of ``power_iterations`` power steps per sample is spent
-(a race: a short survey of every sample, then round by round the better half goes on). A
-sample stops once its relative residual is at most ``power_tolerance``; from then on
-its value is frozen, so a sample's result does not depend on the others in its batch.
-Samples that never met the test are counted in ``worst_unconverged``: their value is
+(a race: a short survey of every sample, then round by round the better half goes on,
+so how many steps a sample gets depends on the others' gains). A sample's value
+meets the test when its final relative residual is at most ``power_tolerance`` (or
+its Krylov space became invariant: exact, and its run stops there). Samples that never met the test are counted in ``worst_unconverged``: their value is
 still a lower bound of ``sigma_max(J_i)``. For the products the block is evaluated on a copy whose eval-mode BatchNorm layers
 are replaced by the equivalent per-channel affine map ``x * scale + shift`` (same
 function, far cheaper forward-mode derivatives).

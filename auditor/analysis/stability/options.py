@@ -28,7 +28,7 @@ class StabilityOptions:
     power_iterations : int
         Most products ``J v`` per sample for the worst direction; 0 skips it.
     power_tolerance : float
-        Convergence test of the power iteration (relative change of the gain estimate).
+        Residual test of the worst direction's Lanczos runs (relative residual of the top Ritz value).
     seed : int
         Seeds every random stream.
     dtype : {"float32", "float64"}
