@@ -437,3 +437,23 @@ def test_a_folder_without_room_is_refused_before_the_first_image(tmp_path: Path,
     lines = err.strip().splitlines()
     assert code == 2 and out == "" and len(lines) == 1, err
     assert "no room for the activation store" in lines[0] and "Hint:" in lines[0] and "--cache" in lines[0]
+
+
+def test_the_audit_progress_names_the_phase_of_the_store_estimate(tmp_path: Path) -> None:
+    """The audit forwards the extraction's note with its phase, before that phase's first progress call."""
+    from auditor.tasks.audit import AuditOptions, audit
+
+    root = Path(__file__).resolve().parents[1] / "fixtures"
+    events: list = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        events.append(("progress", phase))
+
+    progress.note = lambda phase, text: events.append(("note", phase, text))  # type: ignore[attr-defined]
+    report = audit(root / "resnet8-digits.safetensors", data=root / "digits", progress=progress,
+                   options=AuditOptions(samples=4, power_iterations=1))
+    notes = [e for e in events if e[0] == "note"]
+    assert len(notes) == 1 and notes[0][1] == "extract" and notes[0][2].startswith("store about ")
+    first_extract = events.index(("progress", "extract"))
+    assert events.index(notes[0]) < first_extract  # named by the phase it belongs to, before its first count
+    assert report.to_dict()["blocks"]  # the audit ran through

@@ -109,8 +109,12 @@ def audit_command(
                 update.note(phase)
             update(done, total)
 
+        def note(phase: str, text: str) -> None:  # comes before the phase's first progress call
+            shown["phase"] = phase
+            update.note(f"{phase}: {text}")
+
         if hasattr(update, "note"):
-            progress.note = lambda text: update.note(f"{shown['phase']}: {text}")  # type: ignore[attr-defined]
+            progress.note = note  # type: ignore[attr-defined]
 
         report = audit(checkpoint, data=data, rules=rules, options=options, progress=progress)
     from ..report.normalization import dropped_normalization

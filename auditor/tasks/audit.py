@@ -132,8 +132,8 @@ def audit(
     options : AuditOptions, optional
         Defaults as in :class:`AuditOptions`; keyword ``overrides`` replace fields.
     progress : callable, optional
-        ``progress(phase, done, total)``; its ``note(text)`` method, where it has one, gets
-        the activation store's estimated size before the first image.
+        ``progress(phase, done, total)``; its ``note(phase, text)`` method, where it has one,
+        gets the activation store's estimated size before the first image.
 
     Returns
     -------
@@ -160,8 +160,8 @@ def audit(
         def step(done: int, total: int) -> None:
             progress(name, done, total)
 
-        if callable(getattr(progress, "note", None)):  # the extraction's store estimate for the progress line
-            step.note = progress.note  # type: ignore[attr-defined]
+        if callable(getattr(progress, "note", None)):  # the extraction's store estimate, named by its phase
+            step.note = lambda text: progress.note(name, text)  # type: ignore[attr-defined]
         return step
 
     timings: dict[str, float] = {}
