@@ -212,3 +212,20 @@ def test_cli_max_iterations(tiny_checkpoint, capsys) -> None:
     assert first and all("sigma_min_interval_residual" in b for b in first)
     low, high = first[0]["sigma_min_interval_residual"]
     assert 0 <= low <= high
+
+
+@pytest.mark.parametrize("singular", [False, True])
+def test_single_convolution_by_nested_dissection(singular: bool) -> None:
+    # a layer of the zero-boundary table (one factor): 4 x 12 x 12 = 576 unknowns, cut once by the dissection
+    shape = (4, 12, 12)
+    module = _conv(4, 4, seed=21)
+    if singular:
+        module[0].weight.data[2] = 0.0  # output channel 2 is zero: sigma_min = 0
+    found = zero_operator_extremes(_chain([module], shape), None, dense_max=0)
+    values = _values(_dense(module, shape))
+    assert found.sigma_max == pytest.approx(values[0], rel=1e-6)
+    if singular:
+        assert found.sigma_min == 0.0
+    else:
+        assert "grid-lu" in found.method
+        assert found.sigma_min == pytest.approx(values[-1], rel=1e-6)

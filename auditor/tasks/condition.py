@@ -38,6 +38,7 @@ from ..analysis.zero_block_extremes import (
     ZeroBlockExtremes,
     ZeroOperatorExtremes,
     zero_block_extremes,
+    zero_operator_extremes,
 )
 from ..errors import ArchitectureError, UsageError
 from ..models.anatomy import BlockInfo, ConvInfo, LayerInfo
@@ -379,8 +380,25 @@ def _pooled_shortcut(modules: dict[str, nn.Module], block: BlockInfo, fold_bn: b
                              name=parent)
 
 
+def _zero_layer(op: ConvOperator, max_iterations: int) -> tuple[float, float | None, str, bool]:
+    """``(sigma_max, sigma_min, method, converged)`` of a zero-padded convolution.
+
+    A stride-1 convolution that keeps its grid takes the blocks' route (a one-factor "block": Lanczos for
+    ``sigma_max``, nested-dissection LU and inverse Lanczos for ``sigma_min``; 2-5x faster than the banded
+    Cholesky of ``W^T W`` on ResNet-56's layers, and ``W`` is factored, not its Gram matrix); others
+    (strided, channel-changing) take :func:`conv_extreme_singular_values`'s banded path.
+    """
+    if op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape):
+        found = zero_operator_extremes([op], None, max_iterations=max_iterations)
+        return found.sigma_max, found.sigma_min, f"zero: {found.method}", (
+            found.max_converged and found.sigma_min is not None)
+    extremes = conv_extreme_singular_values(op, boundary="zero")
+    return extremes.sigma_max, extremes.sigma_min, extremes.method, extremes.converged
+
+
 def _layer_spectrum(
-    op: ConvOperator, layer: LayerInfo, boundary: str, bn: str | None, keep: bool
+    op: ConvOperator, layer: LayerInfo, boundary: str, bn: str | None, keep: bool,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
 ) -> LayerSpectrum:
     if boundary == "circular" or layer.kind == "linear":
         values = conv_singular_values(op)
@@ -388,9 +406,8 @@ def _layer_spectrum(
         method = "fft-circular" if layer.kind == "conv" else "svd"
         converged = True
     else:
-        extremes = conv_extreme_singular_values(op, boundary="zero")
-        sigma_max, sigma_min = extremes.sigma_max, extremes.sigma_min
-        method, converged, values = extremes.method, extremes.converged, None
+        sigma_max, sigma_min, method, converged = _zero_layer(op, max_iterations)
+        values = None
     kappa, reason = None, None
     if sigma_min is None or sigma_max is None:
         reason = "did not converge"
@@ -596,7 +613,7 @@ def condition(
         else:
             bn = None
             op = linear_operator(modules[layer.name].weight.detach().to(target, torch.float64), name=layer.name)
-        return _layer_spectrum(op, layer, boundary, bn, keep_spectra)
+        return _layer_spectrum(op, layer, boundary, bn, keep_spectra, max_iterations)
 
     # Layers, then blocks, each split across the ranks under torchrun (one rank: a loop).
     spectra = distributed.compute(
