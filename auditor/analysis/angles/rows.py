@@ -13,7 +13,7 @@ from .kernels import row_norms
 from .source import RowSource
 from .tiling import Tiling
 
-__all__ = ["LoadedRows", "RowLoader", "float32_norms"]
+__all__ = ["LoadedRows", "RowLoader", "center_float32", "float32_norms"]
 
 _TINY_NORM = 1e-150  # as kernels.row_norms: below (or non-finite above), rescale the row first
 _NORM_BYTES = 32 << 20  # float64 values made at once for the norms of float32 rows
@@ -110,6 +110,18 @@ def float32_norms(rows: torch.Tensor, mean: torch.Tensor | None, total: torch.Te
     return norms
 
 
+def center_float32(rows: torch.Tensor, mean: torch.Tensor) -> None:
+    """Subtract the float64 ``mean`` from float32 ``rows`` in place, as :func:`float32_norms` does (rounded to
+    float32), without the norms."""
+    n, d = rows.shape
+    step = max(1, _NORM_BYTES // (8 * max(1, d)))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        v = rows[r0:r1].to(torch.float64)
+        v -= mean
+        rows[r0:r1] = v
+
+
 class RowLoader:
     """Reads rows of ``source`` into two reused buffers (a panel, a tile) and keeps their validity.
 
@@ -200,6 +212,8 @@ class RowLoader:
         self.src.read_into(a, b, x)
         t = torch.from_numpy(x)
         scale = None
+        if self.tiling.float32 and b <= self.scanned:  # seen before: norms and validity are known
+            return self._again(a, b, t, tile)
         if self.tiling.float32:
             norms = float32_norms(t, self.mean, None)
             self.panel_span = (a, b) if not tile and self.mean is None else (0, 0)
@@ -232,6 +246,16 @@ class RowLoader:
         if not self.tiling.blocked:
             return LoadedRows(a, t, self.labels[a:b], valid)
         return LoadedRows(a, t, self.labels[a:b], valid, divisor, scale, self.mean)
+
+    def _again(self, a: int, b: int, t: torch.Tensor, tile: bool) -> LoadedRows:
+        """Float32 rows ``[a, b)`` read again (``t``): centred as the first time, their norms and validity
+        those noted then (the same values: only the first read takes the norms)."""
+        assert self.norms is not None
+        if self.mean is not None:
+            center_float32(t, self.mean)
+        self.panel_span = (a, b) if not tile and self.mean is None else (0, 0)
+        divisor = torch.from_numpy(self.norms[a:b].copy())
+        return LoadedRows(a, t, self.labels[a:b], self.valid[a:b].copy(), divisor, float32=True)
 
     def raw_rows(self, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``pick`` (increasing, at most ``panel_rows``) as read (float32 rows, not centred).

@@ -1,0 +1,132 @@
+"""Rows of an HDF5 stage read again as raw chunks (auditor.analysis.angles.source) against the arrays written.
+
+The first read of a row goes through HDF5 (its Fletcher-32 checksum verified); a row read
+again comes straight from the file as its raw chunk. Every read is checked against the
+numpy array written to the file, and the medians of a multi-panel float32 pass against
+float64 numpy.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from auditor.analysis.angles import median_angles_h5
+from auditor.analysis.angles import source as angles_source
+from auditor.analysis.angles import tiling as angles_tiling
+from auditor.analysis.angles.source import rows_of
+
+
+def _store(path, x, **options):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("stages/s", data=x, **options)
+
+
+class _RawReads:
+    """Counts the rows read raw."""
+
+    def __init__(self, monkeypatch):
+        self.rows = 0
+        real = angles_source.RowSource._read_raw
+
+        def counted(source, a, b, out):
+            self.rows += b - a
+            return real(source, a, b, out)
+
+        monkeypatch.setattr(angles_source.RowSource, "_read_raw", counted)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_rows_read_again_are_raw_chunks_equal_to_the_rows_written(tmp_path, monkeypatch, dtype):
+    x = np.random.default_rng(1).standard_normal((23, 3, 5, 7)).astype(dtype)
+    _store(tmp_path / "s.h5", x, chunks=(1, 3, 5, 7), fletcher32=True)
+    raw = _RawReads(monkeypatch)
+    flat = x.reshape(23, -1)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        src = rows_of(f["stages/s"])
+        assert src._raw == 105 * np.dtype(dtype).itemsize + 4
+        for a, b in [(0, 5), (3, 9)]:  # new rows: through HDF5 (rows 5..8 new in the second read)
+            out = np.full((b - a, 105), np.nan, dtype)
+            src.read_into(a, b, out)
+            np.testing.assert_array_equal(out, flat[a:b])
+        assert (src.checked, raw.rows) == (9, 0)
+        src.read_into(9, 23, np.empty((14, 105), dtype))
+        for a, b in [(0, 23), (4, 5), (22, 23), (7, 16)]:  # every row seen: raw, the last through the spare
+            out = np.full((b - a, 105), np.nan, dtype)
+            src.read_into(a, b, out)
+            np.testing.assert_array_equal(out, flat[a:b])
+        big = np.full((30, 105), np.nan, dtype)  # a buffer with room after the rows: no spare needed
+        src.read_into(2, 12, big[:10])
+        np.testing.assert_array_equal(big[:10], flat[2:12])
+        assert raw.rows == 23 + 1 + 1 + 9 + 10
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"chunks": (1, 3, 5, 7)}, {"chunks": (2, 3, 5, 7), "fletcher32": True},
+     {"chunks": (1, 3, 5, 7), "fletcher32": True, "compression": "gzip"},
+     {"chunks": (1, 3, 5, 7), "fletcher32": True, "shuffle": True}],
+)
+def test_other_layouts_are_always_read_through_hdf5(tmp_path, monkeypatch, options):
+    """No filter (as fast through HDF5), chunks of two rows, or another filter: never raw."""
+    x = np.random.default_rng(2).standard_normal((9, 3, 5, 7)).astype(np.float32)
+    _store(tmp_path / "s.h5", x, **options)
+    raw = _RawReads(monkeypatch)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        src = rows_of(f["stages/s"])
+        assert src._raw == 0
+        for a, b in [(0, 9), (2, 7)]:
+            out = np.empty((b - a, 105), np.float32)
+            src.read_into(a, b, out)
+            np.testing.assert_array_equal(out, x.reshape(9, -1)[a:b])
+    assert raw.rows == 0
+
+
+def test_a_chunk_of_another_size_is_read_through_hdf5(tmp_path):
+    """A raw chunk that is not the row and its checksum (here: a wrong expected size) is never used."""
+    x = np.random.default_rng(3).standard_normal((8, 3, 5, 7)).astype(np.float32)
+    _store(tmp_path / "s.h5", x, chunks=(1, 3, 5, 7), fletcher32=True)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        src = rows_of(f["stages/s"])
+        src.read_into(0, 8, np.empty((8, 105), np.float32))
+        src._raw += 4
+        out = np.full((6, 105), np.nan, np.float32)
+        src.read_into(1, 7, out)
+        np.testing.assert_array_equal(out, x.reshape(8, -1)[1:7])
+        assert src._raw == 0
+
+
+def _reference(x, labels, n_classes):
+    """Medians of the float64 angles of every class and class pair, pair by pair."""
+    u = x.reshape(len(x), -1).astype(np.float64)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    ang = np.degrees(np.arccos(np.clip(u @ u.T, -1, 1)))
+    intra = {c: np.median([ang[i, j] for i in range(len(x)) for j in range(i + 1, len(x))
+                           if labels[i] == labels[j] == c]) for c in range(n_classes)}
+    inter = {(c, d): np.median(ang[np.ix_(labels == c, labels == d)])
+             for c in range(n_classes) for d in range(c + 1, n_classes)}
+    return intra, inter
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_many_panels_read_again_raw_give_the_float64_medians(tmp_path, monkeypatch, center):
+    """Rows wider than the panel budget: read many times (raw after the first), float32 products, the
+    exact medians of float64 numpy."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 60)
+    x = np.maximum(rng.standard_normal((3, 1, 16, 16))[labels] + 1.5 * rng.standard_normal((60, 1, 16, 16)), 0)
+    x = x.astype(np.float32)
+    _store(tmp_path / "s.h5", x, chunks=(1, 1, 16, 16), fletcher32=True)
+    monkeypatch.setattr(angles_tiling, "_ROW_BYTES", 256 * 4 * 18)  # 18 rows at once: 5 panels of 12
+    raw = _RawReads(monkeypatch)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        got = median_angles_h5(f["stages/s"], labels, ["a", "b", "c"], products="float32", center=center)
+    assert raw.rows >= 60  # every panel after the first, at least
+    if center:
+        x = x - x.astype(np.float64).mean(axis=0)
+    intra, inter = _reference(x, labels, 3)
+    for c, name in enumerate("abc"):
+        assert got.intra[name] == pytest.approx(intra[c], abs=1e-9)
+    for (c, d), v in inter.items():
+        assert got.inter[f"{'abc'[c]}|{'abc'[d]}"] == pytest.approx(v, abs=1e-9)
