@@ -130,3 +130,31 @@ def test_many_panels_read_again_raw_give_the_float64_medians(tmp_path, monkeypat
         assert got.intra[name] == pytest.approx(intra[c], abs=1e-9)
     for (c, d), v in inter.items():
         assert got.inter[f"{'abc'[c]}|{'abc'[d]}"] == pytest.approx(v, abs=1e-9)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_repair_dot_products_split_among_threads_are_the_same_bits(monkeypatch, centred):
+    """The float64 dot products of the repaired pairs: the same bits on one thread or two, and the exact
+    sums (math.fsum of the float64 products) to rounding."""
+    import math
+
+    import torch
+
+    from auditor.analysis.angles import exact as angles_exact
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((30, 5000)).astype(np.float32)
+    pa, pb = rng.integers(0, 30, 40), rng.integers(0, 30, 40)
+    center = rng.standard_normal(5000) if centred else None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = angles_exact._pair_dots(x, pa, pb, center)
+        torch.set_num_threads(2)
+        two = angles_exact._pair_dots(x, pa, pb, center)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one, two)
+    rows = x.astype(np.float64) - (0 if center is None else center)
+    exact = np.array([math.fsum(rows[i] * rows[j]) for i, j in zip(pa, pb)])
+    np.testing.assert_allclose(two, exact, rtol=1e-12, atol=1e-9)

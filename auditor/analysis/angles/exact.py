@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ _PROBE_PAIRS = 20_000  # predict the repairs once this many pairs (and an eighth
 _PROBE_KEY = 50  # pairs of a key seen for its prediction
 _NORM_MIN = 1e-12  # valid rows' norms within these bounds: no float32 under- or overflow matters
 _NORM_MAX = 1e18
+_PAIRS_PER_THREAD = 8  # fewer pairs per thread: one thread (a thread's start costs about a pair)
 _U32 = 2.0 ** -24
 _U64 = 2.0 ** -53
 
@@ -220,6 +222,32 @@ def exact_medians(
     return medians
 
 
+def _pair_dots(x: np.ndarray, pa: np.ndarray, pb: np.ndarray, center: np.ndarray | None) -> np.ndarray:
+    """Float64 dot products of rows ``x[pa[p]]`` and ``x[pb[p]]`` (minus ``center`` when given), pair by pair.
+
+    Each pair is one numpy call (the same operations whatever the split); the pairs are split
+    among torch's intra-op thread count of threads (numpy releases the GIL in them).
+    """
+    dots = np.empty(pa.size)
+
+    def part(lo: int, hi: int) -> None:
+        for p in range(lo, hi):
+            if center is None:
+                dots[p] = np.einsum("i,i->", x[pa[p]], x[pb[p]], dtype=np.float64)
+            else:
+                dots[p] = np.dot(np.subtract(x[pa[p]], center), np.subtract(x[pb[p]], center))
+
+    parts = max(1, min(torch.get_num_threads(), pa.size // _PAIRS_PER_THREAD))
+    if parts == 1:
+        part(0, pa.size)
+        return dots
+    cuts = np.linspace(0, pa.size, parts + 1).astype(int)
+    with ThreadPoolExecutor(parts) as pool:
+        for done in [pool.submit(part, int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]:
+            done.result()
+    return dots
+
+
 def exact_angles(ids: np.ndarray, loader: RowLoader) -> np.ndarray:
     """Float64 angles (degrees) of the pairs ``ids`` (``i * n + j``, increasing), as the float64 path computes them.
 
@@ -258,13 +286,7 @@ def exact_angles(ids: np.ndarray, loader: RowLoader) -> np.ndarray:
         # 2. Cosines: float64 dot products of the (centred) rows, divided by the float64 norms. Not
         # centred: products of float32 values are exact in float64, summed in float64 by one pass over
         # the two rows (no float64 copy).
-        dots = np.empty(end - start)
-        center = None if mean is None else mean.numpy()
-        for p in range(end - start):
-            if center is None:
-                dots[p] = np.einsum("i,i->", x[pa[p]], x[pb[p]], dtype=np.float64)
-            else:
-                dots[p] = np.dot(np.subtract(x[pa[p]], center), np.subtract(x[pb[p]], center))
+        dots = _pair_dots(x, pa, pb, None if mean is None else mean.numpy())
         cos = dots / (loader.norms[first[start:end]] * loader.norms[second[start:end]])
 
         def unit(index: np.ndarray) -> torch.Tensor:
