@@ -326,6 +326,29 @@ def _gather_to_main(value: Any) -> list[Any] | None:
     return gathered
 
 
+def _run_units(indices: list[int], work: Callable[[int], T], costs: Sequence[float] | None,
+               progress: Callable[[int, int], None] | None, threads: int) -> list[T]:
+    """``[work(i) for i in indices]`` in order, on ``threads`` worker threads (largest cost first)."""
+    if threads <= 1 or len(indices) <= 1:
+        done = []
+        for unit in indices:
+            done.append(work(unit))
+            if progress is not None:
+                progress(len(done), len(indices))
+        return done
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    order = sorted(indices, key=lambda i: -float(costs[i])) if costs is not None else indices
+    results: dict[int, T] = {}
+    with ThreadPoolExecutor(min(threads, len(indices))) as pool:
+        futures = {pool.submit(work, unit): unit for unit in order}
+        for count, future in enumerate(as_completed(futures), 1):
+            results[futures[future]] = future.result()
+            if progress is not None:
+                progress(count, len(indices))
+    return [results[i] for i in indices]
+
+
 def compute(
     units: int,
     work: Callable[[int], T],
@@ -333,6 +356,7 @@ def compute(
     costs: Sequence[float] | None = None,
     to_main: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    threads: int = 1,
 ) -> list[T]:
     """``[work(i) for i in range(units)]``, the units split across the ranks.
 
@@ -350,6 +374,10 @@ def compute(
         that only rank 0 writes.
     progress : callable, optional
         ``progress(done, total)`` over this rank's own units.
+    threads : int
+        Worker threads per rank: for work that spends its time in code that
+        releases the GIL (LAPACK, BLAS, torch), set up by the caller to run one
+        thread each. The largest ``costs`` start first.
 
     Returns
     -------
@@ -363,20 +391,10 @@ def compute(
     """
     here = world()
     if here.size == 1:
-        results = []
-        for i in range(units):
-            results.append(work(i))
-            if progress is not None:
-                progress(i + 1, units)
-        return results
+        return _run_units(list(range(units)), work, costs, progress, threads)
 
     def share(indices: list[int]) -> list[T]:
-        done = []
-        for unit in indices:
-            done.append(work(unit))
-            if progress is not None:
-                progress(len(done), len(indices))
-        return done
+        return _run_units(indices, work, costs, progress, threads)
 
     share.__qualname__ = getattr(work, "__qualname__", "work")  # the ledger's phase name
     return compute_shares(units, share, costs=costs, to_main=to_main)

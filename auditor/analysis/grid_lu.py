@@ -40,9 +40,9 @@ import numpy as np
 
 __all__ = ["FrontSingular", "GridLU", "grid_lu", "pixel_blocks", "channel_major", "BACKWARD_ERROR_MAX", "LEAF_UNKNOWNS"]
 
-# Regions with at most this many unknowns are not cut further (dense fronts of this size are cheap; smaller
-# ones cost more in Python than they save in arithmetic: measured 256-1024 on ResNet-56 blocks, 512 best).
-LEAF_UNKNOWNS = 512
+# Regions with at most this many unknowns are not cut further (ResNet-56 blocks, one thread: 128 factors the
+# 5x5-stencil residuals 1.2-1.5x faster than 512, the 3x3 convolutions alike; 1024 and more cost more flops).
+LEAF_UNKNOWNS = 128
 # A factorization whose random solve has a larger normwise backward error is refused (LAPACK-quality LU gives
 # ~1e-16 to 1e-15 on these operators).
 BACKWARD_ERROR_MAX = 1e-12

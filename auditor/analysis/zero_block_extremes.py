@@ -315,26 +315,61 @@ def _conv_blocks(op: ConvOperator) -> Any:
     return sp.bsr_matrix((data, in_pixel[order], indptr), shape=(c_out * h * w, c_in * h * w))
 
 
+def _coarse_order(shape: tuple[int, ...], grid: tuple[int, int]) -> tuple[np.ndarray, int] | None:
+    """Unknowns of ``(C, s H, s W)`` grouped by the ``s x s`` cell over each pixel of the ``H x W`` grid.
+
+    Returns ``(order, per_pixel)``: ``order[k]`` is the channel-major index of the ``k``-th unknown in
+    cell-major order (cell ``(Y, X)``, then ``(c, dy, dx)``), and ``per_pixel = C s^2``; None when the shape is
+    not ``s`` times the grid on both axes.
+    """
+    c, h, w = (int(v) for v in shape)
+    rows, cols = grid
+    if h % rows or w % cols or h // rows != w // cols:
+        return None
+    s = h // rows
+    y, x, channel, dy, dx = np.meshgrid(np.arange(rows), np.arange(cols), np.arange(c), np.arange(s), np.arange(s),
+                                        indexing="ij")
+    return (channel * h * w + (y * s + dy) * w + x * s + dx).ravel(), c * s * s
+
+
+def _coarse_blocks(matrix: Any, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                   grid: tuple[int, int]) -> Any | None:
+    """A channel-major matrix as BSR over the cells of ``grid`` (:func:`_coarse_order` on both sides), or None."""
+    rows, cols = _coarse_order(output_shape, grid), _coarse_order(input_shape, grid)
+    if rows is None or cols is None:
+        return None
+    return matrix.tocsr()[rows[0]][:, cols[0]].tobsr(blocksize=(rows[1], cols[1]))
+
+
 def _block_matrix(convs: Sequence[ConvOperator], shortcut: Any) -> Any | None:
-    """``S + W_k ... W_1`` as pixel-major BSR when every factor is stride 1 on one ``H x W`` grid, else None."""
+    """``S + W_k ... W_1`` as BSR over the pixels of the block's output grid, or None where shapes do not tile it.
+
+    A strided factor's finer grid is grouped into ``s x s`` cells (its unknowns permuted: the singular values
+    are those of the operator), so every factor is a BSR matrix on the output grid and the product is a dense
+    block product (3-10x faster than scipy's CSR product on ResNet-56's blocks). A stride-1 factor on the output
+    grid is built from its kernel directly (:func:`_conv_blocks`).
+    """
     import scipy.sparse as sp
 
-    from .grid_lu import pixel_blocks
-
-    size = tuple(convs[0].input_shape[1:])
-    if any(op.stride != (1, 1) or tuple(op.input_shape[1:]) != size or tuple(op.output_shape[1:]) != size
-           or op.dilation != (1, 1) for op in convs):
-        return None
-    product = _conv_blocks(convs[0])
-    for op in convs[1:]:
-        product = _conv_blocks(op) @ product
+    grid = (int(convs[-1].output_shape[1]), int(convs[-1].output_shape[2]))
+    product = None
+    for op in convs:
+        if op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape) and tuple(op.input_shape[1:]) == grid:
+            factor = _conv_blocks(op)
+        else:
+            factor = _coarse_blocks(_conv_sparse(op), op.input_shape, op.output_shape, grid)
+        if factor is None:
+            return None
+        product = factor if product is None else factor @ product
     if shortcut is None:
         return product
-    c = convs[0].input_shape[0]
-    if isinstance(shortcut, IdentityShortcut):
-        return (product + sp.identity(product.shape[0], format="csr").tobsr(blocksize=(c, c))).tobsr(blocksize=(c, c))
-    grid = (c, *size)
-    return (product + pixel_blocks(_shortcut_sparse(shortcut), grid)).tobsr(blocksize=(c, c))
+    if isinstance(shortcut, IdentityShortcut) and tuple(shortcut.input_shape[1:]) == grid:
+        short = sp.identity(product.shape[0], format="csr").tobsr(blocksize=product.blocksize)
+    else:
+        short = _coarse_blocks(_shortcut_sparse(shortcut), shortcut.input_shape, shortcut.output_shape, grid)
+    if short is None or short.blocksize != product.blocksize:
+        return None
+    return (product + short).tobsr(blocksize=product.blocksize)
 
 
 def _shortcut_sparse(shortcut: Any) -> Any:
@@ -598,7 +633,7 @@ def _grid(shape: tuple[int, ...], other: tuple[int, ...]) -> tuple[int, int, int
 
 def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, side: str) -> list[_Operand]:
     """What :func:`_inverse_smallest` factors for ``S + W_k ... W_1``: see its docstring."""
-    from .grid_lu import pixel_blocks
+    from .grid_lu import channel_major
 
     if shortcut is None and all(math.prod(op.output_shape) == math.prod(op.input_shape) for op in convs):
         # a plain branch of square factors: each factor's own LU (ResNet-56, COLAMD, load ~4: 10-12 s against
@@ -606,15 +641,21 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, s
         return [_Operand((lambda op=op: _conv_sparse(op)),
                          _conv_blocks(op) if _grid(op.input_shape, op.output_shape) and op.stride == (1, 1) else None,
                          _grid(op.input_shape, op.output_shape)) for op in convs]
+    blocks = _block_matrix(convs, shortcut)
+    cells = tuple(int(v) for v in mapping.output_shape[1:])
     if mapping.rows == mapping.cols:
-        grid = _grid(mapping.input_shape, mapping.output_shape)
-        return [_Operand(lambda: sparse_matrix(convs, shortcut),
-                         _block_matrix(convs, shortcut) if grid is not None else None, grid)]
+        square = blocks is not None and blocks.blocksize[0] == blocks.blocksize[1]
+        return [_Operand(lambda: sparse_matrix(convs, shortcut), blocks if square else None,
+                         (blocks.blocksize[0], *cells) if square else None)]
+    if blocks is not None:  # the Gram matrix of the smaller side, as blocks over the output grid's pixels
+        gram = (blocks.T @ blocks) if side == "tall" else (blocks @ blocks.T)
+        grid = (gram.blocksize[0], *cells)
+        gram = gram.tobsr(blocksize=gram.blocksize)
+        # the fallback's CSR: the same matrix up to a symmetric permutation (the same eigenvalues)
+        return [_Operand(lambda: channel_major(gram, grid), gram, grid)]
     matrix = sparse_matrix(convs, shortcut)
-    gram = ((matrix.T @ matrix) if side == "tall" else (matrix @ matrix.T)).tocsr()
-    shape = mapping.input_shape if side == "tall" else mapping.output_shape
-    grid = (int(shape[0]), int(shape[1]), int(shape[2]))
-    return [_Operand(lambda: gram, pixel_blocks(gram, grid), grid)]
+    gram_csr = ((matrix.T @ matrix) if side == "tall" else (matrix @ matrix.T)).tocsr()
+    return [_Operand(lambda: gram_csr)]
 
 
 def zero_operator_extremes(convs: Sequence[ConvOperator], shortcut: Any, *,

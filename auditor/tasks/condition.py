@@ -7,6 +7,7 @@ model's modules (folding eval-mode BatchNorm as a per-channel scale unless
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -22,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import distributed
+from ..analysis.batched import blas_single_thread, torch_single_thread, worker_count
 from ..analysis.boundary import check_boundary
 from ..analysis.conditioning import BlockConditioning, FoundExtremes, condition_block
 from ..analysis.pooled_projection import pooled_projection
@@ -615,10 +617,35 @@ def condition(
             op = linear_operator(modules[layer.name].weight.detach().to(target, torch.float64), name=layer.name)
         return _layer_spectrum(op, layer, boundary, bn, keep_spectra, max_iterations)
 
-    # Layers, then blocks, each split across the ranks under torchrun (one rank: a loop).
+    # Layers, then blocks, each split across the ranks under torchrun (one rank: a loop). The zero boundary's
+    # operators run on worker threads, one BLAS and torch thread each (their LAPACK and torch calls release
+    # the GIL; one LU per core beats one multi-threaded LU on these fronts).
+    threads = worker_count() if boundary == "zero" and target.type == "cpu" else 1
+    with _one_thread_each() if threads > 1 else contextlib.nullcontext():
+        return _condition_units(subject, modules, layers, blocks_info, layer_spectrum, boundary, fold_bn,
+                                full_spectra, max_iterations, target, progress, total, threads)
+
+
+def _one_thread_each() -> contextlib.ExitStack:
+    """One BLAS thread and one torch thread for the calls inside (the worker threads share the cores)."""
+    import scipy.linalg  # noqa: F401  (loaded before the BLAS limit: it acts on the libraries loaded so far)
+    import scipy.sparse.linalg  # noqa: F401
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(blas_single_thread())
+    stack.enter_context(torch_single_thread())
+    return stack
+
+
+def _condition_units(subject: Subject, modules: dict[str, nn.Module], layers: Any, blocks_info: Any,
+                     layer_spectrum: Callable[[int], LayerSpectrum], boundary: str, fold_bn: bool,
+                     full_spectra: bool, max_iterations: int, target: torch.device, progress: Progress | None,
+                     total: int, threads: int) -> ConditionReport:
+    """:func:`condition`'s layers, then blocks, on ``threads`` worker threads per rank."""
+    block_layers = {c.name: c for b in blocks_info for c in (*b.convs, *b.shortcut_convs)}
     spectra = distributed.compute(
         len(layers), layer_spectrum, costs=[_cost(modules, layer.name, layer.input_shape) for layer in layers],
-        progress=_shifted(progress, 0, total),
+        progress=_shifted(progress, 0, total), threads=threads,
     )
     # circular (M_i, m_i) of the blocks' layers (the same operators the blocks build):
     # the blocks reuse them instead of computing every spectrum a second time
@@ -656,7 +683,7 @@ def condition(
     found = distributed.compute(
         len(blocks_info), block_conditioning,
         costs=[sum(_cost(modules, c.name, c.input_shape) for c in (*b.convs, *b.shortcut_convs)) for b in blocks_info],
-        progress=_shifted(progress, len(layers), total),
+        progress=_shifted(progress, len(layers), total), threads=threads,
     )
     blocks = tuple(cond for cond, _ in found)
     extras = tuple(extra for _, extra in found) if boundary == "zero" else ()
