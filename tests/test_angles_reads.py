@@ -158,3 +158,62 @@ def test_repair_dot_products_split_among_threads_are_the_same_bits(monkeypatch, 
     rows = x.astype(np.float64) - (0 if center is None else center)
     exact = np.array([math.fsum(rows[i] * rows[j]) for i, j in zip(pa, pb)])
     np.testing.assert_allclose(two, exact, rtol=1e-12, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- the audit's angles under torchrun
+
+
+_AUDIT_ANGLES = """
+import json, sys
+from auditor import distributed
+from auditor.analysis.angles import compute, products
+from auditor.subject import open_subject
+from auditor.tasks.geometry import stage_geometry
+from auditor.tasks.images import open_images
+
+compute._FLOAT32_WORK = 1  # every stage with float32 products: split among the ranks
+pairs = []
+real = products.float32_products
+def counted(*args):
+    out = real(*args)
+    pairs.append(out.numel())
+    return out
+products.float32_products = counted
+
+distributed.init()
+subject = open_subject(sys.argv[1])
+result = stage_geometry(subject, open_images(sys.argv[2], subject, per_class=6), center=True)
+distributed.shutdown()
+print(json.dumps({"stages": result.stages, "pairs": sum(pairs)}))
+"""
+
+
+@pytest.mark.slow
+def test_the_audit_angles_under_torchrun_split_the_gram_tiles(tmp_path, monkeypatch):
+    """The audit's extract + angles on two gloo ranks: rank 0 writes its scratch store, both ranks read it and
+    each computes part of every stage's float32 products; both give the same stages, the float64 products'
+    medians (one process, float64 products) to 1e-9 degrees."""
+    import json
+
+    from auditor.subject import open_subject
+    from auditor.tasks.geometry import stage_geometry
+    from auditor.tasks.images import open_images
+    from conftest import FIXTURES
+    from test_distributed import _two_ranks
+
+    checkpoint, digits = FIXTURES / "resnet8-digits.safetensors", FIXTURES / "digits"
+    ranks = _two_ranks([str(checkpoint), str(digits)], tmp_path, program=["-c", _AUDIT_ANGLES])
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    outs = [json.loads(r.stdout.strip().splitlines()[-1]) for r in ranks]
+    assert outs[0]["stages"] == outs[1]["stages"]
+    assert outs[0]["pairs"] > 0 and outs[1]["pairs"] > 0  # each rank a part of the products
+    subject = open_subject(checkpoint)
+    one = stage_geometry(subject, open_images(digits, subject, per_class=6), center=True).stages
+    total = 60 * 59 // 2 * len(one)
+    assert outs[0]["pairs"] < total and outs[1]["pairs"] < total
+    assert [s["name"] for s in outs[0]["stages"]] == [s["name"] for s in one]
+    for got, want in zip(outs[0]["stages"], json.loads(json.dumps(one))):
+        for field in ("intra", "inter"):
+            assert got[field].keys() == want[field].keys()
+            for key, value in want[field].items():
+                assert got[field][key] == pytest.approx(value, abs=1e-9), (got["name"], key)

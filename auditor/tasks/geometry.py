@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from ..io.scratch import scratch_folder
 from ..io.store import ActivationStore
 from ..subject import Subject
 from .images import PreparedImages
+
+T = TypeVar("T")
+_IDENTITY = ("created", "rows_sha256", "checkpoint_sha256")  # a store file's attributes that tell it from a copy
 
 __all__ = ["store_angles", "StoreGeometry", "store_geometry", "angles_entry", "separation_warning", "GeometryResult", "stage_geometry", "cache_name"]
 
@@ -308,13 +311,13 @@ def stage_geometry(
             skipped = result.skipped
             break
 
-        def angles() -> tuple[list[dict[str, Any]], tuple]:
-            with open_store(path) as store:
+        def angles(at: Path) -> tuple[list[dict[str, Any]], tuple]:
+            with open_store(at) as store:
                 entries = store_angles(store, center=center, max_pairs=max_pairs, seed=seed,
                                        subspace_k=subspace_k, progress=angles_progress)
                 return entries, skipped or tuple(store.skipped)
 
-        entries, skipped = distributed.on_main(angles)
+        entries, skipped = _ranks_angles(path, angles)
         return entries, reused, skipped
 
     if cache is not None:
@@ -325,3 +328,33 @@ def stage_geometry(
     with scratch_folder() as scratch:  # removed on SIGTERM too; a SIGKILLed run's by the next run
         entries, _, skipped = run(scratch / "activations.h5")
     return GeometryResult(entries, None, False, skipped)
+
+
+def _ranks_angles(path: Path, angles: Callable[[Path], T]) -> T:
+    """``angles(store)`` of rank 0's store ``path``; under torchrun on every rank when every rank can open it.
+
+    Rank 0 has written (or reused) the store and closed it. When every rank opens it (one
+    machine, or a shared folder: the same file, by its ``_IDENTITY``), every rank reads it and :func:`store_angles` splits each
+    float32 stage's Gram tiles among them (the medians are one process's); rank 0 keeps
+    the file (its scratch store) until every rank is done. Otherwise rank 0 alone
+    computes, with every core of its machine.
+    """
+    if distributed.world().size == 1:
+        return angles(path)
+    store = Path(distributed.on_main(lambda: str(path.resolve())))  # after rank 0 closed it
+
+    def opens() -> str | None:  # the file's identity as this rank sees it (None: it cannot open it)
+        from ..io.store import open_store
+
+        try:
+            with open_store(store, warn_unverified=False) as opened:
+                return json.dumps([str(opened.attrs.get(key)) for key in _IDENTITY])
+        except StoreError:
+            return None
+
+    seen = distributed.everyone(opens)
+    if seen[0] is None or any(other != seen[0] for other in seen):  # another machine, another file
+        return distributed.on_main(lambda: angles(path))
+    result = angles(store)  # store_angles splits the float32 stages among the ranks
+    distributed.everyone(lambda: None)  # every rank is done with rank 0's store
+    return result
