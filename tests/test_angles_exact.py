@@ -261,6 +261,10 @@ def counted(a, b, ia=None, ib=None):
     pairs.append(out.numel())
     return out
 products.float32_products = counted
+repaired = []
+from auditor.analysis.angles import gram
+real_exact = gram.exact_angles
+gram.exact_angles = lambda ids, loader: repaired.append(ids.size) or real_exact(ids, loader)
 
 sys.path.insert(0, sys.argv[2])
 from test_angles_exact import _Store as Store  # noqa: E402
@@ -269,7 +273,7 @@ distributed.init()
 options = json.loads(sys.argv[1])
 entries = store_angles(Store(), **options)
 distributed.shutdown()
-print(json.dumps({"entries": entries, "pairs": sum(pairs)}))
+print(json.dumps({"entries": entries, "pairs": sum(pairs), "repaired": sum(repaired)}))
 """
 
 
@@ -292,8 +296,8 @@ class _Store:
 
 @pytest.mark.slow
 def test_torchrun_splits_the_gram_tiles_and_gives_one_process_medians(tmp_path, monkeypatch):
-    """Two gloo ranks each compute part of every stage's float32 products (rows centred, so read again for the
-    repair); both give the single process's medians, bit for bit, equal to float64 numpy's to 1e-9 degrees."""
+    """Two gloo ranks each compute part of every stage's float32 products and of its repairs (rows centred, so
+    read again for the repair); both give the single process's medians, bit for bit, equal to float64 numpy's to 1e-9 degrees."""
     import json
 
     from auditor.analysis.angles import products
@@ -307,10 +311,13 @@ def test_torchrun_splits_the_gram_tiles_and_gives_one_process_medians(tmp_path, 
     pairs = []
     real = products.float32_products
     monkeypatch.setattr(products, "float32_products", lambda *a: pairs.append(real(*a).numel()) or real(*a))
+    repairs = _Repairs(monkeypatch)
     store = _Store()
     one = json.loads(json.dumps(store_angles(store, **options)))
     assert outs[0]["entries"] == outs[1]["entries"] == one
     assert 0 < outs[0]["pairs"] < sum(pairs) and 0 < outs[1]["pairs"] < sum(pairs)  # each rank a part
+    assert outs[0]["repaired"] > 0 and outs[1]["repaired"] > 0  # of the repairs too
+    assert outs[0]["repaired"] + outs[1]["repaired"] == repairs.pairs
     for entry, name in zip(one, store.stage_names):
         ref = _reference(store.data[name], store.labels, 3, center=True)
         _check(type("R", (), {"intra": entry["intra"], "inter": entry["inter"]}), ref, store.classes)

@@ -158,7 +158,13 @@ class GramRun:
 
         def angles(ids: np.ndarray) -> np.ndarray:
             counted.append(ids.size)
-            return exact_angles(ids, self.rows)
+            share = self.share
+            if share is None:
+                return exact_angles(ids, self.rows)
+            # Under torchrun each process repairs a part (each pair computed alike anywhere).
+            cuts = np.linspace(0, ids.size, share.size + 1).astype(np.int64)
+            mine = ids[cuts[share.rank]:cuts[share.rank + 1]]
+            return np.concatenate(share.everyone(lambda: exact_angles(mine, self.rows)))
 
         medians = exact_medians(plan.pool, e, angles)
         self.ambiguous = sum(counted)
