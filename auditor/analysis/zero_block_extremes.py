@@ -68,7 +68,7 @@ from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 
 __all__ = [
     "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
-    "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ", "LARGE_MAX_STEPS",
+    "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ", "LARGE_MAX_STEPS", "factorable",
 ]
 
 # Lanczos steps (largest values, and the smallest by inverse iteration) before an extreme is given up
@@ -86,6 +86,7 @@ _TOL = 1e-7  # relative Ritz residual of the Lanczos runs (an eigenvalue within 
 # than the work on a busy machine, see batched.torch_single_thread).
 _ONE_THREAD_MAX = 1 << 17
 _SEED = 0
+_EPS = float(np.finfo(np.float64).eps)
 
 
 @dataclass(frozen=True)
@@ -422,6 +423,14 @@ def _estimated_nnz(convs: Sequence[ConvOperator]) -> float:
     return float(math.prod(convs[-1].output_shape)) * per_row * reach_h * reach_w
 
 
+def factorable(convs: Sequence[ConvOperator], sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
+    """Whether :func:`zero_operator_extremes` factors ``W_k ... W_1`` (its stored entries at most ``sparse_max_nnz``).
+
+    Beyond it (e.g. 224 px) ``sigma_min`` is only an interval.
+    """
+    return _estimated_nnz(convs) <= sparse_max_nnz
+
+
 # ---------------------------------------------------------------- Lanczos
 
 
@@ -592,14 +601,32 @@ def _factor_solves(operand: _Operand, ordering: str) -> tuple[Callable[[np.ndarr
     return (lambda b, trans="N": factor.solve(b, trans=trans)), "sparse-lu"
 
 
-def _inverse_smallest(operands: Sequence[_Operand], gram: bool, max_steps: int, tol: float,
+def _resolved(solve: Callable[[np.ndarray, str], np.ndarray], operand: _Operand, n: int) -> bool:
+    """Whether a formed Gram matrix ``M`` resolves its smallest eigenvalue: ``lambda_min >= 10 n eps ||M||_inf``.
+
+    Forming and factoring ``M`` perturbs its eigenvalues by up to ~``n eps ||M||``; ``lambda_min`` comes from a
+    short Lanczos run on ``M^{-1}`` (a Ritz value bounds ``lambda_max(M^{-1})`` from below, so the
+    estimate of ``lambda_min`` is an upper bound: the test errs towards "not resolved" only by that).
+    """
+    matrix = operand.blocks if operand.blocks is not None else operand.csr()
+    norm = float(abs(matrix).sum(axis=1).max())
+    run = _lanczos(lambda v: torch.from_numpy(solve(v.numpy(), "N")), n, 60, 1e-3, want_bottom=False)
+    return run.top > 0 and 1.0 / run.top >= 10 * n * _EPS * norm
+
+
+def _inverse_smallest(operands: Sequence[_Operand], mode: str, max_steps: int, tol: float,
                       ordering: str) -> tuple[float | None, float, str]:
     """``sigma_min`` by Lanczos on ``G^{-1}`` from LU factors; (value or None, upper bound, note).
 
-    ``operands``: ``[G]`` itself (``gram=True``), ``[A]`` (square), or the square factors ``W_1 .. W_k`` of a
-    plain branch ``B = W_k ... W_1``: each is factored on its own (a 3x3 stencil's matrix fills in far less than
-    the product's 5x5 one) and ``B^{-1} B^{-T} = W_1^{-1} ... W_k^{-1} W_k^{-T} ... W_1^{-T}``, whose eigenvalues
-    are those of ``(B^T B)^{-1}`` (a square ``A`` is the case ``k = 1``).
+    ``mode``:
+
+    - ``"gram"``: ``operands == [G]``, the Gram matrix itself;
+    - ``"factors"``: the square factors ``W_1 .. W_k`` of ``B = W_k ... W_1`` (``[A]`` for a square ``A``):
+      each is factored on its own (a 3x3 stencil's matrix fills in far less than the product's 5x5 one) and
+      ``B^{-1} B^{-T} = W_1^{-1} ... W_k^{-1} W_k^{-T} ... W_1^{-T}`` has the eigenvalues of ``(B^T B)^{-1}``;
+    - ``"wide-factors"``: ``[W_1 W_1^T, W_2, .., W_k]`` for a wide first factor (a strided convolution) and
+      square others: ``(B B^T)^{-1} = W_k^{-T} .. W_2^{-T} (W_1 W_1^T)^{-1} W_2^{-1} .. W_k^{-1}``, which squares
+      the condition of ``W_1`` alone, not that of ``B``.
     """
     try:
         solves, kinds = zip(*(_factor_solves(operand, ordering) for operand in operands))
@@ -608,8 +635,15 @@ def _inverse_smallest(operands: Sequence[_Operand], gram: bool, max_steps: int, 
 
     def inverse_gram(v: torch.Tensor) -> torch.Tensor:
         x = v.numpy()
-        if gram:
+        if mode == "gram":
             return torch.from_numpy(solves[0](x, "N"))
+        if mode == "wide-factors":
+            for solve in reversed(solves[1:]):  # W_k^{-1} first
+                x = solve(x, "N")
+            x = solves[0](x, "N")
+            for solve in solves[1:]:  # then W_2^{-T} first
+                x = solve(x, "T")
+            return torch.from_numpy(x)
         for solve in solves:  # B^{-T} = W_k^{-T} ... W_1^{-T}: W_1^{-T} first
             x = solve(x, "T")
         for solve in reversed(solves):  # B^{-1} = W_1^{-1} ... W_k^{-1}: W_k^{-1} first
@@ -618,11 +652,13 @@ def _inverse_smallest(operands: Sequence[_Operand], gram: bool, max_steps: int, 
 
     lu = "+".join(sorted(set(kinds)))
     n = int(operands[0].csr().shape[1]) if operands[0].grid is None else math.prod(operands[0].grid)
+    if mode == "wide-factors" and not _resolved(solves[0], operands[0], n):
+        return None, math.inf, f"{lu}-per-factor-inverse-lanczos (W_1 W_1^T not resolved)"
     run = _lanczos(inverse_gram, n, max_steps, tol, want_bottom=False)
     if not math.isfinite(run.top) or run.top <= 0:
         return 0.0, 0.0, f"{lu} (singular to working precision)"
     bound = 1.0 / math.sqrt(run.top)  # theta <= lambda_max(G^{-1}), so this is >= sigma_min
-    note = f"{lu}-per-factor-inverse-lanczos" if len(operands) > 1 else f"{lu}-inverse-lanczos"
+    note = f"{lu}-per-factor-inverse-lanczos" if mode != "gram" and len(operands) > 1 else f"{lu}-inverse-lanczos"
     return (bound if run.top_converged else None), bound, note
 
 
@@ -631,31 +667,47 @@ def _grid(shape: tuple[int, ...], other: tuple[int, ...]) -> tuple[int, int, int
     return (int(shape[0]), int(shape[1]), int(shape[2])) if tuple(shape) == tuple(other) else None
 
 
-def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, side: str) -> list[_Operand]:
-    """What :func:`_inverse_smallest` factors for ``S + W_k ... W_1``: see its docstring."""
+def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
+              side: str) -> tuple[list[_Operand], str]:
+    """What :func:`_inverse_smallest` factors for ``S + W_k ... W_1``, and its mode (see its docstring)."""
     from .grid_lu import channel_major
 
-    if shortcut is None and all(math.prod(op.output_shape) == math.prod(op.input_shape) for op in convs):
+    def square(op: ConvOperator) -> _Operand:
+        grid = _grid(op.input_shape, op.output_shape)
+        return _Operand((lambda: _conv_sparse(op)), _conv_blocks(op) if grid and op.stride == (1, 1) else None, grid)
+
+    def is_square(op: ConvOperator) -> bool:
+        return math.prod(op.output_shape) == math.prod(op.input_shape)
+
+    if shortcut is None and all(is_square(op) for op in convs):
         # a plain branch of square factors: each factor's own LU (ResNet-56, COLAMD, load ~4: 10-12 s against
         # 21 s for the product on a 32x32x16 block, 1.7 s against 5.0 s on an 8x8x64 one)
-        return [_Operand((lambda op=op: _conv_sparse(op)),
-                         _conv_blocks(op) if _grid(op.input_shape, op.output_shape) and op.stride == (1, 1) else None,
-                         _grid(op.input_shape, op.output_shape)) for op in convs]
+        return [square(op) for op in convs], "factors"
+    first = convs[0]
+    if (shortcut is None and len(convs) > 1 and math.prod(first.output_shape) < math.prod(first.input_shape)
+            and all(is_square(op) for op in convs[1:])):
+        blocks = _coarse_blocks(_conv_sparse(first), first.input_shape, first.output_shape,
+                                (int(first.output_shape[1]), int(first.output_shape[2])))
+        if blocks is not None:
+            gram = (blocks @ blocks.T).tobsr()
+            grid = (gram.blocksize[0], int(first.output_shape[1]), int(first.output_shape[2]))
+            return [_Operand(lambda: channel_major(gram, grid), gram, grid), *(square(op) for op in convs[1:])], \
+                "wide-factors"
     blocks = _block_matrix(convs, shortcut)
     cells = tuple(int(v) for v in mapping.output_shape[1:])
     if mapping.rows == mapping.cols:
-        square = blocks is not None and blocks.blocksize[0] == blocks.blocksize[1]
-        return [_Operand(lambda: sparse_matrix(convs, shortcut), blocks if square else None,
-                         (blocks.blocksize[0], *cells) if square else None)]
+        fits = blocks is not None and blocks.blocksize[0] == blocks.blocksize[1]
+        return [_Operand(lambda: sparse_matrix(convs, shortcut), blocks if fits else None,
+                         (blocks.blocksize[0], *cells) if fits else None)], "factors"
     if blocks is not None:  # the Gram matrix of the smaller side, as blocks over the output grid's pixels
         gram = (blocks.T @ blocks) if side == "tall" else (blocks @ blocks.T)
         grid = (gram.blocksize[0], *cells)
         gram = gram.tobsr(blocksize=gram.blocksize)
         # the fallback's CSR: the same matrix up to a symmetric permutation (the same eigenvalues)
-        return [_Operand(lambda: channel_major(gram, grid), gram, grid)]
+        return [_Operand(lambda: channel_major(gram, grid), gram, grid)], "gram"
     matrix = sparse_matrix(convs, shortcut)
     gram_csr = ((matrix.T @ matrix) if side == "tall" else (matrix @ matrix.T)).tocsr()
-    return [_Operand(lambda: gram_csr)]
+    return [_Operand(lambda: gram_csr)], "gram"
 
 
 def zero_operator_extremes(convs: Sequence[ConvOperator], shortcut: Any, *,
@@ -721,11 +773,23 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     # ResNet-56 block); the shortcut keeps the residual's pivots on the diagonal, where the symmetric
     # ordering is 3-4x cheaper.
     ordering = "COLAMD" if shortcut is None else "MMD_AT_PLUS_A"
-    operands = _operands(mapping, convs, shortcut, side)
-    value, upper, method = _inverse_smallest(operands, mapping.rows != mapping.cols, max_iterations, tol,
-                                             ordering if mapping.rows == mapping.cols else "MMD_AT_PLUS_A")
-    if value is None:
+    operands, mode = _operands(mapping, convs, shortcut, side)
+    value, upper, method = _inverse_smallest(operands, mode, max_iterations, tol,
+                                             ordering if mode == "factors" else "MMD_AT_PLUS_A")
+    why = None
+    if value is None and "not resolved" in method:
+        upper = math.inf
+        why = "sigma_min not certified: the strided factor's Gram matrix W_1 W_1^T does not resolve its smallest value"
+    elif value is None:
         why = f"sigma_min not certified: inverse Lanczos did not converge in {max_iterations} steps"
+    elif mode == "gram" and 0 < value < math.sqrt(m * _EPS) * top:
+        # G = A A^T (or A^T A) is formed and factored with errors up to ~m eps sigma_max^2 in its eigenvalues:
+        # a sigma_min below sqrt(m eps) sigma_max is not resolved (ResNet-56 layer3.0's plain branch gave
+        # 5.7e-12 and 9.1e-12 from two orders of the same sums): only its upper bound is kept
+        upper = math.sqrt(value**2 + m * _EPS * top**2)
+        why = (f"sigma_min below what the Gram matrix of the {side} operator resolves "
+               f"(sqrt(n eps) sigma_max = {math.sqrt(m * _EPS) * top:.3g}): bounded from above only")
+    if why is not None:
         return ZeroOperatorExtremes(top, None, (min(lower, upper), upper), f"lanczos; {method}; interval",
                                     run.top_converged, "; ".join(filter(None, [max_note, why])), run.steps)
     return ZeroOperatorExtremes(top, value, (value, value), f"lanczos; {method}", run.top_converged, max_note,
