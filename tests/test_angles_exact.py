@@ -174,28 +174,58 @@ def test_too_many_ambiguous_pairs_fall_back_to_float64(monkeypatch):
     _check(got, _reference(x, labels, len(names)), names, tol=1e-11)
 
 
+class _Stop(Exception):
+    """A simulated process waits for its peer's part."""
+
+
+class _TwoProcesses:
+    """Two processes' ``everyone`` collectives simulated in one: rank ``r``'s ``k``-th call returns both ranks'
+    ``k``-th results once both are known; else it keeps its own and stops that run (run the ranks in turn)."""
+
+    def __init__(self):
+        self.results = {0: [], 1: []}
+
+    def everyone(self, rank):
+        calls = iter(range(1 << 30))
+
+        def call(work):
+            k = next(calls)
+            mine = work()
+            if len(self.results[rank]) <= k:
+                self.results[rank].append(mine)
+            other = self.results[1 - rank]
+            if len(other) <= k:
+                raise _Stop
+            return [mine, other[k]] if rank == 0 else [other[k], mine]
+
+        return call
+
+
 @pytest.mark.parametrize("options", [{"block_rows": 23}, {"block_rows": 17, "center": True, "max_pairs": 200}])
 def test_two_shares_in_one_process_combine_to_the_single_process_medians(options):
-    """Each share computes only its tiles (panels and streamed tiles); the two parts together give the
-    single process's medians bit for bit (in one process: rank 1's part first, then rank 0 with both)."""
+    """Each share computes only its tiles (panels and streamed tiles) and its part of the repairs; the two
+    parts together give the single process's medians bit for bit (in one process: the ranks in turn, each run
+    until it needs a part the other has not computed yet)."""
     from auditor import distributed
     from auditor.analysis.angles import Share
 
     x, labels, names = _relu_set(80, 600, seed=12)
     one = median_angles(x, labels, names, products="float32", **options)
-    parts = {}
-
-    def share(rank, everyone):
-        return Share(rank, 2, distributed.split, everyone, lambda work: work())
-
-    nothing = (np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
-    median_angles(x, labels, names, products="float32", **options,
-                  share=share(1, lambda work: [nothing, parts.setdefault(1, work())]))
-    two = median_angles(x, labels, names, products="float32", **options,
-                        share=share(0, lambda work: [parts.setdefault(0, work()), parts[1]]))
+    both = _TwoProcesses()
+    got = {}
+    for rank in (1, 0, 1, 0):
+        share = Share(rank, 2, distributed.split, both.everyone(rank), lambda work: work())
+        try:
+            got[rank] = median_angles(x, labels, names, products="float32", **options, share=share)
+        except _Stop:
+            pass
+    parts = {rank: both.results[rank][0] for rank in (0, 1)}  # the first exchange: each share's pairs
     assert parts[0][0].size > 0 and parts[1][0].size > 0  # each share computed some pairs, no pair twice
     assert np.intersect1d(parts[0][2], parts[1][2]).size == 0
-    assert (two.intra, two.inter, two.counts) == (one.intra, one.inter, one.counts)
+    repaired = [both.results[rank][1].size for rank in (0, 1)]  # the second: each share's part of the repairs
+    assert min(repaired) > 0 and len(both.results[0]) == len(both.results[1]) == 2
+    for rank in (0, 1):
+        assert (got[rank].intra, got[rank].inter, got[rank].counts) == (one.intra, one.inter, one.counts)
 
 
 def test_crowded_medians_give_up_early(monkeypatch):
