@@ -229,3 +229,37 @@ def test_single_convolution_by_nested_dissection(singular: bool) -> None:
     else:
         assert "grid-lu" in found.method
         assert found.sigma_min == pytest.approx(values[-1], rel=1e-6)
+
+
+def test_strided_plain_branch_squares_only_its_first_factor() -> None:
+    # B = W_2 W_1 with W_1 strided (wide): (B B^T)^{-1} from W_1 W_1^T and W_2's own LU; a zero output channel
+    # of W_2 makes B exactly singular, which the squared route could not tell from 1e-9
+    modules = [_conv(4, 8, stride=2, seed=31), _conv(8, 8, seed=32, bn=False)]
+    ops = _chain(modules, SHAPE)
+    values = _values(_dense(lambda x: modules[1](modules[0](x)), SHAPE))
+    found = zero_operator_extremes(ops, None, dense_max=0)
+    assert "per-factor" in found.method
+    assert found.sigma_min == pytest.approx(values[-1], rel=1e-6)  # over min(rows, cols) = 128 values
+    modules[1][0].weight.data[5] = 0.0
+    found = zero_operator_extremes(_chain(modules, SHAPE), None, dense_max=0)
+    assert found.sigma_min == 0.0
+
+
+def test_gram_route_below_its_resolution_is_an_interval() -> None:
+    # a wide plain branch whose last factor changes the channels (no per-factor route): G = B B^T is formed;
+    # one output channel scaled by 1e-10 puts sigma_min below sqrt(n eps) sigma_max, where G cannot resolve it
+    modules = [_conv(4, 8, stride=2, seed=33), _conv(8, 4, k=1, seed=34, bn=False)]
+    shape_out = 4 * 4 * 4
+    for scale, resolved in ((1.0, True), (1e-10, False)):
+        modules[1][0].weight.data[2] *= scale
+        ops = _chain(modules, SHAPE)
+        values = _values(_dense(lambda x: modules[1](modules[0](x)), SHAPE))
+        assert len(values) == shape_out
+        found = zero_operator_extremes(ops, None, dense_max=0)
+        assert found.sigma_max == pytest.approx(values[0], rel=1e-6)
+        if resolved:
+            assert found.sigma_min == pytest.approx(values[-1], rel=1e-6)
+        else:
+            low, high = found.sigma_min_interval
+            assert found.sigma_min is None and "Gram matrix" in found.reason
+            assert low <= values[-1] <= high
