@@ -13,7 +13,7 @@ import torch
 
 from auditor.analysis.grid_lu import GridLU, channel_major, grid_lu, pixel_blocks
 from auditor.analysis.spectra import ConvOperator
-from auditor.analysis.zero_block_extremes import _conv_blocks, _conv_sparse
+from auditor.analysis.zero_matrices import conv_blocks as _conv_blocks, conv_matrix as _conv_sparse
 
 
 def _grid_operator(grid: tuple[int, int, int], radius: int, seed: int, diagonal: float = 4.0) -> np.ndarray:

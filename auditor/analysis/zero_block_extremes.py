@@ -26,13 +26,19 @@ How each extreme is found, and what certifies it:
    its adjoint ``conv_transpose2d``), stopped when the Ritz residual
    ``||G y - theta y|| <= tol theta`` (an eigenvalue lies within it; Parlett,
    Thm 4.5.1). ``sigma_min``: the matrix built exactly from the kernels
-   (``scipy.sparse``, one entry per tap and pixel) is factored by SuperLU
-   (``A`` itself when square, ``G`` otherwise; a plain branch of square
-   factors: each ``W_i`` on its own, ``B^{-1} = W_1^{-1} ... W_k^{-1}``, whose
-   3x3 stencils fill in far less than the product's 5x5 one), and Lanczos on
-   ``G^{-1}`` (two triangular solves per factor and step) gives
-   ``sigma_min^2 = 1 / lambda_max(G^{-1})`` with the same residual test. An
-   exactly singular pivot is ``sigma_min = 0``.
+   (``scipy.sparse``, one entry per tap and pixel; a ``C x C`` block per pair of
+   coupled pixels) is factored by nested dissection
+   (:mod:`auditor.analysis.grid_lu`, checked by its backward error; SuperLU
+   where its front-local pivoting fails): ``A`` itself when square, ``G``
+   otherwise (formed from the blocks; a strided factor's grid grouped into
+   cells); a plain branch of square factors: each ``W_i`` on its own,
+   ``B^{-1} = W_1^{-1} ... W_k^{-1}``, whose 3x3 stencils fill in far less than
+   the product's 5x5 one; a plain branch whose first factor is strided:
+   ``(B B^T)^{-1} = W_k^{-T} .. (W_1 W_1^T)^{-1} .. W_k^{-1}``. Lanczos on
+   ``G^{-1}`` gives ``sigma_min^2 = 1 / lambda_max(G^{-1})`` with the same
+   residual test. An exactly singular pivot is ``sigma_min = 0``; a value from a
+   formed Gram matrix below ``sqrt(n eps) sigma_max`` (what its rounding
+   resolves) is an interval.
 4. **Interval** (larger operators, e.g. 224 px, or step 3 not converged within
    ``max_iterations``): no number, a certified interval
    ``[lower, upper]``. ``upper`` is the Rayleigh quotient ``y^T G y`` of the
@@ -50,6 +56,7 @@ References
    partieller Differentialgleichungen", Math. Ann. 71 (1912) (perturbation of
    singular values).
 .. [3] X. S. Li, "An overview of SuperLU", ACM TOMS 31 (2005).
+.. [4] A. George, "Nested dissection of a regular finite element mesh", SIAM J. Numer. Anal. 10 (1973).
 """
 
 from __future__ import annotations
@@ -65,6 +72,14 @@ import torch.nn.functional as F
 
 from .batched import blas_single_thread, torch_single_thread
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
+from .zero_matrices import (
+    coarse_blocks,
+    conv_blocks,
+    conv_matrix,
+    estimated_nnz,
+    operator_blocks,
+    sparse_matrix,
+)
 
 __all__ = [
     "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
@@ -249,186 +264,12 @@ def block_map(convs: Sequence[ConvOperator], shortcut: Any) -> BlockMap:
     return BlockMap(forward, adjoint, tuple(convs[0].input_shape), tuple(convs[-1].output_shape))
 
 
-# ---------------------------------------------------------------- sparse matrices
-
-
-def _conv_sparse(op: ConvOperator) -> Any:
-    """The zero-padded convolution's matrix (rows ``(o, i, j)``, columns ``(c, y, x)``), one entry per tap and pixel."""
-    import scipy.sparse as sp
-
-    weight = op.scaled_weight().detach().to("cpu", torch.float64).numpy()
-    c_in, h, w = op.input_shape
-    c_out, ho, wo = op.output_shape
-    (kh, kw), (sh, sw), (ph, pw) = op.kernel_size, op.stride, op.padding
-    per_in, per_out = c_in // op.groups, c_out // op.groups
-    outs = np.arange(c_out)
-    channel = (outs // per_out)[:, None] * per_in + np.arange(per_in)[None, :]  # (c_out, per_in) input channel
-    rows, cols, values = [], [], []
-    for a in range(kh):
-        ys = sh * np.arange(ho) + a - ph
-        for b in range(kw):
-            xs = sw * np.arange(wo) + b - pw
-            iy, ix = np.nonzero((ys[:, None] >= 0) & (ys[:, None] < h) & (xs[None, :] >= 0) & (xs[None, :] < w))
-            if not len(iy):
-                continue
-            out_pixel, in_pixel = iy * wo + ix, ys[iy] * w + xs[ix]
-            rows.append(np.broadcast_to((outs[:, None] * ho * wo)[:, :, None] + out_pixel, (c_out, per_in, len(iy))))
-            cols.append((channel * h * w)[:, :, None] + in_pixel)
-            values.append(np.broadcast_to(weight[:, :, a, b][:, :, None], (c_out, per_in, len(iy))))
-    if not rows:
-        return sp.csr_matrix((c_out * ho * wo, c_in * h * w))
-    matrix = sp.coo_matrix((np.concatenate([v.ravel() for v in values]),
-                            (np.concatenate([r.ravel() for r in rows]), np.concatenate([c.ravel() for c in cols]))),
-                           shape=(c_out * ho * wo, c_in * h * w))
-    return matrix.tocsr()
-
-
-def _conv_blocks(op: ConvOperator) -> Any:
-    """A stride-1 convolution that keeps ``H x W`` as pixel-major BSR: a ``C_out x C_in`` block per tap and pixel.
-
-    The same matrix as :func:`_conv_sparse`, rows and columns grouped by pixel (unknown ``p C + c``): the
-    input of :class:`auditor.analysis.grid_lu.GridLU`, and BSR products of such matrices are dense block
-    products (3x faster than the CSR product of a ResNet-56 block).
-    """
-    import scipy.sparse as sp
-
-    weight = op.scaled_weight().detach().to("cpu", torch.float64).numpy()
-    c_in, h, w = op.input_shape
-    c_out = op.output_shape[0]
-    (kh, kw), (ph, pw) = op.kernel_size, op.padding
-    per_in, per_out = c_in // op.groups, c_out // op.groups
-    full = np.zeros((c_out, c_in, kh, kw))
-    for g in range(op.groups):  # grouped kernels as block-diagonal C_out x C_in taps
-        full[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = weight[g * per_out:(g + 1) * per_out]
-    out_pixels, in_pixels, taps = [], [], []
-    ys, xs = np.arange(h), np.arange(w)
-    for a in range(kh):
-        for b in range(kw):
-            iy, ix = np.nonzero(((ys + a - ph >= 0) & (ys + a - ph < h))[:, None]
-                                & ((xs + b - pw >= 0) & (xs + b - pw < w))[None, :])
-            out_pixels.append(iy * w + ix)
-            in_pixels.append((iy + a - ph) * w + ix + b - pw)
-            taps.append(np.full(len(iy), a * kw + b))
-    out_pixel, in_pixel, tap = (np.concatenate(v) for v in (out_pixels, in_pixels, taps))
-    order = np.lexsort((in_pixel, out_pixel))
-    data = full.transpose(2, 3, 0, 1).reshape(kh * kw, c_out, c_in)[tap[order]]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(out_pixel, minlength=h * w))])
-    return sp.bsr_matrix((data, in_pixel[order], indptr), shape=(c_out * h * w, c_in * h * w))
-
-
-def _coarse_order(shape: tuple[int, ...], grid: tuple[int, int]) -> tuple[np.ndarray, int] | None:
-    """Unknowns of ``(C, s H, s W)`` grouped by the ``s x s`` cell over each pixel of the ``H x W`` grid.
-
-    Returns ``(order, per_pixel)``: ``order[k]`` is the channel-major index of the ``k``-th unknown in
-    cell-major order (cell ``(Y, X)``, then ``(c, dy, dx)``), and ``per_pixel = C s^2``; None when the shape is
-    not ``s`` times the grid on both axes.
-    """
-    c, h, w = (int(v) for v in shape)
-    rows, cols = grid
-    if h % rows or w % cols or h // rows != w // cols:
-        return None
-    s = h // rows
-    y, x, channel, dy, dx = np.meshgrid(np.arange(rows), np.arange(cols), np.arange(c), np.arange(s), np.arange(s),
-                                        indexing="ij")
-    return (channel * h * w + (y * s + dy) * w + x * s + dx).ravel(), c * s * s
-
-
-def _coarse_blocks(matrix: Any, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
-                   grid: tuple[int, int]) -> Any | None:
-    """A channel-major matrix as BSR over the cells of ``grid`` (:func:`_coarse_order` on both sides), or None."""
-    rows, cols = _coarse_order(output_shape, grid), _coarse_order(input_shape, grid)
-    if rows is None or cols is None:
-        return None
-    return matrix.tocsr()[rows[0]][:, cols[0]].tobsr(blocksize=(rows[1], cols[1]))
-
-
-def _block_matrix(convs: Sequence[ConvOperator], shortcut: Any) -> Any | None:
-    """``S + W_k ... W_1`` as BSR over the pixels of the block's output grid, or None where shapes do not tile it.
-
-    A strided factor's finer grid is grouped into ``s x s`` cells (its unknowns permuted: the singular values
-    are those of the operator), so every factor is a BSR matrix on the output grid and the product is a dense
-    block product (3-10x faster than scipy's CSR product on ResNet-56's blocks). A stride-1 factor on the output
-    grid is built from its kernel directly (:func:`_conv_blocks`).
-    """
-    import scipy.sparse as sp
-
-    grid = (int(convs[-1].output_shape[1]), int(convs[-1].output_shape[2]))
-    product = None
-    for op in convs:
-        if op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape) and tuple(op.input_shape[1:]) == grid:
-            factor = _conv_blocks(op)
-        else:
-            factor = _coarse_blocks(_conv_sparse(op), op.input_shape, op.output_shape, grid)
-        if factor is None:
-            return None
-        product = factor if product is None else factor @ product
-    if shortcut is None:
-        return product
-    if isinstance(shortcut, IdentityShortcut) and tuple(shortcut.input_shape[1:]) == grid:
-        short = sp.identity(product.shape[0], format="csr").tobsr(blocksize=product.blocksize)
-    else:
-        short = _coarse_blocks(_shortcut_sparse(shortcut), shortcut.input_shape, shortcut.output_shape, grid)
-    if short is None or short.blocksize != product.blocksize:
-        return None
-    return (product + short).tobsr(blocksize=product.blocksize)
-
-
-def _shortcut_sparse(shortcut: Any) -> Any:
-    import scipy.sparse as sp
-
-    if isinstance(shortcut, IdentityShortcut):
-        return sp.identity(math.prod(shortcut.input_shape), format="csr")
-    if isinstance(shortcut, OptionAShortcut):
-        c, h, w = shortcut.input_shape
-        out_c, ho, wo = shortcut.output_shape
-        s = shortcut.stride
-        ch, y, x = np.meshgrid(np.arange(c), np.arange(ho), np.arange(wo), indexing="ij")
-        rows = ((ch + shortcut.pad_before) * ho + y) * wo + x
-        cols = (ch * h + s * y) * w + s * x
-        return sp.csr_matrix((np.ones(rows.size), (rows.ravel(), cols.ravel())), shape=(out_c * ho * wo, c * h * w))
-    return _conv_sparse(shortcut)
-
-
-def sparse_matrix(convs: Sequence[ConvOperator], shortcut: Any) -> Any:
-    """``S + W_k ... W_1`` (``shortcut=None``: the plain branch) as a ``scipy.sparse`` CSR matrix.
-
-    Parameters
-    ----------
-    convs : sequence of ConvOperator
-    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix of shape (C_out H_out W_out, C_in H W)
-        Built from the kernels' entries (an independent construction from the
-        torch maps of :func:`block_map`, which the tests compare).
-    """
-    product = _conv_sparse(convs[0])
-    for op in convs[1:]:
-        product = _conv_sparse(op) @ product
-    return product if shortcut is None else (product + _shortcut_sparse(shortcut)).tocsr()
-
-
-def _estimated_nnz(convs: Sequence[ConvOperator]) -> float:
-    """Stored entries of the product: rows times input channels reached times the grown stencil's area."""
-    reach_h = reach_w = 1.0
-    scale = 1.0  # input pixels per output pixel along one axis
-    for op in convs:
-        kh, kw = op.kernel_size
-        reach_h += (kh - 1) * scale
-        reach_w += (kw - 1) * scale
-        scale *= op.stride[0]
-    groups_dense = all(op.groups == 1 for op in convs)
-    per_row = (convs[0].in_channels if groups_dense else max(op.in_channels // op.groups for op in convs))
-    return float(math.prod(convs[-1].output_shape)) * per_row * reach_h * reach_w
-
-
 def factorable(convs: Sequence[ConvOperator], sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
     """Whether :func:`zero_operator_extremes` factors ``W_k ... W_1`` (its stored entries at most ``sparse_max_nnz``).
 
     Beyond it (e.g. 224 px) ``sigma_min`` is only an interval.
     """
-    return _estimated_nnz(convs) <= sparse_max_nnz
+    return estimated_nnz(convs) <= sparse_max_nnz
 
 
 # ---------------------------------------------------------------- Lanczos
@@ -674,7 +515,7 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
 
     def square(op: ConvOperator) -> _Operand:
         grid = _grid(op.input_shape, op.output_shape)
-        return _Operand((lambda: _conv_sparse(op)), _conv_blocks(op) if grid and op.stride == (1, 1) else None, grid)
+        return _Operand((lambda: conv_matrix(op)), conv_blocks(op) if grid and op.stride == (1, 1) else None, grid)
 
     def is_square(op: ConvOperator) -> bool:
         return math.prod(op.output_shape) == math.prod(op.input_shape)
@@ -686,14 +527,14 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
     first = convs[0]
     if (shortcut is None and len(convs) > 1 and math.prod(first.output_shape) < math.prod(first.input_shape)
             and all(is_square(op) for op in convs[1:])):
-        blocks = _coarse_blocks(_conv_sparse(first), first.input_shape, first.output_shape,
+        blocks = coarse_blocks(conv_matrix(first), first.input_shape, first.output_shape,
                                 (int(first.output_shape[1]), int(first.output_shape[2])))
         if blocks is not None:
             gram = (blocks @ blocks.T).tobsr()
             grid = (gram.blocksize[0], int(first.output_shape[1]), int(first.output_shape[2]))
             return [_Operand(lambda: channel_major(gram, grid), gram, grid), *(square(op) for op in convs[1:])], \
                 "wide-factors"
-    blocks = _block_matrix(convs, shortcut)
+    blocks = operator_blocks(convs, shortcut)
     cells = tuple(int(v) for v in mapping.output_shape[1:])
     if mapping.rows == mapping.cols:
         fits = blocks is not None and blocks.blocksize[0] == blocks.blocksize[1]
@@ -752,7 +593,7 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     apply, _, n = _gram(mapping)
     rank = _rank_bound(convs, shortcut)
     structural = rank is not None and rank < m
-    large = _estimated_nnz(convs) > sparse_max_nnz
+    large = estimated_nnz(convs) > sparse_max_nnz
     steps = min(max_iterations, LARGE_MAX_STEPS) if large else max_iterations
     run = _lanczos(apply, n, steps, tol, want_bottom=large and not structural)
     top = math.sqrt(max(run.top, 0.0))

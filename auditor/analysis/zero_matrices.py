@@ -1,0 +1,200 @@
+"""The matrices of zero-padded convolutions and blocks, built from the kernels (for their LU factorizations).
+
+Two layouts of the same operators:
+
+- channel-major ``scipy.sparse`` CSR (unknown ``c H W + y W + x``, torch's layout): :func:`conv_matrix`,
+  :func:`shortcut_matrix`, :func:`sparse_matrix`;
+- pixel-major BSR, a dense ``C_out x C_in`` block per pair of coupled pixels (the input of
+  :class:`auditor.analysis.grid_lu.GridLU`): :func:`conv_blocks` for a stride-1 convolution,
+  :func:`coarse_blocks` for any matrix whose grids tile an ``H x W`` grid in ``s x s`` cells (a strided
+  factor), :func:`operator_blocks` for a whole block ``S + W_k ... W_1``. Products of BSR matrices are dense
+  block products, several times faster than scipy's CSR product on these operators.
+
+Both are independent of the torch maps of :mod:`auditor.analysis.zero_block_extremes`, which the tests
+compare with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
+
+__all__ = ["conv_matrix", "conv_blocks", "coarse_blocks", "operator_blocks", "shortcut_matrix", "sparse_matrix",
+           "estimated_nnz"]
+
+
+def conv_matrix(op: ConvOperator) -> Any:
+    """The zero-padded convolution's matrix (rows ``(o, i, j)``, columns ``(c, y, x)``), one entry per tap and pixel."""
+    import scipy.sparse as sp
+
+    weight = op.scaled_weight().detach().to("cpu", torch.float64).numpy()
+    c_in, h, w = op.input_shape
+    c_out, ho, wo = op.output_shape
+    (kh, kw), (sh, sw), (ph, pw) = op.kernel_size, op.stride, op.padding
+    per_in, per_out = c_in // op.groups, c_out // op.groups
+    outs = np.arange(c_out)
+    channel = (outs // per_out)[:, None] * per_in + np.arange(per_in)[None, :]  # (c_out, per_in) input channel
+    rows, cols, values = [], [], []
+    for a in range(kh):
+        ys = sh * np.arange(ho) + a - ph
+        for b in range(kw):
+            xs = sw * np.arange(wo) + b - pw
+            iy, ix = np.nonzero((ys[:, None] >= 0) & (ys[:, None] < h) & (xs[None, :] >= 0) & (xs[None, :] < w))
+            if not len(iy):
+                continue
+            out_pixel, in_pixel = iy * wo + ix, ys[iy] * w + xs[ix]
+            rows.append(np.broadcast_to((outs[:, None] * ho * wo)[:, :, None] + out_pixel, (c_out, per_in, len(iy))))
+            cols.append((channel * h * w)[:, :, None] + in_pixel)
+            values.append(np.broadcast_to(weight[:, :, a, b][:, :, None], (c_out, per_in, len(iy))))
+    if not rows:
+        return sp.csr_matrix((c_out * ho * wo, c_in * h * w))
+    matrix = sp.coo_matrix((np.concatenate([v.ravel() for v in values]),
+                            (np.concatenate([r.ravel() for r in rows]), np.concatenate([c.ravel() for c in cols]))),
+                           shape=(c_out * ho * wo, c_in * h * w))
+    return matrix.tocsr()
+
+
+def conv_blocks(op: ConvOperator) -> Any:
+    """A stride-1 convolution that keeps ``H x W`` as pixel-major BSR: a ``C_out x C_in`` block per tap and pixel.
+
+    The same matrix as :func:`conv_matrix`, rows and columns grouped by pixel (unknown ``p C + c``): the
+    input of :class:`auditor.analysis.grid_lu.GridLU`, and BSR products of such matrices are dense block
+    products (3x faster than the CSR product of a ResNet-56 block).
+    """
+    import scipy.sparse as sp
+
+    weight = op.scaled_weight().detach().to("cpu", torch.float64).numpy()
+    c_in, h, w = op.input_shape
+    c_out = op.output_shape[0]
+    (kh, kw), (ph, pw) = op.kernel_size, op.padding
+    per_in, per_out = c_in // op.groups, c_out // op.groups
+    full = np.zeros((c_out, c_in, kh, kw))
+    for g in range(op.groups):  # grouped kernels as block-diagonal C_out x C_in taps
+        full[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = weight[g * per_out:(g + 1) * per_out]
+    out_pixels, in_pixels, taps = [], [], []
+    ys, xs = np.arange(h), np.arange(w)
+    for a in range(kh):
+        for b in range(kw):
+            iy, ix = np.nonzero(((ys + a - ph >= 0) & (ys + a - ph < h))[:, None]
+                                & ((xs + b - pw >= 0) & (xs + b - pw < w))[None, :])
+            out_pixels.append(iy * w + ix)
+            in_pixels.append((iy + a - ph) * w + ix + b - pw)
+            taps.append(np.full(len(iy), a * kw + b))
+    out_pixel, in_pixel, tap = (np.concatenate(v) for v in (out_pixels, in_pixels, taps))
+    order = np.lexsort((in_pixel, out_pixel))
+    data = full.transpose(2, 3, 0, 1).reshape(kh * kw, c_out, c_in)[tap[order]]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(out_pixel, minlength=h * w))])
+    return sp.bsr_matrix((data, in_pixel[order], indptr), shape=(c_out * h * w, c_in * h * w))
+
+
+def _coarse_order(shape: tuple[int, ...], grid: tuple[int, int]) -> tuple[np.ndarray, int] | None:
+    """Unknowns of ``(C, s H, s W)`` grouped by the ``s x s`` cell over each pixel of the ``H x W`` grid.
+
+    Returns ``(order, per_pixel)``: ``order[k]`` is the channel-major index of the ``k``-th unknown in
+    cell-major order (cell ``(Y, X)``, then ``(c, dy, dx)``), and ``per_pixel = C s^2``; None when the shape is
+    not ``s`` times the grid on both axes.
+    """
+    c, h, w = (int(v) for v in shape)
+    rows, cols = grid
+    if h % rows or w % cols or h // rows != w // cols:
+        return None
+    s = h // rows
+    y, x, channel, dy, dx = np.meshgrid(np.arange(rows), np.arange(cols), np.arange(c), np.arange(s), np.arange(s),
+                                        indexing="ij")
+    return (channel * h * w + (y * s + dy) * w + x * s + dx).ravel(), c * s * s
+
+
+def coarse_blocks(matrix: Any, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                   grid: tuple[int, int]) -> Any | None:
+    """A channel-major matrix as BSR over the cells of ``grid`` (:func:`_coarse_order` on both sides), or None."""
+    rows, cols = _coarse_order(output_shape, grid), _coarse_order(input_shape, grid)
+    if rows is None or cols is None:
+        return None
+    return matrix.tocsr()[rows[0]][:, cols[0]].tobsr(blocksize=(rows[1], cols[1]))
+
+
+def operator_blocks(convs: Sequence[ConvOperator], shortcut: Any) -> Any | None:
+    """``S + W_k ... W_1`` as BSR over the pixels of the block's output grid, or None where shapes do not tile it.
+
+    A strided factor's finer grid is grouped into ``s x s`` cells (its unknowns permuted: the singular values
+    are those of the operator), so every factor is a BSR matrix on the output grid and the product is a dense
+    block product (3-10x faster than scipy's CSR product on ResNet-56's blocks). A stride-1 factor on the output
+    grid is built from its kernel directly (:func:`conv_blocks`).
+    """
+    import scipy.sparse as sp
+
+    grid = (int(convs[-1].output_shape[1]), int(convs[-1].output_shape[2]))
+    product = None
+    for op in convs:
+        if op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape) and tuple(op.input_shape[1:]) == grid:
+            factor = conv_blocks(op)
+        else:
+            factor = coarse_blocks(conv_matrix(op), op.input_shape, op.output_shape, grid)
+        if factor is None:
+            return None
+        product = factor if product is None else factor @ product
+    if shortcut is None:
+        return product
+    if isinstance(shortcut, IdentityShortcut) and tuple(shortcut.input_shape[1:]) == grid:
+        short = sp.identity(product.shape[0], format="csr").tobsr(blocksize=product.blocksize)
+    else:
+        short = coarse_blocks(shortcut_matrix(shortcut), shortcut.input_shape, shortcut.output_shape, grid)
+    if short is None or short.blocksize != product.blocksize:
+        return None
+    return (product + short).tobsr(blocksize=product.blocksize)
+
+
+def shortcut_matrix(shortcut: Any) -> Any:
+    import scipy.sparse as sp
+
+    if isinstance(shortcut, IdentityShortcut):
+        return sp.identity(math.prod(shortcut.input_shape), format="csr")
+    if isinstance(shortcut, OptionAShortcut):
+        c, h, w = shortcut.input_shape
+        out_c, ho, wo = shortcut.output_shape
+        s = shortcut.stride
+        ch, y, x = np.meshgrid(np.arange(c), np.arange(ho), np.arange(wo), indexing="ij")
+        rows = ((ch + shortcut.pad_before) * ho + y) * wo + x
+        cols = (ch * h + s * y) * w + s * x
+        return sp.csr_matrix((np.ones(rows.size), (rows.ravel(), cols.ravel())), shape=(out_c * ho * wo, c * h * w))
+    return conv_matrix(shortcut)
+
+
+def sparse_matrix(convs: Sequence[ConvOperator], shortcut: Any) -> Any:
+    """``S + W_k ... W_1`` (``shortcut=None``: the plain branch) as a ``scipy.sparse`` CSR matrix.
+
+    Parameters
+    ----------
+    convs : sequence of ConvOperator
+    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (C_out H_out W_out, C_in H W)
+        Built from the kernels' entries (an independent construction from the
+        torch maps of :func:`block_map`, which the tests compare).
+    """
+    product = conv_matrix(convs[0])
+    for op in convs[1:]:
+        product = conv_matrix(op) @ product
+    return product if shortcut is None else (product + shortcut_matrix(shortcut)).tocsr()
+
+
+def estimated_nnz(convs: Sequence[ConvOperator]) -> float:
+    """Stored entries of the product: rows times input channels reached times the grown stencil's area."""
+    reach_h = reach_w = 1.0
+    scale = 1.0  # input pixels per output pixel along one axis
+    for op in convs:
+        kh, kw = op.kernel_size
+        reach_h += (kh - 1) * scale
+        reach_w += (kw - 1) * scale
+        scale *= op.stride[0]
+    groups_dense = all(op.groups == 1 for op in convs)
+    per_row = (convs[0].in_channels if groups_dense else max(op.in_channels // op.groups for op in convs))
+    return float(math.prod(convs[-1].output_shape)) * per_row * reach_h * reach_w
