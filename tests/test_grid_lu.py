@@ -80,3 +80,20 @@ def test_convolution_blocks_equal_its_sparse_matrix(kernel: int, padding: int, g
     op = ConvOperator(weight, shape, stride=(1, 1), padding=(padding, padding), groups=groups,
                       out_scale=torch.rand(4, dtype=torch.float64) + 0.5)
     assert abs(channel_major(_conv_blocks(op), shape) - _conv_sparse(op)).max() < 1e-15
+
+
+@pytest.mark.parametrize(("k1", "k2", "pad2"), [(3, 3, 1), (1, 3, 1), (3, 5, 2), (5, 3, 1)])
+def test_two_convolutions_as_tap_products(k1: int, k2: int, pad2: int) -> None:
+    # the product of a basic block's branch from tap products equals the product of the two sparse matrices
+    from auditor.analysis.zero_matrices import operator_blocks
+
+    torch.manual_seed(1)
+    shape = (3, 6, 5)
+    first = ConvOperator(torch.randn(4, 3, k1, k1, dtype=torch.float64), shape, stride=(1, 1), padding=(k1 // 2,) * 2)
+    second_shape = (4, 6, 5)
+    second = ConvOperator(torch.randn(3, 4, k2, k2, dtype=torch.float64), second_shape, stride=(1, 1),
+                          padding=(pad2, pad2))
+    assert tuple(second.output_shape) == shape
+    expected = (_conv_sparse(second) @ _conv_sparse(first)).toarray()
+    found = channel_major(operator_blocks([first, second], None), shape).toarray()
+    assert np.abs(found - expected).max() < 1e-12 * np.abs(expected).max()
