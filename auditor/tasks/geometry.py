@@ -278,7 +278,9 @@ def stage_geometry(
 
     With ``cache`` the activation store is kept in that folder under a name
     derived from every input (see :func:`cache_name`) and reused when present;
-    without it a temporary store is used and deleted.
+    without it a temporary store is used and deleted. Under torchrun the ranks
+    share the extraction (rank 0 writes the store) and, when every rank can open
+    rank 0's store, the float32 stages' Gram tiles and repairs (:func:`store_angles`).
     """
     from ..io.store import StoreBusyError, StoreExistsError, open_store, wait_for_writer
     from .extract import extract_activations

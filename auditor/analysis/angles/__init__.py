@@ -59,7 +59,12 @@ sum_c n_c ** 2`` bytes of class Gram matrices and ``8 * n_classes * D *
 subspace_k`` bytes of principal directions. Nothing of size ``N * D`` is ever
 held, so the features may live on disk; the price of a bounded panel is the
 reads: the rows after each panel are read once per panel, about ``N ** 2 /
-(2 * panel_rows)`` row reads in all.
+(2 * panel_rows)`` row reads in all. Only a row's first read goes through
+HDF5's filters (its Fletcher-32 checksum checked); a row read again (the next
+panels, the repaired pairs) comes raw from the file when its chunk is the row
+and its only filter the checksum (:class:`.source.RowSource`): the bytes
+checked the first time, at about 7 GB/s from the page cache instead of 2.3.
+Float32 rows read again keep the norms of their first read.
 
 The package, one job a module: :mod:`.compute` (the entry points),
 :mod:`.source` (the input, checked and read in order), :mod:`.rows` (rows

@@ -125,7 +125,9 @@ def open_store(path: str | Path, *, warn_unverified: bool = True) -> ActivationS
     """Open a finished activation store for reading.
 
     Every chunk read later is checked against its Fletcher-32 checksum by
-    HDF5 (a failed check raises instead of returning wrong numbers); the
+    HDF5 (a failed check raises instead of returning wrong numbers; the
+    angles check a row once, then read it again raw:
+    :class:`auditor.analysis.angles.source.RowSource`); the
     sample list is checked against ``rows_sha256`` here.
 
     Parameters
