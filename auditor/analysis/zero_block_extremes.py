@@ -84,6 +84,7 @@ from .zero_matrices import (
 __all__ = [
     "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
     "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ", "LARGE_MAX_STEPS", "factorable",
+    "shares_factorization",
 ]
 
 # Lanczos steps (largest values, and the smallest by inverse iteration) before an extreme is given up
@@ -144,6 +145,7 @@ class ZeroBlockExtremes:
     plain: ZeroOperatorExtremes
     residual: ZeroOperatorExtremes | None
     side: int
+    factors: tuple[ZeroOperatorExtremes | None, ...] = ()  # each convolution alone (``factor_extremes``)
 
 
 # ---------------------------------------------------------------- torch maps
@@ -420,15 +422,28 @@ class _Operand:
     csr: Callable[[], Any]
     blocks: Any = None
     grid: tuple[int, int, int] | None = None
+    key: int | None = None  # id() of the ConvOperator it is the matrix of (the factor cache's key)
 
 
-def _factor_solves(operand: _Operand, ordering: str) -> tuple[Callable[[np.ndarray, str], np.ndarray], str]:
+def _factor_solves(operand: _Operand, ordering: str, cache: dict[int, Any] | None = None
+                   ) -> tuple[Callable[[np.ndarray, str], np.ndarray], str]:
     """``(b, trans) -> M^{-1} b`` (``trans="T"``: ``M^{-T} b``) and the factorization's name.
 
     Nested dissection where the operand has blocks (:func:`auditor.analysis.grid_lu.grid_lu`, 3-40x faster
     than SuperLU on ResNet-56's operators), unless its static pivoting fails or its backward-error check does;
-    then SuperLU, which raises RuntimeError when a pivot is exactly 0.
+    then SuperLU, which raises RuntimeError when a pivot is exactly 0. ``cache`` keeps a factorization by
+    its operand's key, for the next operator that has the same factor.
     """
+    if cache is not None and operand.key is not None and operand.key in cache:
+        return cache[operand.key]
+    found = _new_factor_solves(operand, ordering)
+    if cache is not None and operand.key is not None:
+        cache[operand.key] = found
+    return found
+
+
+def _new_factor_solves(operand: _Operand, ordering: str) -> tuple[Callable[[np.ndarray, str], np.ndarray], str]:
+    """:func:`_factor_solves` without a cache."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import splu
 
@@ -456,7 +471,7 @@ def _resolved(solve: Callable[[np.ndarray, str], np.ndarray], operand: _Operand,
 
 
 def _inverse_smallest(operands: Sequence[_Operand], mode: str, max_steps: int, tol: float,
-                      ordering: str) -> tuple[float | None, float, str]:
+                      ordering: str, cache: dict[int, Any] | None = None) -> tuple[float | None, float, str]:
     """``sigma_min`` by Lanczos on ``G^{-1}`` from LU factors; (value or None, upper bound, note).
 
     ``mode``:
@@ -470,7 +485,7 @@ def _inverse_smallest(operands: Sequence[_Operand], mode: str, max_steps: int, t
       the condition of ``W_1`` alone, not that of ``B``.
     """
     try:
-        solves, kinds = zip(*(_factor_solves(operand, ordering) for operand in operands))
+        solves, kinds = zip(*(_factor_solves(operand, ordering, cache) for operand in operands))
     except RuntimeError:  # SuperLU: "Factor is exactly singular"
         return 0.0, 0.0, "sparse-lu (exactly singular pivot)"
 
@@ -515,7 +530,8 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
 
     def square(op: ConvOperator) -> _Operand:
         grid = _grid(op.input_shape, op.output_shape)
-        return _Operand((lambda: conv_matrix(op)), conv_blocks(op) if grid and op.stride == (1, 1) else None, grid)
+        return _Operand((lambda: conv_matrix(op)), conv_blocks(op) if grid and op.stride == (1, 1) else None, grid,
+                        id(op))
 
     def is_square(op: ConvOperator) -> bool:
         return math.prod(op.output_shape) == math.prod(op.input_shape)
@@ -553,7 +569,8 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
 
 def zero_operator_extremes(convs: Sequence[ConvOperator], shortcut: Any, *,
                            max_iterations: int = DEFAULT_MAX_ITERATIONS, tol: float = _TOL,
-                           dense_max: int = DENSE_MAX, sparse_max_nnz: float = SPARSE_MAX_NNZ) -> ZeroOperatorExtremes:
+                           dense_max: int = DENSE_MAX, sparse_max_nnz: float = SPARSE_MAX_NNZ,
+                           factor_cache: dict[int, Any] | None = None) -> ZeroOperatorExtremes:
     """Extremes of ``S + W_k ... W_1`` (``shortcut=None``: the plain branch) with zero padding.
 
     Parameters
@@ -568,6 +585,10 @@ def zero_operator_extremes(convs: Sequence[ConvOperator], shortcut: Any, *,
         Dense SVD up to this many singular values.
     sparse_max_nnz : float
         Sparse factorization up to this many (estimated) stored entries.
+    factor_cache : dict, optional
+        LU factorizations of single convolutions (square factors), kept by the id of their
+        :class:`ConvOperator` and reused by later calls with the same objects (a block's plain branch after
+        its layers).
 
     Returns
     -------
@@ -576,16 +597,16 @@ def zero_operator_extremes(convs: Sequence[ConvOperator], shortcut: Any, *,
     """
     mapping = block_map(convs, shortcut)
     if max(mapping.rows, mapping.cols) > _ONE_THREAD_MAX:
-        return _extremes(mapping, convs, shortcut, max_iterations, tol, dense_max, sparse_max_nnz)
+        return _extremes(mapping, convs, shortcut, max_iterations, tol, dense_max, sparse_max_nnz, factor_cache)
     # imported before blas_single_thread(): that limits the BLAS libraries loaded so far
     import scipy.sparse.linalg  # noqa: F401
 
     with blas_single_thread(), torch_single_thread():
-        return _extremes(mapping, convs, shortcut, max_iterations, tol, dense_max, sparse_max_nnz)
+        return _extremes(mapping, convs, shortcut, max_iterations, tol, dense_max, sparse_max_nnz, factor_cache)
 
 
 def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, max_iterations: int, tol: float,
-              dense_max: int, sparse_max_nnz: float) -> ZeroOperatorExtremes:
+              dense_max: int, sparse_max_nnz: float, cache: dict[int, Any] | None = None) -> ZeroOperatorExtremes:
     """:func:`zero_operator_extremes` once the threads are set."""
     m = min(mapping.rows, mapping.cols)
     if m <= dense_max:
@@ -616,7 +637,7 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     ordering = "COLAMD" if shortcut is None else "MMD_AT_PLUS_A"
     operands, mode = _operands(mapping, convs, shortcut, side)
     value, upper, method = _inverse_smallest(operands, mode, max_iterations, tol,
-                                             ordering if mode == "factors" else "MMD_AT_PLUS_A")
+                                             ordering if mode == "factors" else "MMD_AT_PLUS_A", cache)
     why = None
     if value is None and "not resolved" in method:
         upper = math.inf
@@ -637,7 +658,20 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
                                 run.steps)
 
 
-def zero_block_extremes(convs: Sequence[ConvOperator], shortcut: Any, **options: Any) -> ZeroBlockExtremes:
+def shares_factorization(op: ConvOperator, *, dense_max: int = DENSE_MAX,
+                         sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
+    """Whether a convolution's own zero-padded extremes come from the LU its block's plain branch uses.
+
+    A stride-1 convolution that keeps its grid, beyond the dense SVD and within the factorization: its
+    ``sigma_min`` is inverse Lanczos on the nested-dissection LU of its matrix, the factor a plain branch of
+    square factors takes too (:func:`zero_block_extremes` with ``factor_extremes=True`` gives both from one LU).
+    """
+    return (op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape)
+            and math.prod(op.input_shape) > dense_max and factorable([op], sparse_max_nnz))
+
+
+def zero_block_extremes(convs: Sequence[ConvOperator], shortcut: Any, *, factor_extremes: bool = False,
+                        **options: Any) -> ZeroBlockExtremes:
     """Extremes of a block's plain branch and (with a shortcut) of the residual operator, zero padding.
 
     Parameters
@@ -645,6 +679,9 @@ def zero_block_extremes(convs: Sequence[ConvOperator], shortcut: Any, **options:
     convs : sequence of ConvOperator
         ``W_1 .. W_k`` as :func:`auditor.tasks.condition.block_operators` builds them.
     shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
+    factor_extremes : bool
+        Also the extremes of each convolution alone (:func:`zero_operator_extremes` of ``[W_i]``) where
+        :func:`shares_factorization`, from the same LU factorizations as the plain branch; None elsewhere.
     **options
         ``max_iterations``, ``tol``, ``dense_max``, ``sparse_max_nnz`` of :func:`zero_operator_extremes`.
 
@@ -653,7 +690,14 @@ def zero_block_extremes(convs: Sequence[ConvOperator], shortcut: Any, **options:
     ZeroBlockExtremes
         ``side`` is the larger dimension of the operator (for the singularity threshold).
     """
-    plain = zero_operator_extremes(convs, None, **options)
+    cache: dict[int, Any] = {}
+    factors: tuple[ZeroOperatorExtremes | None, ...] = ()
+    if factor_extremes:
+        limits = {k: options[k] for k in ("dense_max", "sparse_max_nnz") if k in options}
+        factors = tuple(zero_operator_extremes([op], None, factor_cache=cache, **options)
+                        if shares_factorization(op, **limits) else None for op in convs)
+    plain = zero_operator_extremes(convs, None, factor_cache=cache, **options)
+    cache.clear()
     residual = None if shortcut is None else zero_operator_extremes(convs, shortcut, **options)
     side = max(math.prod(convs[-1].output_shape), math.prod(convs[0].input_shape))
-    return ZeroBlockExtremes(plain, residual, side)
+    return ZeroBlockExtremes(plain, residual, side, factors)

@@ -40,6 +40,7 @@ from ..analysis.zero_block_extremes import (
     ZeroBlockExtremes,
     ZeroOperatorExtremes,
     factorable,
+    shares_factorization,
     zero_block_extremes,
     zero_operator_extremes,
 )
@@ -400,17 +401,21 @@ def _zero_layer(op: ConvOperator, max_iterations: int) -> tuple[float, float | N
 
 
 def _layer_spectrum(
-    op: ConvOperator, layer: LayerInfo, boundary: str, bn: str | None, keep: bool,
-    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    op: ConvOperator | None, layer: LayerInfo, boundary: str, bn: str | None, keep: bool,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS, found: ZeroOperatorExtremes | None = None,
 ) -> LayerSpectrum:
-    if boundary == "circular" or layer.kind == "linear":
+    """A layer's entry; ``found``: its zero-padded extremes computed with its block (``op`` unused)."""
+    values = None
+    if found is not None:
+        sigma_max, sigma_min, method = found.sigma_max, found.sigma_min, f"zero: {found.method}"
+        converged = found.max_converged and found.sigma_min is not None
+    elif boundary == "circular" or layer.kind == "linear":
         values = conv_singular_values(op)
         sigma_max, sigma_min = float(values[0]), float(values[-1])
         method = "fft-circular" if layer.kind == "conv" else "svd"
         converged = True
     else:
         sigma_max, sigma_min, method, converged = _zero_layer(op, max_iterations)
-        values = None
     kappa, reason = None, None
     if sigma_min is None or sigma_max is None:
         reason = "did not converge"
@@ -605,11 +610,15 @@ def condition(
     block_layers = {c.name: c for b in blocks_info for c in (*b.convs, *b.shortcut_convs)}
     total = len(layers) + len(blocks_info)
 
-    def layer_spectrum(index: int) -> LayerSpectrum:
+    branch_convs = {c.name for b in blocks_info for c in b.convs}
+
+    def layer_spectrum(index: int) -> LayerSpectrum | None:
         layer = layers[index]
         conv = block_layers.get(layer.name)
         if conv is not None:
             op, bn = _layer_operator(modules, conv, fold_bn, target), _folded(conv, fold_bn)
+            if boundary == "zero" and layer.name in branch_convs and shares_factorization(op):
+                return None  # computed with its block, from the LU its plain branch takes
         elif layer.kind == "conv":
             bn = pairs.get(layer.name) if fold_bn else None
             op = _conv_operator(modules, layer, bn, fold_bn, target)
@@ -639,7 +648,7 @@ def _one_thread_each() -> contextlib.ExitStack:
 
 
 def _condition_units(subject: Subject, modules: dict[str, nn.Module], layers: Any, blocks_info: Any,
-                     layer_spectrum: Callable[[int], LayerSpectrum], boundary: str, fold_bn: bool,
+                     layer_spectrum: Callable[[int], LayerSpectrum | None], boundary: str, fold_bn: bool,
                      full_spectra: bool, max_iterations: int, target: torch.device, progress: Progress | None,
                      total: int, threads: int) -> ConditionReport:
     """:func:`condition`'s layers, then blocks, on ``threads`` worker threads per rank."""
@@ -652,20 +661,26 @@ def _condition_units(subject: Subject, modules: dict[str, nn.Module], layers: An
     # the blocks reuse them instead of computing every spectrum a second time
     circular_extremes: dict[str, tuple[float, float]] = {}
     for layer, spectrum in zip(layers, spectra):
-        if layer.name in block_layers and spectrum.method in ("fft-circular", "svd"):
+        if spectrum is not None and layer.name in block_layers and spectrum.method in ("fft-circular", "svd"):
             circular_extremes[layer.name] = (spectrum.sigma_max, spectrum.sigma_min)
 
     zero_extremes = {layer.name: (s.sigma_max, s.sigma_min) for layer, s in zip(layers, spectra)
-                     if boundary == "zero" and s.sigma_max is not None and s.sigma_min is not None}
+                     if boundary == "zero" and s is not None and s.sigma_max is not None and s.sigma_min is not None}
 
-    def block_conditioning(index: int) -> tuple[BlockConditioning, dict[str, Any] | None]:
+    def block_conditioning(index: int) -> tuple[BlockConditioning, dict[str, Any] | None, dict[str, Any]]:
         block = blocks_info[index]
         convs, shortcut = block_operators(modules, block, fold_bn=fold_bn, device=target)
         if boundary == "zero":
-            # the zero-padded block operators, and the layers' zero-padded extremes in the paper's kappa
-            known = [zero_extremes.get(c.name) for c in block.convs]
+            # the zero-padded block operators, and the layers' zero-padded extremes in the paper's kappa (those
+            # of the branch's convolutions from the LUs the plain branch takes: ``factors``)
             use = shortcut if block.shortcut != "other" else None
-            found = zero_block_extremes(convs, use, max_iterations=max_iterations)
+            found = zero_block_extremes(convs, use, max_iterations=max_iterations, factor_extremes=True)
+            layer_parts = {c.name: part for c, part in zip(block.convs, found.factors) if part is not None}
+            known = [zero_extremes.get(c.name) for c in block.convs]
+            for i, c in enumerate(block.convs):
+                part = layer_parts.get(c.name)
+                if part is not None and part.sigma_min is not None:
+                    known[i] = (part.sigma_max, part.sigma_min)
             cond = condition_block(
                 convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
                 layer_extremes=None if None in known else known, extremes=zero_found(found),
@@ -674,20 +689,24 @@ def _condition_units(subject: Subject, modules: dict[str, nn.Module], layers: An
             if holds is not None and holds != cond.lemma1_lower_holds:
                 reasons = {k: v for k, v in cond.reasons.items() if k != "lemma1_lower_holds"}
                 cond = dataclasses.replace(cond, lemma1_lower_holds=holds, reasons=reasons)
-            return cond, extras
+            return cond, extras, layer_parts
         known = [circular_extremes.get(c.name) for c in block.convs]
         return condition_block(
             convs, shortcut, name=block.name, stage=block.stage, shortcut_kind=block.shortcut,
             layer_extremes=None if None in known else known, full_spectra=full_spectra,
-        ), None
+        ), None, {}
 
     found = distributed.compute(
         len(blocks_info), block_conditioning,
         costs=[sum(_cost(modules, c.name, c.input_shape) for c in (*b.convs, *b.shortcut_convs)) for b in blocks_info],
         progress=_shifted(progress, len(layers), total), threads=threads,
     )
-    blocks = tuple(cond for cond, _ in found)
-    extras = tuple(extra for _, extra in found) if boundary == "zero" else ()
+    blocks = tuple(cond for cond, _, _ in found)
+    extras = tuple(extra for _, extra, _ in found) if boundary == "zero" else ()
+    with_block = {name: part for _, _, parts in found for name, part in parts.items()}
+    spectra = [s if s is not None else _layer_spectrum(
+        None, layer, boundary, _folded(block_layers[layer.name], fold_bn), False, found=with_block[layer.name])
+        for layer, s in zip(layers, spectra)]
     return ConditionReport(boundary, fold_bn, tuple(spectra), blocks, blocks_info, subject, extras)
 
 
