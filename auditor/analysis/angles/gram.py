@@ -175,10 +175,10 @@ class GramRun:
     def _my_tiles(self) -> set[int]:
         """The tiles this process computes: the tiles in pass order, split by their pairs."""
         assert self.share is not None
-        n, tr = self.src.n, self.tiling.tile_rows
+        n, tr, sr = self.src.n, self.tiling.tile_rows, self.tiling.strip
         costs: list[float] = []
         for p0, p1 in self.tiling.panels:
-            costs += [float(min(tr, p1 - s0) * (p1 - s0)) for s0 in range(p0, p1, tr)]
+            costs += [float(min(sr, p1 - s0) * (p1 - s0)) for s0 in range(p0, p1, sr)]
             costs += [float((p1 - p0) * min(tr, n - j0)) for j0 in range(p1, n, tr)]
         return set(self.share.split(costs, self.share.size)[self.share.rank])
 
@@ -210,14 +210,14 @@ class GramRun:
 
     def _gram_pass(self, plan: PairPlan) -> None:
         """Every pair once: panel strips (upper triangle) and streamed tiles."""
-        n, tr = self.src.n, self.tiling.tile_rows
+        n, tr, sr = self.src.n, self.tiling.tile_rows, self.tiling.strip
         loader = self.rows
         tile = 0
         for p0, p1 in self.tiling.panels:
             first = p0 == 0
             panel = loader.load(p0, p1)
-            for s0 in range(p0, p1, tr):
-                s1 = min(s0 + tr, p1)
+            for s0 in range(p0, p1, sr):
+                s1 = min(s0 + sr, p1)
                 if not loader.bad_rows and self._owned(tile):
                     rows = panel.sub(s0 - p0, s1 - p0)
                     cols = panel.sub(s0 - p0, p1 - p0)

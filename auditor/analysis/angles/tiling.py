@@ -36,10 +36,12 @@ _BLOCK_BYTES = 32 << 20  # float64 columns made at once, per side of a GEMM (blo
 class Tiling:
     """Panels of ``panel_rows`` rows, and tiles of ``tile_rows`` rows, over ``n`` rows of ``d`` values.
 
-    For each panel, in order: its strips of ``tile_rows`` rows against the rest of the
-    panel (the upper triangle), then the tiles of the rows after it. The tiles are
-    numbered in that order, which is the order of the Gram pass. ``blocked`` rows are
-    held as read and made float64 ``width`` columns at a time (module docstring).
+    For each panel, in order: its strips of :attr:`strip` rows against the rest of the
+    panel (the upper triangle: a strip's own lower triangle is computed and thrown away,
+    ``strip / (2 panel_rows)`` of the panel's work), then the tiles of the rows after it.
+    The tiles are numbered in that order, which is the order of the Gram pass.
+    ``blocked`` rows are held as read and made float64 ``width`` columns at a time
+    (module docstring).
     """
 
     n: int
@@ -50,6 +52,12 @@ class Tiling:
     blocked: bool = False
     width: int = 1
     float32: bool = False
+    strip_rows: int = 0  # rows of an in-panel strip (0: tile_rows)
+
+    @property
+    def strip(self) -> int:
+        """Rows of an in-panel strip: ``strip_rows``, else ``tile_rows``."""
+        return self.strip_rows or self.tile_rows
 
     @classmethod
     def of(cls, n: int, block_rows: int, d: int = 1, itemsize: int = 8) -> Tiling:
@@ -77,7 +85,8 @@ class Tiling:
 
         One panel of every row when they fit (and ``block_rows`` allows), in strips of
         ``_STRIP_ROWS``; else a panel of two thirds of what fits and tiles of the rest (at
-        most ``_TILE_ROWS``). Split
+        most ``_TILE_ROWS``), the panel in strips of at most ``_STRIP_ROWS`` too (strips of
+        256 rows in panels of 891 threw away a fifth of the work). Split
         among ``parts`` processes: tiles of at most a quarter of a part of a panel (at
         least 16 rows), so that the parts can be balanced.
         """
@@ -92,7 +101,7 @@ class Tiling:
         if parts > 1:
             tile_rows = min(tile_rows, max(16, panel_rows // (4 * parts)))
         panels = tuple((p, min(p + panel_rows, n)) for p in range(0, n, panel_rows))
-        return cls(n, panel_rows, tile_rows, panels, d, False, d, True)
+        return cls(n, panel_rows, tile_rows, panels, d, False, d, True, min(tile_rows, _STRIP_ROWS))
 
     def column_blocks(self) -> list[tuple[int, int]]:
         """The columns ``[k0, k1)`` made float64 at once (one block of every column unless blocked)."""
@@ -102,20 +111,20 @@ class Tiling:
         """Tiles in all (strips and streamed tiles)."""
         count = 0
         for p0, p1 in self.panels:
-            count += -(-(p1 - p0) // self.tile_rows) + -(-(self.n - p1) // self.tile_rows)
+            count += -(-(p1 - p0) // self.strip) + -(-(self.n - p1) // self.tile_rows)
         return count
 
     def tile_of(self, g1: np.ndarray, g2: np.ndarray) -> np.ndarray:
         """Tile number (in execution order) of the pairs ``g1 < g2``."""
-        n, pr, tr = self.n, self.panel_rows, self.tile_rows
+        n, pr, tr, sr = self.n, self.panel_rows, self.tile_rows, self.strip
         p = g1 // pr
         p0 = p * pr
         p1 = np.minimum(p0 + pr, n)
-        strips = -(-(p1 - p0) // tr)
+        strips = -(-(p1 - p0) // sr)
         starts = np.cumsum([0] + [
-            -(-(b - a) // tr) + -(-(n - b) // tr) for a, b in self.panels
+            -(-(b - a) // sr) + -(-(n - b) // tr) for a, b in self.panels
         ])[:-1]
         inside = g2 < p1
         return np.where(
-            inside, starts[p] + (g1 - p0) // tr, starts[p] + strips + (g2 - p1) // tr
+            inside, starts[p] + (g1 - p0) // sr, starts[p] + strips + (g2 - p1) // tr
         )
