@@ -97,3 +97,29 @@ def test_two_convolutions_as_tap_products(k1: int, k2: int, pad2: int) -> None:
     expected = (_conv_sparse(second) @ _conv_sparse(first)).toarray()
     found = channel_major(operator_blocks([first, second], None), shape).toarray()
     assert np.abs(found - expected).max() < 1e-12 * np.abs(expected).max()
+
+
+def test_factor_bytes_counts_what_the_factorization_keeps() -> None:
+    from auditor.analysis.grid_lu import FactorTooLarge, factor_bytes
+
+    grid = (2, 9, 8)
+    blocks = pixel_blocks(sp.csr_matrix(_grid_operator(grid, 1, seed=6)), grid)
+    factor = GridLU(blocks, grid)
+    kept = sum(f.lu.nbytes + f.l21.nbytes + f.u12.nbytes for f in factor.fronts if f.lu is not None)
+    assert factor_bytes(grid, 1) == kept
+    with pytest.raises(FactorTooLarge, match="GiB"):
+        GridLU(blocks, grid, max_bytes=kept - 1)
+
+
+def test_a_factorization_over_the_budget_gives_an_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from auditor.analysis import zero_block_extremes as zbe
+
+    torch.manual_seed(2)
+    shape = (4, 12, 12)
+    ops = [ConvOperator(torch.randn(4, 4, 3, 3, dtype=torch.float64), shape, stride=(1, 1), padding=(1, 1))
+           for _ in range(2)]
+    monkeypatch.setattr(zbe, "GRID_LU_MAX_BYTES", 1000)
+    found = zbe.zero_operator_extremes(ops, zbe.IdentityShortcut(shape), dense_max=0)
+    assert found.sigma_min is None and "GiB" in found.reason
+    low, high = found.sigma_min_interval
+    assert 0 <= low <= high

@@ -263,3 +263,15 @@ def test_gram_route_below_its_resolution_is_an_interval() -> None:
             low, high = found.sigma_min_interval
             assert found.sigma_min is None and "Gram matrix" in found.reason
             assert low <= values[-1] <= high
+
+
+def test_cli_json_of_an_interval_without_upper_end(tiny_checkpoint, capsys, monkeypatch) -> None:
+    # factors over the memory budget: sigma_min in [lower, inf); the JSON stays valid, the reason is there
+    from auditor.analysis import zero_block_extremes as zbe
+
+    monkeypatch.setattr(zbe, "GRID_LU_MAX_BYTES", 1000)
+    document = run_json(["condition", tiny_checkpoint, "--boundary", "zero", "--input-size", "9", "--no-progress"],
+                        capsys)
+    first = [b for b in document["blocks"] if b["stage"] == document["blocks"][0]["stage"]]
+    assert first and all(b["kappa_linear_residual"] is None for b in first)
+    assert any("GiB" in str(b) for b in first)

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FrontSingular", "GridLU", "grid_lu", "pixel_blocks", "channel_major", "BACKWARD_ERROR_MAX", "LEAF_UNKNOWNS"]
+__all__ = ["FrontSingular", "FactorTooLarge", "GridLU", "grid_lu", "factor_bytes", "pixel_blocks", "channel_major",
+           "BACKWARD_ERROR_MAX", "LEAF_UNKNOWNS"]
 
 # Regions with at most this many unknowns are not cut further (ResNet-56 blocks, one thread: 128 factors the
 # 5x5-stencil residuals 1.2-1.5x faster than 512, the 3x3 convolutions alike; 1024 and more cost more flops).
@@ -50,6 +51,10 @@ BACKWARD_ERROR_MAX = 1e-12
 
 class FrontSingular(np.linalg.LinAlgError):
     """A front's own block has an exactly zero pivot: the static pivoting cannot go on."""
+
+
+class FactorTooLarge(MemoryError):
+    """The factors would take more memory than the caller allows (:func:`factor_bytes`)."""
 
 
 @dataclass
@@ -126,6 +131,16 @@ def _dissect(grid: tuple[int, int, int], radius: int, leaf: int) -> tuple[list[_
     return fronts, owner
 
 
+def factor_bytes(grid: tuple[int, int, int], radius: int, leaf: int = LEAF_UNKNOWNS) -> int:
+    """Bytes of the float64 factors :class:`GridLU` keeps for an operator of this grid and coupling radius.
+
+    Each front keeps ``L\\U`` of its own block and the two off-diagonal panels: ``s^2 + 2 s b`` entries for
+    ``s`` eliminated and ``b`` boundary unknowns (from the same dissection, before any arithmetic).
+    """
+    fronts, _ = _dissect(tuple(int(v) for v in grid), int(radius), leaf)  # type: ignore[arg-type]
+    return 8 * sum(len(f.sep) ** 2 + 2 * len(f.sep) * len(f.bound) for f in fronts)
+
+
 def _swaps_to_permutation(ipiv: np.ndarray) -> np.ndarray:
     """LAPACK's sequential row swaps as a permutation ``perm`` (row k of ``P^T A`` is row ``perm[k]`` of ``A``)."""
     perm = np.arange(len(ipiv))
@@ -146,11 +161,15 @@ class GridLU:
     grid : (C, H, W)
     leaf : int
         Regions of at most this many unknowns are eliminated in one front.
+    max_bytes : float
+        Refuse (:class:`FactorTooLarge`, before any arithmetic) factors larger than this.
 
     Raises
     ------
     FrontSingular
         A front's own block is exactly singular (the matrix may still be regular).
+    FactorTooLarge
+        The factors would exceed ``max_bytes``.
     ValueError
         The matrix does not fit the grid.
 
@@ -161,7 +180,8 @@ class GridLU:
     update arithmetic; :func:`grid_lu` adds the backward-error check.
     """
 
-    def __init__(self, blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWNS) -> None:
+    def __init__(self, blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWNS,
+                 max_bytes: float = float("inf")) -> None:
         from scipy.linalg import solve_triangular
         from scipy.linalg.lapack import dgetrf
 
@@ -176,6 +196,10 @@ class GridLU:
         self.n, self.radius = n, int(max(dy.max(initial=0), dx.max(initial=0)))
         self.order = _pixel_order(grid)
         self.fronts, owner = _dissect(grid, self.radius, leaf)
+        needed = 8 * sum(len(f.sep) ** 2 + 2 * len(f.sep) * len(f.bound) for f in self.fronts)
+        if needed > max_bytes:
+            raise FactorTooLarge(f"the factors of a {grid} operator of coupling radius {self.radius} take "
+                                 f"{needed / 2**30:.2f} GiB (allowed {max_bytes / 2**30:.2f} GiB)")
         # a block is assembled in the front that eliminates the first of its two pixels (the deeper one)
         depth = np.array([f.depth for f in self.fronts])
         first, second = owner[block_rows], owner[block_cols]
@@ -255,7 +279,8 @@ def backward_error(matrix: Any, x: np.ndarray, rhs: np.ndarray, trans: str = "N"
     return float(np.abs(residual).max() / scale) if scale > 0 else 0.0
 
 
-def grid_lu(blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWNS, seed: int = 0) -> GridLU | None:
+def grid_lu(blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWNS, seed: int = 0,
+            max_bytes: float = float("inf")) -> GridLU | None:
     """:class:`GridLU` of ``blocks``, or None where its static pivoting fails or is inaccurate.
 
     The factorization is kept when a random solve, plain and transposed, has a
@@ -270,13 +295,15 @@ def grid_lu(blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWN
         As in :class:`GridLU`.
     seed : int
         Seed of the random right-hand side.
+    max_bytes : float
+        As in :class:`GridLU` (:class:`FactorTooLarge` propagates).
 
     Returns
     -------
     GridLU or None
     """
     try:
-        factor = GridLU(blocks, grid, leaf=leaf)
+        factor = GridLU(blocks, grid, leaf=leaf, max_bytes=max_bytes)
     except FrontSingular:
         return None
     rhs = np.random.default_rng(seed).standard_normal(factor.n)

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from .batched import blas_single_thread, torch_single_thread
+from .grid_lu import FactorTooLarge, factor_bytes
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 from .zero_matrices import (
     coarse_blocks,
@@ -84,7 +85,7 @@ from .zero_matrices import (
 __all__ = [
     "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
     "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ", "LARGE_MAX_STEPS", "factorable",
-    "shares_factorization",
+    "shares_factorization", "lu_bytes", "GRID_LU_MAX_BYTES",
 ]
 
 # Lanczos steps (largest values, and the smallest by inverse iteration) before an extreme is given up
@@ -97,6 +98,12 @@ SPARSE_MAX_NNZ = 40_000_000
 # Lanczos steps on the operators beyond the sparse factorization (224 px: each step is a block's forward
 # and adjoint in float64; the basis is kept for the reorthogonalization).
 LARGE_MAX_STEPS = 80
+# Nested-dissection factors above this many bytes are not built (the operator's sigma_min is then an interval;
+# a 64-channel 3x3 convolution at 32x32 takes 1.2 GB, ResNet-56's largest 0.2 GB).
+GRID_LU_MAX_BYTES = 1 << 30
+# A block's branch convolutions share their LU with the plain branch when each takes at most this (both are
+# kept while the branch is conditioned, on each worker thread).
+SHARED_MAX_BYTES = 1 << 28
 _TOL = 1e-7  # relative Ritz residual of the Lanczos runs (an eigenvalue within 1e-7: sigma to 5e-8)
 # Operators up to this many unknowns run on one thread (products of one vector: thread barriers cost more
 # than the work on a busy machine, see batched.torch_single_thread).
@@ -450,7 +457,7 @@ def _new_factor_solves(operand: _Operand, ordering: str) -> tuple[Callable[[np.n
     from .grid_lu import grid_lu
 
     if operand.blocks is not None and operand.grid is not None:
-        nested = grid_lu(operand.blocks, operand.grid)
+        nested = grid_lu(operand.blocks, operand.grid, max_bytes=GRID_LU_MAX_BYTES)
         if nested is not None:
             return nested.solve, "grid-lu"
     factor = splu(sp.csc_matrix(operand.csr()), permc_spec=ordering)
@@ -488,6 +495,8 @@ def _inverse_smallest(operands: Sequence[_Operand], mode: str, max_steps: int, t
         solves, kinds = zip(*(_factor_solves(operand, ordering, cache) for operand in operands))
     except RuntimeError:  # SuperLU: "Factor is exactly singular"
         return 0.0, 0.0, "sparse-lu (exactly singular pivot)"
+    except FactorTooLarge as err:
+        return None, math.inf, f"grid-lu (not built: {err})"
 
     def inverse_gram(v: torch.Tensor) -> torch.Tensor:
         x = v.numpy()
@@ -639,8 +648,11 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     value, upper, method = _inverse_smallest(operands, mode, max_iterations, tol,
                                              ordering if mode == "factors" else "MMD_AT_PLUS_A", cache)
     why = None
-    if value is None and "not resolved" in method:
-        upper = math.inf
+    if value is None and "not built" in method:
+        upper = top  # sigma_min <= sigma_max: no finer bound without a factorization
+        why = "sigma_min not certified: " + method.split("not built: ", 1)[1].rstrip(")")
+    elif value is None and "not resolved" in method:
+        upper = top
         why = "sigma_min not certified: the strided factor's Gram matrix W_1 W_1^T does not resolve its smallest value"
     elif value is None:
         why = f"sigma_min not certified: inverse Lanczos did not converge in {max_iterations} steps"
@@ -667,7 +679,15 @@ def shares_factorization(op: ConvOperator, *, dense_max: int = DENSE_MAX,
     square factors takes too (:func:`zero_block_extremes` with ``factor_extremes=True`` gives both from one LU).
     """
     return (op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape)
-            and math.prod(op.input_shape) > dense_max and factorable([op], sparse_max_nnz))
+            and math.prod(op.input_shape) > dense_max and factorable([op], sparse_max_nnz)
+            and lu_bytes(op) <= SHARED_MAX_BYTES)
+
+
+def lu_bytes(op: ConvOperator) -> int:
+    """Bytes of the nested-dissection factors of a stride-1 convolution that keeps its grid."""
+    (kh, kw), (ph, pw) = op.kernel_size, op.padding
+    radius = max(ph, kh - 1 - ph, pw, kw - 1 - pw, 0)
+    return factor_bytes(tuple(int(v) for v in op.input_shape), radius)  # type: ignore[arg-type]
 
 
 def zero_block_extremes(convs: Sequence[ConvOperator], shortcut: Any, *, factor_extremes: bool = False,

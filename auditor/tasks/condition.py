@@ -39,7 +39,9 @@ from ..analysis.zero_block_extremes import (
     DEFAULT_MAX_ITERATIONS,
     ZeroBlockExtremes,
     ZeroOperatorExtremes,
+    GRID_LU_MAX_BYTES,
     factorable,
+    lu_bytes,
     shares_factorization,
     zero_block_extremes,
     zero_operator_extremes,
@@ -390,9 +392,11 @@ def _zero_layer(op: ConvOperator, max_iterations: int) -> tuple[float, float | N
     A stride-1 convolution that keeps its grid takes the blocks' route (a one-factor "block": Lanczos for
     ``sigma_max``, nested-dissection LU and inverse Lanczos for ``sigma_min``; 2-5x faster than the banded
     Cholesky of ``W^T W`` on ResNet-56's layers, and ``W`` is factored, not its Gram matrix); others
-    (strided, channel-changing, or beyond the factorization: 224 px) take :func:`conv_extreme_singular_values`.
+    (strided, channel-changing, or beyond the factorization or its memory budget: 224 px, 64 channels at
+    32 px) take :func:`conv_extreme_singular_values`.
     """
-    if op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape) and factorable([op]):
+    if (op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape) and factorable([op])
+            and lu_bytes(op) <= GRID_LU_MAX_BYTES):
         found = zero_operator_extremes([op], None, max_iterations=max_iterations)
         return found.sigma_max, found.sigma_min, f"zero: {found.method}", (
             found.max_converged and found.sigma_min is not None)
