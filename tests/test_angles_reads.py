@@ -217,3 +217,21 @@ def test_the_audit_angles_under_torchrun_split_the_gram_tiles(tmp_path, monkeypa
             assert got[field].keys() == want[field].keys()
             for key, value in want[field].items():
                 assert got[field][key] == pytest.approx(value, abs=1e-9), (got["name"], key)
+
+
+def test_a_chunk_never_written_is_read_through_hdf5(tmp_path):
+    """Rows whose chunks were never written read as HDF5's fill value (zeros), raw or not."""
+    x = np.random.default_rng(6).standard_normal((8, 3, 5, 7)).astype(np.float32)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f.create_dataset("stages/s", shape=x.shape, dtype=np.float32, chunks=(1, 3, 5, 7), fletcher32=True)
+        f["stages/s"][:5] = x[:5]
+    want = x.reshape(8, -1).copy()
+    want[5:] = 0
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        src = rows_of(f["stages/s"])
+        first = np.full((8, 105), np.nan, np.float32)
+        src.read_into(0, 8, first)
+        again = np.full((8, 105), np.nan, np.float32)
+        src.read_into(0, 8, again)
+    np.testing.assert_array_equal(first, want)
+    np.testing.assert_array_equal(again, want)

@@ -84,8 +84,8 @@ class RowSource:
 
         A chunk is its row's bytes and, with the checksum, 4 more: read in increasing order, each
         spills into the next row's place, which the next read overwrites; the last row's chunk goes
-        through a spare buffer. A chunk of another size (some filter skipped for it) is read again
-        through the library, and so are all later ones.
+        through a spare buffer. A chunk of another size (some filter skipped for it) or that cannot
+        be read raw (never written) is read again through the library, and so are all later ones.
         """
         flat = out.reshape(-1).view(np.uint8)
         row = self.d * out.itemsize
@@ -98,7 +98,10 @@ class RowSource:
                 if self._spare is None:
                     self._spare = np.empty(self._raw, np.uint8)
                 dest = self._spare
-            mask, got = dsid.read_direct_chunk((r, *zeros), out=dest)
+            try:
+                mask, got = dsid.read_direct_chunk((r, *zeros), out=dest)
+            except (OSError, RuntimeError, KeyError, ValueError):  # e.g. a chunk never written (HDF5 fills it)
+                mask, got = -1, b""
             if mask or len(got) != self._raw:
                 self._raw = 0
                 self.data.read_direct(out[r - a:].reshape(b - r, *self.shape[1:]), np.s_[r:b])
