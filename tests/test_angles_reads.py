@@ -37,8 +37,10 @@ class _RawReads:
         monkeypatch.setattr(angles_source.RowSource, "_read_raw", counted)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_rows_read_again_are_raw_chunks_equal_to_the_rows_written(tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize(("dtype", "pread"), [(np.float32, True), (np.float16, True), (np.float32, False)])
+def test_rows_read_again_are_raw_chunks_equal_to_the_rows_written(tmp_path, monkeypatch, dtype, pread):
+    """Raw by ``os.preadv`` at the chunks' offsets (on two threads for 4 rows or more), or, without the
+    offsets, chunk by chunk through HDF5 (``read_direct_chunk``)."""
     x = np.random.default_rng(1).standard_normal((23, 3, 5, 7)).astype(dtype)
     _store(tmp_path / "s.h5", x, chunks=(1, 3, 5, 7), fletcher32=True)
     raw = _RawReads(monkeypatch)
@@ -46,6 +48,8 @@ def test_rows_read_again_are_raw_chunks_equal_to_the_rows_written(tmp_path, monk
     with h5py.File(tmp_path / "s.h5", "r") as f:
         src = rows_of(f["stages/s"])
         assert src._raw == 105 * np.dtype(dtype).itemsize + 4
+        if not pread:
+            src._offsets = np.empty(0, dtype=np.int64)
         for a, b in [(0, 5), (3, 9)]:  # new rows: through HDF5 (rows 5..8 new in the second read)
             out = np.full((b - a, 105), np.nan, dtype)
             src.read_into(a, b, out)
@@ -60,6 +64,7 @@ def test_rows_read_again_are_raw_chunks_equal_to_the_rows_written(tmp_path, monk
         src.read_into(2, 12, big[:10])
         np.testing.assert_array_equal(big[:10], flat[2:12])
         assert raw.rows == 23 + 1 + 1 + 9 + 10
+        assert (src._offsets.size == 23) == pread
 
 
 @pytest.mark.parametrize(
