@@ -30,7 +30,7 @@ class RowSource:
     Rows of an HDF5 dataset are read through the library (every filter applied, each chunk's
     Fletcher-32 checksum verified) the first time; rows read again (a wide stage's rows stream
     once per panel, and the exact medians read some once more) come straight from the file
-    as raw chunks, three times faster, when a chunk is one row and its only filter is the
+    as raw chunks, about five times faster, when a chunk is one row and its only filter is the
     checksum (the bytes are those the first read verified; :meth:`read_into`).
 
     Attributes
@@ -86,7 +86,8 @@ class RowSource:
     def _read_raw(self, a: int, b: int, out: np.ndarray) -> None:
         """Rows ``[a, b)``, read before through the library, as raw chunks of one row each into ``out``.
 
-        A chunk is its row's bytes and, with the checksum, 4 more: read in increasing order, each
+        By :meth:`_pread` where it can; else through ``read_direct_chunk``: a chunk is its row's
+        bytes and, with the checksum, 4 more; read in increasing order, each
         spills into the next row's place, which the next read overwrites; the last row's chunk goes
         through a spare buffer. A chunk of another size (some filter skipped for it) or that cannot
         be read raw (never written) is read again through the library, and so are all later ones.
