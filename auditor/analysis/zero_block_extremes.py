@@ -125,8 +125,8 @@ class ZeroOperatorExtremes:
     sigma_min_interval : (float, float)
         ``[lower, upper]`` certified to hold ``sigma_min`` (both equal to it when it is known).
     method : str
-        ``dense-svd``, ``lanczos; sparse-lu-inverse-lanczos`` (``sparse-lu-per-factor-inverse-lanczos``: a plain
-        branch of square factors), ``lanczos; structural-zero (...)``,
+        ``dense-svd``, ``lanczos; grid-lu-inverse-lanczos`` (``...-per-factor-...``: a plain branch by its
+        factors; ``sparse-lu`` where SuperLU took over), ``lanczos; structural-zero (...)``,
         ``lanczos; interval`` ...
     max_converged : bool
         The Lanczos residual test of ``sigma_max`` passed.
