@@ -138,6 +138,11 @@ def factor_bytes(grid: tuple[int, int, int], radius: int, leaf: int = LEAF_UNKNO
     ``s`` eliminated and ``b`` boundary unknowns (from the same dissection, before any arithmetic).
     """
     fronts, _ = _dissect(tuple(int(v) for v in grid), int(radius), leaf)  # type: ignore[arg-type]
+    return _kept_bytes(fronts)
+
+
+def _kept_bytes(fronts: list[_Front]) -> int:
+    """Bytes of the factors the fronts keep: ``s^2 + 2 s b`` float64 entries each."""
     return 8 * sum(len(f.sep) ** 2 + 2 * len(f.sep) * len(f.bound) for f in fronts)
 
 
@@ -196,7 +201,7 @@ class GridLU:
         self.n, self.radius = n, int(max(dy.max(initial=0), dx.max(initial=0)))
         self.order = _pixel_order(grid)
         self.fronts, owner = _dissect(grid, self.radius, leaf)
-        needed = 8 * sum(len(f.sep) ** 2 + 2 * len(f.sep) * len(f.bound) for f in self.fronts)
+        needed = _kept_bytes(self.fronts)
         if needed > max_bytes:
             raise FactorTooLarge(f"the factors of a {grid} operator of coupling radius {self.radius} take "
                                  f"{needed / 2**30:.2f} GiB (allowed {max_bytes / 2**30:.2f} GiB)")

@@ -85,7 +85,7 @@ from .zero_matrices import (
 __all__ = [
     "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
     "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ", "LARGE_MAX_STEPS", "factorable",
-    "shares_factorization", "lu_bytes", "GRID_LU_MAX_BYTES",
+    "shares_factorization", "grid_factorable", "lu_bytes", "GRID_LU_MAX_BYTES",
 ]
 
 # Lanczos steps (largest values, and the smallest by inverse iteration) before an extreme is given up
@@ -670,6 +670,14 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
                                 run.steps)
 
 
+def grid_factorable(op: ConvOperator, *, max_bytes: float = GRID_LU_MAX_BYTES,
+                    sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
+    """Whether a convolution is factored by nested dissection: stride 1, its grid kept, within the entry cap
+    and with factors of at most ``max_bytes``."""
+    return (op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape)
+            and factorable([op], sparse_max_nnz) and lu_bytes(op) <= max_bytes)
+
+
 def shares_factorization(op: ConvOperator, *, dense_max: int = DENSE_MAX,
                          sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
     """Whether a convolution's own zero-padded extremes come from the LU its block's plain branch uses.
@@ -678,9 +686,8 @@ def shares_factorization(op: ConvOperator, *, dense_max: int = DENSE_MAX,
     ``sigma_min`` is inverse Lanczos on the nested-dissection LU of its matrix, the factor a plain branch of
     square factors takes too (:func:`zero_block_extremes` with ``factor_extremes=True`` gives both from one LU).
     """
-    return (op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape)
-            and math.prod(op.input_shape) > dense_max and factorable([op], sparse_max_nnz)
-            and lu_bytes(op) <= SHARED_MAX_BYTES)
+    return math.prod(op.input_shape) > dense_max and grid_factorable(op, max_bytes=SHARED_MAX_BYTES,
+                                                                     sparse_max_nnz=sparse_max_nnz)
 
 
 def lu_bytes(op: ConvOperator) -> int:

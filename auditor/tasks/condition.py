@@ -39,9 +39,7 @@ from ..analysis.zero_block_extremes import (
     DEFAULT_MAX_ITERATIONS,
     ZeroBlockExtremes,
     ZeroOperatorExtremes,
-    GRID_LU_MAX_BYTES,
-    factorable,
-    lu_bytes,
+    grid_factorable,
     shares_factorization,
     zero_block_extremes,
     zero_operator_extremes,
@@ -395,8 +393,7 @@ def _zero_layer(op: ConvOperator, max_iterations: int) -> tuple[float, float | N
     (strided, channel-changing, or beyond the factorization or its memory budget: 224 px, 64 channels at
     32 px) take :func:`conv_extreme_singular_values`.
     """
-    if (op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape) and factorable([op])
-            and lu_bytes(op) <= GRID_LU_MAX_BYTES):
+    if grid_factorable(op):
         found = zero_operator_extremes([op], None, max_iterations=max_iterations)
         return found.sigma_max, found.sigma_min, f"zero: {found.method}", (
             found.max_converged and found.sigma_min is not None)
@@ -636,8 +633,8 @@ def condition(
     # the GIL; one LU per core beats one multi-threaded LU on these fronts).
     threads = worker_count() if boundary == "zero" and target.type == "cpu" else 1
     with _one_thread_each() if threads > 1 else contextlib.nullcontext():
-        return _condition_units(subject, modules, layers, blocks_info, layer_spectrum, boundary, fold_bn,
-                                full_spectra, max_iterations, target, progress, total, threads)
+        return _condition_units(subject, modules, layers, blocks_info, block_layers, layer_spectrum, boundary,
+                                fold_bn, full_spectra, max_iterations, target, progress, total, threads)
 
 
 def _one_thread_each() -> contextlib.ExitStack:
@@ -652,11 +649,11 @@ def _one_thread_each() -> contextlib.ExitStack:
 
 
 def _condition_units(subject: Subject, modules: dict[str, nn.Module], layers: Any, blocks_info: Any,
+                     block_layers: dict[str, ConvInfo],
                      layer_spectrum: Callable[[int], LayerSpectrum | None], boundary: str, fold_bn: bool,
                      full_spectra: bool, max_iterations: int, target: torch.device, progress: Progress | None,
                      total: int, threads: int) -> ConditionReport:
     """:func:`condition`'s layers, then blocks, on ``threads`` worker threads per rank."""
-    block_layers = {c.name: c for b in blocks_info for c in (*b.convs, *b.shortcut_convs)}
     spectra = distributed.compute(
         len(layers), layer_spectrum, costs=[_cost(modules, layer.name, layer.input_shape) for layer in layers],
         progress=_shifted(progress, 0, total), threads=threads,
