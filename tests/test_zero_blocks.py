@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auditor.analysis import zero_block_extremes as zero_module
 from auditor.analysis.batched import blas_single_thread
 from auditor.analysis.pooled_projection import pooled_projection
 from auditor.analysis.spectra import ConvOperator, IdentityShortcut, OptionAShortcut
@@ -71,8 +72,19 @@ def _chain(modules: list[nn.Sequential], shape: tuple[int, int, int]) -> list[Co
     return ops
 
 
-def _check(modules, shortcut_fn, shortcut_op, shape, *, force_sparse: bool = True) -> None:
-    """Both operators (plain, residual) against the dense SVD, to 1e-6 relative."""
+@pytest.fixture(params=["torus", "nested-dissection"])
+def route(request, monkeypatch) -> str:
+    """The factorization of stride-1 operators on one grid: the torus capacitance solver (the default), or,
+    with it turned off, the nested-dissection LU it falls back to."""
+    if request.param == "nested-dissection":
+        monkeypatch.setattr(zero_module, "torus_solver", lambda *args, **kwargs: None)
+    return request.param
+
+
+def _check(modules, shortcut_fn, shortcut_op, shape, *, force_sparse: bool = True, route: str | None = None,
+           ) -> None:
+    """Both operators (plain, residual) against the dense SVD, to 1e-6 relative; ``route``: the method that
+    the residual of stride-1 convolutions on one grid must have taken."""
     ops = _chain(modules, shape)
 
     def plain(x):
@@ -89,6 +101,10 @@ def _check(modules, shortcut_fn, shortcut_op, shape, *, force_sparse: bool = Tru
         assert part.sigma_max == pytest.approx(values[0], rel=1e-6)
         assert part.sigma_min is not None, part.reason
         assert part.sigma_min == pytest.approx(values[-1], rel=1e-6, abs=1e-9 * values[0])
+    on_grid = all(op.stride == (1, 1) and op.input_shape[1:] == shape[1:] for op in ops)
+    if route is not None and found.residual is not None and on_grid:
+        taken = "torus-capacitance" if route == "torus" else "grid-lu"
+        assert taken in found.residual.method and taken in found.plain.method + found.residual.method
 
 
 def _pool_1x1(c_in: int, c_out: int, bn: bool) -> nn.Sequential:
@@ -101,11 +117,11 @@ SHAPE = (4, 8, 8)
 
 @pytest.mark.parametrize("bn", [True, False])
 @pytest.mark.parametrize("kind", ["identity", "projection", "option_a", "pooled"])
-def test_basic_blocks_equal_the_dense_operator(kind: str, bn: bool) -> None:
+def test_basic_blocks_equal_the_dense_operator(kind: str, bn: bool, route: str) -> None:
     c = SHAPE[0]
     if kind == "identity":
         modules = [_conv(c, c, bn=bn, seed=1), _conv(c, c, bn=bn, seed=2)]
-        _check(modules, lambda x: x, IdentityShortcut(SHAPE), SHAPE)
+        _check(modules, lambda x: x, IdentityShortcut(SHAPE), SHAPE, route=route)
         return
     modules = [_conv(c, 2 * c, stride=2, bn=bn, seed=1), _conv(2 * c, 2 * c, bn=bn, seed=2)]
     if kind == "option_a":
@@ -128,25 +144,25 @@ def test_dense_path_and_sparse_matrix_agree_with_torch() -> None:
     assert np.abs(sparse_matrix(ops, IdentityShortcut(SHAPE)).toarray() - matrix).max() < 1e-12
 
 
-def test_bottleneck_plain_branch_is_structurally_singular() -> None:
+def test_bottleneck_plain_branch_is_structurally_singular(route: str) -> None:
     shape = (8, 6, 6)
     modules = [_conv(8, 2, k=1, seed=1), _conv(2, 2, seed=2), _conv(2, 8, k=1, seed=3)]
-    _check(modules, lambda x: x, IdentityShortcut(shape), shape)
+    _check(modules, lambda x: x, IdentityShortcut(shape), shape, route=route)
     found = zero_block_extremes(_chain(modules, shape), None, dense_max=0)
     assert found.plain.sigma_min == 0.0 and "structural-zero" in found.plain.method
 
 
-def test_inverted_residual_with_depthwise_conv() -> None:
+def test_inverted_residual_with_depthwise_conv(route: str) -> None:
     shape = (4, 6, 6)
     modules = [_conv(4, 8, k=1, seed=1), _conv(8, 8, groups=8, seed=2), _conv(8, 4, k=1, seed=3)]
-    _check(modules, lambda x: x, IdentityShortcut(shape), shape)
+    _check(modules, lambda x: x, IdentityShortcut(shape), shape, route=route)
 
 
-def test_convnext_like_7x7_depthwise_block() -> None:
+def test_convnext_like_7x7_depthwise_block(route: str) -> None:
     shape = (4, 8, 8)
     modules = [_conv(4, 4, k=7, groups=4, seed=1), _conv(4, 16, k=1, bn=False, seed=2),
                _conv(16, 4, k=1, bn=False, seed=3)]
-    _check(modules, lambda x: x, IdentityShortcut(shape), shape)
+    _check(modules, lambda x: x, IdentityShortcut(shape), shape, route=route)
 
 
 @pytest.mark.parametrize("large", [True, False])
@@ -215,7 +231,8 @@ def test_cli_max_iterations(tiny_checkpoint, capsys) -> None:
 
 
 @pytest.mark.parametrize("singular", [False, True])
-def test_single_convolution_by_nested_dissection(singular: bool) -> None:
+def test_single_convolution_by_nested_dissection(singular: bool, monkeypatch) -> None:
+    monkeypatch.setattr(zero_module, "torus_solver", lambda *args, **kwargs: None)
     # a layer of the zero-boundary table (one factor): 4 x 12 x 12 = 576 unknowns, cut once by the dissection
     shape = (4, 12, 12)
     module = _conv(4, 4, seed=21)

@@ -73,7 +73,10 @@ import torch.nn.functional as F
 from .batched import blas_single_thread, torch_single_thread
 from .grid_lu import FactorTooLarge, factor_bytes
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
+from .torus_capacitance import GridStencil, torus_solver
 from .zero_matrices import (
+    block_stencil,
+    bsr_product,
     coarse_blocks,
     conv_blocks,
     conv_matrix,
@@ -421,24 +424,33 @@ def _dense_extremes(mapping: BlockMap) -> ZeroOperatorExtremes:
     return ZeroOperatorExtremes(top, bottom, (bottom, bottom), "dense-svd")
 
 
-@dataclass(frozen=True)
 class _Operand:
-    """A square matrix to factor: channel-major CSR (built on demand, for SuperLU) and, where its unknowns are
-    one grid's, the same matrix as pixel-major blocks for :class:`auditor.analysis.grid_lu.GridLU`."""
+    """A square matrix to factor: channel-major CSR (built on demand, for SuperLU); where its unknowns are one
+    grid's, the same matrix as pixel-major blocks for :class:`auditor.analysis.grid_lu.GridLU` (built on first
+    use); for stride-1 convolutions on one grid, their stencil (the torus solver's input)."""
 
-    csr: Callable[[], Any]
-    blocks: Any = None
-    grid: tuple[int, int, int] | None = None
-    key: int | None = None  # id() of the ConvOperator it is the matrix of (the factor cache's key)
+    def __init__(self, csr: Callable[[], Any], blocks: Any = None, grid: tuple[int, int, int] | None = None,
+                 key: int | None = None, stencil: Callable[[], GridStencil | None] | None = None) -> None:
+        self.csr, self.grid, self.key, self.stencil = csr, grid, key, stencil
+        self._blocks = blocks  # the BSR matrix, or a function that builds it
+
+    @property
+    def blocks(self) -> Any:
+        """The pixel-major BSR matrix (None without one)."""
+        if callable(self._blocks):
+            self._blocks = self._blocks()
+        return self._blocks
 
 
 def _factor_solves(operand: _Operand, ordering: str, cache: dict[int, Any] | None = None
                    ) -> tuple[Callable[[np.ndarray, str], np.ndarray], str]:
     """``(b, trans) -> M^{-1} b`` (``trans="T"``: ``M^{-T} b``) and the factorization's name.
 
-    Nested dissection where the operand has blocks (:func:`auditor.analysis.grid_lu.grid_lu`, 3-40x faster
-    than SuperLU on ResNet-56's operators), unless its static pivoting fails or its backward-error check does;
-    then SuperLU, which raises RuntimeError when a pivot is exactly 0. ``cache`` keeps a factorization by
+    The torus capacitance solver where the operand is a stencil (:func:`auditor.analysis.torus_capacitance.
+    torus_solver`: a dense LU of the grid's boundary strip, 3-10x faster than nested dissection on ResNet-56's
+    operators) and its backward-error check passes; else nested dissection where the operand has blocks
+    (:func:`auditor.analysis.grid_lu.grid_lu`, 3-40x faster than SuperLU), unless its static pivoting fails
+    or its backward-error check does; then SuperLU, which raises RuntimeError when a pivot is exactly 0. ``cache`` keeps a factorization by
     its operand's key, for the next operator that has the same factor.
     """
     if cache is not None and operand.key is not None and operand.key in cache:
@@ -456,6 +468,20 @@ def _new_factor_solves(operand: _Operand, ordering: str) -> tuple[Callable[[np.n
 
     from .grid_lu import grid_lu
 
+    stencil = operand.stencil() if operand.stencil is not None else None
+    if stencil is not None:
+        torus = torus_solver(stencil, max_bytes=GRID_LU_MAX_BYTES)
+        if torus is not None:
+            if stencil.n == math.prod(operand.grid or ()):
+                return torus.solve, "torus-capacitance"
+            first = slice(0, math.prod(operand.grid or ()))  # the Schur complement: the first variable
+
+            def schur_solve(b: np.ndarray, trans: str = "N") -> np.ndarray:
+                full = np.zeros(stencil.n)
+                full[first] = b
+                return torus.solve(full, trans)[first]
+
+            return schur_solve, "torus-capacitance"
     if operand.blocks is not None and operand.grid is not None:
         nested = grid_lu(operand.blocks, operand.grid, max_bytes=GRID_LU_MAX_BYTES)
         if nested is not None:
@@ -539,8 +565,9 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
 
     def square(op: ConvOperator) -> _Operand:
         grid = _grid(op.input_shape, op.output_shape)
-        return _Operand((lambda: conv_matrix(op)), conv_blocks(op) if grid and op.stride == (1, 1) else None, grid,
-                        id(op))
+        on_grid = grid is not None and op.stride == (1, 1)
+        return _Operand((lambda: conv_matrix(op)), (lambda: conv_blocks(op)) if on_grid else None, grid, id(op),
+                        (lambda: block_stencil([op], None)) if on_grid else None)
 
     def is_square(op: ConvOperator) -> bool:
         return math.prod(op.output_shape) == math.prod(op.input_shape)
@@ -555,10 +582,19 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
         blocks = coarse_blocks(conv_matrix(first), first.input_shape, first.output_shape,
                                 (int(first.output_shape[1]), int(first.output_shape[2])))
         if blocks is not None:
-            gram = (blocks @ blocks.T).tobsr()
+            gram = bsr_product(blocks, blocks, tuple(first.output_shape[1:]), transpose_right=True)
             grid = (gram.blocksize[0], int(first.output_shape[1]), int(first.output_shape[2]))
             return [_Operand(lambda: channel_major(gram, grid), gram, grid), *(square(op) for op in convs[1:])], \
                 "wide-factors"
+    grid = _grid(mapping.input_shape, mapping.output_shape)
+    if grid is not None:  # a square operator on one grid: its blocks when the torus solver does not take it
+
+        def on_grid_blocks() -> Any:
+            found = operator_blocks(convs, shortcut)
+            return found if found is not None and found.blocksize == (grid[0], grid[0]) else None
+
+        return [_Operand(lambda: sparse_matrix(convs, shortcut), on_grid_blocks, grid, None,
+                         lambda: block_stencil(convs, shortcut))], "factors"
     blocks = operator_blocks(convs, shortcut)
     cells = tuple(int(v) for v in mapping.output_shape[1:])
     if mapping.rows == mapping.cols:
@@ -566,9 +602,9 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
         return [_Operand(lambda: sparse_matrix(convs, shortcut), blocks if fits else None,
                          (blocks.blocksize[0], *cells) if fits else None)], "factors"
     if blocks is not None:  # the Gram matrix of the smaller side, as blocks over the output grid's pixels
-        gram = (blocks.T @ blocks) if side == "tall" else (blocks @ blocks.T)
+        smaller = blocks.T.tobsr() if side == "tall" else blocks  # the Gram matrix is smaller @ smaller^T
+        gram = bsr_product(smaller, smaller, cells, transpose_right=True)
         grid = (gram.blocksize[0], *cells)
-        gram = gram.tobsr(blocksize=gram.blocksize)
         # the fallback's CSR: the same matrix up to a symmetric permutation (the same eigenvalues)
         return [_Operand(lambda: channel_major(gram, grid), gram, grid)], "gram"
     matrix = sparse_matrix(convs, shortcut)
