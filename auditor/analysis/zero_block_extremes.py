@@ -112,6 +112,7 @@ _TOL = 1e-7  # relative Ritz residual of the Lanczos runs (an eigenvalue within 
 # than the work on a busy machine, see batched.torch_single_thread).
 _ONE_THREAD_MAX = 1 << 17
 _SEED = 0
+_DGKS = 1 / math.sqrt(2)  # a reorthogonalization pass that keeps more of the norm than this needs no second one
 _EPS = float(np.finfo(np.float64).eps)
 
 
@@ -319,9 +320,16 @@ def _lanczos(apply: Callable[[torch.Tensor], torch.Tensor], n: int, max_steps: i
         w = apply(basis[j])
         used += 1
         alpha.append(float(basis[j] @ w))
-        for _ in range(2):  # full reorthogonalization, twice is enough
+        # the three-term recurrence, then full reorthogonalization: once, and again where that pass removed
+        # much of w (the Daniel-Gragg-Kaufman-Stewart test; twice is enough)
+        w = w - alpha[-1] * basis[j] - (beta[-1] * basis[j - 1] if j else 0.0)
+        before = float(torch.linalg.vector_norm(w))
+        for _ in range(2):
             w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-        norm = float(torch.linalg.vector_norm(w))
+            norm = float(torch.linalg.vector_norm(w))
+            if norm > _DGKS * before:
+                break
+            before = norm
         beta.append(norm)
         # LAPACK's tridiagonal solver: numpy's dense eigh on a busy machine's threads took ~90 ms for k = 72
         values, vectors = eigh_tridiagonal(np.asarray(alpha), np.asarray(beta[:-1]))

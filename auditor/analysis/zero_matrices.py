@@ -329,20 +329,19 @@ def _valid(offset: tuple[int, int], grid: tuple[int, int]) -> tuple[slice, slice
 
 
 def _from_windows(offsets: list[tuple[int, int]], data: np.ndarray, grid: tuple[int, int]) -> Any:
-    """The BSR matrix of :func:`_windows`' layout, a block for every pixel pair of an offset inside the grid."""
+    """The BSR matrix of blocks ``data[y, x, i]`` (row pixel ``(y, x)``, column ``(y, x) + offsets[i]``; the
+    offsets ascending), a block for every pixel pair of an offset inside the grid."""
     import scipy.sparse as sp
 
     h, w = grid
-    order = sorted(range(len(offsets)), key=lambda i: offsets[i])  # ascending offsets: ascending columns
     y, x = np.arange(h)[:, None, None], np.arange(w)[None, :, None]
-    oy = np.array([offsets[i][0] for i in order])[None, None, :]
-    ox = np.array([offsets[i][1] for i in order])[None, None, :]
+    oy = np.array([o[0] for o in offsets])[None, None, :]
+    ox = np.array([o[1] for o in offsets])[None, None, :]
     keep = (y + oy >= 0) & (y + oy < h) & (x + ox >= 0) & (x + ox < w)  # (h, w, offsets)
     columns = ((y + oy) * w + (x + ox))[keep]
-    blocks = data[order].transpose(1, 2, 0, 3, 4)[keep]
     indptr = np.concatenate([[0], np.cumsum(keep.reshape(h * w, -1).sum(axis=1))])
     m, n = data.shape[3:]
-    return sp.bsr_matrix((blocks, columns, indptr), shape=(m * h * w, n * h * w))
+    return sp.bsr_matrix((data[keep], columns, indptr), shape=(m * h * w, n * h * w))
 
 
 def bsr_product(left: Any, right: Any, grid: tuple[int, int], *, transpose_right: bool = False) -> Any:
@@ -360,9 +359,9 @@ def bsr_product(left: Any, right: Any, grid: tuple[int, int], *, transpose_right
             rows, cols, shifted_rows, shifted_cols = _valid(offset, grid)
             flipped[i, shifted_rows, shifted_cols] = right_data[i, rows, cols].swapaxes(-1, -2)
         right_offsets, right_data = [(-a, -b) for a, b in right_offsets], flipped
-    sums = sorted({(a[0] + b[0], a[1] + b[1]) for a in left_offsets for b in right_offsets})
+    sums = sorted({(a[0] + b[0], a[1] + b[1]) for a in left_offsets for b in right_offsets})  # ascending columns
     index = {o: i for i, o in enumerate(sums)}
-    out = np.zeros((len(sums), *grid, left_data.shape[3], right_data.shape[4]))
+    out = np.zeros((*grid, len(sums), left_data.shape[3], right_data.shape[4]))  # pixel-major: BSR's order
     for i, a in enumerate(left_offsets):
         rows, cols, mid_rows, mid_cols = _valid(a, grid)
         for j, b in enumerate(right_offsets):
@@ -374,5 +373,5 @@ def bsr_product(left: Any, right: Any, grid: tuple[int, int], *, transpose_right
             if ys.start >= ys.stop or xs.start >= xs.stop:
                 continue
             middle = (slice(ys.start + a[0], ys.stop + a[0]), slice(xs.start + a[1], xs.stop + a[1]))
-            out[index[total], ys, xs] += np.matmul(left_data[i, ys, xs], right_data[j, middle[0], middle[1]])
+            out[ys, xs, index[total]] += np.matmul(left_data[i, ys, xs], right_data[j, middle[0], middle[1]])
     return _from_windows(sums, out, grid)
