@@ -292,3 +292,19 @@ def test_cli_json_of_an_interval_without_upper_end(tiny_checkpoint, capsys, monk
     first = [b for b in document["blocks"] if b["stage"] == document["blocks"][0]["stage"]]
     assert first and all(b["kappa_linear_residual"] is None for b in first)
     assert any("GiB" in str(b) for b in first)
+
+
+@pytest.mark.parametrize("kernel, padding, groups, stride", [(3, 1, 2, 1), (5, 2, 4, 1), (3, 0, 1, 1), (3, 2, 1, 1),
+                                                             (1, 0, 1, 1), (3, 1, 2, 2)])
+def test_adjoint_is_the_transposed_matrix(kernel: int, padding: int, groups: int, stride: int) -> None:
+    # stride 1 takes conv2d with the flipped kernel, strided convolutions conv_transpose2d: both the transpose
+    from auditor.analysis.zero_block_extremes import block_map
+
+    torch.manual_seed(kernel + padding + groups)
+    op = ConvOperator(torch.randn(4, 4 // groups, kernel, kernel, dtype=D), (4, 7, 6), stride=stride,
+                      padding=padding, groups=groups)
+    mapping = block_map([op], None)
+    matrix = sparse_matrix([op], None).toarray()
+    rows = torch.eye(mapping.rows, dtype=D).reshape(mapping.rows, *mapping.output_shape)
+    adjoint = mapping.adjoint(rows).reshape(mapping.rows, -1).numpy()  # row i: A^T e_i
+    assert np.abs(adjoint - matrix).max() < 1e-13
