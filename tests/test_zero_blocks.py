@@ -166,14 +166,38 @@ def test_convnext_like_7x7_depthwise_block(route: str) -> None:
 
 
 @pytest.mark.parametrize("large", [True, False])
-def test_interval_contains_the_dense_value(large: bool) -> None:
+def test_interval_contains_the_dense_value(large: bool, monkeypatch) -> None:
     modules = [_conv(4, 4, seed=7), _conv(4, 4, seed=8)]
     ops = _chain(modules, SHAPE)
     value = _values(_dense(lambda x: modules[1](modules[0](x)) + x, SHAPE))[-1]
-    # large: beyond the sparse factorization; else the inverse Lanczos stopped after 2 steps
+    # large: beyond the sparse factorization and the torus solver's limits; else the inverse Lanczos stopped
+    # after 2 steps
     limits = {"sparse_max_nnz": 0} if large else {"max_iterations": 2}
+    if large:
+        monkeypatch.setattr(zero_module, "torus_reachable", lambda *args, **kwargs: False)
     found = zero_operator_extremes(ops, IdentityShortcut(SHAPE), dense_max=0, **limits)
     assert found.sigma_min is None and "not certified" in (found.reason or "")
+    low, high = found.sigma_min_interval
+    assert low <= value * (1 + 1e-12) and value <= high * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_beyond_the_sparse_factorization_the_torus_certifies(shortcut: bool, monkeypatch) -> None:
+    # an operator over the entry cap (a 64-channel block at 32 px, here forced by sparse_max_nnz=0) needs no
+    # sparse matrix on the torus route: sigma_min certified, equal to the dense value; where that route's check
+    # fails, an interval with the reason (no sparse matrix is built)
+    modules = [_conv(4, 4, seed=9), _conv(4, 4, seed=10)]
+    ops = _chain(modules, SHAPE)
+    short = IdentityShortcut(SHAPE) if shortcut else None
+    value = _values(_dense(lambda x: modules[1](modules[0](x)) + (x if shortcut else 0), SHAPE))[-1]
+    found = zero_operator_extremes(ops, short, dense_max=0, sparse_max_nnz=0)
+    assert "torus-capacitance" in found.method
+    assert found.sigma_min == pytest.approx(value, rel=1e-6)
+    monkeypatch.setattr(zero_module, "torus_solver", lambda *args, **kwargs: None)
+    monkeypatch.setattr(zero_module, "sparse_matrix", lambda *args, **kwargs: pytest.fail("built"))
+    monkeypatch.setattr(zero_module, "operator_blocks", lambda *args, **kwargs: pytest.fail("built"))
+    found = zero_operator_extremes(ops, short, dense_max=0, sparse_max_nnz=0)
+    assert found.sigma_min is None and "backward-error check" in found.reason
     low, high = found.sigma_min_interval
     assert low <= value * (1 + 1e-12) and value <= high * (1 + 1e-12)
 
@@ -308,3 +332,14 @@ def test_adjoint_is_the_transposed_matrix(kernel: int, padding: int, groups: int
     rows = torch.eye(mapping.rows, dtype=D).reshape(mapping.rows, *mapping.output_shape)
     adjoint = mapping.adjoint(rows).reshape(mapping.rows, -1).numpy()  # row i: A^T e_i
     assert np.abs(adjoint - matrix).max() < 1e-13
+
+
+def test_lanczos_cap_only_where_the_basis_is_large(monkeypatch) -> None:
+    # beyond the sparse factorization, sigma_max's Lanczos runs max_iterations steps unless that basis would
+    # exceed LANCZOS_BASIS_BYTES (224 px); then at most LARGE_MAX_STEPS
+    ops = _chain([_conv(4, 4, seed=11), _conv(4, 4, seed=12)], SHAPE)
+    full = zero_operator_extremes(ops, IdentityShortcut(SHAPE), dense_max=0, sparse_max_nnz=0, tol=1e-13)
+    monkeypatch.setattr(zero_module, "LANCZOS_BASIS_BYTES", 0)
+    monkeypatch.setattr(zero_module, "LARGE_MAX_STEPS", 5)
+    capped = zero_operator_extremes(ops, IdentityShortcut(SHAPE), dense_max=0, sparse_max_nnz=0, tol=1e-13)
+    assert full.steps > 5 and capped.steps <= 6 and not capped.max_converged

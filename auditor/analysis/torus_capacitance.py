@@ -50,16 +50,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StencilTerm", "GridStencil", "TorusSolver", "torus_solver", "solver_bytes", "BACKWARD_ERROR_MAX",
+__all__ = ["StencilTerm", "GridStencil", "TorusSolver", "torus_solver", "torus_feasible", "solver_bytes",
+           "BACKWARD_ERROR_MAX",
            "TORUS_TRIES", "MAX_CAPACITY"]
 
 # A solver whose random solve has a larger normwise backward error is refused (the nested-dissection LU's bar).
 BACKWARD_ERROR_MAX = 1e-12
 # Torus sizes tried: H + r, H + r + 1, ... (a torus where A_c is singular or ill-conditioned gives way to the next).
 TORUS_TRIES = 3
-# Capacitance matrices of more rows are not formed: a dense LU of 6,144 rows takes ~1.5e11 flops (6 s on one core),
-# more than nested dissection of the operators that have them.
-MAX_CAPACITY = 6144
+# Capacitance matrices of more rows are not formed: a dense LU of 10,240 rows takes 7e11 flops (about 25 s on one
+# core) and 0.8 GB (a 128-channel residual block at 16x16 has 8,448 rows, a 64-channel 3x3 convolution at 56x56 7,232).
+MAX_CAPACITY = 10240
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,6 @@ class TorusSolver:
                 phase = np.exp(2j * np.pi * (k_h * dy / m_h + k_w * dx / m_w))
                 symbol[:, :, rows, cols] += phase[:, :, None, None] * t.kernel[:, :, a, b]
         self._inverse = np.linalg.inv(symbol).reshape(-1, c, c)  # LinAlgError where A_c is singular
-        self._inverse_h = None
         # Gamma: the torus pixels outside the grid; G's entries are the Green's function at their differences
         gy, gx = np.nonzero((np.arange(m_h)[:, None] >= h) | (np.arange(m_w)[None, :] >= w))
         self._gamma = (gy, gx)
@@ -199,14 +199,12 @@ class TorusSolver:
         """``A_c^{-1} x`` (``A_c^{-T} x``) for ``x`` of shape ``(c, M_h, M_w)``."""
         m_h, m_w = self.size
         c = self._channels
-        spectrum = np.fft.rfft2(x, axes=(1, 2)).reshape(c, -1).T[:, :, None]
-        if trans:  # the symbol of A_c^T is the conjugate transpose
-            if self._inverse_h is None:
-                self._inverse_h = np.ascontiguousarray(self._inverse.conj().transpose(0, 2, 1))
-            inverse = self._inverse_h
+        spectrum = np.fft.rfft2(x, axes=(1, 2)).reshape(c, -1).T
+        if trans:  # A_c^T's symbol is the conjugate transpose: y = conj(conj(x)^T S^{-1})^T, no copy of S^{-1}
+            product = np.matmul(spectrum.conj()[:, None, :], self._inverse)[:, 0, :].conj()
         else:
-            inverse = self._inverse
-        product = np.matmul(inverse, spectrum)[:, :, 0].T.reshape(c, m_h, m_w // 2 + 1)
+            product = np.matmul(self._inverse, spectrum[:, :, None])[:, :, 0]
+        product = product.T.reshape(c, m_h, m_w // 2 + 1)
         return np.fft.irfft2(product, s=(m_h, m_w), axes=(1, 2))
 
     def solve(self, rhs: np.ndarray, trans: str = "N") -> np.ndarray:
@@ -278,6 +276,12 @@ def torus_solver(stencil: GridStencil, *, tries: int = TORUS_TRIES, seed: int = 
     return None
 
 
+def torus_feasible(stencil: GridStencil | None, *, max_capacity: int = MAX_CAPACITY,
+                   max_bytes: float = float("inf")) -> bool:
+    """Whether :func:`torus_solver` would form a solver for ``stencil`` (None: no stencil) within the limits."""
+    return stencil is not None and _capacity(stencil, 0) <= max_capacity and solver_bytes(stencil) <= max_bytes
+
+
 def _torus_size(stencil: GridStencil, extra: int) -> tuple[int, int]:
     (h, w), (r_h, r_w) = stencil.grid, stencil.radius
     return h + r_h + (extra if r_h else 0), w + r_w + (extra if r_w else 0)
@@ -290,11 +294,10 @@ def _capacity(stencil: GridStencil, extra: int) -> int:
 
 
 def solver_bytes(stencil: GridStencil, extra: int = 0) -> int:
-    """Bytes a :class:`TorusSolver` keeps: the capacitance LU and the per-frequency inverses (and their
-    conjugate transposes, for transposed solves)."""
+    """Bytes a :class:`TorusSolver` keeps: the capacitance LU and the per-frequency inverses."""
     m_h, m_w = _torus_size(stencil, extra)
     c = sum(stencil.channels)
-    return 8 * _capacity(stencil, extra) ** 2 + 2 * 16 * m_h * (m_w // 2 + 1) * c * c
+    return 8 * _capacity(stencil, extra) ** 2 + 16 * m_h * (m_w // 2 + 1) * c * c
 
 
 def _accurate(solver: TorusSolver, rhs: np.ndarray, trans: bool, row_sums: np.ndarray) -> bool:

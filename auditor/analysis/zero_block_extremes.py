@@ -20,12 +20,19 @@ How each extreme is found, and what certifies it:
    (a bottleneck's plain branch). No solve.
 2. **Dense** (``m <= dense_max``): the operator's matrix (the torch map applied
    to the identity's columns) and LAPACK's SVD: every value, exact.
-3. **Sparse** (the matrix has at most ``sparse_max_nnz`` stored entries, e.g.
-   every CIFAR block): ``sigma_max^2`` is the top eigenvalue of ``G`` by
+3. **Factored** (stride-1 operators on one grid within the torus solver's
+   limits, or a matrix of at most ``sparse_max_nnz`` stored entries: every
+   CIFAR ResNet block): ``sigma_max^2`` is the top eigenvalue of ``G`` by
    Lanczos with full reorthogonalization on the torch products (``conv2d`` and
-   its adjoint ``conv_transpose2d``), stopped when the Ritz residual
+   its adjoint: ``conv_transpose2d``, or at stride 1 ``conv2d`` with the
+   flipped kernel), stopped when the Ritz residual
    ``||G y - theta y|| <= tol theta`` (an eigenvalue lies within it; Parlett,
-   Thm 4.5.1). ``sigma_min``: the matrix built exactly from the kernels
+   Thm 4.5.1). ``sigma_min``: a single convolution, or a block of stride-1
+   convolutions on one grid with an identity or stride-1 shortcut, is solved
+   on a slightly larger torus (:mod:`auditor.analysis.torus_capacitance`, the
+   capacitance matrix method, checked by its backward error; it needs no sparse
+   matrix, so it also reaches operators beyond ``sparse_max_nnz``). Otherwise, or
+   where its check fails, the matrix built exactly from the kernels
    (``scipy.sparse``, one entry per tap and pixel; a ``C x C`` block per pair of
    coupled pixels) is factored by nested dissection
    (:mod:`auditor.analysis.grid_lu`, checked by its backward error; SuperLU
@@ -39,8 +46,9 @@ How each extreme is found, and what certifies it:
    residual test. An exactly singular pivot is ``sigma_min = 0``; a value from a
    formed Gram matrix below ``sqrt(n eps) sigma_max`` (what its rounding
    resolves) is an interval.
-4. **Interval** (larger operators, e.g. 224 px, or step 3 not converged within
-   ``max_iterations``): no number, a certified interval
+4. **Interval** (larger operators, e.g. 224 px down-sampling or residual
+   blocks, or step 3 not converged within ``max_iterations``): no number, a
+   certified interval
    ``[lower, upper]``. ``upper`` is the Rayleigh quotient ``y^T G y`` of the
    smallest Ritz vector of the Lanczos run on ``G`` (of the inverse run in
    step 3: ``1 / sqrt(theta)``), which no eigenvalue's minimum exceeds
@@ -57,6 +65,8 @@ References
    singular values).
 .. [3] X. S. Li, "An overview of SuperLU", ACM TOMS 31 (2005).
 .. [4] A. George, "Nested dissection of a regular finite element mesh", SIAM J. Numer. Anal. 10 (1973).
+.. [5] B. L. Buzbee, F. W. Dorr, J. A. George, G. H. Golub, "The direct solution of the discrete Poisson
+   equation on irregular regions", SIAM J. Numer. Anal. 8 (1971) (the capacitance matrix method).
 """
 
 from __future__ import annotations
@@ -73,7 +83,7 @@ import torch.nn.functional as F
 from .batched import blas_single_thread, torch_single_thread
 from .grid_lu import FactorTooLarge, factor_bytes
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
-from .torus_capacitance import GridStencil, torus_solver
+from .torus_capacitance import GridStencil, torus_feasible, torus_solver
 from .zero_matrices import (
     block_stencil,
     bsr_product,
@@ -88,7 +98,7 @@ from .zero_matrices import (
 __all__ = [
     "ZeroOperatorExtremes", "ZeroBlockExtremes", "BlockMap", "zero_block_extremes", "zero_operator_extremes", "block_map", "sparse_matrix",
     "DEFAULT_MAX_ITERATIONS", "DENSE_MAX", "SPARSE_MAX_NNZ", "LARGE_MAX_STEPS", "factorable",
-    "shares_factorization", "grid_factorable", "lu_bytes", "GRID_LU_MAX_BYTES",
+    "shares_factorization", "grid_factorable", "torus_reachable", "lu_bytes", "GRID_LU_MAX_BYTES",
 ]
 
 # Lanczos steps (largest values, and the smallest by inverse iteration) before an extreme is given up
@@ -101,6 +111,9 @@ SPARSE_MAX_NNZ = 40_000_000
 # Lanczos steps on the operators beyond the sparse factorization (224 px: each step is a block's forward
 # and adjoint in float64; the basis is kept for the reorthogonalization).
 LARGE_MAX_STEPS = 80
+# ... where the basis of max_iterations steps would take more than this (operators beyond the sparse
+# factorization with fewer unknowns run the full max_iterations: a 64-channel block at 32 px, 65,536 of them).
+LANCZOS_BASIS_BYTES = 1 << 28
 # Nested-dissection factors above this many bytes are not built (the operator's sigma_min is then an interval;
 # a 64-channel 3x3 convolution at 32x32 takes 1.2 GB, ResNet-56's largest 0.2 GB).
 GRID_LU_MAX_BYTES = 1 << 30
@@ -460,7 +473,11 @@ class _Operand:
         return self._blocks
 
 
-def _factor_solves(operand: _Operand, ordering: str, cache: dict[int, Any] | None = None
+class TorusRefused(FactorTooLarge):
+    """An operator beyond the sparse factorization whose torus solver failed its accuracy check."""
+
+
+def _factor_solves(operand: _Operand, ordering: str, cache: dict[int, Any] | None = None, sparse: bool = True
                    ) -> tuple[Callable[[np.ndarray, str], np.ndarray], str]:
     """``(b, trans) -> M^{-1} b`` (``trans="T"``: ``M^{-T} b``) and the factorization's name.
 
@@ -469,17 +486,19 @@ def _factor_solves(operand: _Operand, ordering: str, cache: dict[int, Any] | Non
     operators) and its backward-error check passes; else nested dissection where the operand has blocks
     (:func:`auditor.analysis.grid_lu.grid_lu`, 3-40x faster than SuperLU), unless its static pivoting fails
     or its backward-error check does; then SuperLU, which raises RuntimeError when a pivot is exactly 0. ``cache`` keeps a factorization by
-    its operand's key, for the next operator that has the same factor.
+    its operand's key, for the next operator that has the same factor. ``sparse=False`` (an operator beyond the
+    sparse factorization): the torus solver or :class:`TorusRefused`.
     """
     if cache is not None and operand.key is not None and operand.key in cache:
         return cache[operand.key]
-    found = _new_factor_solves(operand, ordering)
+    found = _new_factor_solves(operand, ordering, sparse)
     if cache is not None and operand.key is not None:
         cache[operand.key] = found
     return found
 
 
-def _new_factor_solves(operand: _Operand, ordering: str) -> tuple[Callable[[np.ndarray, str], np.ndarray], str]:
+def _new_factor_solves(operand: _Operand, ordering: str, sparse: bool = True
+                       ) -> tuple[Callable[[np.ndarray, str], np.ndarray], str]:
     """:func:`_factor_solves` without a cache."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import splu
@@ -500,6 +519,9 @@ def _new_factor_solves(operand: _Operand, ordering: str) -> tuple[Callable[[np.n
                 return torus.solve(full, trans)[first]
 
             return schur_solve, "torus-capacitance"
+    if not sparse:
+        raise TorusRefused("the operator is beyond the sparse factorization, and its torus solve failed the "
+                           "backward-error check")
     if operand.blocks is not None and operand.grid is not None:
         nested = grid_lu(operand.blocks, operand.grid, max_bytes=GRID_LU_MAX_BYTES)
         if nested is not None:
@@ -522,7 +544,8 @@ def _resolved(solve: Callable[[np.ndarray, str], np.ndarray], operand: _Operand,
 
 
 def _inverse_smallest(operands: Sequence[_Operand], mode: str, max_steps: int, tol: float,
-                      ordering: str, cache: dict[int, Any] | None = None) -> tuple[float | None, float, str]:
+                      ordering: str, cache: dict[int, Any] | None = None, sparse: bool = True
+                      ) -> tuple[float | None, float, str]:
     """``sigma_min`` by Lanczos on ``G^{-1}`` from LU factors; (value or None, upper bound, note).
 
     ``mode``:
@@ -534,11 +557,15 @@ def _inverse_smallest(operands: Sequence[_Operand], mode: str, max_steps: int, t
     - ``"wide-factors"``: ``[W_1 W_1^T, W_2, .., W_k]`` for a wide first factor (a strided convolution) and
       square others: ``(B B^T)^{-1} = W_k^{-T} .. W_2^{-T} (W_1 W_1^T)^{-1} W_2^{-1} .. W_k^{-1}``, which squares
       the condition of ``W_1`` alone, not that of ``B``.
+
+    ``sparse=False``: only the torus solver (an operator beyond the sparse factorization).
     """
     try:
-        solves, kinds = zip(*(_factor_solves(operand, ordering, cache) for operand in operands))
+        solves, kinds = zip(*(_factor_solves(operand, ordering, cache, sparse) for operand in operands))
     except RuntimeError:  # SuperLU: "Factor is exactly singular"
         return 0.0, 0.0, "sparse-lu (exactly singular pivot)"
+    except TorusRefused as err:
+        return None, math.inf, f"torus-capacitance (not built: {err})"
     except FactorTooLarge as err:
         return None, math.inf, f"grid-lu (not built: {err})"
 
@@ -678,7 +705,8 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     rank = _rank_bound(convs, shortcut)
     structural = rank is not None and rank < m
     large = estimated_nnz(convs) > sparse_max_nnz
-    steps = min(max_iterations, LARGE_MAX_STEPS) if large else max_iterations
+    capped = large and 8 * n * max_iterations > LANCZOS_BASIS_BYTES
+    steps = min(max_iterations, LARGE_MAX_STEPS) if capped else max_iterations
     run = _lanczos(apply, n, steps, tol, want_bottom=large and not structural)
     top = math.sqrt(max(run.top, 0.0))
     max_note = None if run.top_converged else f"sigma_max did not converge in {steps} Lanczos steps"
@@ -687,7 +715,7 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
                                     run.top_converged, max_note, run.steps)
     side = "tall" if mapping.rows >= mapping.cols else "wide"
     lower = _weyl_lower(convs, shortcut, side)
-    if large:
+    if large and not torus_reachable(convs, shortcut):
         upper = math.sqrt(max(run.bottom_upper, 0.0))
         why = (f"sigma_min not certified: the operator ({mapping.rows} x {mapping.cols}) is beyond the sparse "
                f"factorization, and Lanczos ({run.steps} products) bounds it only from above")
@@ -700,7 +728,8 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     ordering = "COLAMD" if shortcut is None else "MMD_AT_PLUS_A"
     operands, mode = _operands(mapping, convs, shortcut, side)
     value, upper, method = _inverse_smallest(operands, mode, max_iterations, tol,
-                                             ordering if mode == "factors" else "MMD_AT_PLUS_A", cache)
+                                             ordering if mode == "factors" else "MMD_AT_PLUS_A", cache,
+                                             sparse=not large)
     why = None
     if value is None and "not built" in method:
         upper = top  # sigma_min <= sigma_max: no finer bound without a factorization
@@ -724,12 +753,26 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
                                 run.steps)
 
 
+def torus_reachable(convs: Sequence[ConvOperator], shortcut: Any, *, max_bytes: float = GRID_LU_MAX_BYTES) -> bool:
+    """Whether the torus solver can take ``S + W_k ... W_1``'s ``sigma_min`` (``shortcut=None``: the plain branch
+    of square factors, each factor's own stencil), with solvers of at most ``max_bytes`` each; it needs no
+    sparse matrix, so it reaches operators beyond the entry cap (e.g. a 64-channel block at 32 px)."""
+    if shortcut is None:
+        if not all(math.prod(op.output_shape) == math.prod(op.input_shape) for op in convs):
+            return False
+        return all(torus_feasible(block_stencil([op], None), max_bytes=max_bytes) for op in convs)
+    return torus_feasible(block_stencil(convs, shortcut), max_bytes=max_bytes)
+
+
 def grid_factorable(op: ConvOperator, *, max_bytes: float = GRID_LU_MAX_BYTES,
                     sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
-    """Whether a convolution is factored by nested dissection: stride 1, its grid kept, within the entry cap
-    and with factors of at most ``max_bytes``."""
-    return (op.stride == (1, 1) and tuple(op.input_shape) == tuple(op.output_shape)
-            and factorable([op], sparse_max_nnz) and lu_bytes(op) <= max_bytes)
+    """Whether a convolution's ``sigma_min`` is factored on its grid: stride 1, its grid kept, and the torus
+    solver reaches it (:func:`torus_reachable`) or nested dissection does (within the entry cap), each with at
+    most ``max_bytes``."""
+    if op.stride != (1, 1) or tuple(op.input_shape) != tuple(op.output_shape):
+        return False
+    return ((factorable([op], sparse_max_nnz) and lu_bytes(op) <= max_bytes)
+            or torus_reachable([op], None, max_bytes=max_bytes))
 
 
 def shares_factorization(op: ConvOperator, *, dense_max: int = DENSE_MAX,
