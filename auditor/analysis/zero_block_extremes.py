@@ -8,7 +8,8 @@ identity, the linear map ``A = S + W_k ... W_1`` that torch applies: each
 dilated kernel enters as its zero-filled plain kernel), times its per-channel
 output factors; ``S`` is the identity, option A (``x[:, ::s, ::s]`` between
 zero channels) or a convolution (a 1x1 projection with stride, the pooled
-projection of :mod:`auditor.analysis.pooled_projection`). The plain branch is
+projection of :mod:`auditor.analysis.pooled_projection`); its torch maps are
+:func:`auditor.analysis.zero_maps.block_map`. The plain branch is
 ``B = W_k ... W_1``. Singular values are over ``m = min(rows, cols)``: the
 Gram operator ``G`` of the smaller side (``A^T A`` for a tall or square ``A``,
 ``A A^T`` for a wide one) has them squared as eigenvalues.
@@ -27,7 +28,7 @@ How each extreme is found, and what certifies it:
    its adjoint: ``conv_transpose2d``, or at stride 1 ``conv2d`` with the
    flipped kernel), stopped when the Ritz residual
    ``||G y - theta y|| <= tol theta`` (an eigenvalue lies within it; Parlett,
-   Thm 4.5.1). ``sigma_min``: a single convolution, or a block of stride-1
+   Thm 4.5.1; :func:`auditor.analysis.zero_lanczos.lanczos`). ``sigma_min``: a single convolution, or a block of stride-1
    convolutions on one grid with an identity or stride-1 shortcut, is solved
    on a slightly larger torus (:mod:`auditor.analysis.torus_capacitance`, the
    capacitance matrix method, checked by its backward error; it needs no sparse
@@ -78,10 +79,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .batched import blas_single_thread, torch_single_thread
 from .grid_lu import FactorTooLarge, factor_bytes
+from .zero_lanczos import lanczos
+from .zero_maps import BlockMap, block_map
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 from .torus_capacitance import GridStencil, torus_feasible, torus_solver
 from .zero_matrices import (
@@ -124,8 +126,6 @@ _TOL = 1e-7  # relative Ritz residual of the Lanczos runs (an eigenvalue within 
 # Operators up to this many unknowns run on one thread (products of one vector: thread barriers cost more
 # than the work on a busy machine, see batched.torch_single_thread).
 _ONE_THREAD_MAX = 1 << 17
-_SEED = 0
-_DGKS = 1 / math.sqrt(2)  # a reorthogonalization pass that keeps more of the norm than this needs no second one
 _EPS = float(np.finfo(np.float64).eps)
 
 
@@ -172,205 +172,12 @@ class ZeroBlockExtremes:
     factors: tuple[ZeroOperatorExtremes | None, ...] = ()  # each convolution alone (``factor_extremes``)
 
 
-# ---------------------------------------------------------------- torch maps
-
-
-def _conv_forward(op: ConvOperator) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                             Callable[[torch.Tensor], torch.Tensor]]:
-    """``conv2d`` and its adjoint ``conv_transpose2d`` (output padding restores the input size), float64."""
-    weight = op.scaled_weight().detach().to(torch.float64)
-    _, h, w = op.input_shape
-    _, ho, wo = op.output_shape
-    (kh, kw), (sh, sw), (ph, pw) = op.kernel_size, op.stride, op.padding
-    extra = (h - ((ho - 1) * sh - 2 * ph + kh), w - ((wo - 1) * sw - 2 * pw + kw))
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight.to(x.device), stride=op.stride, padding=op.padding, groups=op.groups)
-
-    def adjoint(y: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(y, weight.to(y.device), stride=op.stride, padding=op.padding,
-                                  output_padding=extra, groups=op.groups)
-
-    if op.stride == (1, 1) and kh - 1 - ph >= 0 and kw - 1 - pw >= 0:
-        # stride 1: the adjoint is the convolution with the flipped kernel, each group's channels swapped, and
-        # padding k - 1 - p (torch's conv2d takes 0.55-0.9x the time of its conv_transpose2d here)
-        c_out, per_in = weight.shape[:2]
-        flipped = (weight.reshape(op.groups, c_out // op.groups, per_in, kh, kw).transpose(1, 2)
-                   .reshape(per_in * op.groups, c_out // op.groups, kh, kw).flip(2, 3).contiguous())
-
-        def adjoint(y: torch.Tensor) -> torch.Tensor:  # noqa: F811  (the stride-1 form of the adjoint above)
-            return F.conv2d(y, flipped.to(y.device), padding=(kh - 1 - ph, kw - 1 - pw), groups=op.groups)
-
-    return forward, adjoint
-
-
-def _option_a_maps(shortcut: OptionAShortcut) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                       Callable[[torch.Tensor], torch.Tensor]]:
-    c, h, w = shortcut.input_shape
-    s, before = shortcut.stride, shortcut.pad_before
-    out = shortcut.output_shape
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = x.new_zeros(x.shape[0], *out)
-        y[:, before:before + c] = x[:, :, ::s, ::s]
-        return y
-
-    def adjoint(y: torch.Tensor) -> torch.Tensor:
-        x = y.new_zeros(y.shape[0], c, h, w)
-        x[:, :, ::s, ::s] = y[:, before:before + c]
-        return x
-
-    return forward, adjoint
-
-
-def _shortcut_maps(shortcut: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                           Callable[[torch.Tensor], torch.Tensor]]:
-    if isinstance(shortcut, IdentityShortcut):
-        return (lambda x: x), (lambda y: y)
-    if isinstance(shortcut, OptionAShortcut):
-        return _option_a_maps(shortcut)
-    return _conv_forward(shortcut)
-
-
-@dataclass(frozen=True)
-class BlockMap:
-    """A zero-padded block operator as torch functions on batches ``(N, C, H, W)``, float64.
-
-    Attributes
-    ----------
-    forward, adjoint : callable
-        ``x -> A x`` and ``y -> A^T y``.
-    input_shape, output_shape : tuple of int
-    """
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    adjoint: Callable[[torch.Tensor], torch.Tensor]
-    input_shape: tuple[int, int, int]
-    output_shape: tuple[int, int, int]
-
-    @property
-    def rows(self) -> int:
-        """``C_out H_out W_out``."""
-        return math.prod(self.output_shape)
-
-    @property
-    def cols(self) -> int:
-        """``C_in H W``."""
-        return math.prod(self.input_shape)
-
-
-def block_map(convs: Sequence[ConvOperator], shortcut: Any) -> BlockMap:
-    """``A = S + W_k ... W_1`` (``shortcut=None``: the plain branch) with zero padding.
-
-    Parameters
-    ----------
-    convs : sequence of ConvOperator
-        ``W_1 .. W_k``; each one's ``input_shape`` is the previous one's torch output shape.
-    shortcut : IdentityShortcut, OptionAShortcut, ConvOperator or None
-
-    Returns
-    -------
-    BlockMap
-
-    Raises
-    ------
-    ValueError
-        Shapes that do not chain (the anatomy gives chained shapes).
-    """
-    maps = [_conv_forward(op) for op in convs]
-    for before, after in zip(convs, convs[1:]):
-        if tuple(before.output_shape) != tuple(after.input_shape):
-            raise ValueError(f"{before.name} gives {before.output_shape}, {after.name} takes {after.input_shape}")
-    short = None if shortcut is None else _shortcut_maps(shortcut)
-    if shortcut is not None and tuple(shortcut.output_shape) != tuple(convs[-1].output_shape):
-        raise ValueError(f"shortcut gives {shortcut.output_shape}, the branch {convs[-1].output_shape}")
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = x
-        for f, _ in maps:
-            y = f(y)
-        return y if short is None else y + short[0](x)
-
-    def adjoint(y: torch.Tensor) -> torch.Tensor:
-        x = y
-        for _, g in reversed(maps):
-            x = g(x)
-        return x if short is None else x + short[1](y)
-
-    return BlockMap(forward, adjoint, tuple(convs[0].input_shape), tuple(convs[-1].output_shape))
-
-
 def factorable(convs: Sequence[ConvOperator], sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
     """Whether :func:`zero_operator_extremes` factors ``W_k ... W_1`` (its stored entries at most ``sparse_max_nnz``).
 
     Beyond it (e.g. 224 px) ``sigma_min`` is only an interval.
     """
     return estimated_nnz(convs) <= sparse_max_nnz
-
-
-# ---------------------------------------------------------------- Lanczos
-
-
-@dataclass(frozen=True)
-class _Run:
-    top: float
-    top_converged: bool
-    bottom_upper: float  # Rayleigh quotient of the smallest Ritz vector: >= lambda_min
-    bottom_ritz: float
-    steps: int
-
-
-def _lanczos(apply: Callable[[torch.Tensor], torch.Tensor], n: int, max_steps: int, tol: float,
-             *, want_bottom: bool, dtype: torch.dtype = torch.float64) -> _Run:
-    """Lanczos with full reorthogonalization on a symmetric PSD operator of size ``n``.
-
-    Stops when the top Ritz pair's residual ``|beta_k s_k| <= tol theta`` (an
-    eigenvalue lies within it, Parlett Thm 4.5.1), on an invariant subspace,
-    or after ``max_steps`` products. With ``want_bottom`` the smallest Ritz
-    vector's Rayleigh quotient is evaluated (one more product): an upper bound
-    of the smallest eigenvalue.
-    """
-    from scipy.linalg import eigh_tridiagonal
-
-    generator = torch.Generator().manual_seed(_SEED)
-    steps = max(1, min(n, max_steps))
-    start = torch.randn(n, dtype=dtype, generator=generator)
-    basis = torch.empty(steps + 1, n, dtype=dtype)  # pages are committed as rows are written
-    basis[0] = start / torch.linalg.vector_norm(start)
-    alpha, beta = [], []
-    top, converged, vectors, values, used = 0.0, False, None, None, 0
-    for j in range(steps):
-        w = apply(basis[j])
-        used += 1
-        alpha.append(float(basis[j] @ w))
-        # the three-term recurrence, then full reorthogonalization: once, and again where that pass removed
-        # much of w (the Daniel-Gragg-Kaufman-Stewart test; twice is enough)
-        w = w - alpha[-1] * basis[j] - (beta[-1] * basis[j - 1] if j else 0.0)
-        before = float(torch.linalg.vector_norm(w))
-        for _ in range(2):
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-            norm = float(torch.linalg.vector_norm(w))
-            if norm > _DGKS * before:
-                break
-            before = norm
-        beta.append(norm)
-        # LAPACK's tridiagonal solver: numpy's dense eigh on a busy machine's threads took ~90 ms for k = 72
-        values, vectors = eigh_tridiagonal(np.asarray(alpha), np.asarray(beta[:-1]))
-        top = float(values[-1])
-        residual = abs(norm * vectors[-1, -1])
-        invariant = norm <= 64 * np.finfo(float).eps * max(abs(top), np.finfo(float).tiny)
-        if invariant or residual <= tol * abs(top):
-            converged = True
-            break
-        basis[j + 1] = w / norm
-    k = len(alpha)
-    bottom_upper = bottom_ritz = float(values[0]) if values is not None else 0.0
-    if want_bottom and vectors is not None:
-        y = basis[:k].T @ torch.from_numpy(vectors[:, 0]).to(dtype)
-        y = y / torch.linalg.vector_norm(y)
-        bottom_upper = float(y @ apply(y))
-        used += 1
-    return _Run(top, converged, bottom_upper, bottom_ritz, used)
 
 
 def _gram(mapping: BlockMap) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple[int, ...], int]:
@@ -539,7 +346,7 @@ def _resolved(solve: Callable[[np.ndarray, str], np.ndarray], operand: _Operand,
     """
     matrix = operand.blocks if operand.blocks is not None else operand.csr()
     norm = float(abs(matrix).sum(axis=1).max())
-    run = _lanczos(lambda v: torch.from_numpy(solve(v.numpy(), "N")), n, 60, 1e-3, want_bottom=False)
+    run = lanczos(lambda v: torch.from_numpy(solve(v.numpy(), "N")), n, 60, 1e-3, want_bottom=False)
     return run.top > 0 and 1.0 / run.top >= 10 * n * _EPS * norm
 
 
@@ -590,7 +397,7 @@ def _inverse_smallest(operands: Sequence[_Operand], mode: str, max_steps: int, t
     n = int(operands[0].csr().shape[1]) if operands[0].grid is None else math.prod(operands[0].grid)
     if mode == "wide-factors" and not _resolved(solves[0], operands[0], n):
         return None, math.inf, f"{lu}-per-factor-inverse-lanczos (W_1 W_1^T not resolved)"
-    run = _lanczos(inverse_gram, n, max_steps, tol, want_bottom=False)
+    run = lanczos(inverse_gram, n, max_steps, tol, want_bottom=False)
     if not math.isfinite(run.top) or run.top <= 0:
         return 0.0, 0.0, f"{lu} (singular to working precision)"
     bound = 1.0 / math.sqrt(run.top)  # theta <= lambda_max(G^{-1}), so this is >= sigma_min
@@ -707,7 +514,7 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     large = estimated_nnz(convs) > sparse_max_nnz
     capped = large and 8 * n * max_iterations > LANCZOS_BASIS_BYTES
     steps = min(max_iterations, LARGE_MAX_STEPS) if capped else max_iterations
-    run = _lanczos(apply, n, steps, tol, want_bottom=large and not structural)
+    run = lanczos(apply, n, steps, tol, want_bottom=large and not structural)
     top = math.sqrt(max(run.top, 0.0))
     max_note = None if run.top_converged else f"sigma_max did not converge in {steps} Lanczos steps"
     if structural:
