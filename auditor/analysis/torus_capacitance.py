@@ -45,12 +45,11 @@ References
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StencilTerm", "GridStencil", "TorusSolver", "torus_solver", "torus_feasible", "solver_bytes",
+__all__ = ["StencilTerm", "GridStencil", "shifted_slices", "TorusSolver", "torus_solver", "torus_feasible", "solver_bytes",
            "BACKWARD_ERROR_MAX",
            "TORUS_TRIES", "MAX_CAPACITY"]
 
@@ -61,6 +60,13 @@ TORUS_TRIES = 3
 # Capacitance matrices of more rows are not formed: a dense LU of 10,240 rows takes 7e11 flops (about 25 s on one
 # core) and 0.8 GB (a 128-channel residual block at 16x16 has 8,448 rows, a 64-channel 3x3 convolution at 56x56 7,232).
 MAX_CAPACITY = 10240
+
+
+def shifted_slices(offset: tuple[int, int], grid: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
+    """The pixels ``p`` of an ``H x W`` grid whose ``p + offset`` lies in it (rows, columns), and those ``p + offset``."""
+    (h, w), (dy, dx) = grid, offset
+    y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+    return slice(y0, y1), slice(x0, x1), slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx)
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,8 @@ class StencilTerm:
 
 @dataclass(frozen=True)
 class GridStencil:
-    """A square system of stencils on one ``H x W`` grid; unknowns are the variables' channel-major vectors, concatenated.
+    """A square system of stencils on one ``H x W`` grid; its unknowns are the variables' channel-major vectors,
+    concatenated.
 
     Attributes
     ----------
@@ -135,15 +142,14 @@ class GridStencil:
             kernel = np.abs(t.kernel) if absolute else t.kernel
             source, target = (parts[t.row], out[t.col]) if trans else (parts[t.col], out[t.row])
             for a, b, dy, dx in t.offsets():
-                # output pixels y with 0 <= y + dy < h (likewise x)
-                y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-                if y0 >= y1 or x0 >= x1:
+                ys, xs, shifted_ys, shifted_xs = shifted_slices((dy, dx), (h, w))
+                if ys.start >= ys.stop or xs.start >= xs.stop:
                     continue
                 tap = kernel[:, :, a, b]
                 if trans:  # the adjoint scatters: u_col[p + d] += tap^T out_row[p]
-                    target[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx] += np.tensordot(tap.T, source[:, y0:y1, x0:x1], 1)
+                    target[:, shifted_ys, shifted_xs] += np.tensordot(tap.T, source[:, ys, xs], 1)
                 else:
-                    target[:, y0:y1, x0:x1] += np.tensordot(tap, source[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx], 1)
+                    target[:, ys, xs] += np.tensordot(tap, source[:, shifted_ys, shifted_xs], 1)
         return np.concatenate([o.ravel() for o in out])
 
 

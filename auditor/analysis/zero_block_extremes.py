@@ -82,10 +82,10 @@ import torch
 
 from .batched import blas_single_thread, torch_single_thread
 from .grid_lu import FactorTooLarge, factor_bytes
-from .zero_lanczos import lanczos
-from .zero_maps import BlockMap, block_map
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 from .torus_capacitance import GridStencil, torus_feasible, torus_solver
+from .zero_lanczos import lanczos
+from .zero_maps import BlockMap, block_map
 from .zero_matrices import (
     block_stencil,
     bsr_product,
@@ -289,12 +289,13 @@ def _factor_solves(operand: _Operand, ordering: str, cache: dict[int, Any] | Non
     """``(b, trans) -> M^{-1} b`` (``trans="T"``: ``M^{-T} b``) and the factorization's name.
 
     The torus capacitance solver where the operand is a stencil (:func:`auditor.analysis.torus_capacitance.
-    torus_solver`: a dense LU of the grid's boundary strip, 3-10x faster than nested dissection on ResNet-56's
-    operators) and its backward-error check passes; else nested dissection where the operand has blocks
-    (:func:`auditor.analysis.grid_lu.grid_lu`, 3-40x faster than SuperLU), unless its static pivoting fails
-    or its backward-error check does; then SuperLU, which raises RuntimeError when a pivot is exactly 0. ``cache`` keeps a factorization by
-    its operand's key, for the next operator that has the same factor. ``sparse=False`` (an operator beyond the
-    sparse factorization): the torus solver or :class:`TorusRefused`.
+    torus_solver`: a dense LU of the grid's boundary strip; ResNet-56's operators 1.7-5x faster than by nested
+    dissection, bench/README.md) and its backward-error check passes; else nested dissection where the operand
+    has blocks (:func:`auditor.analysis.grid_lu.grid_lu`, 3-40x faster than SuperLU), unless its static
+    pivoting fails or its backward-error check does; then SuperLU, which raises RuntimeError when a pivot is
+    exactly 0. ``cache`` keeps a factorization by its operand's key, for the next operator that has the same
+    factor. ``sparse=False`` (an operator beyond the sparse factorization): the torus solver or
+    :class:`TorusRefused`.
     """
     if cache is not None and operand.key is not None and operand.key in cache:
         return cache[operand.key]
@@ -539,7 +540,8 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
                                              sparse=not large)
     why = None
     if value is None and "not built" in method:
-        upper = top  # sigma_min <= sigma_max: no finer bound without a factorization
+        # sigma_min <= sigma_max, or (beyond the sparse factorization) the smallest Ritz vector's Rayleigh quotient
+        upper = min(top, math.sqrt(max(run.bottom_upper, 0.0))) if large else top
         why = "sigma_min not certified: " + method.split("not built: ", 1)[1].rstrip(")")
     elif value is None and "not resolved" in method:
         upper = top

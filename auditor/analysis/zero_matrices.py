@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
-from .torus_capacitance import GridStencil, StencilTerm
+from .torus_capacitance import GridStencil, StencilTerm, shifted_slices
 
 __all__ = ["conv_matrix", "conv_blocks", "coarse_blocks", "operator_blocks", "shortcut_matrix", "sparse_matrix",
            "estimated_nnz", "block_stencil"]
@@ -321,13 +321,6 @@ def _windows(matrix: Any, grid: tuple[int, int]) -> tuple[list[tuple[int, int]],
     return [(int(a), int(b)) for a, b in pairs], data.reshape(len(pairs), h, w, *matrix.blocksize)
 
 
-def _valid(offset: tuple[int, int], grid: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
-    """Row pixels whose column pixel ``+ offset`` lies in ``grid``, and those column pixels (as slices)."""
-    (h, w), (dy, dx) = grid, offset
-    y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-    return slice(y0, y1), slice(x0, x1), slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx)
-
-
 def _from_windows(offsets: list[tuple[int, int]], data: np.ndarray, grid: tuple[int, int]) -> Any:
     """The BSR matrix of blocks ``data[y, x, i]`` (row pixel ``(y, x)``, column ``(y, x) + offsets[i]``; the
     offsets ascending), a block for every pixel pair of an offset inside the grid."""
@@ -356,18 +349,18 @@ def bsr_product(left: Any, right: Any, grid: tuple[int, int], *, transpose_right
     if transpose_right:  # R^T's block at (p, p + o) is R's block at (p + o, p) transposed
         flipped = np.zeros(right_data.shape[:3] + right_data.shape[:2:-1])
         for i, offset in enumerate(right_offsets):
-            rows, cols, shifted_rows, shifted_cols = _valid(offset, grid)
+            rows, cols, shifted_rows, shifted_cols = shifted_slices(offset, grid)
             flipped[i, shifted_rows, shifted_cols] = right_data[i, rows, cols].swapaxes(-1, -2)
         right_offsets, right_data = [(-a, -b) for a, b in right_offsets], flipped
     sums = sorted({(a[0] + b[0], a[1] + b[1]) for a in left_offsets for b in right_offsets})  # ascending columns
     index = {o: i for i, o in enumerate(sums)}
     out = np.zeros((*grid, len(sums), left_data.shape[3], right_data.shape[4]))  # pixel-major: BSR's order
     for i, a in enumerate(left_offsets):
-        rows, cols, mid_rows, mid_cols = _valid(a, grid)
+        rows, cols, _, _ = shifted_slices(a, grid)
         for j, b in enumerate(right_offsets):
             # rows p with p + a in the grid; then p + a + b in the grid as well
             total = (a[0] + b[0], a[1] + b[1])
-            r2, c2, _, _ = _valid(total, grid)
+            r2, c2, _, _ = shifted_slices(total, grid)
             ys = slice(max(rows.start, r2.start), min(rows.stop, r2.stop))
             xs = slice(max(cols.start, c2.start), min(cols.stop, c2.stop))
             if ys.start >= ys.stop or xs.start >= xs.stop:
