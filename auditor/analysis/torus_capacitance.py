@@ -195,9 +195,10 @@ class TorusSolver:
         self._channels = c
         if len(gy):
             green = np.fft.irfft2(self._inverse.reshape(m_h, m_w // 2 + 1, c, c), s=(m_h, m_w), axes=(0, 1))
-            capacitance = green[(gy[:, None] - gy[None, :]) % m_h, (gx[:, None] - gx[None, :]) % m_w]
-            capacitance = capacitance.transpose(0, 2, 1, 3).reshape(self.capacity, self.capacity)
-            self._lu = lu_factor(capacitance, overwrite_a=True, check_finite=False)
+            # G^T in C order is G in Fortran order: LAPACK factors it in place, without a copy of K^2 entries
+            transposed = green[(gy[None, :] - gy[:, None]) % m_h, (gx[None, :] - gx[:, None]) % m_w]
+            transposed = transposed.transpose(0, 3, 1, 2).reshape(self.capacity, self.capacity)
+            self._lu = lu_factor(transposed.T, overwrite_a=True, check_finite=False)
             if not np.all(np.diagonal(self._lu[0])):
                 raise np.linalg.LinAlgError("the capacitance matrix is exactly singular")
 
