@@ -65,10 +65,10 @@ class _Front:
     bound: np.ndarray
     children: list[int]
     depth: int
-    lu: Any = None  # LAPACK getrf's L\U of F11 (Fortran order)
-    perm: Any = None  # P^T F11 = L U: row k of P^T F11 is row perm[k] of F11
-    l21: Any = None  # F21 U^{-1}
-    u12: Any = None  # L^{-1} P^T F12
+    lu: Any = None  # LAPACK getrf's L\U of F11 (Fortran order); symmetric: potrf's Cholesky factor L11
+    perm: Any = None  # P^T F11 = L U: row k of P^T F11 is row perm[k] of F11 (None: symmetric)
+    l21: Any = None  # F21 U^{-1} (symmetric: F21 L11^{-T})
+    u12: Any = None  # L^{-1} P^T F12 (symmetric: l21^T)
 
 
 def _pixel_order(grid: tuple[int, int, int]) -> np.ndarray:
@@ -168,11 +168,15 @@ class GridLU:
         Regions of at most this many unknowns are eliminated in one front.
     max_bytes : float
         Refuse (:class:`FactorTooLarge`, before any arithmetic) factors larger than this.
+    symmetric : bool
+        The matrix is symmetric positive definite (a Gram matrix): Cholesky fronts (LAPACK's ``potrf``, then
+        ``F22 - L21 L21^T``), half the flops of LU and no pivoting to restrict.
 
     Raises
     ------
     FrontSingular
-        A front's own block is exactly singular (the matrix may still be regular).
+        A front's own block is exactly singular (the matrix may still be regular); symmetric: not numerically
+        positive definite.
     FactorTooLarge
         The factors would exceed ``max_bytes``.
     ValueError
@@ -186,9 +190,9 @@ class GridLU:
     """
 
     def __init__(self, blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWNS,
-                 max_bytes: float = float("inf")) -> None:
+                 max_bytes: float = float("inf"), symmetric: bool = False) -> None:
         from scipy.linalg import solve_triangular
-        from scipy.linalg.lapack import dgetrf
+        from scipy.linalg.lapack import dgetrf, dpotrf
 
         channels, h, w = grid
         n = channels * h * w
@@ -199,6 +203,7 @@ class GridLU:
         dy = np.abs(block_rows // w - block_cols // w)
         dx = np.abs(block_rows % w - block_cols % w)
         self.n, self.radius = n, int(max(dy.max(initial=0), dx.max(initial=0)))
+        self.symmetric = symmetric
         self.order = _pixel_order(grid)
         self.fronts, owner = _dissect(grid, self.radius, leaf)
         needed = _kept_bytes(self.fronts)
@@ -229,6 +234,17 @@ class GridLU:
                 dense[np.ix_(where, where)] += updates.pop(child)
             if s == 0:
                 continue
+            if symmetric:
+                l11, info = dpotrf(dense[:s, :s], lower=1, clean=1, overwrite_a=1)
+                if info != 0:
+                    raise FrontSingular(f"front {k} of {len(self.fronts)}: not positive definite at pivot {info}")
+                front.lu = l11
+                front.l21 = solve_triangular(l11, dense[s:, :s].T, lower=True, check_finite=False).T
+                front.u12 = front.l21.T
+                if b:
+                    updates[k] = dense[s:, s:] - front.l21 @ front.u12
+                self.flops += s**3 / 3 + s * s * b + s * b * b
+                continue
             lu, ipiv, info = dgetrf(dense[:s, :s], overwrite_a=1)
             if info > 0:
                 raise FrontSingular(f"front {k} of {len(self.fronts)}: pivot {info} of {s} is exactly zero")
@@ -247,7 +263,19 @@ class GridLU:
         x = np.asarray(rhs, dtype=np.float64)[self.order]
         partial: list[np.ndarray | None] = [None] * len(self.fronts)
         live = [(k, f) for k, f in enumerate(self.fronts) if f.lu is not None]
-        if trans == "N":  # L solves leaves first, then U solves root first
+        if trans not in ("N", "T"):
+            raise ValueError(f"trans is 'N' or 'T', not {trans!r}")
+        if self.symmetric:  # L L^T: L solves leaves first, then L^T solves root first (A^T = A)
+            for k, f in live:
+                partial[k] = w = dtrsv(f.lu, x[f.sep], lower=1)
+                if len(f.bound):
+                    x[f.bound] -= f.l21 @ w
+            for k, f in reversed(live):
+                w = partial[k]
+                if len(f.bound):
+                    w = w - f.u12 @ x[f.bound]
+                x[f.sep] = dtrsv(f.lu, w, lower=1, trans=1)
+        elif trans == "N":  # L solves leaves first, then U solves root first
             for k, f in live:
                 partial[k] = w = dtrsv(f.lu, x[f.sep][f.perm], lower=1, diag=1)
                 if len(f.bound):
@@ -269,8 +297,6 @@ class GridLU:
                 unpermuted = np.empty_like(w)
                 unpermuted[f.perm] = dtrsv(f.lu, w, lower=1, trans=1, diag=1)
                 x[f.sep] = unpermuted
-        else:
-            raise ValueError(f"trans is 'N' or 'T', not {trans!r}")
         out = np.empty_like(x)
         out[self.order] = x
         return out
@@ -285,7 +311,7 @@ def backward_error(matrix: Any, x: np.ndarray, rhs: np.ndarray, trans: str = "N"
 
 
 def grid_lu(blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWNS, seed: int = 0,
-            max_bytes: float = float("inf")) -> GridLU | None:
+            max_bytes: float = float("inf"), symmetric: bool = False) -> GridLU | None:
     """:class:`GridLU` of ``blocks``, or None where its static pivoting fails or is inaccurate.
 
     The factorization is kept when a random solve, plain and transposed, has a
@@ -302,13 +328,15 @@ def grid_lu(blocks: Any, grid: tuple[int, int, int], *, leaf: int = LEAF_UNKNOWN
         Seed of the random right-hand side.
     max_bytes : float
         As in :class:`GridLU` (:class:`FactorTooLarge` propagates).
+    symmetric : bool
+        As in :class:`GridLU`.
 
     Returns
     -------
     GridLU or None
     """
     try:
-        factor = GridLU(blocks, grid, leaf=leaf, max_bytes=max_bytes)
+        factor = GridLU(blocks, grid, leaf=leaf, max_bytes=max_bytes, symmetric=symmetric)
     except FrontSingular:
         return None
     rhs = np.random.default_rng(seed).standard_normal(factor.n)

@@ -268,8 +268,10 @@ class _Operand:
     use); for stride-1 convolutions on one grid, their stencil (the torus solver's input)."""
 
     def __init__(self, csr: Callable[[], Any], blocks: Any = None, grid: tuple[int, int, int] | None = None,
-                 key: int | None = None, stencil: Callable[[], GridStencil | None] | None = None) -> None:
+                 key: int | None = None, stencil: Callable[[], GridStencil | None] | None = None,
+                 spd: bool = False) -> None:
         self.csr, self.grid, self.key, self.stencil = csr, grid, key, stencil
+        self.spd = spd  # a formed Gram matrix: Cholesky fronts first
         self._blocks = blocks  # the BSR matrix, or a function that builds it
 
     @property
@@ -331,6 +333,10 @@ def _new_factor_solves(operand: _Operand, ordering: str, sparse: bool = True
         raise TorusRefused("the operator is beyond the sparse factorization, and its torus solve failed the "
                            "backward-error check")
     if operand.blocks is not None and operand.grid is not None:
+        if operand.spd:  # Cholesky fronts: half the flops and factors; LU where it is not numerically definite
+            nested = grid_lu(operand.blocks, operand.grid, max_bytes=GRID_LU_MAX_BYTES, symmetric=True)
+            if nested is not None:
+                return nested.solve, "grid-cholesky"
         nested = grid_lu(operand.blocks, operand.grid, max_bytes=GRID_LU_MAX_BYTES)
         if nested is not None:
             return nested.solve, "grid-lu"
@@ -437,8 +443,8 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
         if blocks is not None:
             gram = bsr_product(blocks, blocks, tuple(first.output_shape[1:]), transpose_right=True)
             grid = (gram.blocksize[0], int(first.output_shape[1]), int(first.output_shape[2]))
-            return [_Operand(lambda: channel_major(gram, grid), gram, grid), *(square(op) for op in convs[1:])], \
-                "wide-factors"
+            return [_Operand(lambda: channel_major(gram, grid), gram, grid, spd=True),
+                    *(square(op) for op in convs[1:])], "wide-factors"
     grid = _grid(mapping.input_shape, mapping.output_shape)
     if grid is not None:  # a square operator on one grid: its blocks when the torus solver does not take it
 
@@ -459,7 +465,7 @@ def _operands(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any,
         gram = bsr_product(smaller, smaller, cells, transpose_right=True)
         grid = (gram.blocksize[0], *cells)
         # the fallback's CSR: the same matrix up to a symmetric permutation (the same eigenvalues)
-        return [_Operand(lambda: channel_major(gram, grid), gram, grid)], "gram"
+        return [_Operand(lambda: channel_major(gram, grid), gram, grid, spd=True)], "gram"
     matrix = sparse_matrix(convs, shortcut)
     gram_csr = ((matrix.T @ matrix) if side == "tall" else (matrix @ matrix.T)).tocsr()
     return [_Operand(lambda: gram_csr)], "gram"
