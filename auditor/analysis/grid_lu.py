@@ -265,27 +265,20 @@ class GridLU:
         live = [(k, f) for k, f in enumerate(self.fronts) if f.lu is not None]
         if trans not in ("N", "T"):
             raise ValueError(f"trans is 'N' or 'T', not {trans!r}")
-        if self.symmetric:  # L L^T: L solves leaves first, then L^T solves root first (A^T = A)
+        # L solves leaves first, then U solves root first; symmetric: L L^T, and A^T = A
+        lower, upper = ({"lower": 1}, {"lower": 1, "trans": 1}) if self.symmetric else ({"lower": 1, "diag": 1},
+                                                                                     {"lower": 0})
+        if trans == "N" or self.symmetric:
             for k, f in live:
-                partial[k] = w = dtrsv(f.lu, x[f.sep], lower=1)
+                partial[k] = w = dtrsv(f.lu, x[f.sep] if f.perm is None else x[f.sep][f.perm], **lower)
                 if len(f.bound):
                     x[f.bound] -= f.l21 @ w
             for k, f in reversed(live):
                 w = partial[k]
                 if len(f.bound):
                     w = w - f.u12 @ x[f.bound]
-                x[f.sep] = dtrsv(f.lu, w, lower=1, trans=1)
-        elif trans == "N":  # L solves leaves first, then U solves root first
-            for k, f in live:
-                partial[k] = w = dtrsv(f.lu, x[f.sep][f.perm], lower=1, diag=1)
-                if len(f.bound):
-                    x[f.bound] -= f.l21 @ w
-            for k, f in reversed(live):
-                w = partial[k]
-                if len(f.bound):
-                    w = w - f.u12 @ x[f.bound]
-                x[f.sep] = dtrsv(f.lu, w, lower=0)
-        elif trans == "T":  # A^T = U^T L^T P^T, fronts in the same order
+                x[f.sep] = dtrsv(f.lu, w, **upper)
+        else:  # A^T = U^T L^T P^T, fronts in the same order
             for k, f in live:
                 partial[k] = w = dtrsv(f.lu, x[f.sep], lower=0, trans=1)
                 if len(f.bound):
