@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -84,7 +84,7 @@ from .batched import blas_single_thread, torch_single_thread
 from .grid_lu import FactorTooLarge, factor_bytes
 from .spectra import ConvOperator, IdentityShortcut, OptionAShortcut
 from .torus_capacitance import GridStencil, torus_feasible, torus_solver
-from .zero_lanczos import lanczos
+from .zero_lanczos import lanczos, restarted_top
 from .zero_maps import BlockMap, block_map
 from .zero_matrices import (
     block_stencil,
@@ -522,8 +522,13 @@ def _extremes(mapping: BlockMap, convs: Sequence[ConvOperator], shortcut: Any, m
     capped = large and 8 * n * max_iterations > LANCZOS_BASIS_BYTES
     steps = min(max_iterations, LARGE_MAX_STEPS) if capped else max_iterations
     run = lanczos(apply, n, steps, tol, want_bottom=large and not structural)
+    if capped and not run.top_converged:  # restarts keep a small basis: up to max_iterations more products
+        value, converged, more = restarted_top(apply, n, max_iterations, tol)
+        run = replace(run, top=value if converged else max(value, run.top), top_converged=converged,
+                                  steps=run.steps + more)
     top = math.sqrt(max(run.top, 0.0))
-    max_note = None if run.top_converged else f"sigma_max did not converge in {steps} Lanczos steps"
+    max_note = None if run.top_converged else (
+        f"sigma_max did not converge in {steps} Lanczos steps" + (" and restarted Lanczos" if capped else ""))
     if structural:
         return ZeroOperatorExtremes(top, 0.0, (0.0, 0.0), f"lanczos; structural-zero (rank <= {rank} < {m})",
                                     run.top_converged, max_note, run.steps)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["LanczosRun", "lanczos"]
+__all__ = ["LanczosRun", "lanczos", "restarted_top"]
 
 _SEED = 0
 _DGKS = 1 / math.sqrt(2)  # a reorthogonalization pass that keeps more of the norm than this needs no second one
@@ -93,3 +93,38 @@ def lanczos(apply: Callable[[torch.Tensor], torch.Tensor], n: int, max_steps: in
         bottom_upper = float(y @ apply(y))
         used += 1
     return LanczosRun(top, converged, bottom_upper, bottom_ritz, used)
+
+
+def restarted_top(apply: Callable[[torch.Tensor], torch.Tensor], n: int, max_products: int, tol: float,
+                  *, basis: int = 20) -> tuple[float, bool, int]:
+    """The top eigenvalue by ARPACK's implicitly restarted Lanczos, keeping ``basis`` vectors.
+
+    For operators whose full basis of ``max_products`` vectors would not fit: about ``max_products`` products
+    (restarts of ``basis`` vectors), stopped by ARPACK's test ``||A y - theta y|| <= tol |theta|``, the same
+    Ritz residual test as :func:`lanczos`.
+
+    Returns
+    -------
+    (float, bool, int)
+        The top Ritz value (a lower bound of the eigenvalue when not converged), whether it converged, and the
+        products spent.
+    """
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    used = 0
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        nonlocal used
+        used += 1
+        return apply(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).ravel())).numpy()
+
+    ncv = max(2, min(basis, n - 1))
+    start = np.random.default_rng(_SEED).standard_normal(n)
+    operator = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    try:
+        value = eigsh(operator, k=1, which="LA", tol=tol, ncv=ncv, v0=start, maxiter=max(1, max_products // ncv),
+                      return_eigenvectors=False)[0]
+        return float(value), True, used
+    except ArpackNoConvergence as err:
+        values = err.eigenvalues
+        return (float(np.max(values)) if len(values) else 0.0), False, used
