@@ -187,8 +187,8 @@ MaxIterationsOpt = Annotated[
     Optional[int],
     typer.Option("--max-iterations", min=1,
                  help="--boundary zero: the most Lanczos steps of one run on a block operator (its sigma_max; its "
-                 "sigma_min by inverse iteration on an LU); default 300, at most 80 on operators beyond the sparse "
-                 "factorization whose Lanczos basis would exceed 256 MB (e.g. 224 px). A sigma_min not certified within them is no number: a certified interval "
+                 "sigma_min by inverse iteration on an LU); default 300; where the Lanczos basis would exceed 256 MB "
+                 "(e.g. 224 px), 80 steps and then restarted Lanczos for sigma_max. A sigma_min not certified within them is no number: a certified interval "
                  "[lower, upper], kappa as an interval, and the reason in the report."),
 ]
 PrecisionOpt = Annotated[
