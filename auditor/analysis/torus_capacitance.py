@@ -49,12 +49,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StencilTerm", "GridStencil", "shifted_slices", "TorusSolver", "torus_solver", "torus_feasible", "solver_bytes",
-           "BACKWARD_ERROR_MAX",
-           "TORUS_TRIES", "MAX_CAPACITY"]
+from .frequencies import kernel_symbols
+from .grid_lu import BACKWARD_ERROR_MAX, normwise_backward_error
 
-# A solver whose random solve has a larger normwise backward error is refused (the nested-dissection LU's bar).
-BACKWARD_ERROR_MAX = 1e-12
+__all__ = ["StencilTerm", "GridStencil", "shifted_slices", "TorusSolver", "torus_solver", "torus_feasible",
+           "solver_bytes", "BACKWARD_ERROR_MAX", "TORUS_TRIES", "MAX_CAPACITY"]
+
 # Torus sizes tried: H + r, H + r + 1, ... (a torus where A_c is singular or ill-conditioned gives way to the next).
 TORUS_TRIES = 3
 # Capacitance matrices of more rows are not formed: a dense LU of 10,240 rows takes 7e11 flops (about 25 s on one
@@ -63,7 +63,8 @@ MAX_CAPACITY = 10240
 
 
 def shifted_slices(offset: tuple[int, int], grid: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
-    """The pixels ``p`` of an ``H x W`` grid whose ``p + offset`` lies in it (rows, columns), and those ``p + offset``."""
+    """The pixels ``p`` of an ``H x W`` grid whose ``p + offset`` lies in it (rows, columns), and those
+    ``p + offset``."""
     (h, w), (dy, dx) = grid, offset
     y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
     return slice(y0, y1), slice(x0, x1), slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx)
@@ -178,15 +179,15 @@ class TorusSolver:
         m_h, m_w = self.size
         offsets = np.cumsum([0, *stencil.channels])
         c = int(offsets[-1])
-        # the symbol sum_d K[d] exp(2 pi i (k_h d_y / M_h + k_w d_x / M_w)) at rfft2's frequencies
-        k_h = np.fft.fftfreq(m_h)[:, None] * m_h
-        k_w = np.arange(m_w // 2 + 1)[None, :]
+        # the symbol sum_d K[d] exp(2 pi i (k_h d_y / M_h + k_w d_x / M_w)) at rfft2's frequencies: numpy's fft of
+        # A_c u (u read at p + d) is it times u's; kernel_symbols' sign convention, at the frequencies -k
+        k_h, k_w = np.meshgrid(np.fft.fftfreq(m_h, 1 / m_h).astype(int), np.arange(m_w // 2 + 1), indexing="ij")
         symbol = np.zeros((m_h, m_w // 2 + 1, c, c), dtype=np.complex128)
         for t in stencil.terms:
             rows, cols = slice(offsets[t.row], offsets[t.row + 1]), slice(offsets[t.col], offsets[t.col + 1])
-            for a, b, dy, dx in t.offsets():
-                phase = np.exp(2j * np.pi * (k_h * dy / m_h + k_w * dx / m_w))
-                symbol[:, :, rows, cols] += phase[:, :, None, None] * t.kernel[:, :, a, b]
+            padding = (-t.origin[0], -t.origin[1])
+            symbol[:, :, rows, cols] += kernel_symbols(t.kernel, padding, (m_h, m_w), -k_h.ravel(),
+                                                       -k_w.ravel()).reshape(m_h, m_w // 2 + 1, *t.kernel.shape[:2])
         self._inverse = np.linalg.inv(symbol).reshape(-1, c, c)  # LinAlgError where A_c is singular
         # Gamma: the torus pixels outside the grid; G's entries are the Green's function at their differences
         gy, gx = np.nonzero((np.arange(m_h)[:, None] >= h) | (np.arange(m_w)[None, :] >= w))
@@ -239,10 +240,8 @@ class TorusSolver:
 
 def backward_error(stencil: GridStencil, x: np.ndarray, rhs: np.ndarray, trans: bool,
                    row_sums: np.ndarray) -> float:
-    """Normwise ``||b - A x||_inf / (||A||_inf ||x||_inf + ||b||_inf)`` (``A^T`` with its own row sums)."""
-    residual = rhs - stencil.apply(x, trans)
-    scale = row_sums.max() * np.abs(x).max() + np.abs(rhs).max()
-    return float(np.abs(residual).max() / scale) if scale > 0 else 0.0
+    """Normwise backward error of a solve with the stencil (``A^T`` with its own absolute row sums)."""
+    return normwise_backward_error(rhs - stencil.apply(x, trans), float(row_sums.max()), x, rhs)
 
 
 def torus_solver(stencil: GridStencil, *, tries: int = TORUS_TRIES, seed: int = 0,

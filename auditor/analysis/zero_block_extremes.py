@@ -28,8 +28,9 @@ How each extreme is found, and what certifies it:
    its adjoint: ``conv_transpose2d``, or at stride 1 ``conv2d`` with the
    flipped kernel), stopped when the Ritz residual
    ``||G y - theta y|| <= tol theta`` (an eigenvalue lies within it; Parlett,
-   Thm 4.5.1; :func:`auditor.analysis.zero_lanczos.lanczos`). ``sigma_min``: a single convolution, or a block of stride-1
-   convolutions on one grid with an identity or stride-1 shortcut, is solved
+   Thm 4.5.1; :func:`auditor.analysis.zero_lanczos.lanczos`). ``sigma_min``: a
+   single convolution, or a block of stride-1 convolutions on one grid with an
+   identity or stride-1 shortcut, is solved
    on a slightly larger torus (:mod:`auditor.analysis.torus_capacitance`, the
    capacitance matrix method, checked by its backward error; it needs no sparse
    matrix, so it also reaches operators beyond ``sparse_max_nnz``). Otherwise, or
@@ -173,9 +174,10 @@ class ZeroBlockExtremes:
 
 
 def factorable(convs: Sequence[ConvOperator], sparse_max_nnz: float = SPARSE_MAX_NNZ) -> bool:
-    """Whether :func:`zero_operator_extremes` factors ``W_k ... W_1`` (its stored entries at most ``sparse_max_nnz``).
+    """Whether the sparse matrix of ``W_k ... W_1`` is within reach (its stored entries at most ``sparse_max_nnz``).
 
-    Beyond it (e.g. 224 px) ``sigma_min`` is only an interval.
+    Beyond it only the torus solver (:func:`torus_reachable`) certifies ``sigma_min``; elsewhere it is an interval
+    (e.g. 224 px residual blocks).
     """
     return estimated_nnz(convs) <= sparse_max_nnz
 

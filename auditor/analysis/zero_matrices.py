@@ -83,8 +83,6 @@ def _pair_blocks(first: ConvOperator, second: ConvOperator) -> Any:
     pixels lie in the grid (zero padding between the two). Each tap pair's product is computed once and added
     where it applies: 5-10x faster than the BSR product, which multiplies the same blocks at every pixel.
     """
-    import scipy.sparse as sp
-
     k1, k2 = _full_kernel(first), _full_kernel(second)
     _, h, w = first.input_shape
     c_in, c_out = k1.shape[1], k2.shape[0]
@@ -94,7 +92,6 @@ def _pair_blocks(first: ConvOperator, second: ConvOperator) -> Any:
     high = (max(o[0] for o in offsets1) + max(o[0] for o in offsets2), max(o[1] for o in offsets1) + max(o[1] for o in offsets2))
     span = (high[0] - low[0] + 1, high[1] - low[1] + 1)
     data = np.zeros((h, w, span[0], span[1], c_out, c_in))
-    ys, xs = np.arange(h), np.arange(w)
     taps1 = k1.transpose(2, 3, 0, 1).reshape(-1, k1.shape[0], c_in)
     taps2 = k2.transpose(2, 3, 0, 1).reshape(-1, c_out, k2.shape[1])
     for (dy2, dx2), tap2 in zip(offsets2, taps2):
@@ -104,13 +101,9 @@ def _pair_blocks(first: ConvOperator, second: ConvOperator) -> Any:
             x0, x1 = max(0, -dx2, -dx2 - dx1), min(w, w - dx2, w - dx2 - dx1)
             if y0 < y1 and x0 < x1:
                 data[y0:y1, x0:x1, dy2 + dy1 - low[0], dx2 + dx1 - low[1]] += tap2 @ tap1
-    # blocks whose input pixel lies in the grid, in row order (offsets ascending give ascending columns)
-    oy, ox = np.meshgrid(np.arange(low[0], high[0] + 1), np.arange(low[1], high[1] + 1), indexing="ij")
-    y, x = ys[:, None, None, None], xs[None, :, None, None]
-    keep = (y + oy >= 0) & (y + oy < h) & (x + ox >= 0) & (x + ox < w)
-    columns = ((y + oy) * w + (x + ox))[keep]
-    indptr = np.concatenate([[0], np.cumsum(keep.reshape(h * w, -1).sum(axis=1))])
-    return sp.bsr_matrix((data[keep], columns, indptr), shape=(c_out * h * w, c_in * h * w))
+    # blocks whose input pixel lies in the grid (offsets in row-major order are ascending)
+    offsets = [(a, b) for a in range(low[0], high[0] + 1) for b in range(low[1], high[1] + 1)]
+    return _from_windows(offsets, data.reshape(h, w, len(offsets), c_out, c_in), (h, w))
 
 
 def conv_blocks(op: ConvOperator) -> Any:

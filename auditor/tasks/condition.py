@@ -388,10 +388,9 @@ def _zero_layer(op: ConvOperator, max_iterations: int) -> tuple[float, float | N
     """``(sigma_max, sigma_min, method, converged)`` of a zero-padded convolution.
 
     A stride-1 convolution that keeps its grid takes the blocks' route (a one-factor "block": Lanczos for
-    ``sigma_max``, nested-dissection LU and inverse Lanczos for ``sigma_min``; 2-5x faster than the banded
-    Cholesky of ``W^T W`` on ResNet-56's layers, and ``W`` is factored, not its Gram matrix); others
-    (strided, channel-changing, or beyond the factorization or its memory budget: 224 px, 64 channels at
-    32 px) take :func:`conv_extreme_singular_values`.
+    ``sigma_max``, the torus solver or a nested-dissection LU and inverse Lanczos for ``sigma_min``; ``W`` is
+    factored, not its Gram matrix; the torus reaches 224 px and 64 channels at 32 px too); others (strided,
+    channel-changing, or beyond both factorizations' memory budgets) take :func:`conv_extreme_singular_values`.
     """
     if grid_factorable(op):
         found = zero_operator_extremes([op], None, max_iterations=max_iterations)
